@@ -1,0 +1,21 @@
+"""streammerge: merge LLM checkpoints (DARE, TIES, task arithmetic) tensor by tensor in bounded memory."""
+
+__version__ = "0.1.0"
+
+from .api import MergeResult, merge, plan  # noqa: E402
+from .config import MergeConfig, ModelSpec  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    MismatchError,
+    OutputError,
+    StreammergeError,
+    UnsupportedFeatureError,
+)
+
+__all__ = [
+    "MergeConfig", "ModelSpec", "MergeResult", "merge", "plan",
+    "StreammergeError", "ConfigError", "UnsupportedFeatureError", "CheckpointError",
+    "CheckpointNotFoundError", "MismatchError", "OutputError",
+]

@@ -1,0 +1,259 @@
+"""The command line: parses, calls the library, prints. No merge logic here.
+
+Exit codes: 0 success, 1 a merge/input/config error (one line on stderr), 2 bad usage,
+3 an unexpected internal error, 130 interrupted. `--debug` (or STREAMMERGE_DEBUG=1) shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import api, constants
+from .config import MergeConfig, ModelSpec
+from .errors import ConfigError, StreammergeError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '1GiB' -> 2**30, '123' -> 123."""
+    m = _SIZE.match(text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 512MiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        return value if isinstance(value, int) else parse_size(value)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"streammerge: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(debug: bool, fn, *args, **kwargs):
+    """Calls the library, turning its errors into one line and an exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except StreammergeError as e:
+        if debug or constants.DEBUG:
+            raise
+        _fail(str(e))
+    except KeyboardInterrupt:
+        click.echo("streammerge: interrupted; partial shards were removed, rerun the same command to merge again", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug of ours: say so, briefly
+        if debug or constants.DEBUG:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3)
+
+
+def _per_model(values: tuple[float, ...], n: int, name: str) -> list[float | None]:
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return [values[0]] * n
+    if len(values) != n:
+        raise ConfigError(f"--{name} given {len(values)} times for {n} models: give it once (all models) or once per --model")
+    return list(values)
+
+
+def _config_from_flags(o: dict) -> MergeConfig:
+    if not o["model"]:
+        raise ConfigError("no models: pass a CONFIG.yaml, or --model (repeated) with --base and --method")
+    if not o["method"]:
+        raise ConfigError("no method: pass --method (e.g. ties, dare_ties, task_arithmetic, linear)")
+    n = len(o["model"])
+    weights, densities = _per_model(o["weight"], n, "weight"), _per_model(o["density"], n, "density")
+    models = tuple(
+        ModelSpec(m, {k: v for k, v in (("weight", w), ("density", d)) if v is not None})
+        for m, w, d in zip(o["model"], weights, densities)
+    )
+    params: dict[str, Any] = {}
+    if o["lambda_"] is not None:
+        params["lambda"] = o["lambda_"]
+    for item in o["param"]:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param normalize=false")
+        import yaml
+
+        params[key.strip()] = yaml.safe_load(raw)
+    return MergeConfig(
+        method=o["method"], base=o["base"], models=models, parameters=params,
+        include=tuple(o["include"]), exclude=tuple(o["exclude"]),
+    )
+
+
+def _build_config(config_path: str | None, o: dict) -> MergeConfig:
+    if config_path is not None:
+        flags = [f for f in ("base", "method", "lambda_") if o[f] is not None] + [f for f in ("model", "weight", "density", "param") if o[f]]
+        if flags:
+            raise ConfigError(f"--{flags[0].rstrip('_').replace('_', '-')} cannot be combined with a CONFIG file; put it in the YAML")
+        cfg = MergeConfig.from_yaml(config_path)
+        extra: dict[str, Any] = {}
+        if o["include"]:
+            extra["include"] = cfg.include + tuple(o["include"])
+        if o["exclude"]:
+            extra["exclude"] = cfg.exclude + tuple(o["exclude"])
+    else:
+        cfg, extra = _config_from_flags(o), {}
+    for key in ("semantics", "seed", "dtype", "out_dtype"):
+        if o[key] is not None:
+            extra[key] = o[key]
+    return cfg.__class__(**{**cfg.__dict__, **extra}) if extra else cfg
+
+
+def _merge_options(f):
+    options = [
+        click.option("--base", help="Base model folder or .safetensors file."),
+        click.option("--model", multiple=True, help="A fine-tuned model (repeat for each)."),
+        click.option("--method", help="task_arithmetic, linear, ties, dare_linear, dare_ties, magnitude_prune."),
+        click.option("--weight", type=float, multiple=True, help="Weight: once for all models, or once per --model."),
+        click.option("--density", type=float, multiple=True, help="Density: once for all models, or once per --model."),
+        click.option("--lambda", "lambda_", type=float, help="Global scale λ of the merged task vector."),
+        click.option("--param", multiple=True, metavar="KEY=VALUE", help="Other parameters, e.g. normalize=false, merge_func=sum."),
+        click.option("--semantics", type=click.Choice(["default", "mergekit", "peft", "fusionbench"]), help="Reproduce a reference implementation."),
+        click.option("--seed", type=int, help="Seed of the DARE masks (default 0)."),
+        click.option("--dtype", help="mergekit's compute dtype; also the output dtype unless --out-dtype."),
+        click.option("--out-dtype", "out_dtype", help="Output dtype (default: the base's)."),
+        click.option("--include", multiple=True, metavar="GLOB", help="Merge only tensors matching (others copied from the base)."),
+        click.option("--exclude", multiple=True, metavar="GLOB", help="Copy tensors matching from the base."),
+        click.option("--max-shard-size", type=Size(), default=str(constants.DEFAULT_MAX_SHARD_SIZE), show_default="5GB"),
+        click.option("--max-memory", type=Size(), default=str(constants.DEFAULT_MAX_MEMORY), show_default="1GiB", help="Working memory for tensor blocks."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _positional(args: tuple[str, ...], needs_output: bool) -> tuple[str | None, str | None]:
+    if needs_output:
+        if len(args) == 2:
+            return args[0], args[1]
+        if len(args) == 1:
+            return None, args[0]
+        raise click.UsageError("expected CONFIG.yaml OUTPUT_DIR, or OUTPUT_DIR with --base/--model/--method")
+    if len(args) > 1:
+        raise click.UsageError("expected at most one CONFIG.yaml")
+    return (args[0] if args else None), None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="streammerge")
+def main() -> None:
+    """Merge LLM checkpoints (DARE, TIES, task arithmetic) tensor by tensor, in bounded memory."""
+
+
+@main.command()
+@click.argument("args", nargs=-1, metavar="[CONFIG.yaml] OUTPUT_DIR")
+@_merge_options
+@click.option("--force", is_flag=True, help="Replace a previous merge in OUTPUT_DIR.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug: bool, **o: Any) -> None:
+    """Merge models into OUTPUT_DIR, from a mergekit-style CONFIG.yaml or from flags."""
+    config_path, output = _positional(args, needs_output=True)
+    cfg = _run(debug, _build_config, config_path, o)
+    result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet)
+    if as_json:
+        click.echo(json.dumps({"status": "ok", **result.summary()}, indent=2))
+    elif not quiet:
+        click.echo(
+            f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shard(s), "
+            f"{result.total_size / 1e9:.3f} GB, in {result.seconds:.1f} s -> {result.output_dir}"
+        )
+
+
+def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, quiet: bool) -> api.MergeResult:
+    from tqdm.auto import tqdm
+
+    the_plan = api.plan(cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
+    with tqdm(total=the_plan.input_bytes, unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
+        return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force, progress=bar.update)
+
+
+@main.command()
+@click.argument("args", nargs=-1, metavar="[CONFIG.yaml]")
+@_merge_options
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor with its parameters.")
+def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, **o: Any) -> None:
+    """Dry run: what will be merged and how, the output shards, peak memory and disk. Reads no weights."""
+    config_path, _ = _positional(args, needs_output=False)
+    cfg = _run(debug, _build_config, config_path, o)
+    p = _run(debug, api.plan, cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
+    tensors = [
+        {"name": t.name, "shape": list(t.shape), "dtype": t.out_dtype, "merged": t.merged, "dare": t.dare,
+         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam}
+        for t in p.tensors
+    ]
+    summary = {
+        "method": cfg.method_name,
+        "semantics": cfg.semantics,
+        "reference": p.reference,
+        "models": list(p.sources),
+        "tensors": len(p.tensors),
+        "merged_tensors": sum(t.merged for t in p.tensors),
+        "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
+        "input_bytes": p.input_bytes,
+        "output_bytes": p.total_size,
+        "estimated_peak_memory": p.peak_memory,
+        "options": {k: str(v) for k, v in vars(p.options).items()},
+    }
+    if as_json:
+        click.echo(json.dumps({**summary, **({"tensor_plan": tensors} if show_tensors else {})}, indent=2))
+        return
+    click.echo(f"method {summary['method']} ({summary['semantics']} semantics), reference {p.reference}")
+    for path in p.sources:
+        click.echo(f"  model {path}")
+    click.echo(f"{summary['merged_tensors']} of {summary['tensors']} tensors merged, the rest copied from the reference")
+    click.echo(f"reads {p.input_bytes / 1e9:.3f} GB, writes {p.total_size / 1e9:.3f} GB in {len(p.shards)} shard(s)")
+    click.echo(f"estimated peak working memory {p.peak_memory / 2**20:.1f} MiB (budget {p.max_memory / 2**20:.0f} MiB)")
+    if show_tensors:
+        for t in tensors:
+            what = ("dare " if t["dare"] else "") + ("merge" if t["merged"] else "copy")
+            click.echo(f"  {t['name']} {t['shape']} {t['dtype']} {what} w={t['weights']} d={t['densities']} λ={t['lambda']}")
+
+
+@main.command()
+@click.argument("directory", default="streammerge-demo", required=False)
+@click.option("--force", is_flag=True, help="Replace a previous demo in DIRECTORY.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--debug", is_flag=True)
+def demo(directory: str, force: bool, quiet: bool, debug: bool) -> None:
+    """Build a tiny Llama-shaped base and two fine-tunes in DIRECTORY, and merge them (dare_ties)."""
+    from .demo import DEMO_CONFIG, build_demo_models
+
+    root = Path(directory)
+    if root.exists() and any(root.iterdir()) and not force:
+        _fail(f"{root}: not empty; pass --force to rebuild the demo there")
+    _run(debug, build_demo_models, root)
+    config_path = root / "merge.yaml"
+    config_path.write_text(DEMO_CONFIG)
+    if not quiet:
+        click.echo(f"built base and 2 fine-tunes in {root}/, config {config_path}")
+    cfg = _run(debug, MergeConfig.from_yaml, config_path)
+    opts = {"max_shard_size": 200_000, "max_memory": constants.DEFAULT_MAX_MEMORY}
+    result = _run(debug, _merge_with_progress, cfg, str(root / "merged"), opts, True, quiet)
+    if not quiet:
+        click.echo(
+            f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shards in "
+            f"{result.seconds:.2f} s -> {result.output_dir}/ (the same as: streammerge merge {config_path} {result.output_dir})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""File names, defaults and environment variables, in one place."""
+
+from __future__ import annotations
+
+import os
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+MANIFEST = "streammerge_manifest.json"
+MODEL_CARD = "README.md"
+
+# Files copied from the base (or the tokenizer source) when present.
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+# Pickle-based weight files: never unpickled (they can run arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, the transformers default "5GB"
+DEFAULT_MAX_MEMORY = 1 << 30  # bytes of working memory for tensor blocks
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+# Environment: read once here, passed down explicitly.
+DEBUG = os.environ.get("STREAMMERGE_DEBUG", "") not in ("", "0", "false")

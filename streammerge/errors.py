@@ -1,0 +1,52 @@
+"""Typed errors. Each says what was wrong, where (file, tensor, key) and what to do.
+
+Library code raises these; only the CLI turns them into one-line messages and exit codes.
+Each class also inherits the matching builtin so callers can catch it either way.
+"""
+
+from __future__ import annotations
+
+
+class StreammergeError(Exception):
+    """Base class of every error streammerge raises on purpose."""
+
+
+class ConfigError(StreammergeError, ValueError):
+    """The merge configuration is invalid. Carries every problem found, not just the first."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems in the config: " + "; ".join(self.problems))
+
+
+class UnsupportedFeatureError(ConfigError):
+    """The config asks for something streammerge does not do (yet)."""
+
+
+class CheckpointError(StreammergeError, ValueError):
+    """An input checkpoint is missing, malformed or unsupported."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """An input path does not exist or holds no safetensors checkpoint."""
+
+
+class MismatchError(StreammergeError, ValueError):
+    """The models do not fit together (missing tensors, different shapes or dtypes)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        head = f"{len(self.problems)} mismatch(es) between the models: " if len(self.problems) > 1 else ""
+        super().__init__(head + "; ".join(self.problems[:20]) + (" ..." if len(self.problems) > 20 else ""))
+
+
+class OutputError(StreammergeError, OSError):
+    """The output directory cannot be written as asked."""

@@ -1,0 +1,292 @@
+"""The merge math: pure functions over tensors. No I/O, no globals, any device.
+
+Notation (as in SEMANTICS.md): θ₀ base, θ_t fine-tune t, τ_t = θ_t − θ₀ its task vector, w_t its
+weight, λ the global scale. Every function works on a *block of rows* of a tensor; whatever needs the
+whole tensor (a top-k threshold, an L1 norm) is computed beforehand into `TensorStats`, so a tensor
+merged in one block or in many gives the same bits.
+
+| method          | sparsify each τ_t          | combine                                        |
+| --------------- | -------------------------- | ---------------------------------------------- |
+| task_arithmetic | -                          | θ₀ + λ Σ w_t τ_t                   (Ilharco 2023) |
+| magnitude_prune | top_k                      | θ₀ + λ Σ w_t τ̂_t                                |
+| ties            | top_k                      | θ₀ + λ disjoint_merge(elect(τ̂))    (Yadav 2023)  |
+| dare_linear     | dare                       | θ₀ + λ Σ w_t τ̂_t                   (Yu 2024)     |
+| dare_ties       | dare (then top_k if asked) | θ₀ + λ disjoint_merge(elect(τ̂))                |
+| linear          | -                          | Σ w_t θ_t / Σ w_t                                |
+
+- top_k (TIES "trim"): keep the k = int(d · density) largest |τ|; ties at the threshold are kept
+  lowest flat index first, so the result never depends on chunking, device or threads.
+- dare: keep each element with probability density (the counter-based mask of `mask.py`), scale
+  kept ones by 1/density so E[dare(τ)] = τ (DARE, Yu et al. 2024, eq. 2).
+- elect: γ = sign(Σ_t w_t τ̂_t) ("sum") or sign(Σ_t sign(τ̂_t)) ("count"); γ = 0 → +1.
+- disjoint_merge over models whose τ̂_t is non-zero with sign γ: mean Σwτ̂/Σw, sum Σwτ̂, max γ·max|τ̂|.
+
+The presets (`mergekit`, `peft`, `fusionbench`) only change the options below; the op order is
+mergekit's, so that with its compute dtype (e.g. bf16) every rounding step falls where its does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+Sparsify = Literal["none", "trim", "dare", "dare_trim"]
+Combine = Literal["sum", "ties", "average"]
+
+# method -> (how each task vector is sparsified, how they are combined)
+METHODS: dict[str, tuple[Sparsify, Combine]] = {
+    "task_arithmetic": ("none", "sum"),
+    "magnitude_prune": ("trim", "sum"),
+    "ties": ("trim", "ties"),
+    "dare_linear": ("dare", "sum"),
+    "dare_ties": ("dare", "ties"),
+    "linear": ("none", "average"),
+}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything about *how* a method computes, resolved from the config and the semantics preset."""
+
+    method: str
+    merge_func: Literal["mean", "sum", "max"] = "mean"  # ties family: the disjoint merge
+    normalize: bool = False  # sum family: divide Σ w τ by Σ w; linear: divide by Σ w
+    sign_method: Literal["sum", "count"] = "sum"
+    weighted_sign: bool = True  # peft elects on unweighted deltas
+    mean_divisor: Literal["weight", "count"] = "weight"  # peft divides by the number of agreeing models
+    zero_sign: Literal["positive", "majority"] = "positive"  # fusionbench: γ = 0 takes the global majority sign
+    trim_rule: Literal["exact", "inclusive"] = "exact"  # fusionbench keeps int(d·K)+1 and every tie
+    rescale: Literal["none", "inverse", "l1"] = "inverse"  # DARE: ÷density, or mergekit's L1 ratio
+    dare_scope: Literal["all", "linear"] = "linear"
+    trim_scope: Literal["tensor", "global"] = "tensor"
+    compute_dtype: torch.dtype | None = torch.float32  # None: the inputs' own dtype
+
+    @property
+    def sparsify(self) -> Sparsify:
+        return METHODS[self.method][0]
+
+    @property
+    def combine(self) -> Combine:
+        return METHODS[self.method][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# task vectors
+
+
+def task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """τ_t = θ_t − θ₀ for every model, stacked: shape [n, *base.shape], in base's (compute) dtype.
+
+    Fine-tunes in a narrower dtype are promoted inside the subtraction, without a converted copy.
+    """
+    out = torch.empty((len(finetuned), *base.shape), dtype=base.dtype, device=base.device)
+    for i, ft in enumerate(finetuned):
+        narrower = ft.dtype != base.dtype and torch.finfo(ft.dtype).bits > torch.finfo(base.dtype).bits
+        torch.sub(ft.to(base.dtype) if narrower else ft, base, out=out[i])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# trim: exact top-k by radix selection over float bit patterns
+
+
+@dataclass(frozen=True)
+class TrimThreshold:
+    """Keep |τ| > value, and the first `ties_to_keep` (by flat index) of the `n_ties` equal to it."""
+
+    value: float
+    ties_to_keep: int
+    n_ties: int
+
+
+def _abs_bits(abs_block: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of non-negative floats as int32: their integer order is their float order."""
+    return abs_block.reshape(-1).float().view(torch.int32)
+
+
+def radix_hist_high(abs_block: torch.Tensor) -> torch.Tensor:
+    """Pass 1 of the selection: a histogram of the top 16 bits of |τ| (65536 bins)."""
+    return torch.bincount(_abs_bits(abs_block) >> 16, minlength=65536)
+
+
+def radix_hist_low(abs_block: torch.Tensor, high: int) -> torch.Tensor:
+    """Pass 2: a histogram of the low 16 bits of the elements whose top 16 bits are `high`."""
+    bits = _abs_bits(abs_block)
+    return torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=65536)
+
+
+def radix_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element (1-based), and how many elements lie above that bin."""
+    above_or_at = hist.flip(0).cumsum(0)  # above_or_at[j] = count in bins >= 65535 - j
+    j = int(torch.searchsorted(above_or_at, k))
+    above = int(above_or_at[j - 1]) if j > 0 else 0
+    return 65535 - j, above
+
+
+class RadixSelect:
+    """Exact k-th largest |τ| over blocks, in two passes, holding only two 64K-bin histograms.
+
+    Pass 1 counts the top 16 bits of each float32 bit pattern, which finds the bin of the k-th largest;
+    pass 2 counts the low 16 bits inside that bin. Works the same for one block, many blocks, or every
+    tensor of a model (the global trim domain).
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self.hist = torch.zeros(65536, dtype=torch.int64)
+        self.high: int | None = None
+        self.above_high = 0
+
+    def add(self, abs_block: torch.Tensor) -> None:
+        if self.high is None:
+            self.hist += radix_hist_high(abs_block).cpu()
+        else:
+            self.hist += radix_hist_low(abs_block, self.high).cpu()
+
+    def end_pass(self) -> None:
+        """Call after pass 1."""
+        self.high, self.above_high = radix_bin(self.hist, self.k)
+        self.hist = torch.zeros(65536, dtype=torch.int64)
+
+    def result(self) -> tuple[float, int, int]:
+        """After pass 2: (the k-th largest value, count strictly greater, count equal)."""
+        low, above_low = radix_bin(self.hist, self.k - self.above_high)
+        value = torch.tensor([(self.high << 16) | low], dtype=torch.int32).view(torch.float32).item()
+        return value, self.above_high + above_low, int(self.hist[low])
+
+
+def trim_rank(numel: int, density: float, rule: str) -> int | None:
+    """Which k-th largest |τ| the threshold is: None keeps everything, 0 keeps nothing.
+
+    `exact` keeps k = int(numel·density) elements; `inclusive` (FusionBench) thresholds at its
+    kthvalue(numel − int(numel·K)), i.e. the (int(numel·K)+1)-th largest, and keeps every tie.
+    """
+    k = int(numel * density)
+    if k >= numel:
+        return None
+    return k + 1 if rule == "inclusive" else k
+
+
+def trim_threshold(k: int, rule: str, selected: tuple[float, int, int] | None) -> TrimThreshold:
+    """The threshold from the selected (value, greater, equal) of rank k."""
+    if k == 0 or selected is None:
+        return TrimThreshold(float("inf"), 0, 0)
+    value, greater, equal = selected
+    if rule == "inclusive":
+        return TrimThreshold(value, equal, equal)
+    return TrimThreshold(value, k - greater, equal)
+
+
+def trim_keep(abs_block: torch.Tensor, t: TrimThreshold, ties_seen: int) -> tuple[torch.Tensor, int]:
+    """Keep-mask of a block for threshold `t`, given how many ties earlier blocks held.
+
+    Returns the bool mask and the number of ties (elements equal to the threshold) in this block.
+    """
+    value = torch.tensor(t.value, dtype=abs_block.dtype)
+    keep = abs_block > value
+    if t.ties_to_keep == 0:
+        return keep, 0
+    equal = abs_block == value
+    if t.ties_to_keep == t.n_ties:
+        return keep | equal, 0
+    rank = equal.reshape(-1).cumsum(0, dtype=torch.int64).view(equal.shape) + ties_seen
+    return keep | (equal & (rank <= t.ties_to_keep)), int(rank.reshape(-1)[-1]) - ties_seen
+
+
+# ---------------------------------------------------------------------------------------------
+# DARE
+
+
+def dare(delta: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """Drop-and-rescale in place: τ ⊙ m · scale (Yu et al. 2024). `scale` is 1/density, 1, or mergekit's L1 ratio."""
+    delta.mul_(keep)
+    if scale != 1.0:
+        delta.mul_(scale)
+    return delta
+
+
+def l1_rescale(abs_sum: float, kept_abs_sum: float) -> float:
+    """mergekit's DARE rescale since 2025: ‖τ‖₁ / ‖τ ⊙ m‖₁ (1 when either norm is ~0)."""
+    if abs_sum < 1e-7 or kept_abs_sum < 1e-7:
+        return 1.0
+    return abs_sum / kept_abs_sum
+
+
+# ---------------------------------------------------------------------------------------------
+# elect + disjoint merge (TIES, Yadav et al. 2023, §3)
+
+
+def elect(deltas: torch.Tensor, weights: torch.Tensor, opts: MergeOptions, majority: float) -> torch.Tensor:
+    """γ, the elected sign per element, in deltas' dtype (+1/−1; 0 possible only under fusionbench).
+
+    `deltas` are the sparsified task vectors [n, ...], `weights` shaped to broadcast with them.
+    """
+    scored = deltas * weights if opts.weighted_sign else deltas
+    if opts.sign_method == "count":
+        scored = scored.sign()
+    score = scored.sum(dim=0)
+    if opts.zero_sign == "majority":
+        gamma = score.sign()
+        return torch.where(gamma == 0, torch.tensor(majority, dtype=gamma.dtype, device=gamma.device), gamma)
+    return (score >= 0).to(deltas.dtype) * 2 - 1
+
+
+def agreement(deltas: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """1 where a model's τ̂ is non-zero with the elected sign, else 0 (in deltas' dtype)."""
+    # FusionBench tests γ > 0 rather than equality: with γ = 0 it takes the negative deltas.
+    positive = gamma > 0
+    return torch.where(positive, deltas > 0, deltas < 0).to(deltas.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# one block
+
+
+def merge_block(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: Sequence[float],
+    lam: float,
+    opts: MergeOptions,
+    majority: float = 1.0,
+) -> torch.Tensor:
+    """Combines sparsified task vectors `deltas` [n, ...] onto `base`; all in the compute dtype.
+
+    The op order is mergekit's (weights in the compute dtype, λ a Python scalar), so in bf16 every
+    rounding matches it; in float32 this is the formula in the module docstring.
+    """
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * (deltas.dim() - 1)))
+    if opts.combine == "ties":
+        gamma = elect(deltas, w, opts, majority)
+        agree = agreement(deltas, gamma)
+        if opts.merge_func == "max":
+            merged = (deltas.abs() * agree).amax(dim=0) * gamma
+        else:
+            weighted = deltas * w
+            weighted.mul_(agree)
+            merged = weighted.sum(dim=0)
+            if opts.merge_func == "mean":
+                divisor = agree.sum(dim=0) if opts.mean_divisor == "count" else (w * agree).sum(dim=0)
+                divisor[divisor == 0] = 1
+                merged /= divisor
+    else:
+        merged = (deltas * w).sum(dim=0)
+        if opts.normalize:
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+            merged /= divisor
+    if lam != 1:
+        merged *= lam
+    return base + merged
+
+
+def linear_block(models: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Weighted average Σ w_t θ_t / Σ w_t (model soups, Wortsman et al. 2022); θ₀ is not used."""
+    stacked = torch.stack([m.to(dtype) for m in models])
+    w = torch.tensor(weights, dtype=dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    out = (stacked * w).sum(dim=0)
+    if normalize:
+        out /= w.sum(dim=0)
+    return out

@@ -1,0 +1,292 @@
+"""Where checkpoints come from: a local folder (sharded or single file) or a bare .safetensors file.
+
+Every source exposes the same small interface: the tensors' names with shape and dtype (from the
+headers alone), and "read rows r0..r1 of this tensor". Headers are parsed and checked here, strictly,
+before any tensor byte is read, because input files may come from strangers.
+
+Reads go through `os.preadv` straight into a buffer the caller may reuse: one copy from the page
+cache, no mmap of whole shards, the GIL released while the kernel copies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .constants import MAX_HEADER_BYTES, PICKLE_SUFFIXES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from .errors import CheckpointError, CheckpointNotFoundError
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its file header describes it."""
+
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the first element in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Length of the first dimension (1 for a scalar): the unit of row blocks."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parses and validates the header of one .safetensors file, reading no tensor data.
+
+    Checks everything the format promises: a sane header length, UTF-8 JSON without duplicate keys,
+    known dtypes, non-negative shapes, byte ranges that match shape x dtype, lie inside the file and
+    neither overlap nor leave holes.
+
+    Returns:
+        (tensors by name, the `__metadata__` dict).
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(path, "not a safetensors file: shorter than its 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
+                raise CheckpointError(
+                    path,
+                    f"corrupt safetensors header: declares {header_len} header bytes but the file has "
+                    f"{file_size} bytes (truncated download or not a safetensors file?)",
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except UnicodeDecodeError:
+        raise CheckpointError(path, "corrupt safetensors header: not UTF-8") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError, as is our duplicate-key error
+        raise CheckpointError(path, f"corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt safetensors header: not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(path, "corrupt safetensors header: __metadata__ must map strings to strings")
+
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(path, f"corrupt safetensors header: {where} is not a tensor entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise CheckpointError(path, f"{where} has dtype {dtype!r}, which streammerge does not read")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(path, f"corrupt safetensors header: {where} has shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise CheckpointError(
+                path, f"corrupt safetensors header: {where} has data_offsets {offsets!r} outside the "
+                f"{data_size} data bytes (truncated file?)"
+            )
+        nbytes = offsets[1] - offsets[0]
+        if nbytes != math.prod(shape) * itemsize(dtype):
+            raise CheckpointError(
+                path, f"corrupt safetensors header: {where} has {nbytes} bytes for shape {shape} {dtype}"
+            )
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
+
+    # Byte ranges must tile the data region: no overlap (aliasing) and no holes.
+    end = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+        if info.offset != end:
+            problem = "overlaps the previous tensor" if info.offset < end else "leaves a hole before it"
+            raise CheckpointError(path, f"corrupt safetensors header: tensor {info.name!r} {problem}")
+        end = info.offset + info.nbytes
+    return tensors, metadata
+
+
+class Checkpoint:
+    """A safetensors checkpoint on local disk: a HF model folder or a bare .safetensors file.
+
+    Example:
+        >>> ckpt = Checkpoint("path/to/model")            # doctest: +SKIP
+        >>> ckpt.tensors["model.norm.weight"].shape        # doctest: +SKIP
+        >>> ckpt.read("model.norm.weight")                 # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.files = _resolve_files(self.path)
+        self.tensors: dict[str, TensorInfo] = {}
+        index = _read_index(self.path) if self.path.is_dir() else None
+        for file in self.files:
+            tensors, _ = read_header(file)
+            if index is None:
+                for name in tensors:
+                    if name in self.tensors:
+                        raise CheckpointError(file, f"tensor {name!r} also appears in {self.tensors[name].file.name}")
+                self.tensors.update(tensors)
+                continue
+            for name, info in tensors.items():
+                if index.get(name) == file.name:
+                    self.tensors[name] = info
+        if index is not None:
+            missing = sorted(n for n, f in index.items() if n not in self.tensors)
+            if missing:
+                raise CheckpointError(
+                    self.path / SAFETENSORS_INDEX,
+                    f"{len(missing)} tensor(s) listed in the index are not in their shard, e.g. {missing[0]!r}",
+                )
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def folder(self) -> Path:
+        """The model folder (where config.json and tokenizer files live)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read(self, name: str, row_start: int = 0, row_end: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Reads rows [row_start, row_end) of a tensor (all of it by default), in its stored dtype.
+
+        Args:
+            out: optional uint8 buffer of at least the needed bytes, reused to avoid allocations.
+        """
+        info = self.tensors[name]
+        row_end = info.rows if row_end is None else row_end
+        nbytes = (row_end - row_start) * info.row_bytes
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = memoryview(buf.numpy())
+        offset, done = info.offset + row_start * info.row_bytes, 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(info.file, f"file ended while reading tensor {name!r} (truncated?)")
+            done += got
+        shape = ((row_end - row_start), *info.shape[1:]) if info.shape else ()
+        return buf.view(DTYPES[info.dtype]).view(shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """Resolves a shard name from an index, refusing anything that escapes the model folder."""
+    candidate = Path(name)
+    if candidate.is_absolute() or ".." in candidate.parts or not name:
+        raise CheckpointError(folder / SAFETENSORS_INDEX, f"shard name {name!r} points outside the model folder")
+    resolved = (folder / candidate).resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise CheckpointError(folder / SAFETENSORS_INDEX, f"shard {name!r} is a link pointing outside the model folder")
+    return folder / candidate
+
+
+def _read_index(folder: Path) -> dict[str, str] | None:
+    index_path = folder / SAFETENSORS_INDEX
+    if not index_path.exists():
+        return None
+    try:
+        index = json.loads(index_path.read_text("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(index_path, f"not a valid index: {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(index_path, "not a valid index: no 'weight_map' object of tensor name -> shard file")
+    for shard in set(weight_map.values()):
+        _inside(folder, shard)
+    return weight_map
+
+
+def _resolve_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise CheckpointNotFoundError(path, "no such file or folder")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(path, "pickle checkpoints are never loaded (they can run code); convert to safetensors")
+        if path.suffix != ".safetensors":
+            raise CheckpointError(path, "not a .safetensors file")
+        return [path]
+    index = _read_index(path)
+    if index is not None:
+        files = [_inside(path, shard) for shard in dict.fromkeys(sorted(index.values()))]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointNotFoundError(file, f"shard listed in {SAFETENSORS_INDEX} is missing")
+        return files
+    single = path / SAFETENSORS_SINGLE
+    if single.is_file():
+        _inside(path, SAFETENSORS_SINGLE)
+        return [single]
+    if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+        raise CheckpointError(
+            path, "holds only pickle weights (.bin/.pt), which streammerge never loads; convert the model "
+            "to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
+        )
+    raise CheckpointNotFoundError(path, f"no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE} in this folder")

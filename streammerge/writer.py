@@ -1,0 +1,109 @@
+"""Writes safetensors shards as a stream: header first, then each tensor's bytes in offset order.
+
+safetensors' own `save_file` needs every tensor in memory at once; a merge produces tensors one row
+block at a time, so the layout is written here, by the format's rules: 8-byte little-endian header
+length, the JSON header padded with spaces to a multiple of 8, then the data. A shard is written
+under a temporary name, hashed as it is written, flushed to disk and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .errors import OutputError
+
+
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """The complete header (length prefix included) for tensors laid out in the given order.
+
+    Args:
+        entries: (name, dtype name, shape, nbytes) in the order their bytes will follow.
+    """
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Streams one shard to `<path>.partial`, renamed to `path` by `finish()`.
+
+    Example:
+        >>> w = ShardWriter(out / "model-00001-of-00001.safetensors", entries)   # doctest: +SKIP
+        >>> for block in blocks: w.write(block)                                  # doctest: +SKIP
+        >>> sha256 = w.finish()                                                  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".partial")
+        self.expected = sum(e[3] for e in entries)
+        self.written = 0
+        self._sha = hashlib.sha256()
+        try:
+            self._file = open(self.tmp, "wb")
+        except OSError as e:
+            raise OutputError(f"{self.tmp}: cannot create: {e.strerror or e}") from None
+        self._write(safetensors_header(entries, metadata))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.path}: write failed: {e.strerror or e} (disk full?)") from None
+        self._sha.update(data)
+
+    def write(self, tensor: torch.Tensor) -> None:
+        """Appends the bytes of a contiguous CPU tensor (a whole tensor or its next row block)."""
+        data = memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
+        self.written += len(data)
+        self._write(data)
+
+    def finish(self) -> str:
+        """Flushes to disk, renames into place and returns the shard's sha256 (hex)."""
+        if self.written != self.expected:
+            self.abort()
+            raise OutputError(f"{self.path}: internal error, wrote {self.written} of {self.expected} data bytes")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot finish: {e.strerror or e} (disk full?)") from None
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Closes and deletes the partial file; the shard never appears under its final name."""
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Writes JSON to a temporary name, flushes and renames it, so readers see all of it or nothing."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
