@@ -51,6 +51,8 @@ def _run(debug: bool, fn, *args, **kwargs):
         if debug or constants.DEBUG:
             raise
         _fail(str(e))
+    except click.ClickException:  # bad usage found while building the config: click prints it, exit 2
+        raise
     except KeyboardInterrupt:
         click.echo("streammerge: interrupted; partial shards were removed, rerun the same command to merge again", err=True)
         sys.exit(130)
@@ -101,7 +103,7 @@ def _build_config(config_path: str | None, o: dict) -> MergeConfig:
     if config_path is not None:
         flags = [f for f in ("base", "method", "lambda_") if o[f] is not None] + [f for f in ("model", "weight", "density", "param") if o[f]]
         if flags:
-            raise ConfigError(f"--{flags[0].rstrip('_').replace('_', '-')} cannot be combined with a CONFIG file; put it in the YAML")
+            raise click.UsageError(f"--{flags[0].rstrip('_').replace('_', '-')} cannot be combined with a CONFIG file; put it in the YAML")
         cfg = MergeConfig.from_yaml(config_path)
         extra: dict[str, Any] = {}
         if o["include"]:
@@ -238,6 +240,8 @@ def demo(directory: str, force: bool, quiet: bool, debug: bool) -> None:
     from .demo import DEMO_CONFIG, build_demo_models
 
     root = Path(directory)
+    if root.exists() and not root.is_dir():
+        _fail(f"{root}: exists and is not a directory; choose another place for the demo")
     if root.exists() and any(root.iterdir()) and not force:
         _fail(f"{root}: not empty; pass --force to rebuild the demo there")
     _run(debug, build_demo_models, root)

@@ -3,10 +3,12 @@
 A mergekit-style YAML file, CLI flags and a Python call all become a `MergeConfig`. `validate()`
 collects every problem and raises once, naming each key.
 
-Parameter values take mergekit's forms: a scalar; a list of numbers (a gradient, interpolated over the
-layer index); or a list of `{filter, value}` entries (first match wins; an entry without `filter` is
-the fallback). A filter with `*`, `?` or `[` is a glob on the tensor name, otherwise a substring.
-Model-level parameters take precedence over the top-level `parameters`.
+Parameter values take mergekit's forms: a scalar; a list of numbers (a gradient, interpolated as
+mergekit does at t = layer / (n_layers - 1), and t = 0 outside the layers: embeddings, final norm,
+lm_head); or a list of `{filter, value}` entries (first match wins; an entry without `filter` is the
+fallback). A filter with `*`, `?` or `[` is a glob on the tensor name, otherwise a substring.
+Model-level parameters take precedence over the top-level `parameters`; a model-level filter list
+that matches nothing falls through to the top level, as in mergekit.
 """
 
 from __future__ import annotations
@@ -144,6 +146,9 @@ class MergeConfig:
         if not isinstance(params, dict):
             problems.append("'parameters' must be a mapping")
             params = {}
+        method = str(data.get("merge_method", ""))
+        if problems and KNOWN_METHOD_ALIASES.get(method, method) in OTHER_MERGEKIT_METHODS:  # e.g. slerp + slices
+            problems.insert(0, f"merge_method '{method}' is a mergekit method streammerge does not support yet")
         if problems:
             raise ConfigError(problems)
 
@@ -153,7 +158,7 @@ class MergeConfig:
 
         base = data.get("base_model")
         return cls(
-            method=str(data.get("merge_method", "")),
+            method=method,
             models=tuple(models),
             base=None if base is None else str(base),
             parameters=dict(params),
@@ -248,7 +253,8 @@ class MergeConfig:
         """The models that contribute a task vector (mergekit lets the base appear in `models`)."""
         if self.method_name == "linear" or self.base is None:
             return list(self.models)
-        return [m for m in self.models if m.source != self.base]
+        base = os.path.realpath(self._path(self.base))  # `./base` and `base` are the same model
+        return [m for m in self.models if os.path.realpath(self._path(m.source)) != base]
 
     def model_path(self, spec: ModelSpec) -> str:
         return self._path(spec.source)
@@ -314,12 +320,13 @@ class MergeConfig:
 
     def tensor_param(self, key: str, spec: ModelSpec | None, name: str, layer: int | None, n_layers: int) -> float:
         """A numeric parameter for one tensor of one model: model level, else top level, else default."""
-        value = spec.parameters.get(key) if spec is not None else None
-        if value is None:
-            value = self.parameters.get(key)
-        if value is None:
-            return TENSOR_PARAMS[key]
-        return float(resolve_value(value, name, layer, n_layers, default=TENSOR_PARAMS[key]))
+        # As mergekit: a model-level filter list that matches nothing falls through to the top level.
+        for params in (spec.parameters if spec is not None else {}, self.parameters):
+            if params.get(key) is not None:
+                value = resolve_value(params[key], name, layer, n_layers, default=None)
+                if value is not None:
+                    return value
+        return TENSOR_PARAMS[key]
 
     def selected(self, name: str) -> bool:
         """Whether a tensor is merged (else copied from the base), by the include/exclude globs."""
@@ -378,7 +385,20 @@ def _matches(pattern: str, name: str) -> bool:
     return pattern in name
 
 
-def resolve_value(value: ParamValue, name: str, layer: int | None, n_layers: int, *, default: float) -> float:
+def gradient_position(layer: int | None, n_layers: int) -> float:
+    """mergekit's t in [0, 1]: layer / (n_layers - 1), 1 for a single layer.
+
+    Tensors outside the numbered layers (embeddings, final norm, lm_head) take t = 0, the first
+    value: mergekit plans its pre- and post-layer weights with a config reader made at t = 0.
+    """
+    if layer is None:
+        return 0.0
+    return layer / (n_layers - 1) if n_layers > 1 else 1.0
+
+
+def resolve_value(
+    value: ParamValue, name: str, layer: int | None, n_layers: int, *, default: float | None
+) -> float | None:
     """A parameter value for tensor `name` in `layer` (None outside numbered layers) of `n_layers`."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
         # In order, as mergekit does: the first entry whose filter matches (or that has none) wins.
@@ -388,9 +408,9 @@ def resolve_value(value: ParamValue, name: str, layer: int | None, n_layers: int
                 return resolve_value(entry["value"], name, layer, n_layers, default=default)
         return default
     if isinstance(value, list):  # a gradient over the layers, as mergekit interpolates it
-        if len(value) == 1 or layer is None or n_layers <= 1:
+        if len(value) == 1:
             return float(value[0])
-        pos = layer / (n_layers - 1) * (len(value) - 1)
+        pos = gradient_position(layer, n_layers) * (len(value) - 1)
         lo = min(int(math.floor(pos)), len(value) - 2)
         frac = pos - lo
         return float(value[lo]) * (1 - frac) + float(value[lo + 1]) * frac

@@ -252,5 +252,5 @@ def run_plan(
         except BaseException:
             writer.abort()
             raise
-        results.append({"file": shard.filename, "sha256": writer.finish(), "bytes": writer.written})
+        results.append({"file": shard.filename, "sha256": writer.finish(), "bytes": writer.file_size})
     return results

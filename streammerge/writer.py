@@ -48,13 +48,15 @@ class ShardWriter:
         self.path = path
         self.tmp = path.with_name(path.name + ".partial")
         self.expected = sum(e[3] for e in entries)
-        self.written = 0
+        self.written = 0  # tensor data bytes so far
+        header = safetensors_header(entries, metadata)
+        self.file_size = len(header) + self.expected
         self._sha = hashlib.sha256()
         try:
             self._file = open(self.tmp, "wb")
         except OSError as e:
             raise OutputError(f"{self.tmp}: cannot create: {e.strerror or e}") from None
-        self._write(safetensors_header(entries, metadata))
+        self._write(header)
 
     def _write(self, data: bytes | memoryview) -> None:
         try:
