@@ -219,6 +219,11 @@ class MergeConfig:
                 problems.append(f"{key}: unknown dtype {value!r}; choose one of bfloat16, float16, float32")
         if not self.models:
             problems.append("models: at least one model to merge is needed")
+        if (self.semantics == "mergekit" and self.method_name == "linear" and self.base is not None
+                and "weight" not in self.parameters and self.finetunes()[-1].source == self.base
+                and self.finetunes()[-1] not in self.models):
+            problems.append("base_model: mergekit's linear averages the base in as one more model and needs its "
+                            "weight: list the base under models with a weight, or set parameters.weight")
         if self.method_name != "linear" and self.method_name in METHODS and self.base is None:
             problems.append(f"base_model: the {self.method_name} method needs a base model")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in {m.source for m in self.models}:
@@ -250,10 +255,18 @@ class MergeConfig:
         return None if self.base is None else self._path(self.base)
 
     def finetunes(self) -> list[ModelSpec]:
-        """The models that contribute a task vector (mergekit lets the base appear in `models`)."""
-        if self.method_name == "linear" or self.base is None:
+        """The models that contribute a task vector (mergekit lets the base appear in `models`).
+
+        For `linear` these are the averaged models; mergekit's linear also averages in a
+        `base_model` that is not listed, as the last input.
+        """
+        if self.base is None:
             return list(self.models)
         base = os.path.realpath(self._path(self.base))  # `./base` and `base` are the same model
+        if self.method_name == "linear":
+            listed = any(os.path.realpath(self._path(m.source)) == base for m in self.models)
+            append_base = self.semantics == "mergekit" and not listed
+            return list(self.models) + ([ModelSpec(self.base)] if append_base else [])
         return [m for m in self.models if os.path.realpath(self._path(m.source)) != base]
 
     def model_path(self, spec: ModelSpec) -> str:
@@ -276,10 +289,10 @@ class MergeConfig:
                 rescale="l1" if rescale else "none",
                 dare_scope=self.option("dare_scope", "all"),
                 trim_scope=self.option("trim_scope", "tensor"),
+                trim_rule="argsort",
                 compute_dtype=DTYPES[self.dtype] if self.dtype else None,
+                fused_linear=True,
             )
-            if method == "linear":  # mergekit's linear computes in float32
-                opts = replace(opts, compute_dtype=torch.float32)
             return opts
         if preset == "peft":
             return MergeOptions(

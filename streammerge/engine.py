@@ -9,6 +9,7 @@ Nothing depends on the block size: the DARE mask is counter-based and the tie ru
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -38,14 +39,17 @@ class TensorMerge:
     def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint]):
         self.tp, self.opts = tp, plan.options
         self.reference, self.finetuned = reference, finetuned
-        info = reference.tensors[tp.name]
-        self.in_dtype = DTYPES[info.dtype]
-        compute = self.opts.compute_dtype or self.in_dtype
-        self.compute = torch.promote_types(compute, self.in_dtype) if compute == torch.float32 else compute
+        in_dtypes = [DTYPES[c.tensors[tp.name].dtype] for c in [reference, *finetuned]]
+        promoted = functools.reduce(torch.promote_types, in_dtypes)
+        compute = self.opts.compute_dtype or promoted
+        # float32 by default; float64 inputs stay float64 (no silent loss)
+        self.compute = torch.promote_types(compute, promoted) if compute == torch.float32 else compute
         self.out_dtype = DTYPES[tp.out_dtype]
         self.row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
         in_size = max(itemsize(c.tensors[tp.name].dtype) for c in [reference, *finetuned])
         step = rows_per_block(tp.shape, len(finetuned), in_size, itemsize(tp.out_dtype), plan.max_memory)
+        if self.opts.whole_tensors:
+            step = tp.rows
         self.blocks = [(r, min(r + step, tp.rows)) for r in range(0, tp.rows, step)]
         self.read_bytes_per_row = sum(c.tensors[tp.name].row_bytes for c in {id(c): c for c in [reference, *finetuned]}.values())
         self.keys = [mask_key(plan.config.seed, i, tp.name) for i in range(len(finetuned))] if tp.dare else []
@@ -94,17 +98,12 @@ class TensorMerge:
     # ---- stats passes -------------------------------------------------------------------
 
     def l1_pass(self) -> None:
-        """mergekit's DARE rescale: ‖τ‖₁ / ‖τ ⊙ m‖₁ per model, summed row by row in float64."""
-        n = len(self.finetuned)
-        before, after = [0.0] * n, [0.0] * n
-        for r0, r1 in self.blocks:
-            base = self._read(self.reference, r0, r1).to(self.compute)
-            full = ops.task_vectors(base, [self._read(c, r0, r1) for c in self.finetuned])
-            _, kept = self.deltas(r0, r1, scaled=False)
-            for i in range(n):
-                before[i] += _row_sums(full[i])
-                after[i] += _row_sums(kept[i])
-        self.dare_scales = [ops.l1_rescale(b, a) for b, a in zip(before, after)]
+        """mergekit's DARE rescale ‖τ‖₁ / ‖τ ⊙ m‖₁ per model (whole tensors, as mergekit)."""
+        (r0, r1), = self.blocks
+        base = self._read(self.reference, r0, r1).to(self.compute)
+        full = ops.task_vectors(base, [self._read(c, r0, r1) for c in self.finetuned])
+        _, kept = self.deltas(r0, r1, scaled=False)
+        self.dare_scales = [ops.l1_rescale(full[i], kept[i]) if self.tp.dare else 1.0 for i in range(len(full))]
 
     def trim_ranks(self) -> list[int | None]:
         densities = self.tp.densities if self.opts.sparsify == "trim" else self.tp.trim_densities
@@ -126,7 +125,7 @@ class TensorMerge:
             if trims is not None:
                 _trim(deltas, trims)
             w = torch.tensor(self.tp.weights, dtype=deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
-            score = (deltas * w if self.opts.weighted_sign else deltas).sum(dim=0)
+            score = ops.sign_score(deltas * w if self.opts.weighted_sign else deltas, self.opts)
             total += float(score.sign().sum(dtype=torch.float64))
         return total
 
@@ -140,22 +139,20 @@ class TensorMerge:
                 out = self._read(self.reference, r0, r1).to(self.out_dtype)
             elif self.opts.combine == "average":
                 models = [self._read(c, r0, r1) for c in self.finetuned]
-                out = ops.linear_block(models, tp.weights, self.opts.normalize, self.compute).to(self.out_dtype)
+                out = ops.linear_block(models, tp.weights, self.opts, self.compute).to(self.out_dtype)
             else:
                 base, deltas = self.deltas(r0, r1)
-                if trims is not None:
+                if self.opts.trim_rule == "argsort" and self.opts.sparsify == "trim":
+                    for i, density in enumerate(tp.densities):
+                        if density < 1:
+                            deltas[i].mul_(ops.argsort_keep(deltas[i], density))
+                elif trims is not None:
                     _trim(deltas, trims)
                 out = ops.merge_block(base, deltas, tp.weights, tp.lam, self.opts, majority).to(self.out_dtype)
             self.release()
             if progress is not None:
                 progress((r1 - r0) * (self.read_bytes_per_row if tp.merged else self.reference.tensors[tp.name].row_bytes))
             yield out
-
-
-def _row_sums(x: torch.Tensor) -> float:
-    # Per-row float64 sums added in order: the same total whatever the row blocks are.
-    rows = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
-    return math.fsum(rows.abs().sum(dim=1, dtype=torch.float64).tolist())
 
 
 def _trim(deltas: torch.Tensor, trims: list[_TrimState]) -> None:
@@ -167,8 +164,9 @@ def _trim(deltas: torch.Tensor, trims: list[_TrimState]) -> None:
 
 
 def _uses_trim(tm: TensorMerge) -> bool:
+    """Whether the tensor needs radix-selected trim thresholds."""
     opts = tm.opts
-    if not tm.tp.merged or opts.combine == "average":
+    if not tm.tp.merged or opts.combine == "average" or opts.trim_rule == "argsort":
         return False
     return opts.sparsify == "trim" or (opts.sparsify == "dare" and any(d < 1 for d in tm.tp.trim_densities))
 

@@ -57,11 +57,19 @@ class MergeOptions:
     weighted_sign: bool = True  # peft elects on unweighted deltas
     mean_divisor: Literal["weight", "count"] = "weight"  # peft divides by the number of agreeing models
     zero_sign: Literal["positive", "majority"] = "positive"  # fusionbench: γ = 0 takes the global majority sign
-    trim_rule: Literal["exact", "inclusive"] = "exact"  # fusionbench keeps int(d·K)+1 and every tie
+    # exact: int(d·density), ties lowest index first; inclusive: FusionBench's int(d·K)+1 and every tie;
+    # argsort: mergekit's max(1, int(d·density)) in torch.argsort order (whole tensors only)
+    trim_rule: Literal["exact", "inclusive", "argsort"] = "exact"
     rescale: Literal["none", "inverse", "l1"] = "inverse"  # DARE: ÷density, or mergekit's L1 ratio
     dare_scope: Literal["all", "linear"] = "linear"
     trim_scope: Literal["tensor", "global"] = "tensor"
-    compute_dtype: torch.dtype | None = torch.float32  # None: the inputs' own dtype
+    compute_dtype: torch.dtype | None = torch.float32  # None: the promotion of the inputs' dtypes
+    fused_linear: bool = False  # mergekit's linear accumulates with a fused multiply-add
+
+    @property
+    def whole_tensors(self) -> bool:
+        """mergekit's argsort trim and L1 rescale see a whole tensor at once; so must we, to match it."""
+        return (self.sparsify == "trim" and self.trim_rule == "argsort") or (self.sparsify == "dare" and self.rescale == "l1")
 
     @property
     def sparsify(self) -> Sparsify:
@@ -179,6 +187,15 @@ def trim_threshold(k: int, rule: str, selected: tuple[float, int, int] | None) -
     return TrimThreshold(value, k - greater, equal)
 
 
+def argsort_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's trim: the first max(1, int(d·density)) of torch.argsort(|τ|, descending) (unstable)."""
+    flat = delta.abs().reshape(-1).float()
+    k = max(1, int(density * flat.numel()))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
+    keep[torch.argsort(flat, descending=True)[:k]] = True
+    return keep.view(delta.shape)
+
+
 def trim_keep(abs_block: torch.Tensor, t: TrimThreshold, ties_seen: int) -> tuple[torch.Tensor, int]:
     """Keep-mask of a block for threshold `t`, given how many ties earlier blocks held.
 
@@ -207,37 +224,46 @@ def dare(delta: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     return delta
 
 
-def l1_rescale(abs_sum: float, kept_abs_sum: float) -> float:
-    """mergekit's DARE rescale since 2025: ‖τ‖₁ / ‖τ ⊙ m‖₁ (1 when either norm is ~0)."""
-    if abs_sum < 1e-7 or kept_abs_sum < 1e-7:
+def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> float:
+    """mergekit's DARE rescale since 2025: ‖τ‖₁ / ‖τ ⊙ m‖₁ over the whole tensor (1 when either is ~0).
+
+    As mergekit computes it: torch sums in the work dtype (bf16 stays bf16, else float32), the
+    ratio rounded to that dtype.
+    """
+    work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
+    before, after = delta.to(work).abs().sum(), kept.to(work).abs().sum()
+    if before < 1e-7 or after < 1e-7:
         return 1.0
-    return abs_sum / kept_abs_sum
+    return (before / after).item()
 
 
 # ---------------------------------------------------------------------------------------------
 # elect + disjoint merge (TIES, Yadav et al. 2023, §3)
 
 
-def elect(deltas: torch.Tensor, weights: torch.Tensor, opts: MergeOptions, majority: float) -> torch.Tensor:
-    """γ, the elected sign per element, in deltas' dtype (+1/−1; 0 possible only under fusionbench).
+def sign_score(voters: torch.Tensor, opts: MergeOptions) -> torch.Tensor:
+    """Σ_t v_t ("sum") or Σ_t sign(v_t) ("count") over the models' votes v_t."""
+    return (voters.sign() if opts.sign_method == "count" else voters).sum(dim=0)
 
-    `deltas` are the sparsified task vectors [n, ...], `weights` shaped to broadcast with them.
+
+def elect(voters: torch.Tensor, opts: MergeOptions, majority: float) -> torch.Tensor:
+    """γ, the elected sign per element, in voters' dtype (+1/−1; 0 possible only under fusionbench).
+
+    `voters` are the sparsified task vectors [n, ...], weighted unless the preset votes unweighted
+    (PEFT): with a negative weight a model votes against its own delta, as in mergekit.
     """
-    scored = deltas * weights if opts.weighted_sign else deltas
-    if opts.sign_method == "count":
-        scored = scored.sign()
-    score = scored.sum(dim=0)
+    score = sign_score(voters, opts)
     if opts.zero_sign == "majority":
         gamma = score.sign()
         return torch.where(gamma == 0, torch.tensor(majority, dtype=gamma.dtype, device=gamma.device), gamma)
-    return (score >= 0).to(deltas.dtype) * 2 - 1
+    return (score >= 0).to(voters.dtype) * 2 - 1
 
 
-def agreement(deltas: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """1 where a model's τ̂ is non-zero with the elected sign, else 0 (in deltas' dtype)."""
+def agreement(voters: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """1 where a model's vote is non-zero with the elected sign, else 0 (in voters' dtype)."""
     # FusionBench tests γ > 0 rather than equality: with γ = 0 it takes the negative deltas.
     positive = gamma > 0
-    return torch.where(positive, deltas > 0, deltas < 0).to(deltas.dtype)
+    return torch.where(positive, voters > 0, voters < 0).to(voters.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,12 +285,13 @@ def merge_block(
     """
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * (deltas.dim() - 1)))
     if opts.combine == "ties":
-        gamma = elect(deltas, w, opts, majority)
-        agree = agreement(deltas, gamma)
+        weighted = deltas * w
+        voters = weighted if opts.weighted_sign else deltas
+        gamma = elect(voters, opts, majority)
+        agree = agreement(voters, gamma)
         if opts.merge_func == "max":
             merged = (deltas.abs() * agree).amax(dim=0) * gamma
         else:
-            weighted = deltas * w
             weighted.mul_(agree)
             merged = weighted.sum(dim=0)
             if opts.merge_func == "mean":
@@ -282,11 +309,24 @@ def merge_block(
     return base + merged
 
 
-def linear_block(models: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+def linear_block(models: Sequence[torch.Tensor], weights: Sequence[float], opts: MergeOptions, dtype: torch.dtype) -> torch.Tensor:
     """Weighted average Σ w_t θ_t / Σ w_t (model soups, Wortsman et al. 2022); θ₀ is not used."""
+    if opts.fused_linear:
+        # mergekit: R = fma(θ_t, w_t, R) in float32 (torch addcmul_ on AVX2/512), emulated exactly
+        # in float64 so the bits do not depend on the CPU's instruction set.
+        w32 = [torch.tensor(w, dtype=torch.float32) for w in weights]
+        acc = torch.zeros(models[0].shape, dtype=torch.float32, device=models[0].device)
+        for m, w in zip(models, w32):
+            acc = (acc.double() + m.double() * w.item()).float()
+        if opts.normalize:
+            total = w32[0]
+            for w in w32[1:]:
+                total = total + w
+            acc /= total
+        return acc.to(dtype)
     stacked = torch.stack([m.to(dtype) for m in models])
     w = torch.tensor(weights, dtype=dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
     out = (stacked * w).sum(dim=0)
-    if normalize:
+    if opts.normalize:
         out /= w.sum(dim=0)
     return out

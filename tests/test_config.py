@@ -428,7 +428,9 @@ def test_mergekit_semantics_options():
     assert _opts("dare_ties", "mergekit", normalize=True).merge_func == "mean"
     assert _opts("ties", "mergekit", normalize=False).merge_func == "sum"
     assert _opts("task_arithmetic", "mergekit").normalize is False
-    assert _opts("linear", "mergekit", dtype="float16").compute_dtype == torch.float32  # mergekit's linear: fp32
+    # mergekit's linear accumulates in float32 with a fused multiply-add, then rounds to its dtype.
+    linear = _opts("linear", "mergekit", dtype="float16")
+    assert (linear.compute_dtype, linear.fused_linear) == (torch.float16, True)
     assert _opts("dare_linear", "mergekit", rescale=False).rescale == "none"
 
 

@@ -110,7 +110,9 @@ def test_matches_independent_float32_reference(tmp_path, models, method):
 def test_row_blocks_give_identical_bytes(tmp_path, models, method, semantics):
     root, _, _ = models
     cfg = _config(root, method, n=3)
-    cfg = MergeConfig(**{**cfg.__dict__, "semantics": semantics, "dtype": "bfloat16" if semantics == "mergekit" else None})
+    params = {**cfg.parameters, "weight": 0.2} if (semantics, method) == ("mergekit", "linear") else cfg.parameters
+    cfg = MergeConfig(**{**cfg.__dict__, "semantics": semantics, "parameters": params,
+                         "dtype": "bfloat16" if semantics == "mergekit" else None})
     merge(cfg, tmp_path / "whole")
     merge(cfg, tmp_path / "blocks", max_memory=2000)  # a few rows per block: every tensor split
     assert _shard_hashes(tmp_path / "whole") == _shard_hashes(tmp_path / "blocks")

@@ -1,0 +1,69 @@
+"""`semantics: mergekit` against mergekit 0.1.5's own outputs, bit for bit.
+
+The fixtures (tests/fixtures/mergekit/, made by benchmarks/mergekit/make_fixtures.py with the real
+mergekit-yaml) hold a tiny bf16 Llama, its three fine-tunes, each config and mergekit's output. DARE
+outputs were made with fixed masks (inputs/masks.safetensors) in place of torch.bernoulli; here the
+same masks replace our counter-based mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import streammerge.engine
+from streammerge import MergeConfig, merge
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
+NAMES = sorted(p.stem for p in (FIXTURES / "configs").glob("*.yaml"))
+
+
+def _config(name: str) -> MergeConfig:
+    data = yaml.safe_load((FIXTURES / "configs" / f"{name}.yaml").read_text())
+    data["semantics"] = "mergekit"
+    return MergeConfig.from_dict(data, base_dir=str(FIXTURES / "inputs"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bit_identical_to_mergekit(tmp_path, monkeypatch, name):
+    cfg = _config(name)
+    if cfg.method_name.startswith("dare"):
+        masks = load_file(FIXTURES / "inputs" / "masks.safetensors")
+        sources = [m.source for m in cfg.finetunes()]
+        monkeypatch.setattr(streammerge.engine, "mask_key", lambda seed, i, tensor: (sources[i], tensor))
+        monkeypatch.setattr(
+            streammerge.engine, "keep_mask",
+            lambda key, start, count, density, device=None: masks[f"{key[0]}/{key[1]}"].reshape(-1)[start:start + count].bool(),
+        )
+    merge(cfg, tmp_path / "out")
+    expected = load_file(FIXTURES / "outputs" / name / "model.safetensors")
+    actual = {}
+    for shard in (tmp_path / "out").glob("model-*.safetensors"):
+        actual.update(load_file(shard))
+    assert set(actual) == set(expected)
+    mismatched = [n for n in expected if actual[n].dtype != expected[n].dtype or not torch.equal(actual[n], expected[n])]
+    assert not mismatched, f"{len(mismatched)} tensors differ from mergekit, e.g. {mismatched[:3]}"
+
+
+def test_fixture_names_cover_the_three_methods():
+    methods = {_config(n).method_name for n in NAMES}
+    assert {"ties", "task_arithmetic", "linear", "dare_linear", "dare_ties"} <= methods
+
+
+def test_linear_averages_an_unlisted_base_like_mergekit(tmp_path):
+    inputs = FIXTURES / "inputs"
+    data = {"merge_method": "linear", "base_model": "base", "semantics": "mergekit",
+            "models": [{"model": "ft1", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(Exception, match="needs its weight"):
+        MergeConfig.from_dict(data, base_dir=str(inputs)).validate()
+    data["parameters"] = {"weight": 1.0}
+    merge(MergeConfig.from_dict(data, base_dir=str(inputs)), tmp_path / "out")
+    (shard,) = (tmp_path / "out").glob("model-*.safetensors")
+    out = load_file(shard)["model.norm.weight"]
+    base = load_file(inputs / "base" / "model.safetensors")["model.norm.weight"]
+    ft1 = load_file(inputs / "ft1" / "model.safetensors")["model.norm.weight"]
+    assert torch.equal(out, ((base.float() + ft1.float()) / 2).to(torch.bfloat16))
