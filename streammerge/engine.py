@@ -1,254 +1,511 @@
-"""Runs a plan: reads row blocks, merges them with `ops`, streams the results into shards.
+"""Runs a plan: reads row blocks, merges them, streams the results into shards.
 
-Each tensor is processed in row blocks sized to the memory budget. A method that needs whole-tensor
-quantities first makes stats passes over the blocks (TIES' top-k threshold by radix selection,
-mergekit's L1 rescale), then one output pass; a tensor that fits in one block is read once and kept
-between passes. FusionBench's global trim domain adds passes over all tensors before any output.
-Nothing depends on the block size: the DARE mask is counter-based and the tie rule is by flat index.
+Three threads share the work: a reader keeps the kernel reading the next tensors ahead (inputs are
+read-only views of the mapped files, page cache rather than anonymous memory), the main thread
+merges (numpy chunks on every core, or torch), a writer hashes and writes finished blocks. The
+memory budget bounds the output blocks in flight (a fixed pool of reusable buffers) and the
+working set of a block; a tensor too big for it is processed in row blocks.
+
+A method that needs whole-tensor quantities first makes stats passes over the tensor's blocks (the
+exact top-k threshold by radix selection, the position of the last kept tie, mergekit's L1
+rescale), then one output pass; a one-block tensor stays in memory between passes, a bigger one is
+read again. FusionBench's global trim domain adds passes over every tensor before any output.
+Nothing depends on the block size: the DARE mask is counter-based and ties go by flat index.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from . import ops
+from . import kernels, ops
 from .mask import keep_mask, mask_key
-from .plan import Plan, TensorPlan, rows_per_block
+from .plan import Plan, TensorPlan, bytes_per_element
 from .sources import DTYPES, Checkpoint, itemsize
 from .writer import ShardWriter
 
 Progress = Callable[[int], None]  # called with the number of input bytes just processed
 
+# Shares of --max-memory: output blocks in flight (the buffer pool), and one block's working set
+# (torch's float32 temporaries; the numpy kernel needs only its per-chunk scratch).
+POOL_SHARE, WORK_SHARE = 0.5, 0.3
+READAHEAD_BYTES = 1 << 30  # input bytes the reader keeps requested ahead (page cache, reclaimable)
+
 
 @dataclass
-class _TrimState:
-    """One fine-tune's trim threshold and how many ties at it have been seen so far (flat order)."""
+class Block:
+    """Rows [r0, r1) of one tensor from every input, as stored (no conversion yet)."""
 
-    threshold: ops.TrimThreshold | None
-    ties_seen: int = 0
+    r0: int
+    r1: int
+    start: int  # flat index of the first element
+    base: torch.Tensor | None
+    fts: list[torch.Tensor]
+    nbytes: int
 
 
-class TensorMerge:
-    """The passes over one tensor's row blocks."""
+class BufferPool:
+    """A fixed set of reusable output buffers: bounds the memory of blocks waiting to be written,
+    and reusing them spares the kernel from mapping and zeroing fresh pages for every block."""
 
-    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint]):
+    def __init__(self, capacity: int, count: int):
+        self.capacity = capacity
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self.free.put(torch.empty(capacity, dtype=torch.uint8))
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        assert nbytes <= self.capacity, (nbytes, self.capacity)
+        return self.free.get()
+
+    def put(self, buf: torch.Tensor) -> None:
+        self.free.put(buf)
+
+
+# ---- backends: the same four operations on a block, with numpy chunks or with torch ------------
+
+
+class NumpyBackend:
+    """float32 arithmetic on the CPU, fused per cache-sized chunk (kernels.py)."""
+
+    def __init__(self, pool: ThreadPoolExecutor | None):
+        self.pool = pool
+
+    @staticmethod
+    def _np(block: Block) -> tuple:
+        base = kernels.as_numpy(block.base) if block.base is not None else None
+        return base, [kernels.as_numpy(t) for t in block.fts]
+
+    def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
+        base, fts = self._np(block)
+        return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
+
+    def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
+        base, fts = self._np(block)
+        return kernels.find_tie(spec, base, fts, block.start, i, value, needed)
+
+    def sign_total(self, block: Block, spec: ops.TensorSpec) -> float:
+        base, fts = self._np(block)
+        return kernels.sign_total(spec, base, fts, block.start)
+
+    def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
+        base, fts = self._np(block)
+        kernels.merge_block(spec, base if base is not None else fts[0], fts, kernels.as_numpy(out), block.start, self.pool)
+
+
+class TorchBackend:
+    """`ops` on whole blocks with torch: mergekit's reduced-precision arithmetic, and other devices."""
+
+    def __init__(self, compute: torch.dtype):
+        self.compute = compute
+
+    def deltas(self, block: Block, spec: ops.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        base = block.base.to(self.compute)
+        deltas = ops.task_vectors(base, block.fts)
+        n = deltas[0].numel()
+        for i in range(len(block.fts)):
+            if spec.dare:
+                keep = keep_mask(spec.keys[i], block.start, n, spec.densities[i], device=deltas.device)
+                ops.dare(deltas[i], keep.view(deltas[i].shape), spec.dare_scales[i])
+            if spec.trims[i] is not None:
+                deltas[i].mul_(ops.trim_keep(deltas[i].abs(), spec.trims[i], block.start))
+        return base, deltas
+
+    def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
+        _, deltas = self.deltas(block, spec)
+        return [
+            None if not w else ops.radix_hist_high(d.abs()) if h is None else ops.radix_hist_low(d.abs(), h)
+            for d, h, w in zip(deltas, high, wanted)
+        ]
+
+    def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
+        _, deltas = self.deltas(block, spec)
+        hits = torch.nonzero(deltas[i].abs().reshape(-1) == value).reshape(-1)
+        if len(hits) >= needed:
+            return block.start + int(hits[needed - 1]), needed
+        return None, len(hits)
+
+    def sign_total(self, block: Block, spec: ops.TensorSpec) -> float:
+        _, deltas = self.deltas(block, spec)
+        w = torch.tensor(spec.weights, dtype=deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
+        score = ops.sign_score(deltas * w if spec.opts.weighted_sign else deltas, spec.opts)
+        return float(score.sign().sum(dtype=torch.float64))
+
+    def l1_scales(self, block: Block, spec: ops.TensorSpec) -> tuple[float, ...]:
+        """mergekit's DARE rescale per model, from the whole tensor (a single block)."""
+        full = ops.task_vectors(block.base.to(self.compute), block.fts)
+        _, kept = self.deltas(block, replace(spec, dare_scales=(1.0,) * len(block.fts)))
+        return tuple(ops.l1_rescale(full[i], kept[i]) for i in range(len(block.fts)))
+
+    def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
+        opts = spec.opts
+        if not spec.merged:
+            out.copy_(block.base.reshape(-1))
+        elif opts.combine == "average":
+            out.copy_(ops.linear_block(block.fts, spec.weights, opts, self.compute).reshape(-1))
+        else:
+            base, deltas = self.deltas(block, spec)
+            if opts.trim_rule == "argsort" and opts.sparsify == "trim":
+                for i, density in enumerate(spec.densities):
+                    if density < 1:
+                        deltas[i].mul_(ops.argsort_keep(deltas[i], density))
+            out.copy_(ops.merge_block(base, deltas, spec.weights, spec.lam, opts, spec.majority).reshape(-1))
+
+
+# ---- one tensor ------------------------------------------------------------------------------
+
+
+class TensorJob:
+    """How one tensor is read and merged: its blocks, its parameters, its backend."""
+
+    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool):
         self.tp, self.opts = tp, plan.options
-        self.reference, self.finetuned = reference, finetuned
-        in_dtypes = [DTYPES[c.tensors[tp.name].dtype] for c in [reference, *finetuned]]
+        self.reference = reference
+        self.is_linear = tp.merged and self.opts.combine == "average"
+        # linear needs no θ₀; a copied tensor needs nothing but θ₀
+        self.finetuned = finetuned if tp.merged else []
+        self.read_base = not self.is_linear
+        in_dtypes = [DTYPES[c.tensors[tp.name].dtype] for c in ([reference] if self.read_base else []) + self.finetuned]
         promoted = functools.reduce(torch.promote_types, in_dtypes)
         compute = self.opts.compute_dtype or promoted
         # float32 by default; float64 inputs stay float64 (no silent loss)
         self.compute = torch.promote_types(compute, promoted) if compute == torch.float32 else compute
         self.out_dtype = DTYPES[tp.out_dtype]
+        self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
+        use_numpy = kernels.supported(in_dtypes, self.compute) and not self.opts.whole_tensors and not self.opts.fused_linear
+        self.backend = NumpyBackend(pool) if use_numpy else TorchBackend(self.compute)
+
+        n = len(self.finetuned)
         self.row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
-        in_size = max(itemsize(c.tensors[tp.name].dtype) for c in [reference, *finetuned])
-        step = rows_per_block(tp.shape, len(finetuned), in_size, itemsize(tp.out_dtype), plan.max_memory)
-        if self.opts.whole_tensors:
-            step = tp.rows
-        self.blocks = [(r, min(r + step, tp.rows)) for r in range(0, tp.rows, step)]
-        self.read_bytes_per_row = sum(c.tensors[tp.name].row_bytes for c in {id(c): c for c in [reference, *finetuned]}.values())
-        self.keys = [mask_key(plan.config.seed, i, tp.name) for i in range(len(finetuned))] if tp.dare else []
-        self.dare_scales = [1.0] * len(finetuned)
-        if tp.dare and self.opts.rescale == "inverse":
-            self.dare_scales = [1.0 / d for d in tp.densities]
-        self._cache: tuple[int, torch.Tensor, torch.Tensor, bool] | None = None
+        self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough)
+        self.blocks = [(r, min(r + self.rows, tp.rows)) for r in range(0, tp.rows, self.rows)]
+        self.prepared = False
+        self.spec = ops.TensorSpec(
+            opts=self.opts,
+            weights=tp.weights,
+            lam=tp.lam,
+            dare=tp.dare,
+            keys=tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n)) if tp.dare else (),
+            densities=tp.densities,
+            dare_scales=tuple(1.0 / d if tp.dare and self.opts.rescale == "inverse" else 1.0 for d in tp.densities),
+            trims=(None,) * n,
+            merged=tp.merged,
+        )
 
-    # ---- reading ------------------------------------------------------------------------
+    def block_bytes(self, r0: int, r1: int) -> int:
+        sources = ([self.reference] if self.read_base else []) + self.finetuned
+        return sum(c.tensors[self.tp.name].row_bytes for c in sources) * (r1 - r0)
 
-    def _read(self, ckpt: Checkpoint, r0: int, r1: int) -> torch.Tensor:
-        return ckpt.read(self.tp.name, r0, r1)
+    def read(self, r0: int, r1: int) -> Block:
+        name = self.tp.name
+        base = self.reference.view(name, r0, r1) if self.read_base else None
+        fts = [c.view(name, r0, r1) for c in self.finetuned]
+        return Block(r0, r1, r0 * self.row_elems, base, fts, self.block_bytes(r0, r1))
 
-    def deltas(self, r0: int, r1: int, *, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(θ₀, τ) of rows [r0, r1) in the compute dtype, DARE's drop applied; its rescale if `scaled`."""
-        if self._cache is not None and self._cache[0] == r0:
-            _, base, deltas, is_scaled = self._cache
-            if is_scaled == scaled:
-                return base, deltas
-            if scaled:  # the L1 pass saw them unscaled; scale in place once
-                self._apply_scales(deltas)
-                self._cache = (r0, base, deltas, True)
-                return base, deltas
-        base = self._read(self.reference, r0, r1).to(self.compute)
-        deltas = ops.task_vectors(base, [self._read(c, r0, r1) for c in self.finetuned])
-        if self.tp.dare:
-            start, count = r0 * self.row_elems, (r1 - r0) * self.row_elems
-            for i, key in enumerate(self.keys):
-                keep = keep_mask(key, start, count, self.tp.densities[i], device=deltas.device)
-                deltas[i].mul_(keep.view(deltas[i].shape))
-            if scaled:
-                self._apply_scales(deltas)
-        if len(self.blocks) == 1:
-            self._cache = (r0, base, deltas, scaled or not self.tp.dare)
-        return base, deltas
+    def advise(self) -> None:
+        for c in ([self.reference] if self.read_base else []) + self.finetuned:
+            c.advise(self.tp.name)
 
-    def release(self) -> None:
-        """Drops the cached block (between passes that visit many tensors)."""
-        self._cache = None
-
-    def _apply_scales(self, deltas: torch.Tensor) -> None:
-        for i, scale in enumerate(self.dare_scales):
-            if scale != 1.0:
-                deltas[i].mul_(scale)
-
-    # ---- stats passes -------------------------------------------------------------------
-
-    def l1_pass(self) -> None:
-        """mergekit's DARE rescale ‖τ‖₁ / ‖τ ⊙ m‖₁ per model (whole tensors, as mergekit)."""
-        (r0, r1), = self.blocks
-        base = self._read(self.reference, r0, r1).to(self.compute)
-        full = ops.task_vectors(base, [self._read(c, r0, r1) for c in self.finetuned])
-        _, kept = self.deltas(r0, r1, scaled=False)
-        self.dare_scales = [ops.l1_rescale(full[i], kept[i]) if self.tp.dare else 1.0 for i in range(len(full))]
-
-    def trim_ranks(self) -> list[int | None]:
-        densities = self.tp.densities if self.opts.sparsify == "trim" else self.tp.trim_densities
-        return [ops.trim_rank(self.tp.numel, d, self.opts.trim_rule) for d in densities]
-
-    def radix_pass(self, selectors: list[ops.RadixSelect | None]) -> None:
-        """Feeds every block's |τ̂| to the selectors (one pass of the two)."""
+    def blocks_read(self) -> Iterator[Block]:
         for r0, r1 in self.blocks:
-            _, deltas = self.deltas(r0, r1)
-            for i, sel in enumerate(selectors):
-                if sel is not None:
-                    sel.add(deltas[i].abs())
+            yield self.read(r0, r1)
 
-    def sign_sum(self, trims: list[_TrimState] | None) -> float:
-        """Σ of the raw elected signs (FusionBench's majority), with the trim applied."""
-        total = 0.0
-        for r0, r1 in self.blocks:
-            _, deltas = self.deltas(r0, r1)
-            if trims is not None:
-                _trim(deltas, trims)
-            w = torch.tensor(self.tp.weights, dtype=deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
-            score = ops.sign_score(deltas * w if self.opts.weighted_sign else deltas, self.opts)
-            total += float(score.sign().sum(dtype=torch.float64))
-        return total
+    @property
+    def radix_trim(self) -> bool:
+        """Whether this tensor's trim thresholds come from radix selection."""
+        if not self.tp.merged or self.is_linear or self.opts.trim_rule == "argsort":
+            return False
+        return self.opts.sparsify == "trim" or (self.opts.sparsify == "dare" and any(d < 1 for d in self.tp.trim_densities))
 
-    # ---- output pass --------------------------------------------------------------------
+    def trim_densities(self) -> tuple[float, ...]:
+        return self.tp.densities if self.opts.sparsify == "trim" else self.tp.trim_densities
 
-    def output(self, trims: list[_TrimState] | None, majority: float, progress: Progress | None) -> Iterator[torch.Tensor]:
-        """Yields the merged rows block by block, in the output dtype."""
-        tp = self.tp
-        for r0, r1 in self.blocks:
-            if not tp.merged:
-                out = self._read(self.reference, r0, r1).to(self.out_dtype)
-            elif self.opts.combine == "average":
-                models = [self._read(c, r0, r1) for c in self.finetuned]
-                out = ops.linear_block(models, tp.weights, self.opts, self.compute).to(self.out_dtype)
-            else:
-                base, deltas = self.deltas(r0, r1)
-                if self.opts.trim_rule == "argsort" and self.opts.sparsify == "trim":
-                    for i, density in enumerate(tp.densities):
-                        if density < 1:
-                            deltas[i].mul_(ops.argsort_keep(deltas[i], density))
-                elif trims is not None:
-                    _trim(deltas, trims)
-                out = ops.merge_block(base, deltas, tp.weights, tp.lam, self.opts, majority).to(self.out_dtype)
-            self.release()
-            if progress is not None:
-                progress((r1 - r0) * (self.read_bytes_per_row if tp.merged else self.reference.tensors[tp.name].row_bytes))
-            yield out
+    def out_bytes(self, block: Block) -> int:
+        return (block.r1 - block.r0) * self.row_elems * self.out_dtype.itemsize
 
 
-def _trim(deltas: torch.Tensor, trims: list[_TrimState]) -> None:
-    for i, state in enumerate(trims):
-        if state.threshold is not None:
-            keep, ties = ops.trim_keep(deltas[i].abs(), state.threshold, state.ties_seen)
-            state.ties_seen += ties
-            deltas[i].mul_(keep)
+def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: bool) -> int:
+    """Rows per block: the output block fits a pool buffer, and (torch) its float32 working set the budget."""
+    row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
+    if plan.options.whole_tensors and tp.merged:
+        return tp.rows  # mergekit's argsort trim and L1 rescale see the whole tensor
+    out_size = DTYPES[tp.out_dtype].itemsize
+    limit = pool_buffer_bytes(plan) // max(1, row_elems * out_size)
+    if not chunked:
+        per_elem = bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), out_size)
+        limit = min(limit, int(plan.max_memory * WORK_SHARE) // max(1, row_elems * per_elem))
+    return max(1, min(tp.rows, limit))
 
 
-def _uses_trim(tm: TensorMerge) -> bool:
-    """Whether the tensor needs radix-selected trim thresholds."""
-    opts = tm.opts
-    if not tm.tp.merged or opts.combine == "average" or opts.trim_rule == "argsort":
-        return False
-    return opts.sparsify == "trim" or (opts.sparsify == "dare" and any(d < 1 for d in tm.tp.trim_densities))
+def pool_buffer_bytes(plan: Plan) -> int:
+    """One output buffer: a fifth of the pool share, or less when no tensor needs that much."""
+    largest = max((t.nbytes for t in plan.tensors), default=0)
+    return max(1, min(int(plan.max_memory * POOL_SHARE / 5), largest))
 
 
-def _select(tms: list[TensorMerge], ranks: list[int | None]) -> list[tuple[float, int, int] | None]:
-    """Two radix passes over the given tensors, for each model whose rank needs a selection."""
+# ---- stats passes ------------------------------------------------------------------------------
+
+
+BlockPasses = Callable[[TensorJob], Iterator[Block]]
+
+
+def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float, ...], rule: str, passes: BlockPasses) -> list[list[ops.TrimThreshold | None]]:
+    """Exact top-k thresholds of each model over the given tensors (one, or all for a global domain).
+
+    Returns, per job, the per-model thresholds: radix selection gives the value, then a scan in flat
+    (and plan) order finds the last kept tie when only some ties at the threshold are kept.
+    """
+    n = len(densities)
+    ranks = [ops.trim_rank(numel, d, rule) for d in densities]
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
-    for tm in tms:
-        tm.radix_pass(selectors)
-        if len(tms) > 1:  # a global pass must not keep every tensor's deltas
-            tm.release()
-    for sel in selectors:
-        if sel is not None:
-            sel.end_pass()
-    for tm in tms:
-        tm.radix_pass(selectors)
-        if len(tms) > 1:
-            tm.release()
-    return [sel.result() if sel is not None else None for sel in selectors]
+    wanted = [s is not None for s in selectors]
+    for pass_index in range(2):
+        high = [None if s is None else s.high for s in selectors]
+        for job in jobs:
+            spec = replace(job.spec, trims=(None,) * n)
+            for block in passes(job):
+                for sel, hist in zip(selectors, job.backend.hist(block, spec, high, wanted)):
+                    if sel is not None:
+                        sel.add(hist)
+        if pass_index == 0:
+            for sel in selectors:
+                if sel is not None:
+                    sel.end_pass()
+
+    per_job: list[list[ops.TrimThreshold | None]] = [[None] * n for _ in jobs]
+    for i, (k, sel) in enumerate(zip(ranks, selectors)):
+        if k is None:
+            continue
+        if k == 0:
+            for row in per_job:
+                row[i] = ops.TrimThreshold(math.inf, -1)
+            continue
+        value, greater, equal = sel.result()
+        keep_ties = equal if rule == "inclusive" else k - greater
+        last = _last_tie(jobs, passes, i, value, keep_ties, equal)
+        for j, row in enumerate(per_job):
+            row[i] = ops.TrimThreshold(value, last[j])
+    return per_job
 
 
-def _trim_states(ranks: list[int | None], selected: list, rule: str) -> list[_TrimState]:
-    return [_TrimState(None if k is None else ops.trim_threshold(k, rule, s)) for k, s in zip(ranks, selected)]
+def _last_tie(jobs: list[TensorJob], passes: BlockPasses, i: int, value: float, keep: int, total: int) -> list[int]:
+    """Per job, the flat index of the last kept tie: ALL_TIES before the crossing, -1 after it."""
+    if keep == total:
+        return [ops.ALL_TIES] * len(jobs)
+    if keep == 0:
+        return [-1] * len(jobs)
+    out, needed = [], keep
+    for job in jobs:
+        if needed == 0:
+            out.append(-1)
+            continue
+        spec = replace(job.spec, trims=(None,) * len(job.finetuned))
+        found = None
+        for block in passes(job):
+            pos, seen = job.backend.find_tie(block, spec, i, value, needed)
+            if pos is not None:
+                found = pos
+                break
+            needed -= seen
+        out.append(ops.ALL_TIES if found is None else found)
+        if found is not None:
+            needed = 0
+    return out
+
+
+def prepare_tensor(job: TensorJob, passes: BlockPasses) -> None:
+    """Whole-tensor quantities of one tensor (per-tensor trim domain)."""
+    if job.prepared:
+        return
+    job.prepared = True
+    if job.tp.dare and job.opts.rescale == "l1":
+        (block,) = passes(job)
+        job.spec = replace(job.spec, dare_scales=job.backend.l1_scales(block, job.spec))
+    if job.radix_trim and job.opts.trim_scope == "tensor":
+        (trims,) = select_thresholds([job], job.tp.numel, job.trim_densities(), job.opts.trim_rule, passes)
+        job.spec = replace(job.spec, trims=tuple(trims))
+
+
+def prepare_global(jobs: list[TensorJob], passes: BlockPasses) -> None:
+    """FusionBench's model-wide quantities: one trim threshold per model over every merged tensor,
+    and the majority sign that breaks γ = 0."""
+    opts = jobs[0].opts if jobs else None
+    if opts is None:
+        return
+    trimmed = [j for j in jobs if j.radix_trim]
+    if opts.trim_scope == "global" and trimmed:
+        numel = sum(j.tp.numel for j in trimmed)
+        for job, trims in zip(trimmed, select_thresholds(trimmed, numel, trimmed[0].trim_densities(), opts.trim_rule, passes)):
+            job.spec = replace(job.spec, trims=tuple(trims))
+    if opts.zero_sign == "majority" and opts.combine == "ties":
+        total = 0.0
+        for job in (j for j in jobs if j.tp.merged):
+            if opts.trim_scope == "tensor":
+                prepare_tensor(job, passes)
+            total += sum(job.backend.sign_total(block, job.spec) for block in passes(job))
+        majority = math.copysign(1.0, total) if total != 0 else 0.0
+        for job in jobs:
+            job.spec = replace(job.spec, majority=majority)
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+class Readahead:
+    """Keeps the kernel reading the next tensors' input bytes ahead of the merge, within a window."""
+
+    def __init__(self, jobs: list[TensorJob], window: int = READAHEAD_BYTES):
+        self.jobs, self.window = jobs, window
+        self.consumed = 0
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="streammerge-readahead", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        advised = 0
+        for job in self.jobs:
+            with self.cond:
+                while advised - self.consumed > self.window and not self.stopped:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+            try:
+                job.advise()
+            except (OSError, ValueError):  # only a hint
+                pass
+            advised += job.block_bytes(0, job.tp.rows)
+
+    def done(self, job: TensorJob) -> None:
+        with self.cond:
+            self.consumed += job.block_bytes(0, job.tp.rows)
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+class AsyncWriter:
+    """Hashes and writes finished blocks on its own thread, within a byte budget."""
+
+    def __init__(self, pool: BufferPool):
+        self.pool = pool
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.writer: ShardWriter | None = None
+        self.thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            kind, payload = item
+            try:
+                if self.error is not None:
+                    raise _Stop
+                if kind == "open":
+                    self.writer = ShardWriter(*payload)
+                elif kind == "data":
+                    self.writer.write(payload[0])
+                elif kind == "finish":
+                    payload.set_result({"file": self.writer.path.name, "sha256": self.writer.finish(), "bytes": self.writer.file_size})
+                    self.writer = None
+            except BaseException as e:
+                if self.error is None:
+                    self.error = e
+                if self.writer is not None:
+                    self.writer.abort()
+                    self.writer = None
+                if kind == "finish":
+                    payload.set_exception(self.error)
+            finally:
+                if kind == "data" and payload[1] is not None:
+                    self.pool.put(payload[1])
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def open(self, path: Path, entries: list, metadata: dict) -> None:
+        self._check()
+        self.queue.put(("open", (path, entries, metadata)))
+
+    def write(self, tensor: torch.Tensor, buffer: torch.Tensor | None = None) -> None:
+        """Queues a tensor's bytes; `buffer` (from the pool) goes back to the pool once written."""
+        self._check()
+        self.queue.put(("data", (tensor, buffer)))
+
+    def finish(self) -> Future:
+        fut: Future = Future()
+        self.queue.put(("finish", fut))
+        return fut
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
 
 
 def run_plan(
     plan: Plan,
     reference: Checkpoint,
     finetuned: list[Checkpoint],
-    out_dir,
+    out_dir: Path,
     *,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> list[dict]:
     """Writes every shard of the plan into `out_dir`; returns [{file, sha256, bytes}] per shard."""
-    opts = plan.options
+    threads = threads or torch.get_num_threads()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
     by_name = {t.name: t for t in plan.tensors}
-    merges = {t.name: TensorMerge(t, plan, reference, finetuned) for t in plan.tensors}
-
-    # FusionBench's global trim domain: one threshold per model over every merged tensor, found in
-    # two radix passes over the whole model before any output; ties are then kept in plan order.
-    global_trims: list[_TrimState] | None = None
-    trimmed = [tm for tm in merges.values() if _uses_trim(tm)]
-    if opts.trim_scope == "global" and trimmed:
-        numel = sum(tm.tp.numel for tm in trimmed)
-        densities = trimmed[0].tp.densities if opts.sparsify == "trim" else trimmed[0].tp.trim_densities
-        ranks = [ops.trim_rank(numel, d, opts.trim_rule) for d in densities]
-        global_trims = _trim_states(ranks, _select(trimmed, ranks), opts.trim_rule)
-
-    majority = 1.0
-    if opts.zero_sign == "majority" and opts.combine == "ties":
-        total = 0.0
-        for tm in (tm for tm in merges.values() if tm.tp.merged):
-            if global_trims is None and _uses_trim(tm):
-                ranks = tm.trim_ranks()
-                total += tm.sign_sum(_trim_states(ranks, _select([tm], ranks), opts.trim_rule))
-            else:
-                total += tm.sign_sum(global_trims)
-            tm.release()
-        majority = float(math.copysign(1.0, total)) if total != 0 else 0.0
-        if global_trims is not None:
-            for state in global_trims:
-                state.ties_seen = 0
-
-    results = []
-    for shard in plan.shards:
-        entries = [(n, by_name[n].out_dtype, by_name[n].shape, by_name[n].nbytes) for n in shard.tensors]
-        writer = ShardWriter(out_dir / shard.filename, entries, {"format": "pt"})
-        try:
+    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool) for t in plan.tensors}
+    # at least the largest block: a whole tensor (mergekit) or one row may exceed the target size
+    capacity = max([pool_buffer_bytes(plan)] + [j.rows * j.row_elems * j.out_dtype.itemsize for j in jobs.values()])
+    buffers = BufferPool(capacity, min(8, max(2, int(plan.max_memory * POOL_SHARE) // capacity)))
+    writer = AsyncWriter(buffers)
+    readahead: Readahead | None = None
+    try:
+        prepare_global(list(jobs.values()), TensorJob.blocks_read)
+        readahead = Readahead(list(jobs.values()))
+        futures = []
+        for shard in plan.shards:
+            entries = [(n, by_name[n].out_dtype, by_name[n].shape, by_name[n].nbytes) for n in shard.tensors]
+            writer.open(out_dir / shard.filename, entries, {"format": "pt"})
             for name in shard.tensors:
-                tm = merges.pop(name)
-                trims = global_trims
-                if trims is None and _uses_trim(tm):
-                    if tm.opts.sparsify == "dare" and tm.opts.rescale == "l1":
-                        tm.l1_pass()
-                    ranks = tm.trim_ranks()
-                    trims = _trim_states(ranks, _select([tm], ranks), opts.trim_rule)
-                elif tm.tp.dare and opts.rescale == "l1":
-                    tm.l1_pass()
-                for block in tm.output(trims if _uses_trim(tm) else None, majority, progress):
-                    writer.write(block)
-        except BaseException:
-            writer.abort()
-            raise
-        results.append({"file": shard.filename, "sha256": writer.finish(), "bytes": writer.file_size})
-    return results
+                job = jobs.pop(name)
+                prepare_tensor(job, TensorJob.blocks_read)
+                for block in job.blocks_read():
+                    if job.passthrough:  # same dtype, not merged: the mapped bytes go straight out
+                        writer.write(block.base)
+                    else:
+                        buf = buffers.get(job.out_bytes(block))
+                        out = buf[: job.out_bytes(block)].view(job.out_dtype)
+                        job.backend.merge(block, job.spec, out)
+                        writer.write(out, buf)
+                    if progress is not None:
+                        progress(block.nbytes)
+                readahead.done(job)
+            futures.append(writer.finish())
+        return [f.result() for f in futures]
+    finally:
+        if readahead is not None:
+            readahead.stop()
+        writer.close()
+        if pool is not None:
+            pool.shutdown()

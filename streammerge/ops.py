@@ -80,6 +80,23 @@ class MergeOptions:
         return METHODS[self.method][1]
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """Everything about merging one tensor except its data: the plan's parameters plus the
+    whole-tensor quantities the stats passes found."""
+
+    opts: MergeOptions
+    weights: tuple[float, ...]
+    lam: float
+    dare: bool
+    keys: tuple[int, ...]  # DARE mask keys, per model
+    densities: tuple[float, ...]
+    dare_scales: tuple[float, ...]  # 1/density, 1, or mergekit's L1 ratio
+    trims: tuple[TrimThreshold | None, ...]  # per model; None keeps everything
+    majority: float = 1.0
+    merged: bool = True
+
+
 # ---------------------------------------------------------------------------------------------
 # task vectors
 
@@ -102,11 +119,17 @@ def task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch
 
 @dataclass(frozen=True)
 class TrimThreshold:
-    """Keep |τ| > value, and the first `ties_to_keep` (by flat index) of the `n_ties` equal to it."""
+    """Keep |τ| > value, and the elements equal to it up to flat index `last_tie`.
+
+    Ties at the threshold are kept lowest flat index first, so the kept set depends only on the
+    tensor; `last_tie` = −1 keeps no tie, ALL_TIES keeps every one.
+    """
 
     value: float
-    ties_to_keep: int
-    n_ties: int
+    last_tie: int
+
+
+ALL_TIES = 2**63 - 1
 
 
 def _abs_bits(abs_block: torch.Tensor) -> torch.Tensor:
@@ -134,24 +157,21 @@ def radix_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 class RadixSelect:
-    """Exact k-th largest |τ| over blocks, in two passes, holding only two 64K-bin histograms.
+    """Exact k-th largest |τ| over any number of blocks, in two passes, holding two 64K-bin histograms.
 
-    Pass 1 counts the top 16 bits of each float32 bit pattern, which finds the bin of the k-th largest;
-    pass 2 counts the low 16 bits inside that bin. Works the same for one block, many blocks, or every
-    tensor of a model (the global trim domain).
+    Pass 1 counts the top 16 bits of each float32 bit pattern, which finds the bin of the k-th
+    largest; pass 2 counts the low 16 bits inside that bin. The same for one block, many blocks, or
+    every tensor of a model (the global trim domain). Histograms may come from torch or numpy.
     """
 
     def __init__(self, k: int):
         self.k = k
         self.hist = torch.zeros(65536, dtype=torch.int64)
-        self.high: int | None = None
+        self.high: int | None = None  # None during pass 1
         self.above_high = 0
 
-    def add(self, abs_block: torch.Tensor) -> None:
-        if self.high is None:
-            self.hist += radix_hist_high(abs_block).cpu()
-        else:
-            self.hist += radix_hist_low(abs_block, self.high).cpu()
+    def add(self, hist) -> None:
+        self.hist += torch.as_tensor(hist).cpu()
 
     def end_pass(self) -> None:
         """Call after pass 1."""
@@ -177,16 +197,6 @@ def trim_rank(numel: int, density: float, rule: str) -> int | None:
     return k + 1 if rule == "inclusive" else k
 
 
-def trim_threshold(k: int, rule: str, selected: tuple[float, int, int] | None) -> TrimThreshold:
-    """The threshold from the selected (value, greater, equal) of rank k."""
-    if k == 0 or selected is None:
-        return TrimThreshold(float("inf"), 0, 0)
-    value, greater, equal = selected
-    if rule == "inclusive":
-        return TrimThreshold(value, equal, equal)
-    return TrimThreshold(value, k - greater, equal)
-
-
 def argsort_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
     """mergekit's trim: the first max(1, int(d·density)) of torch.argsort(|τ|, descending) (unstable)."""
     flat = delta.abs().reshape(-1).float()
@@ -196,20 +206,18 @@ def argsort_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep.view(delta.shape)
 
 
-def trim_keep(abs_block: torch.Tensor, t: TrimThreshold, ties_seen: int) -> tuple[torch.Tensor, int]:
-    """Keep-mask of a block for threshold `t`, given how many ties earlier blocks held.
-
-    Returns the bool mask and the number of ties (elements equal to the threshold) in this block.
-    """
-    value = torch.tensor(t.value, dtype=abs_block.dtype)
+def trim_keep(abs_block: torch.Tensor, t: TrimThreshold, start: int) -> torch.Tensor:
+    """Keep-mask of a block whose first element has flat index `start`."""
+    value = torch.tensor(t.value, dtype=abs_block.dtype, device=abs_block.device)
     keep = abs_block > value
-    if t.ties_to_keep == 0:
-        return keep, 0
+    end = start + abs_block.numel()
+    if t.last_tie < start:
+        return keep
     equal = abs_block == value
-    if t.ties_to_keep == t.n_ties:
-        return keep | equal, 0
-    rank = equal.reshape(-1).cumsum(0, dtype=torch.int64).view(equal.shape) + ties_seen
-    return keep | (equal & (rank <= t.ties_to_keep)), int(rank.reshape(-1)[-1]) - ties_seen
+    if t.last_tie < end - 1:  # the block holding the last kept tie
+        index = torch.arange(start, end, device=abs_block.device).view(abs_block.shape)
+        equal &= index <= t.last_tie
+    return keep | equal
 
 
 # ---------------------------------------------------------------------------------------------

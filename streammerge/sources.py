@@ -4,16 +4,20 @@ Every source exposes the same small interface: the tensors' names with shape and
 headers alone), and "read rows r0..r1 of this tensor". Headers are parsed and checked here, strictly,
 before any tensor byte is read, because input files may come from strangers.
 
-Reads go through `os.preadv` straight into a buffer the caller may reuse: one copy from the page
-cache, no mmap of whole shards, the GIL released while the kernel copies.
+Tensors are read as read-only views of the files mapped in memory: no copy and no anonymous memory
+(mapped file pages are page cache, which the kernel reclaims), and `advise` asks the kernel to read a
+range ahead. `read(..., out=buf)` copies into a given buffer with `os.preadv` instead (the GIL is
+released while the kernel copies), for callers that need their own memory.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +196,7 @@ class Checkpoint:
                     f"{len(missing)} tensor(s) listed in the index are not in their shard, e.g. {missing[0]!r}",
                 )
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     @property
     def folder(self) -> Path:
@@ -212,9 +217,7 @@ class Checkpoint:
         row_end = info.rows if row_end is None else row_end
         nbytes = (row_end - row_start) * info.row_bytes
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        fd = self._fd(info.file)
         view = memoryview(buf.numpy())
         offset, done = info.offset + row_start * info.row_bytes, 0
         while done < nbytes:
@@ -225,7 +228,51 @@ class Checkpoint:
         shape = ((row_end - row_start), *info.shape[1:]) if info.shape else ()
         return buf.view(DTYPES[info.dtype]).view(shape)
 
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            mm = self._maps[file] = mmap.mmap(self._fd(file), 0, prot=mmap.PROT_READ)
+        return mm
+
+    def view(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+        """Rows [row_start, row_end) of a tensor as a read-only view of the mapped file (no copy).
+
+        The view must not be written to. Falls back to a copy for a tensor not aligned to its dtype.
+        """
+        info = self.tensors[name]
+        row_end = info.rows if row_end is None else row_end
+        nbytes = (row_end - row_start) * info.row_bytes
+        offset = info.offset + row_start * info.row_bytes
+        dtype = DTYPES[info.dtype]
+        if nbytes == 0 or offset % max(1, itemsize(info.dtype)):
+            return self.read(name, row_start, row_end)
+        with warnings.catch_warnings():  # torch warns that the buffer is read-only: we never write it
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=nbytes, offset=offset)
+        shape = ((row_end - row_start), *info.shape[1:]) if info.shape else ()
+        return flat.view(dtype).view(shape)
+
+    def advise(self, name: str) -> None:
+        """Asks the kernel to start reading a tensor's bytes now (MADV_WILLNEED), without waiting."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        self._map(info.file).madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+
     def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive; the map goes when it does
+                pass
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import streammerge.engine
 from streammerge import MergeConfig, ModelSpec, merge
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -28,7 +27,7 @@ M = [
 
 
 def _merge(tmp_path, method, *, semantics="default", weights=(1, 1, 1), density=None, delta_only=False,
-           masks=False, monkeypatch=None, **params):
+           masks=None, **params):
     base = torch.zeros(12) if delta_only else torch.tensor(B)
     save_file({NAME: base.view(3, 4)}, tmp_path / "base.safetensors")
     models = []
@@ -38,13 +37,8 @@ def _merge(tmp_path, method, *, semantics="default", weights=(1, 1, 1), density=
         if density is not None:
             p["density"] = density
         models.append(ModelSpec(str(tmp_path / f"ft{i}.safetensors"), p))
-    if masks:
-        # Replace the counter-based mask by SEMANTICS.md's M1..M3 (the key carries the model index).
-        monkeypatch.setattr(streammerge.engine, "mask_key", lambda seed, i, name: i)
-        monkeypatch.setattr(
-            streammerge.engine, "keep_mask",
-            lambda key, start, count, density, device=None: torch.tensor(M[key][start:start + count], dtype=torch.bool),
-        )
+    if masks:  # SEMANTICS.md's M1..M3 in place of the counter-based mask
+        masks(lambda i, name, start, count: torch.tensor(M[i][start:start + count]))
     cfg = MergeConfig(method=method, base=str(tmp_path / "base.safetensors"), models=tuple(models),
                       parameters=params, semantics=semantics)
     merge(cfg, tmp_path / "out")
@@ -128,35 +122,34 @@ DARED = [
 
 
 @pytest.mark.parametrize("semantics", ["default", "peft", "fusionbench"])
-def test_dare_each_model(tmp_path, monkeypatch, semantics):
+def test_dare_each_model(tmp_path, inject_masks, semantics):
     # One model at a time with dare_linear, weight 1: the merged delta is that model's dare(τ).
     for i in range(3):
         w = [0, 0, 0]
         w[i] = 1
         sub = tmp_path / f"m{i}"
         sub.mkdir()
-        out = _merge(sub, "dare_linear", semantics=semantics, density=0.5, delta_only=True, weights=w, masks=True,
-                     monkeypatch=monkeypatch)
+        out = _merge(sub, "dare_linear", semantics=semantics, density=0.5, delta_only=True, weights=w, masks=inject_masks)
         _close(out, DARED[i])
 
 
-def test_peft_dare_linear(tmp_path, monkeypatch):
-    _close(_merge(tmp_path, "dare_linear", semantics="peft", density=0.5, delta_only=True, masks=True, monkeypatch=monkeypatch),
+def test_peft_dare_linear(tmp_path, inject_masks):
+    _close(_merge(tmp_path, "dare_linear", semantics="peft", density=0.5, delta_only=True, masks=inject_masks),
            [2.4, -0.6, 0, 0, -1.6, -0.2, -0.3, -0.8, 1.2, 2.4, -0.5, 0.9])
 
 
-def test_peft_dare_ties(tmp_path, monkeypatch):
-    _close(_merge(tmp_path, "dare_ties", semantics="peft", density=0.5, delta_only=True, masks=True, monkeypatch=monkeypatch),
+def test_peft_dare_ties(tmp_path, inject_masks):
+    _close(_merge(tmp_path, "dare_ties", semantics="peft", density=0.5, delta_only=True, masks=inject_masks),
            [1.2, -1.4, 1.8, 0, -1.6, -0.4, -1.3, -1.4, 1.2, 1.2, -0.5, 0.45])
 
 
-def test_fusionbench_dare_task_arithmetic(tmp_path, monkeypatch):
-    _close(_merge(tmp_path, "dare_linear", semantics="fusionbench", density=0.5, masks=True, monkeypatch=monkeypatch, **{"lambda": 0.3}),
+def test_fusionbench_dare_task_arithmetic(tmp_path, inject_masks):
+    _close(_merge(tmp_path, "dare_linear", semantics="fusionbench", density=0.5, masks=inject_masks, **{"lambda": 0.3}),
            [1.22, -0.43, 1.0, 0, 1.52, -1.56, 0.66, -0.74, 0.485, 1.97, -2.15, 0.52])
 
 
-def test_fusionbench_dare_simple_average(tmp_path, monkeypatch):
-    _close(_merge(tmp_path, "dare_linear", semantics="fusionbench", density=0.5, masks=True, monkeypatch=monkeypatch,
+def test_fusionbench_dare_simple_average(tmp_path, inject_masks):
+    _close(_merge(tmp_path, "dare_linear", semantics="fusionbench", density=0.5, masks=inject_masks,
                   weights=(1 / 3, 1 / 3, 1 / 3)),
            [1.3, -0.45, 1.0, 0, 1.466667, -1.566667, 0.65, -0.766667, 0.525, 2.05, -2.166667, 0.55])
 
@@ -165,18 +158,18 @@ def test_fusionbench_dare_simple_average(tmp_path, monkeypatch):
     ("sum", [1.22, -0.67, 0.46, 0, 1.52, -1.62, 0.36, -0.92, 0.485, 1.97, -2.15, 0.52]),
     ("mean", [0.86, -0.67, 0.46, 0, 1.52, -1.62, 0.36, -0.92, 0.485, 1.61, -2.15, 0.385]),
 ])
-def test_fusionbench_dare_ties(tmp_path, monkeypatch, merge_func, expected):
-    _close(_merge(tmp_path, "dare_ties", semantics="fusionbench", density=0.5, masks=True, monkeypatch=monkeypatch,
+def test_fusionbench_dare_ties(tmp_path, inject_masks, merge_func, expected):
+    _close(_merge(tmp_path, "dare_ties", semantics="fusionbench", density=0.5, masks=inject_masks,
                   merge_func=merge_func, trim_density=0.5, **{"lambda": 0.3}), expected)
 
 
-def test_mergekit_dare_linear_l1_rescale(tmp_path, monkeypatch):
-    _close(_merge(tmp_path, "dare_linear", semantics="mergekit", density=0.5, masks=True, monkeypatch=monkeypatch),
+def test_mergekit_dare_linear_l1_rescale(tmp_path, inject_masks):
+    _close(_merge(tmp_path, "dare_linear", semantics="mergekit", density=0.5, masks=inject_masks),
            [2.386441, -0.977542, 0.94375, 0, 0.75, -1.64375, 0.275318, -0.970339, 1.025, 3.439248, -2.483051, 0.934375])
 
 
-def test_mergekit_dare_ties_l1_rescale(tmp_path, monkeypatch):
-    _close(_merge(tmp_path, "dare_ties", semantics="mergekit", density=0.5, masks=True, monkeypatch=monkeypatch),
+def test_mergekit_dare_ties_l1_rescale(tmp_path, inject_masks):
+    _close(_merge(tmp_path, "dare_ties", semantics="mergekit", density=0.5, masks=inject_masks),
            [2.386441, -1.602542, -0.40625, 0, 0.75, -1.8, -0.505932, -1.55, 1.025, 3.439248, -2.483051, 0.934375])
 
 

@@ -15,7 +15,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import streammerge.engine
 from streammerge import MergeConfig, merge
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
@@ -29,16 +28,12 @@ def _config(name: str) -> MergeConfig:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_bit_identical_to_mergekit(tmp_path, monkeypatch, name):
+def test_bit_identical_to_mergekit(tmp_path, inject_masks, name):
     cfg = _config(name)
     if cfg.method_name.startswith("dare"):
         masks = load_file(FIXTURES / "inputs" / "masks.safetensors")
         sources = [m.source for m in cfg.finetunes()]
-        monkeypatch.setattr(streammerge.engine, "mask_key", lambda seed, i, tensor: (sources[i], tensor))
-        monkeypatch.setattr(
-            streammerge.engine, "keep_mask",
-            lambda key, start, count, density, device=None: masks[f"{key[0]}/{key[1]}"].reshape(-1)[start:start + count].bool(),
-        )
+        inject_masks(lambda i, tensor, start, count: masks[f"{sources[i]}/{tensor}"].reshape(-1)[start:start + count])
     merge(cfg, tmp_path / "out")
     expected = load_file(FIXTURES / "outputs" / name / "model.safetensors")
     actual = {}

@@ -1,0 +1,334 @@
+"""The CPU hot path: `ops`' float32 arithmetic, op for op, over cache-sized chunks with numpy.
+
+Eager torch makes one pass over memory per operation, so a TIES merge of a tensor costs dozens of
+passes. Here each chunk of 32K elements is read once from the input buffers, goes through every
+operation while it sits in L2 cache, and is written once to the output buffer. numpy ufuncs on
+preallocated scratch arrays have little per-call overhead and release the GIL, so chunks run on all
+cores. Every step is the same IEEE float32 operation, in the same order, as in `ops.merge_block`
+(including torch's sum over models, which starts from +0), so both paths give the same bits; the
+tests check it. Only float32 compute goes through here; mergekit's bf16 arithmetic stays in `ops`.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .mask import keep_mask_into
+from .ops import TensorSpec, TrimThreshold
+
+CHUNK = 1 << 16  # elements per chunk; measured best on this 2-core machine (2^15..2^18 tried)
+STAT_CHUNK = 1 << 20  # elements per histogram call (np.bincount's 64K-bin output costs per call)
+
+_STORAGE = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}
+_F32_ZERO = np.float32(0.0)
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a CPU tensor; bf16 is seen as its uint16 bit patterns."""
+    flat = t.reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else flat.numpy()
+
+
+def supported(dtypes: list[torch.dtype], compute: torch.dtype) -> bool:
+    return compute == torch.float32 and all(d in _STORAGE for d in dtypes)
+
+
+def load_f32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Exact conversion to float32 (bf16: its bits shifted into the high half)."""
+    if src.dtype == np.float32:
+        return src
+    if src.dtype == np.uint16:
+        bits = out.view(np.uint32)
+        bits[...] = src
+        np.left_shift(bits, 16, out=bits)
+        return out
+    out[...] = src
+    return out
+
+
+def store(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, nan: np.ndarray) -> None:
+    """float32 -> the output dtype, rounding to nearest even as torch does (bf16 NaN -> 0x7FC0)."""
+    if out.dtype != np.uint16:
+        out[...] = x
+        return
+    bits = x.view(np.uint32)
+    bias = scratch.view(np.uint32)
+    np.right_shift(bits, 16, out=bias)
+    np.bitwise_and(bias, 1, out=bias)
+    np.add(bias, 0x7FFF, out=bias)
+    np.add(bias, bits, out=bias)
+    np.right_shift(bias, 16, out=bias)
+    out[...] = bias
+    np.isnan(x, out=nan)
+    if nan.any():
+        out[nan] = 0x7FC0
+
+
+class _Scratch:
+    """Per-thread chunk buffers, allocated once."""
+
+    def __init__(self, n: int):
+        self.base = np.empty(CHUNK, np.float32)
+        self.d = np.empty((n, CHUNK), np.float32)
+        self.v = np.empty((n, CHUNK), np.float32)  # weighted deltas / votes
+        self.a = np.empty(CHUNK, np.float32)
+        self.acc = np.empty(CHUNK, np.float32)
+        self.div = np.empty(CHUNK, np.float32)
+        self.gamma = np.empty(CHUNK, np.float32)
+        self.tmp = np.empty(CHUNK, np.float32)
+        self.keep = np.empty(CHUNK, np.bool_)
+        self.b1 = np.empty(CHUNK, np.bool_)
+        self.b2 = np.empty(CHUNK, np.bool_)
+        self.agree = np.empty((n, CHUNK), np.float32)
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> _Scratch:
+    s = getattr(_local, "scratch", None)
+    if s is None or s.d.shape[0] < n:
+        s = _local.scratch = _Scratch(n)
+    return s
+
+
+def _seq_sum(xs: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """((0 + x0) + x1) + ...: torch's sum over the model dimension, bit for bit."""
+    np.add(xs[0], _F32_ZERO, out=out)
+    for x in xs[1:]:
+        np.add(out, x, out=out)
+    return out
+
+
+def deltas_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, s: _Scratch) -> tuple[np.ndarray, list[np.ndarray]]:
+    """θ₀ and τ_t (DARE and trim applied) of one chunk in float32."""
+    m = len(base)
+    b = load_f32(base, s.base[:m])
+    ds = []
+    for i, ft in enumerate(fts):
+        d = s.d[i, :m]
+        np.subtract(load_f32(ft, d), b, out=d)
+        if spec.dare:
+            keep = s.keep[:m]
+            keep_mask_into(spec.keys[i], start, torch.from_numpy(keep), spec.densities[i])
+            np.multiply(d, keep, out=d)
+            if spec.dare_scales[i] != 1.0:
+                np.multiply(d, np.float32(spec.dare_scales[i]), out=d)
+        t = spec.trims[i]
+        if t is not None:
+            _trim_chunk(d, t, start, s)
+        ds.append(d)
+    return b, ds
+
+
+def _trim_chunk(d: np.ndarray, t: TrimThreshold, start: int, s: _Scratch) -> None:
+    m = len(d)
+    a, keep = np.abs(d, out=s.a[:m]), s.keep[:m]
+    value = np.float32(t.value)
+    if t.last_tie < start:  # every tie in this chunk lies after the last kept one
+        np.greater(a, value, out=keep)
+    elif t.last_tie >= start + m - 1:
+        np.greater_equal(a, value, out=keep)
+    else:  # the chunk holding the last kept tie: ties up to it are kept
+        np.greater(a, value, out=keep)
+        cut = t.last_tie - start + 1
+        keep[:cut] |= a[:cut] == value
+    np.multiply(d, keep, out=d)
+
+
+def merge_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: np.ndarray, start: int) -> None:
+    """Merges one chunk into `out` (the output dtype's storage), as ops.merge_block would."""
+    m = len(base)
+    s = _scratch(len(fts))
+    opts = spec.opts
+    if not spec.merged:
+        store(load_f32(base, s.base[:m]), out, s.tmp[:m], s.b1[:m])
+        return
+    if opts.combine == "average":
+        terms = []
+        for i, ft in enumerate(fts):
+            x = load_f32(ft, s.d[i, :m])
+            terms.append(np.multiply(x, np.float32(spec.weights[i]), out=s.v[i, :m]))
+        acc = _seq_sum(terms, s.acc[:m])
+        if opts.normalize:
+            np.divide(acc, _seq_sum([np.float32(w) for w in spec.weights], np.empty((), np.float32)), out=acc)
+        store(acc, out, s.tmp[:m], s.b1[:m])
+        return
+
+    b, ds = deltas_chunk(spec, base, fts, start, s)
+    w = [np.float32(x) for x in spec.weights]
+    weighted = [np.multiply(d, w[i], out=s.v[i, :m]) for i, d in enumerate(ds)]
+    if opts.combine == "ties":
+        voters = weighted if opts.weighted_sign else ds
+        if opts.sign_method == "count":
+            signs = [np.sign(v, out=s.agree[i, :m]) for i, v in enumerate(voters)]
+            score = _seq_sum(signs, s.acc[:m])
+        else:
+            score = _seq_sum(voters, s.acc[:m])
+        gamma = s.gamma[:m]
+        if opts.zero_sign == "majority":
+            np.sign(score, out=gamma)
+            gamma[gamma == 0] = np.float32(spec.majority)
+        else:
+            np.greater_equal(score, _F32_ZERO, out=s.b1[:m])
+            gamma[...] = s.b1[:m]
+            np.multiply(gamma, np.float32(2), out=gamma)
+            np.subtract(gamma, np.float32(1), out=gamma)
+        # agreement: where(γ > 0, v > 0, v < 0) is exactly v·γ' > 0 with γ' = +1 if γ > 0 else −1
+        # (FusionBench's γ = 0 takes the negative side); one multiply and compare, no masked copy.
+        side = gamma
+        if opts.zero_sign == "majority":
+            side = s.tmp[:m]
+            np.greater(gamma, _F32_ZERO, out=s.b1[:m])
+            side[...] = s.b1[:m]
+            np.multiply(side, np.float32(2), out=side)
+            np.subtract(side, np.float32(1), out=side)
+        agree = []
+        for i, v in enumerate(voters):
+            a = s.agree[i, :m]
+            np.multiply(v, side, out=a)
+            np.greater(a, _F32_ZERO, out=s.b2[:m])
+            a[...] = s.b2[:m]
+            agree.append(a)
+        if opts.merge_func == "max":
+            mags = [np.multiply(np.abs(d, out=s.tmp[:m]), agree[i], out=s.v[i, :m]) for i, d in enumerate(ds)]
+            merged = s.acc[:m]
+            merged[...] = mags[0]
+            for x in mags[1:]:
+                np.maximum(merged, x, out=merged)
+            np.multiply(merged, gamma, out=merged)
+        else:
+            for i in range(len(weighted)):
+                np.multiply(weighted[i], agree[i], out=weighted[i])
+            merged = _seq_sum(weighted, s.acc[:m])
+            if opts.merge_func == "mean":
+                if opts.mean_divisor == "count":
+                    div = _seq_sum(agree, s.div[:m])
+                else:
+                    wa = [np.multiply(a, w[i], out=s.d[i, :m]) for i, a in enumerate(agree)]
+                    div = _seq_sum(wa, s.div[:m])
+                div[div == 0] = np.float32(1)
+                np.divide(merged, div, out=merged)
+    else:
+        merged = _seq_sum(weighted, s.acc[:m])
+        if opts.normalize:
+            div = _seq_sum(w, np.empty((), np.float32))
+            if abs(div) < 1e-8:
+                div = np.float32(1)
+            np.divide(merged, div, out=merged)
+    if spec.lam != 1:
+        np.multiply(merged, np.float32(spec.lam), out=merged)
+    np.add(b, merged, out=merged)
+    store(merged, out, s.tmp[:m], s.b1[:m])
+
+
+def _chunks(total: int, parts: int) -> list[tuple[int, int]]:
+    """Splits [0, total) into about `parts` ranges aligned to CHUNK."""
+    per = max(CHUNK, -(-total // parts) // CHUNK * CHUNK)
+    return [(c, min(c + per, total)) for c in range(0, total, per)]
+
+
+def run_parallel(fn, total: int, pool: ThreadPoolExecutor | None) -> None:
+    """Calls fn(c0, c1) over chunk-aligned ranges covering [0, total), on the pool's threads."""
+    if pool is None or total <= 4 * CHUNK:
+        fn(0, total)
+        return
+    for f in [pool.submit(fn, c0, c1) for c0, c1 in _chunks(total, 4 * pool._max_workers)]:
+        f.result()
+
+
+def merge_block(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: np.ndarray, start: int, pool=None) -> None:
+    """Merges a whole block (flat arrays) chunk by chunk; `start` is its first flat element index."""
+
+    def work(c0: int, c1: int) -> None:
+        for c in range(c0, c1, CHUNK):
+            e = min(c + CHUNK, c1)
+            merge_chunk(spec, base[c:e], [f[c:e] for f in fts], out[c:e], start + c)
+
+    run_parallel(work, len(base), pool)
+
+
+# ---- stats passes: radix histograms and the last kept tie ---------------------------------
+
+
+def _abs_bits(spec: TensorSpec, base, fts, c, e, start, s, i) -> np.ndarray:
+    b, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
+    return np.abs(ds[i], out=s.a[: e - c]).view(np.int32)
+
+
+def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], wanted: list[bool], pool=None) -> list[np.ndarray]:
+    """Per model, the histogram of |τ|'s top 16 bits (high[i] None) or of the low 16 bits of the
+    elements whose top bits equal high[i]. `spec.trims` must be None for the models being selected."""
+    n = len(fts)
+    lock = threading.Lock()
+    hists = [np.zeros(65536, np.int64) for _ in range(n)]
+
+    def work(c0: int, c1: int) -> None:
+        s = _scratch(n)
+        local = [np.zeros(65536, np.int64) for _ in range(n)]
+        keys = [np.empty(STAT_CHUNK, np.int32) for _ in range(n)]
+        fill = [0] * n
+        for c in range(c0, c1, CHUNK):
+            e = min(c + CHUNK, c1)
+            b, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
+            for i, d in enumerate(ds):
+                if not wanted[i]:
+                    continue
+                bits = np.abs(d, out=s.a[: e - c]).view(np.int32)
+                if high[i] is None:
+                    k = np.right_shift(bits, 16, out=keys[i][fill[i] : fill[i] + e - c])
+                    fill[i] += len(k)
+                else:
+                    sel = bits[np.right_shift(bits, 16, out=s.tmp[: e - c].view(np.int32)) == high[i]]
+                    np.bitwise_and(sel, 0xFFFF, out=sel)
+                    keys[i][fill[i] : fill[i] + len(sel)] = sel
+                    fill[i] += len(sel)
+                if fill[i] > STAT_CHUNK - CHUNK:
+                    local[i] += np.bincount(keys[i][: fill[i]], minlength=65536)
+                    fill[i] = 0
+        for i in range(n):
+            if fill[i]:
+                local[i] += np.bincount(keys[i][: fill[i]], minlength=65536)
+        with lock:
+            for i in range(n):
+                hists[i] += local[i]
+
+    run_parallel(work, len(base), pool)
+    return hists
+
+
+def find_tie(spec: TensorSpec, base, fts, start: int, i: int, value: float, needed: int) -> tuple[int | None, int]:
+    """Scans in flat order for the `needed`-th element with |τ_i| == value.
+
+    Returns (its flat index or None, how many ties this block held before reaching it).
+    """
+    s = _scratch(len(fts))
+    v = np.float32(value)
+    seen = 0
+    for c in range(0, len(base), CHUNK):
+        e = min(c + CHUNK, len(base))
+        bits = _abs_bits(spec, base, fts, c, e, start, s, i)
+        hits = np.flatnonzero(bits.view(np.float32) == v)
+        if seen + len(hits) >= needed:
+            return start + c + int(hits[needed - seen - 1]), needed
+        seen += len(hits)
+    return None, seen
+
+
+def sign_total(spec: TensorSpec, base, fts, start: int) -> float:
+    """Σ of the raw elected signs over a block (FusionBench's majority sign)."""
+    s = _scratch(len(fts))
+    total = 0.0
+    for c in range(0, len(base), CHUNK):
+        e = min(c + CHUNK, len(base))
+        m = e - c
+        _, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
+        voters = [np.multiply(d, np.float32(spec.weights[i]), out=s.v[i, :m]) for i, d in enumerate(ds)] if spec.opts.weighted_sign else ds
+        if spec.opts.sign_method == "count":
+            voters = [np.sign(v, out=s.agree[i, :m]) for i, v in enumerate(voters)]
+        total += float(np.sign(_seq_sum(voters, s.acc[:m])).sum(dtype=np.float64))
+    return total

@@ -1,0 +1,30 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+import streammerge.engine
+import streammerge.kernels
+
+
+@pytest.fixture
+def inject_masks(monkeypatch) -> Callable:
+    """Replaces the counter-based DARE mask, in both backends, by `masks(model_index, tensor, start, count)`."""
+
+    def install(masks: Callable[[int, str, int, int], torch.Tensor]) -> None:
+        monkeypatch.setattr(streammerge.engine, "mask_key", lambda seed, i, name: (i, name))
+
+        def keep_mask(key, start, count, density, device=None):
+            return masks(key[0], key[1], start, count).bool()
+
+        def keep_mask_into(key, start, out, density):
+            out.copy_(masks(key[0], key[1], start, out.numel()).bool().view(out.shape))
+
+        monkeypatch.setattr(streammerge.engine, "keep_mask", keep_mask)
+        monkeypatch.setattr(streammerge.kernels, "keep_mask_into", keep_mask_into)
+
+    return install
