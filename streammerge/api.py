@@ -94,6 +94,7 @@ def merge(
     max_memory: int = DEFAULT_MAX_MEMORY,
     force: bool = False,
     progress: Progress | None = None,
+    compile: str = "auto",
 ) -> MergeResult:
     """Runs the merge and writes a sharded checkpoint that transformers loads as is.
 
@@ -107,6 +108,8 @@ def merge(
         max_memory: bytes of working memory for tensor blocks.
         force: replace an existing merge in `output_dir`.
         progress: called with input bytes as they are processed.
+        compile: "auto" compiles a fused CPU kernel (torch.compile) for big merges; "on", "off".
+            The bytes are the same either way.
     """
     start = time.perf_counter()
     config.validate()
@@ -115,7 +118,7 @@ def merge(
         reference, finetuned = _open(config, stack)
         the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory)
         _prepare_output(out, [reference, *finetuned], force)
-        shards = run_plan(the_plan, reference, finetuned, out, progress=progress)
+        shards = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile)
         _copy_side_files(config, reference, out, the_plan)
         write_text_atomic(out / MODEL_CARD, model_card(the_plan))
         write_json_atomic(out / MANIFEST, manifest(the_plan, shards))

@@ -135,6 +135,8 @@ def _merge_options(f):
         click.option("--exclude", multiple=True, metavar="GLOB", help="Copy tensors matching from the base."),
         click.option("--max-shard-size", type=Size(), default=str(constants.DEFAULT_MAX_SHARD_SIZE), show_default="5GB"),
         click.option("--max-memory", type=Size(), default=str(constants.DEFAULT_MAX_MEMORY), show_default="1GiB", help="Working memory for tensor blocks."),
+        click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="Fused torch.compile'd CPU kernel: auto uses it for big merges. Same bytes either way."),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]
@@ -185,7 +187,8 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
 
     the_plan = api.plan(cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
     with tqdm(total=the_plan.input_bytes, unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
-        return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force, progress=bar.update)
+        return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force,
+                         progress=bar.update, compile=o.get("compile_mode", "auto"))
 
 
 @main.command()

@@ -292,6 +292,7 @@ class MergeConfig:
                 trim_rule="argsort",
                 compute_dtype=DTYPES[self.dtype] if self.dtype else None,
                 fused_linear=True,
+                positive_zeros=False,
             )
             return opts
         if preset == "peft":

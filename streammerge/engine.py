@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import kernels, ops
+from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, mask_key
 from .plan import Plan, TensorPlan, bytes_per_element
 from .sources import DTYPES, Checkpoint, itemsize
@@ -76,8 +77,9 @@ class BufferPool:
 class NumpyBackend:
     """float32 arithmetic on the CPU, fused per cache-sized chunk (kernels.py)."""
 
-    def __init__(self, pool: ThreadPoolExecutor | None):
+    def __init__(self, pool: ThreadPoolExecutor | None, fused: FusedMerger | None = None):
         self.pool = pool
+        self.fused = fused
 
     @staticmethod
     def _np(block: Block) -> tuple:
@@ -97,6 +99,10 @@ class NumpyBackend:
         return kernels.sign_total(spec, base, fts, block.start)
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
+        if self.fused is not None and self.fused.supports(spec, block.fts):
+            flat = [t.reshape(-1) for t in block.fts]
+            if self.fused.merge(spec, block.base.reshape(-1), flat, out, block.start):
+                return
         base, fts = self._np(block)
         kernels.merge_block(spec, base if base is not None else fts[0], fts, kernels.as_numpy(out), block.start, self.pool)
 
@@ -166,7 +172,7 @@ class TorchBackend:
 class TensorJob:
     """How one tensor is read and merged: its blocks, its parameters, its backend."""
 
-    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool):
+    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, fused=None):
         self.tp, self.opts = tp, plan.options
         self.reference = reference
         self.is_linear = tp.merged and self.opts.combine == "average"
@@ -181,7 +187,7 @@ class TensorJob:
         self.out_dtype = DTYPES[tp.out_dtype]
         self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
         use_numpy = kernels.supported(in_dtypes, self.compute) and not self.opts.whole_tensors and not self.opts.fused_linear
-        self.backend = NumpyBackend(pool) if use_numpy else TorchBackend(self.compute)
+        self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute)
 
         n = len(self.finetuned)
         self.row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
@@ -469,12 +475,19 @@ def run_plan(
     *,
     progress: Progress | None = None,
     threads: int | None = None,
+    compile: str = "auto",
 ) -> list[dict]:
-    """Writes every shard of the plan into `out_dir`; returns [{file, sha256, bytes}] per shard."""
+    """Writes every shard of the plan into `out_dir`; returns [{file, sha256, bytes}] per shard.
+
+    Args:
+        compile: "auto" uses the torch.compile'd kernel for big merges, "on" always, "off" never.
+    """
     threads = threads or torch.get_num_threads()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
     by_name = {t.name: t for t in plan.tensors}
-    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool) for t in plan.tensors}
+    merged = sum(t.numel for t in plan.tensors if t.merged)
+    fused = FusedMerger() if worth_compiling(merged * len(finetuned), compile) else None
+    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, fused) for t in plan.tensors}
     # at least the largest block: a whole tensor (mergekit) or one row may exceed the target size
     capacity = max([pool_buffer_bytes(plan)] + [j.rows * j.row_elems * j.out_dtype.itemsize for j in jobs.values()])
     buffers = BufferPool(capacity, min(8, max(2, int(plan.max_memory * POOL_SHARE) // capacity)))

@@ -156,6 +156,8 @@ def merge_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: 
         acc = _seq_sum(terms, s.acc[:m])
         if opts.normalize:
             np.divide(acc, _seq_sum([np.float32(w) for w in spec.weights], np.empty((), np.float32)), out=acc)
+        if opts.positive_zeros:
+            np.add(acc, _F32_ZERO, out=acc)
         store(acc, out, s.tmp[:m], s.b1[:m])
         return
 
@@ -223,6 +225,8 @@ def merge_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: 
     if spec.lam != 1:
         np.multiply(merged, np.float32(spec.lam), out=merged)
     np.add(b, merged, out=merged)
+    if opts.positive_zeros:
+        np.add(merged, _F32_ZERO, out=merged)  # −0 + 0 = +0
     store(merged, out, s.tmp[:m], s.b1[:m])
 
 

@@ -65,6 +65,9 @@ class MergeOptions:
     trim_scope: Literal["tensor", "global"] = "tensor"
     compute_dtype: torch.dtype | None = torch.float32  # None: the promotion of the inputs' dtypes
     fused_linear: bool = False  # mergekit's linear accumulates with a fused multiply-add
+    # Merged zeros are written as +0 so every float32 path (numpy, compiled, torch) gives the same
+    # bytes; the compiled kernel may not keep a zero's sign. mergekit's own bits keep theirs.
+    positive_zeros: bool = True
 
     @property
     def whole_tensors(self) -> bool:
@@ -314,7 +317,10 @@ def merge_block(
             merged /= divisor
     if lam != 1:
         merged *= lam
-    return base + merged
+    out = base + merged
+    if opts.positive_zeros:
+        out += 0.0  # −0 + 0 = +0; nothing else changes
+    return out
 
 
 def linear_block(models: Sequence[torch.Tensor], weights: Sequence[float], opts: MergeOptions, dtype: torch.dtype) -> torch.Tensor:
@@ -337,4 +343,6 @@ def linear_block(models: Sequence[torch.Tensor], weights: Sequence[float], opts:
     out = (stacked * w).sum(dim=0)
     if opts.normalize:
         out /= w.sum(dim=0)
+    if opts.positive_zeros:
+        out += 0.0
     return out
