@@ -4,18 +4,20 @@ __version__ = "0.1.0"
 
 from .api import MergeResult, merge, plan  # noqa: E402
 from .config import MergeConfig, ModelSpec  # noqa: E402
+from .verify import VerifyReport, verify  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     MismatchError,
+    NonFiniteError,
     OutputError,
     StreammergeError,
     UnsupportedFeatureError,
 )
 
 __all__ = [
-    "MergeConfig", "ModelSpec", "MergeResult", "merge", "plan",
+    "MergeConfig", "ModelSpec", "MergeResult", "merge", "plan", "verify", "VerifyReport",
     "StreammergeError", "ConfigError", "UnsupportedFeatureError", "CheckpointError",
-    "CheckpointNotFoundError", "MismatchError", "OutputError",
+    "CheckpointNotFoundError", "MismatchError", "NonFiniteError", "OutputError",
 ]

@@ -9,7 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -30,6 +32,8 @@ from .errors import OutputError
 from .plan import Plan, build_plan
 from .sources import Checkpoint
 from .writer import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def merge(
     force: bool = False,
     progress: Progress | None = None,
     compile: str = "auto",
+    check_finite: bool = False,
 ) -> MergeResult:
     """Runs the merge and writes a sharded checkpoint that transformers loads as is.
 
@@ -103,13 +108,16 @@ def merge(
 
     Args:
         config: the merge (validated here).
-        output_dir: created if needed; must be empty, or hold a previous merge and `force` be set.
+        output_dir: created if needed. An interrupted run of the same merge there is resumed
+            (finished shards are checked against their sha256 and kept); a completed one is left
+            as it is; anything else needs an empty folder, or `force` to replace a previous merge.
         max_shard_size: bytes of tensor data per output shard.
         max_memory: bytes of working memory for tensor blocks.
         force: replace an existing merge in `output_dir`.
         progress: called with input bytes as they are processed.
         compile: "auto" compiles a fused CPU kernel (torch.compile) for big merges; "on", "off".
             The bytes are the same either way.
+        check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
     """
     start = time.perf_counter()
     config.validate()
@@ -117,13 +125,22 @@ def merge(
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
         the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory)
-        _prepare_output(out, [reference, *finetuned], force)
-        shards = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile)
-        _copy_side_files(config, reference, out, the_plan)
-        write_text_atomic(out / MODEL_CARD, model_card(the_plan))
-        write_json_atomic(out / MANIFEST, manifest(the_plan, shards))
-        weight_map = {name: s.filename for s in the_plan.shards for name in s.tensors}
-        write_json_atomic(out / SAFETENSORS_INDEX, {"metadata": {"total_size": the_plan.total_size}, "weight_map": weight_map})
+        inputs = [reference, *finetuned]
+        fingerprint = plan_fingerprint(the_plan, inputs)
+        done = _prepare_output(out, inputs, force, fingerprint)
+        if done is None:  # this exact merge is already complete here
+            shards = json.loads((out / MANIFEST).read_text("utf-8"))["shards"]
+        else:
+            _check_free_space(out, the_plan, done)
+            shards = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, done=done, check_finite=check_finite,
+                              on_shard=lambda receipt: write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json", receipt))
+            _copy_side_files(config, reference, out, the_plan)
+            write_text_atomic(out / MODEL_CARD, model_card(the_plan))
+            write_json_atomic(out / MANIFEST, {**manifest(the_plan, shards), "fingerprint": fingerprint})
+            weight_map = {name: s.filename for s in the_plan.shards for name in s.tensors}
+            # The index comes last: a folder with an index is a complete merge.
+            write_json_atomic(out / SAFETENSORS_INDEX, {"metadata": {"total_size": the_plan.total_size}, "weight_map": weight_map})
+            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return MergeResult(
         output_dir=out,
         shards=shards,
@@ -134,7 +151,43 @@ def merge(
     )
 
 
-def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool) -> None:
+STATE_DIR = ".streammerge"  # while a merge runs: its plan fingerprint and a receipt per finished shard
+
+
+def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
+    """sha256 of everything that decides the output bytes: the plan and the inputs' identity
+    (each file's size, modification time and header), so a resume never mixes two merges."""
+    files = sorted({info.file for c in inputs for info in c.tensors.values()})
+    identity = []
+    for f in files:
+        st = f.stat()
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = hashlib.sha256(fh.read(n)).hexdigest()
+        identity.append([str(f.resolve()), st.st_size, st.st_mtime_ns, header])
+    payload = {
+        "version": __version__,
+        "options": {k: str(v) for k, v in vars(the_plan.options).items()},
+        "seed": the_plan.config.seed,
+        "tensors": [[t.name, list(t.shape), t.out_dtype, t.merged, t.weights, t.densities, t.trim_densities, t.lam, t.dare]
+                    for t in the_plan.tensors],
+        "shards": [[s.filename, list(s.tensors)] for s in the_plan.shards],
+        "inputs": identity,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str) -> dict[str, dict] | None:
+    """Readies the output folder; returns the shards a previous run of this same merge finished
+    (checked against their sha256), or None when this exact merge is already complete there."""
     resolved = out.resolve()
     for ckpt in inputs:
         folder = ckpt.folder.resolve()
@@ -142,20 +195,73 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool) -> None:
             raise OutputError(f"{out}: is (or contains) the input {ckpt.path}; choose another output directory")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
+    state = out / STATE_DIR
     if out.exists() and any(out.iterdir()):
-        ours = (out / MANIFEST).exists() or (out / SAFETENSORS_INDEX).exists() or any(out.glob("*.partial"))
-        if not force:
-            raise OutputError(f"{out}: not empty; choose an empty directory or pass --force to replace a previous merge")
+        ours = (out / MANIFEST).exists() or (out / SAFETENSORS_INDEX).exists() or state.is_dir() or any(out.glob("*.partial"))
         if not ours:
-            raise OutputError(f"{out}: holds files that are not a streammerge output; refusing to overwrite even with --force")
+            raise OutputError(f"{out}: not empty, and holds files that are not a streammerge output; choose an "
+                              "empty directory (they are never overwritten, even with --force)")
+        if not force:
+            if (out / SAFETENSORS_INDEX).exists() and _manifest_fingerprint(out) == fingerprint:
+                return None
+            if _state_fingerprint(state) == fingerprint:
+                return _resume(out, state)
+            raise OutputError(f"{out}: holds a different merge; choose an empty directory or pass --force to replace it")
         for name in (SAFETENSORS_INDEX, MANIFEST):  # the output no longer looks complete from here on
             (out / name).unlink(missing_ok=True)
         for stale in list(out.glob("model-*.safetensors")) + list(out.glob("*.partial")):
             stale.unlink()
+        shutil.rmtree(state, ignore_errors=True)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        state.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out}: cannot create: {e.strerror or e}") from None
+    write_json_atomic(state / "plan.json", {"fingerprint": fingerprint})
+    return {}
+
+
+def _manifest_fingerprint(out: Path) -> str | None:
+    try:
+        return json.loads((out / MANIFEST).read_text("utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _state_fingerprint(state: Path) -> str | None:
+    try:
+        return json.loads((state / "plan.json").read_text("utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _resume(out: Path, state: Path) -> dict[str, dict]:
+    """Keeps each finished shard whose file still matches its receipt; removes everything else."""
+    done: dict[str, dict] = {}
+    for receipt_path in state.glob("*.safetensors.json"):
+        try:
+            receipt = json.loads(receipt_path.read_text("utf-8"))
+            shard = out / receipt["file"]
+            if shard.stat().st_size == receipt["bytes"] and _sha256(shard) == receipt["sha256"]:
+                done[receipt["file"]] = receipt
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        receipt_path.unlink(missing_ok=True)
+    for stale in list(out.glob("*.partial")) + [p for p in out.glob("model-*.safetensors") if p.name not in done]:
+        stale.unlink()
+    for name in (SAFETENSORS_INDEX, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+    log.info("resuming in %s: %d shard(s) already done", out, len(done))
+    return done
+
+
+def _check_free_space(out: Path, the_plan: Plan, done: dict[str, dict]) -> None:
+    needed = sum(s.nbytes for s in the_plan.shards if s.filename not in done)
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise OutputError(
+            f"{out}: {free / 1e9:.2f} GB free but the merge writes {needed / 1e9:.2f} GB; free some space or choose another disk"
+        )
 
 
 def _copy_side_files(config: MergeConfig, reference: Checkpoint, out: Path, the_plan: Plan) -> None:

@@ -38,8 +38,13 @@ class Size(click.ParamType):
         return value if isinstance(value, int) else parse_size(value)
 
 
+def _one_line(message: str) -> str:
+    """Keeps an error on one line even when a file or tensor name holds a line break."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"streammerge: error: {message}", err=True)
+    click.echo(f"streammerge: error: {_one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -137,6 +142,7 @@ def _merge_options(f):
         click.option("--max-memory", type=Size(), default=str(constants.DEFAULT_MAX_MEMORY), show_default="1GiB", help="Working memory for tensor blocks."),
         click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="Fused torch.compile'd CPU kernel: auto uses it for big merges. Same bytes either way."),
+        click.option("--check-finite", is_flag=True, help="Fail if any input or merged tensor holds NaN or Inf."),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]
@@ -188,7 +194,7 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
     the_plan = api.plan(cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
     with tqdm(total=the_plan.input_bytes, unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
         return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force,
-                         progress=bar.update, compile=o.get("compile_mode", "auto"))
+                         progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False))
 
 
 @main.command()
@@ -260,6 +266,28 @@ def demo(directory: str, force: bool, quiet: bool, debug: bool) -> None:
             f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shards in "
             f"{result.seconds:.2f} s -> {result.output_dir}/ (the same as: streammerge merge {config_path} {result.output_dir})"
         )
+
+
+@main.command("verify")
+@click.argument("output_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def verify_command(output_dir: str, as_json: bool, debug: bool) -> None:
+    """Check a merged OUTPUT_DIR: re-read every shard, check the index and each shard's sha256.
+
+    Exit code 0 if intact, 1 with each problem on its own line if not.
+    """
+    from .verify import verify
+
+    report = _run(debug, verify, output_dir)
+    if as_json:
+        click.echo(json.dumps(report.summary(), indent=2))
+    elif report.ok:
+        click.echo(f"ok: {report.shards} shards, {report.tensors} tensors verified")
+    else:
+        for problem in report.problems:
+            click.echo(f"streammerge: error: {_one_line(problem)}", err=True)
+    sys.exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

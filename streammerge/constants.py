@@ -30,6 +30,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, the transformers default "5GB"
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes of working memory for tensor blocks
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_INDEX_BYTES = 100 * 1024 * 1024  # a model.safetensors.index.json larger than this is not an index
+MAX_TENSOR_DIMS = 32  # more dimensions than any model has: refused, as a hostile header
+MAX_EMPTY_EXTENT = 1 << 20  # a tensor with no elements may not claim more than this along its other dimensions
 
 # Environment: read once here, passed down explicitly.
 DEBUG = os.environ.get("STREAMMERGE_DEBUG", "") not in ("", "0", "false")

@@ -29,17 +29,12 @@ import torch
 from . import kernels, ops
 from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, mask_key
-from .plan import Plan, TensorPlan, bytes_per_element
+from .plan import Plan, TensorPlan, job_rows, pool_shape
 from .sources import DTYPES, Checkpoint, itemsize
+from .errors import NonFiniteError
 from .writer import ShardWriter
 
 Progress = Callable[[int], None]  # called with the number of input bytes just processed
-
-# Shares of --max-memory: output blocks in flight (the buffer pool), and one block's working set
-# (torch's float32 temporaries; the numpy kernel needs only its per-chunk scratch).
-POOL_SHARE, WORK_SHARE = 0.5, 0.3
-READAHEAD_BYTES = 1 << 30  # input bytes the reader keeps requested ahead (page cache, reclaimable)
-
 
 @dataclass
 class Block:
@@ -51,6 +46,9 @@ class Block:
     base: torch.Tensor | None
     fts: list[torch.Tensor]
     nbytes: int
+
+
+READAHEAD_BYTES = 1 << 30  # input bytes the reader keeps requested ahead (page cache, reclaimable)
 
 
 class BufferPool:
@@ -238,25 +236,6 @@ class TensorJob:
         return (block.r1 - block.r0) * self.row_elems * self.out_dtype.itemsize
 
 
-def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: bool) -> int:
-    """Rows per block: the output block fits a pool buffer, and (torch) its float32 working set the budget."""
-    row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
-    if plan.options.whole_tensors and tp.merged:
-        return tp.rows  # mergekit's argsort trim and L1 rescale see the whole tensor
-    out_size = DTYPES[tp.out_dtype].itemsize
-    limit = pool_buffer_bytes(plan) // max(1, row_elems * out_size)
-    if not chunked:
-        per_elem = bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), out_size)
-        limit = min(limit, int(plan.max_memory * WORK_SHARE) // max(1, row_elems * per_elem))
-    return max(1, min(tp.rows, limit))
-
-
-def pool_buffer_bytes(plan: Plan) -> int:
-    """One output buffer: a fifth of the pool share, or less when no tensor needs that much."""
-    largest = max((t.nbytes for t in plan.tensors), default=0)
-    return max(1, min(int(plan.max_memory * POOL_SHARE / 5), largest))
-
-
 # ---- stats passes ------------------------------------------------------------------------------
 
 
@@ -408,8 +387,10 @@ class Readahead:
 class AsyncWriter:
     """Hashes and writes finished blocks on its own thread, within a byte budget."""
 
-    def __init__(self, pool: BufferPool):
+    def __init__(self, pool: BufferPool, on_shard: Callable[[dict], None] | None = None):
         self.pool = pool
+        self.on_shard = on_shard
+        self.cancelled = False
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.writer: ShardWriter | None = None
@@ -423,23 +404,26 @@ class AsyncWriter:
                 return
             kind, payload = item
             try:
-                if self.error is not None:
+                if self.error is not None or self.cancelled:
                     raise _Stop
                 if kind == "open":
                     self.writer = ShardWriter(*payload)
                 elif kind == "data":
                     self.writer.write(payload[0])
                 elif kind == "finish":
-                    payload.set_result({"file": self.writer.path.name, "sha256": self.writer.finish(), "bytes": self.writer.file_size})
+                    receipt = {"file": self.writer.path.name, "sha256": self.writer.finish(), "bytes": self.writer.file_size}
                     self.writer = None
+                    if self.on_shard is not None:
+                        self.on_shard(receipt)
+                    payload.set_result(receipt)
             except BaseException as e:
-                if self.error is None:
+                if self.error is None and not isinstance(e, _Stop):
                     self.error = e
                 if self.writer is not None:
                     self.writer.abort()
                     self.writer = None
                 if kind == "finish":
-                    payload.set_exception(self.error)
+                    payload.set_exception(self.error or _Stop())
             finally:
                 if kind == "data" and payload[1] is not None:
                     self.pool.put(payload[1])
@@ -462,9 +446,23 @@ class AsyncWriter:
         self.queue.put(("finish", fut))
         return fut
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
+        """Stops the thread; with `cancel`, queued blocks are dropped and the open shard deleted."""
+        self.cancelled = self.cancelled or cancel
         self.queue.put(None)
         self.thread.join()
+        if self.writer is not None:  # cancelled before its last block arrived
+            self.writer.abort()
+            self.writer = None
+
+
+def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
+    sources = ([job.reference] if job.read_base else []) + job.finetuned
+    for ckpt, tensor in zip(sources, ([block.base] if job.read_base else []) + block.fts):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{ckpt.tensors[job.tp.name].file}: tensor {job.tp.name!r} holds NaN or Inf")
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(f"merged tensor {job.tp.name!r} holds NaN or Inf (check the weights and lambda)")
 
 
 def run_plan(
@@ -476,28 +474,35 @@ def run_plan(
     progress: Progress | None = None,
     threads: int | None = None,
     compile: str = "auto",
+    done: dict[str, dict] | None = None,
+    on_shard: Callable[[dict], None] | None = None,
+    check_finite: bool = False,
 ) -> list[dict]:
     """Writes every shard of the plan into `out_dir`; returns [{file, sha256, bytes}] per shard.
 
     Args:
         compile: "auto" uses the torch.compile'd kernel for big merges, "on" always, "off" never.
+        done: shards already complete (by file name, their receipts), skipped.
+        on_shard: called with each new shard's receipt as soon as the shard is in place.
+        check_finite: fail on NaN or Inf in any input or merged tensor.
     """
+    done = done or {}
     threads = threads or torch.get_num_threads()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
     by_name = {t.name: t for t in plan.tensors}
     merged = sum(t.numel for t in plan.tensors if t.merged)
     fused = FusedMerger() if worth_compiling(merged * len(finetuned), compile) else None
     jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, fused) for t in plan.tensors}
-    # at least the largest block: a whole tensor (mergekit) or one row may exceed the target size
-    capacity = max([pool_buffer_bytes(plan)] + [j.rows * j.row_elems * j.out_dtype.itemsize for j in jobs.values()])
-    buffers = BufferPool(capacity, min(8, max(2, int(plan.max_memory * POOL_SHARE) // capacity)))
-    writer = AsyncWriter(buffers)
+    capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])
+    buffers = BufferPool(capacity, count)
+    writer = AsyncWriter(buffers, on_shard)
     readahead: Readahead | None = None
     try:
         prepare_global(list(jobs.values()), TensorJob.blocks_read)
-        readahead = Readahead(list(jobs.values()))
+        todo = [s for s in plan.shards if s.filename not in done]
+        readahead = Readahead([jobs[n] for s in todo for n in s.tensors])
         futures = []
-        for shard in plan.shards:
+        for shard in todo:
             entries = [(n, by_name[n].out_dtype, by_name[n].shape, by_name[n].nbytes) for n in shard.tensors]
             writer.open(out_dir / shard.filename, entries, {"format": "pt"})
             for name in shard.tensors:
@@ -505,17 +510,25 @@ def run_plan(
                 prepare_tensor(job, TensorJob.blocks_read)
                 for block in job.blocks_read():
                     if job.passthrough:  # same dtype, not merged: the mapped bytes go straight out
+                        if check_finite:
+                            _check_finite(job, block, block.base)
                         writer.write(block.base)
                     else:
                         buf = buffers.get(job.out_bytes(block))
                         out = buf[: job.out_bytes(block)].view(job.out_dtype)
                         job.backend.merge(block, job.spec, out)
+                        if check_finite:
+                            _check_finite(job, block, out)
                         writer.write(out, buf)
                     if progress is not None:
                         progress(block.nbytes)
                 readahead.done(job)
             futures.append(writer.finish())
-        return [f.result() for f in futures]
+        new = {r["file"]: r for r in (f.result() for f in futures)}
+        return [done.get(s.filename) or new[s.filename] for s in plan.shards]
+    except BaseException:
+        writer.close(cancel=True)  # Ctrl-C or an error: no half-written shard stays behind
+        raise
     finally:
         if readahead is not None:
             readahead.stop()

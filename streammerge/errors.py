@@ -50,3 +50,7 @@ class MismatchError(StreammergeError, ValueError):
 
 class OutputError(StreammergeError, OSError):
     """The output directory cannot be written as asked."""
+
+
+class NonFiniteError(StreammergeError, ValueError):
+    """A tensor holds NaN or Inf (found by the optional finite check)."""

@@ -8,13 +8,15 @@ inputs' headers and the config: the dry run prints it, the engine executes it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .config import DTYPES, MergeConfig, ModelSpec, layer_index
+import torch
+
+from .config import DTYPES as CONFIG_DTYPES, MergeConfig, ModelSpec, layer_index
 from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
 from .errors import MismatchError
 from .ops import MergeOptions
-from .sources import DTYPE_NAMES, FLOAT_DTYPES, Checkpoint, TensorInfo, itemsize
+from .sources import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, Checkpoint, itemsize
 
 # Names of 2-D weights that are embeddings, not linear layers (DARE's "linear weights only" scope).
 EMBEDDING_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "shared.weight")
@@ -105,7 +107,7 @@ def build_plan(
     for name, layer in zip(names, layers):
         info = reference.tensors[name]
         is_float = info.dtype in FLOAT_DTYPES
-        out_dtype = DTYPE_NAMES[DTYPES[out_dtype_override]] if (out_dtype_override and is_float) else info.dtype
+        out_dtype = DTYPE_NAMES[CONFIG_DTYPES[out_dtype_override]] if (out_dtype_override and is_float) else info.dtype
         if not is_float or not config.selected(name):
             tensors.append(TensorPlan(name, info.shape, out_dtype, merged=False))
             continue
@@ -129,7 +131,7 @@ def build_plan(
 
     shards = _assign_shards(tensors, max_shard_size)
     distinct = {id(c): c for c in [reference, *finetuned]}.values()
-    return Plan(
+    plan = Plan(
         config=config,
         options=opts,
         reference=str(reference.path),
@@ -137,9 +139,11 @@ def build_plan(
         tensors=tuple(tensors),
         shards=tuple(shards),
         input_bytes=sum(c.nbytes for c in distinct),
-        peak_memory=estimate_peak_memory(tensors, reference.tensors, len(finetuned), max_memory),
+        peak_memory=0,
         max_memory=max_memory,
     )
+    in_dtypes = {t.name: [DTYPES[c.tensors[t.name].dtype] for c in distinct] for t in tensors}
+    return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
 
 
 def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
@@ -185,26 +189,57 @@ def _assign_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[Shard
     ]
 
 
+# Shares of --max-memory: output blocks in flight (a pool of reusable buffers), and one block's
+# working set where torch computes (its float32 temporaries); the numpy kernel needs only scratch.
+POOL_SHARE, WORK_SHARE = 0.5, 0.3
+SCRATCH_BYTES = 24 << 20  # per-thread chunk buffers of the numpy kernel, histograms, masks
+
+
+def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: bool) -> int:
+    """Rows per block: the output block fits a pool buffer, and (torch) its float32 working set the budget."""
+    row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
+    if plan.options.whole_tensors and tp.merged:
+        return tp.rows  # mergekit's argsort trim and L1 rescale see the whole tensor
+    out_size = itemsize(tp.out_dtype)
+    limit = pool_buffer_bytes(plan) // max(1, row_elems * out_size)
+    if not chunked:
+        per_elem = bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), out_size)
+        limit = min(limit, int(plan.max_memory * WORK_SHARE) // max(1, row_elems * per_elem))
+    return max(1, min(tp.rows, limit))
+
+
+def pool_buffer_bytes(plan: Plan) -> int:
+    """One output buffer: a fifth of the pool share, or less when no tensor needs that much."""
+    largest = max((t.nbytes for t in plan.tensors), default=0)
+    return max(1, min(int(plan.max_memory * POOL_SHARE / 5), largest))
+
+
+def pool_shape(plan: Plan, rows: list[int]) -> tuple[int, int]:
+    """(bytes per output buffer, number of buffers): at least the largest block, a whole tensor
+    (mergekit) or one row may exceed the target size; 2 to 8 buffers."""
+    capacity = pool_buffer_bytes(plan)
+    for t, r in zip(plan.tensors, rows):
+        capacity = max(capacity, r * (math.prod(t.shape[1:]) if t.shape else 1) * itemsize(t.out_dtype))
+    return capacity, min(8, max(2, int(plan.max_memory * POOL_SHARE) // capacity))
+
+
 def bytes_per_element(n_models: int, in_itemsize: int, out_itemsize: int) -> int:
     """Working bytes per element of a block: inputs as read, float32 deltas of every model, the
     base and the result in float32, a few float32/bool temporaries, the output bytes."""
     return (n_models + 1) * in_itemsize + 4 * (n_models + 4) + out_itemsize + 2 * n_models
 
 
-def rows_per_block(shape: tuple[int, ...], n_models: int, in_itemsize: int, out_itemsize: int, max_memory: int) -> int:
-    """How many rows of a tensor fit in the memory budget at once (at least one)."""
-    row_elems = math.prod(shape[1:]) if shape else 1
-    per_row = max(1, row_elems * bytes_per_element(n_models, in_itemsize, out_itemsize))
-    rows = shape[0] if shape else 1
-    return max(1, min(rows, max_memory // per_row))
-
-
-def estimate_peak_memory(tensors: list[TensorPlan], infos: dict[str, TensorInfo], n_models: int, max_memory: int) -> int:
-    peak = 0
-    for t in tensors:
-        in_size = itemsize(infos[t.name].dtype)
-        out_size = itemsize(t.out_dtype)
-        block_rows = rows_per_block(t.shape, n_models, in_size, out_size, max_memory)
-        row_elems = math.prod(t.shape[1:]) if t.shape else 1
-        peak = max(peak, block_rows * row_elems * bytes_per_element(n_models, in_size, out_size))
-    return peak
+def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) -> int:
+    """The engine's working memory: the output buffer pool, chunk scratch, and where torch computes
+    (mergekit's whole tensors, other devices) one block's float32 working set."""
+    opts = plan.options
+    torch_path = opts.whole_tensors or opts.fused_linear or (opts.compute_dtype or torch.float32) != torch.float32
+    rows = [job_rows(t, plan, in_dtypes[t.name], not torch_path) for t in plan.tensors]
+    capacity, count = pool_shape(plan, rows)
+    work = 0
+    if torch_path:
+        n = len(plan.sources)
+        for t, r in zip(plan.tensors, rows):
+            size = max(d.itemsize for d in in_dtypes[t.name])
+            work = max(work, r * (math.prod(t.shape[1:]) if t.shape else 1) * bytes_per_element(n, size, itemsize(t.out_dtype)))
+    return capacity * count + SCRATCH_BYTES + work

@@ -16,14 +16,24 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from .constants import MAX_HEADER_BYTES, PICKLE_SUFFIXES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from .constants import (
+    MAX_EMPTY_EXTENT,
+    MAX_HEADER_BYTES,
+    MAX_INDEX_BYTES,
+    MAX_TENSOR_DIMS,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+)
 from .errors import CheckpointError, CheckpointNotFoundError
 
 # safetensors dtype name -> (torch dtype, bytes per element)
@@ -76,7 +86,7 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
     seen: dict = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {_short(key)}")
         seen[key] = value
     return seen
 
@@ -84,9 +94,10 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parses and validates the header of one .safetensors file, reading no tensor data.
 
-    Checks everything the format promises: a sane header length, UTF-8 JSON without duplicate keys,
-    known dtypes, non-negative shapes, byte ranges that match shape x dtype, lie inside the file and
-    neither overlap nor leave holes.
+    Checks everything the format promises: a regular file (a directory, pipe or device is refused
+    without blocking), a sane header length, UTF-8 JSON without duplicate keys, named tensors of known
+    dtypes, non-negative shapes of sane rank, byte ranges that match shape x dtype, lie inside the file
+    and tile its data exactly (no overlap, no hole, nothing after the last tensor).
 
     Returns:
         (tensors by name, the `__metadata__` dict).
@@ -96,13 +107,16 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     """
     path = Path(path)
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
+            file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(path, "not a safetensors file: shorter than its 8-byte header length")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
+                if _looks_pickled(prefix):
+                    raise CheckpointError(path, "a pickle (PyTorch) checkpoint, not safetensors: pickle checkpoints are "
+                                          "never loaded (they can run code); convert the model to safetensors")
                 raise CheckpointError(
                     path,
                     f"corrupt safetensors header: declares {header_len} header bytes but the file has "
@@ -111,16 +125,21 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    if len(raw) != header_len:
+        raise CheckpointError(path, "file ended while reading the safetensors header (truncated?)")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError:
         raise CheckpointError(path, "corrupt safetensors header: not UTF-8") from None
     except ValueError as e:  # JSONDecodeError is a ValueError, as is our duplicate-key error
         raise CheckpointError(path, f"corrupt safetensors header: {e}") from None
+    except RecursionError:
+        raise CheckpointError(path, "corrupt safetensors header: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt safetensors header: not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(path, "corrupt safetensors header: __metadata__ must map strings to strings")
 
@@ -128,14 +147,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     data_size = file_size - data_start
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        where = f"tensor {name!r}"
+        where = f"tensor {_short(name)}"
+        if not name:
+            raise CheckpointError(path, "corrupt safetensors header: a tensor has an empty name")
         if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(path, f"corrupt safetensors header: {where} is not a tensor entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise CheckpointError(path, f"{where} has dtype {dtype!r}, which streammerge does not read")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(path, f"{where} has dtype {_short(dtype)}, which streammerge does not read")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise CheckpointError(path, f"corrupt safetensors header: {where} has shape {shape!r}")
+            raise CheckpointError(path, f"corrupt safetensors header: {where} has shape {_short(shape)}")
+        if len(shape) > MAX_TENSOR_DIMS or (0 in shape and math.prod(max(d, 1) for d in shape) > MAX_EMPTY_EXTENT):
+            raise CheckpointError(path, f"corrupt safetensors header: {where} has an absurd shape {_short(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -143,13 +166,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
             raise CheckpointError(
-                path, f"corrupt safetensors header: {where} has data_offsets {offsets!r} outside the "
+                path, f"corrupt safetensors header: {where} has data_offsets {_short(offsets)} outside the "
                 f"{data_size} data bytes (truncated file?)"
             )
         nbytes = offsets[1] - offsets[0]
         if nbytes != math.prod(shape) * itemsize(dtype):
             raise CheckpointError(
-                path, f"corrupt safetensors header: {where} has {nbytes} bytes for shape {shape} {dtype}"
+                path, f"corrupt safetensors header: {where} has {nbytes} bytes for shape {_short(shape)} {dtype}"
             )
         tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
 
@@ -158,9 +181,44 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     for info in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
         if info.offset != end:
             problem = "overlaps the previous tensor" if info.offset < end else "leaves a hole before it"
-            raise CheckpointError(path, f"corrupt safetensors header: tensor {info.name!r} {problem}")
+            raise CheckpointError(path, f"corrupt safetensors header: tensor {_short(info.name)} {problem}")
         end = info.offset + info.nbytes
+    if end != file_size:
+        raise CheckpointError(path, f"corrupt safetensors header: {file_size - end} byte(s) after the last tensor's data")
     return tensors, metadata
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr() cut to `limit` characters: hostile headers must not produce megabyte-long messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _looks_pickled(prefix: bytes) -> bool:
+    """A PyTorch zip checkpoint (torch.save) or a raw pickle (protocol 2 to 5)."""
+    return prefix.startswith(b"PK\x03\x04") or (prefix[0] == 0x80 and 2 <= prefix[1] <= 5)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Opens a regular file for reading. Directories, pipes and devices are refused before any read,
+    and the open never blocks (O_NONBLOCK), so a FIFO or /dev/zero cannot hang or flood a reader."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(path, f"not a regular file but {_file_kind(st.st_mode)}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the two looks
+        os.close(fd)
+        raise CheckpointError(path, "not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
 
 
 class Checkpoint:
@@ -193,8 +251,12 @@ class Checkpoint:
             if missing:
                 raise CheckpointError(
                     self.path / SAFETENSORS_INDEX,
-                    f"{len(missing)} tensor(s) listed in the index are not in their shard, e.g. {missing[0]!r}",
+                    f"{len(missing)} tensor(s) listed in the index are not in their shard, e.g. "
+                    f"{_short(missing[0])} is not in {_short(index[missing[0]])}",
                 )
+        self._ends: dict[Path, int] = {}  # where each file's last tensor ends: its size when the header was read
+        for info in self.tensors.values():
+            self._ends[info.file] = max(self._ends.get(info.file, 0), info.offset + info.nbytes)
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
 
@@ -231,13 +293,16 @@ class Checkpoint:
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            fd = self._fds[file] = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO
         return fd
 
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:
-            mm = self._maps[file] = mmap.mmap(self._fd(file), 0, prot=mmap.PROT_READ)
+            fd = self._fd(file)
+            if os.fstat(fd).st_size < self._ends.get(file, 0):  # a view past the end would kill us (SIGBUS)
+                raise CheckpointError(file, "is shorter than when its header was read (truncated or replaced since?)")
+            mm = self._maps[file] = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
         return mm
 
     def view(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
@@ -284,30 +349,50 @@ class Checkpoint:
         self.close()
 
 
-def _inside(folder: Path, name: str) -> Path:
-    """Resolves a shard name from an index, refusing anything that escapes the model folder."""
+def _inside(folder: Path, name: str, listed_in: str = SAFETENSORS_INDEX) -> Path:
+    """Resolves a shard name from an index, refusing anything that escapes the model folder.
+
+    Errors name the file that lists the shard (`listed_in`, in `folder`) or, with `listed_in=""`, the shard.
+    """
+    index_path = folder / listed_in if listed_in else folder / name
     candidate = Path(name)
-    if candidate.is_absolute() or ".." in candidate.parts or not name:
-        raise CheckpointError(folder / SAFETENSORS_INDEX, f"shard name {name!r} points outside the model folder")
-    resolved = (folder / candidate).resolve()
-    if not resolved.is_relative_to(folder.resolve()):
-        raise CheckpointError(folder / SAFETENSORS_INDEX, f"shard {name!r} is a link pointing outside the model folder")
+    if not name or "\x00" in name or candidate.is_absolute() or ".." in candidate.parts:
+        raise CheckpointError(index_path, f"shard name {_short(name)} points outside the model folder")
+    try:
+        resolved = (folder / candidate).resolve()
+        inside = resolved.is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise CheckpointError(index_path, f"shard {_short(name)} cannot be resolved: {e}") from None
+    if not inside:
+        raise CheckpointError(index_path, f"shard {_short(name)} is a link pointing outside the model folder")
     return folder / candidate
 
 
 def _read_index(folder: Path) -> dict[str, str] | None:
     index_path = folder / SAFETENSORS_INDEX
-    if not index_path.exists():
+    if not index_path.exists() and not index_path.is_symlink():
         return None
     try:
-        index = json.loads(index_path.read_text("utf-8"), object_pairs_hook=_reject_duplicates)
+        with _open_regular(index_path) as f:
+            text = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(index_path, f"cannot read: {e.strerror or e}") from None
+    if len(text) > MAX_INDEX_BYTES:
+        raise CheckpointError(index_path, f"not a valid index: larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        index = json.loads(text.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(index_path, f"not a valid index: {e}") from None
+    except RecursionError:
+        raise CheckpointError(index_path, "not a valid index: JSON nested too deeply") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(index_path, "not a valid index: no 'weight_map' object of tensor name -> shard file")
-    for shard in set(weight_map.values()):
+    for shard in sorted(set(weight_map.values())):
         _inside(folder, shard)
+        if shard.endswith(PICKLE_SUFFIXES):
+            raise CheckpointError(index_path, f"shard {_short(shard)} is a pickle file, which streammerge never loads "
+                                  "(it can run code); convert the model to safetensors")
     return weight_map
 
 
@@ -320,16 +405,22 @@ def _resolve_files(path: Path) -> list[Path]:
         if path.suffix != ".safetensors":
             raise CheckpointError(path, "not a .safetensors file")
         return [path]
+    if not path.is_dir():
+        raise CheckpointError(path, f"not a .safetensors file or a model folder but {_file_kind(path.stat().st_mode)}")
     index = _read_index(path)
     if index is not None:
         files = [_inside(path, shard) for shard in dict.fromkeys(sorted(index.values()))]
         for file in files:
-            if not file.is_file():
+            if not file.exists():
                 raise CheckpointNotFoundError(file, f"shard listed in {SAFETENSORS_INDEX} is missing")
+            if not file.is_file():
+                raise CheckpointError(file, f"shard listed in {SAFETENSORS_INDEX} is not a regular file")
         return files
     single = path / SAFETENSORS_SINGLE
-    if single.is_file():
-        _inside(path, SAFETENSORS_SINGLE)
+    if single.exists() or single.is_symlink():
+        _inside(path, SAFETENSORS_SINGLE, listed_in="")
+        if not single.is_file():
+            raise CheckpointError(single, "not a regular file")
         return [single]
     if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
         raise CheckpointError(

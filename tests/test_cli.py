@@ -161,7 +161,10 @@ def test_force_replaces_a_previous_merge_with_identical_bytes(models, tmp_path):
     out = tmp_path / "out"
     assert run("merge", models / "merge.yaml", out, "-q").exit_code == 0
     first = shard_hashes(out)
-    assert_one_line_error(run("merge", models / "merge.yaml", out), 1, f"{out}: not empty", "--force")
+    # The same merge again: already complete, nothing to do; a different one needs --force.
+    assert run("merge", models / "merge.yaml", out, "-q").exit_code == 0 and shard_hashes(out) == first
+    assert_one_line_error(run("merge", models / "merge.yaml", out, "--seed", "9", "--semantics", "peft"), 1,
+                          f"{out}: holds a different merge", "--force")
     # --force also removes shards of a different layout
     result = run("merge", models / "merge.yaml", out, "--force", "--max-shard-size", "100KB", "-q")
     assert result.exit_code == 0
@@ -222,6 +225,7 @@ def test_plan_text(models, monkeypatch):
 
 def test_plan_json(models, monkeypatch):
     monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: pytest.fail("plan read tensor data"))
+    monkeypatch.setattr(Checkpoint, "view", lambda *a, **k: pytest.fail("plan read tensor data"))
     result = run("plan", models / "merge.yaml", "--json", "--tensors", "--max-memory", "64KiB")
     assert result.exit_code == 0, result.output
     p = json.loads(result.stdout)
@@ -230,7 +234,8 @@ def test_plan_json(models, monkeypatch):
     assert (p["tensors"], p["merged_tensors"]) == (N_TENSORS, N_TENSORS)
     assert p["output_bytes"] == sum(s["bytes"] for s in p["shards"]) == 213_632
     assert p["input_bytes"] == 3 * 213_632  # base and two fine-tunes, bf16
-    assert 0 < p["estimated_peak_memory"] <= 64 * 1024
+    # half the 64 KiB budget in five output buffers, and the numpy kernel's fixed chunk scratch
+    assert p["estimated_peak_memory"] == 5 * (65536 // 2 // 5) + (24 << 20)
     assert p["options"]["dare_scope"] == "linear"
     by_name = {t["name"]: t for t in p["tensor_plan"]}
     assert set(by_name) == set(TinyLlama().shapes())

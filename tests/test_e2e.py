@@ -212,3 +212,18 @@ def test_output_loads_in_transformers(tmp_path):
         assert torch.equal(state[name].to(tensor.dtype), tensor), name
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 256) and torch.isfinite(logits).all()
+
+
+def test_check_finite_names_the_tensor_and_file(tmp_path):
+    from streammerge import NonFiniteError
+
+    base = random_state(SHAPE, seed=4)
+    save_checkpoint(base, tmp_path / "base", shards=1)
+    ft = finetune_of(base, seed=6)
+    ft["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_checkpoint(ft, tmp_path / "ft", shards=1)
+    cfg = MergeConfig(method="task_arithmetic", base=str(tmp_path / "base"), models=(ModelSpec(str(tmp_path / "ft")),))
+    with pytest.raises(NonFiniteError, match=r"ft/model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds NaN"):
+        merge(cfg, tmp_path / "checked", check_finite=True)
+    assert not (tmp_path / "checked" / "model.safetensors.index.json").exists()
+    merge(cfg, tmp_path / "unchecked")  # the scan is opt-in

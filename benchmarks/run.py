@@ -1,0 +1,186 @@
+"""Benchmark: streammerge per method against the I/O floor and mergekit, in one run.
+
+    python benchmarks/run.py --shape tinyllama --data /data/bench-tl                # generates models if missing
+    python benchmarks/run.py --shape tinyllama --data /data/bench-tl --mergekit benchmarks/mergekit/.venv
+
+For each method (base + 2 fine-tunes, weights 0.5, density 0.5, bf16): the page cache is emptied of
+the inputs (posix_fadvise DONTNEED: no root needed), the merge runs as its own process, and its
+wall time and peak anonymous memory (RssAnon, sampled from /proc every 10 ms) are recorded.
+The floor is the time to read every input once from a cold cache plus to write the output's size
+with fsync. Prints a table, saves it as JSON and, with matplotlib installed, as a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIG = """\
+merge_method: {method}
+base_model: {data}/base
+models:
+  - model: {data}/ft1
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {data}/ft2
+    parameters: {{weight: 0.5, density: 0.5}}
+dtype: bfloat16
+"""
+
+
+def input_files(data: Path) -> list[Path]:
+    return sorted(p for m in ("base", "ft1", "ft2") for p in (data / m).glob("*.safetensors"))
+
+
+def evict(files: list[Path]) -> None:
+    """Drops the files' pages from the page cache, so the next read comes from disk."""
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> dict:
+    evict(files)
+    buf = bytearray(16 << 20)
+    t = time.perf_counter()
+    total = 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                total += n
+    read_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with open(scratch, "wb") as fh:
+        left = out_bytes
+        while left > 0:
+            left -= fh.write(memoryview(buf)[: min(len(buf), left)])
+        fh.flush()
+        os.fsync(fh.fileno())
+    write_s = time.perf_counter() - t
+    scratch.unlink()
+    return {"read_s": read_s, "write_s": write_s, "floor_s": read_s + write_s, "input_bytes": total}
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Runs a command, sampling its peak RssAnon; raises if it fails."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            m = re.search(r"RssAnon:\s+(\d+) kB", status.read_text())
+            if m:
+                peak = max(peak, int(m.group(1)) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.01)
+    wall = time.perf_counter() - t
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return {"wall_s": wall, "peak_anon_bytes": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tinyllama", choices=["tiny", "tinyllama", "llama2-7b"])
+    ap.add_argument("--data", type=Path, required=True, help="folder with base/, ft1/, ft2/ (generated if missing)")
+    ap.add_argument("--methods", nargs="+", default=["dare_ties", "ties", "task_arithmetic", "dare_linear"])
+    ap.add_argument("--mergekit", type=Path, help="venv with mergekit 0.1.5 (benchmarks/mergekit/install.sh)")
+    ap.add_argument("--mergekit-methods", nargs="+", default=["dare_ties", "ties"])
+    ap.add_argument("--max-memory", default="1GiB")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+
+    if not (args.data / "ft2").exists():
+        subprocess.run([sys.executable, str(HERE / "make_models.py"), args.shape, str(args.data), "--finetunes", "2"], check=True)
+    files = input_files(args.data)
+    out_bytes = sum(f.stat().st_size for f in (args.data / "base").glob("*.safetensors"))
+    work = Path(tempfile.mkdtemp(prefix="streammerge-bench-", dir=args.data))
+    rows = []
+    floor = io_floor(files, out_bytes, work / "floor.bin")
+    print(f"I/O floor: read {floor['input_bytes'] / 1e9:.2f} GB in {floor['read_s']:.1f} s, "
+          f"write {out_bytes / 1e9:.2f} GB in {floor['write_s']:.1f} s -> {floor['floor_s']:.1f} s", flush=True)
+
+    # The fused kernels compile once per machine (inductor caches them); do it outside the timings.
+    if args.compile != "off":
+        t = time.perf_counter()
+        tiny = work / "tiny"
+        subprocess.run([sys.executable, str(HERE / "make_models.py"), "tiny", str(tiny), "--finetunes", "2"], check=True, capture_output=True)
+        for method in args.methods:
+            (work / "warm.yaml").write_text(CONFIG.format(method=method, data=tiny))
+            subprocess.run([sys.executable, "-m", "streammerge", "merge", str(work / "warm.yaml"), str(work / "warm"), "--force", "-q", "--compile", "on"], check=True)
+        print(f"one-time kernel compile: {time.perf_counter() - t:.1f} s", flush=True)
+
+    for method in args.methods:
+        cfg = work / f"{method}.yaml"
+        cfg.write_text(CONFIG.format(method=method, data=args.data))
+        evict(files)
+        r = run_measured([sys.executable, "-m", "streammerge", "merge", str(cfg), str(work / "out"), "--force", "-q",
+                          "--max-memory", args.max_memory, "--compile", args.compile])
+        rows.append({"tool": "streammerge", "method": method, **r})
+        print(f"streammerge {method}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
+    if args.mergekit:
+        for method in args.mergekit_methods:
+            cfg = work / f"{method}.yaml"
+            cfg.write_text(CONFIG.format(method=method, data=args.data))
+            evict(files)
+            out = work / "mk-out"
+            r = run_measured([str(args.mergekit / "bin" / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0",
+                              "--no-copy-tokenizer", "--no-write-model-card", "--allow-crimes"])
+            rows.append({"tool": "mergekit 0.1.5", "method": method, **r})
+            print(f"mergekit {method}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
+
+    mk = {r["method"]: r["wall_s"] for r in rows if r["tool"].startswith("mergekit")}
+    print(f"\n| tool | method | wall (s) | peak anon (MiB) | GB/s in | x floor | x mergekit |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        r["gb_per_s"] = floor["input_bytes"] / r["wall_s"] / 1e9
+        r["x_floor"] = r["wall_s"] / floor["floor_s"]
+        r["x_mergekit"] = r["wall_s"] / mk[r["method"]] if r["method"] in mk else None
+        xm = f"{r['x_mergekit']:.2f}" if r["x_mergekit"] is not None else "-"
+        print(f"| {r['tool']} | {r['method']} | {r['wall_s']:.1f} | {r['peak_anon_bytes'] / 2**20:.0f} | {r['gb_per_s']:.2f} | {r['x_floor']:.2f} | {xm} |")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"shape": args.shape, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "max_memory": args.max_memory, "compile": args.compile, "floor": floor, "rows": rows}
+    (args.out / f"{args.shape}.json").write_text(json.dumps(result, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        labels = [f"{r['tool'].split()[0]}\n{r['method']}" for r in rows]
+        ax1.bar(labels, [r["wall_s"] for r in rows], color=["C0" if r["tool"] == "streammerge" else "C1" for r in rows])
+        ax1.axhline(floor["floor_s"], color="k", ls="--", label="I/O floor")
+        ax1.set_ylabel("wall time (s)")
+        ax1.legend()
+        ax2.bar(labels, [r["peak_anon_bytes"] / 2**30 for r in rows], color=["C0" if r["tool"] == "streammerge" else "C1" for r in rows])
+        ax2.set_ylabel("peak anonymous memory (GiB)")
+        for ax in (ax1, ax2):
+            ax.tick_params(axis="x", labelsize=7)
+        fig.suptitle(f"{args.shape}: base + 2 fine-tunes, bf16, density 0.5")
+        fig.tight_layout()
+        fig.savefig(args.out / f"{args.shape}.png", dpi=110)
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+    subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+if __name__ == "__main__":
+    main()

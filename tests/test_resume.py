@@ -1,0 +1,182 @@
+"""Crash safety: a merge killed at any point resumes to the same bytes; a full disk or Ctrl-C leaves
+nothing that looks complete; a rerun of a finished merge is a no-op."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import streammerge.api
+import streammerge.writer
+from streammerge import MergeConfig, ModelSpec, OutputError, merge
+from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+
+SHAPE = TinyLlama(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=512)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    base = random_state(SHAPE, seed=0)
+    save_checkpoint(base, root / "base", shards=2, config=SHAPE.config_json(torch.bfloat16))
+    for i in (1, 2):
+        save_checkpoint(finetune_of(base, seed=i), root / f"ft{i}", shards=2)
+    (root / "merge.yaml").write_text(
+        "merge_method: ties\nbase_model: base\nmodels:\n"
+        "  - {model: ft1, parameters: {weight: 0.5, density: 0.5}}\n"
+        "  - {model: ft2, parameters: {weight: 0.5, density: 0.3}}\n"
+    )
+    return root
+
+
+def _cmd(models: Path, out: Path) -> list[str]:
+    # Small shards and a small memory budget: many shards, many row blocks, a few seconds of work.
+    return [sys.executable, "-m", "streammerge", "merge", str(models / "merge.yaml"), str(out), "-q",
+            "--max-shard-size", "60KB", "--max-memory", "64KB"]
+
+
+def _state(out: Path) -> dict[str, str]:
+    files = sorted(out.glob("model-*.safetensors")) + [out / "model.safetensors.index.json"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_killed_at_random_points_resumes_to_the_same_bytes(models, tmp_path):
+    subprocess.run(_cmd(models, tmp_path / "reference"), check=True)
+    expected = _state(tmp_path / "reference")
+    n_shards = len(expected) - 1
+    assert n_shards >= 8
+
+    out = tmp_path / "out"
+    rng = random.Random(0)
+    kills_mid_merge = 0
+    for _ in range(5):
+        proc = subprocess.Popen(_cmd(models, out), stderr=subprocess.PIPE)
+        target = rng.randrange(1, n_shards)  # kill once this many shards are finished, plus a random delay
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            receipts = len(list((out / ".streammerge").glob("*.json"))) if (out / ".streammerge").exists() else 0
+            if receipts > target:
+                time.sleep(rng.uniform(0, 0.05))
+                proc.send_signal(signal.SIGKILL)
+                kills_mid_merge += proc.wait() == -signal.SIGKILL and not (out / "model.safetensors.index.json").exists()
+                break
+            time.sleep(0.002)
+        proc.wait()
+        # Killed mid-merge, the folder must not look complete.
+        if not (out / "model.safetensors.index.json").exists():
+            assert not (out / "streammerge_manifest.json").exists()
+    assert kills_mid_merge >= 3
+    subprocess.run(_cmd(models, out), check=True)
+    assert _state(out) == expected
+    assert not list(out.glob("*.partial")) and not (out / ".streammerge").exists()
+
+
+def test_interrupt_stops_cleanly_and_resumes(models, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(models, out), stderr=subprocess.PIPE, text=True)
+    while not (out / ".streammerge").exists() or not list((out / ".streammerge").glob("model-*.json")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not list(out.glob("*.partial")) and not (out / "model.safetensors.index.json").exists()
+    subprocess.run(_cmd(models, out), check=True)
+    subprocess.run(_cmd(models, tmp_path / "reference"), check=True)
+    assert _state(out) == _state(tmp_path / "reference")
+
+
+def _config(models: Path) -> MergeConfig:
+    return MergeConfig.from_yaml(models / "merge.yaml")
+
+
+def test_rerun_of_a_finished_merge_is_a_no_op_and_a_changed_input_is_refused(models, tmp_path):
+    first = merge(_config(models), tmp_path / "out", max_shard_size=60_000)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    again = merge(_config(models), tmp_path / "out", max_shard_size=60_000)
+    assert again.shards == first.shards
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == mtimes  # nothing rewritten
+    with pytest.raises(OutputError, match="different merge"):
+        merge(MergeConfig(**{**_config(models).__dict__, "seed": 1, "method": "dare_ties"}), tmp_path / "out", max_shard_size=60_000)
+
+
+def test_disk_full_gives_a_clear_error_and_no_complete_looking_output(models, tmp_path, monkeypatch):
+    calls = []
+    real = streammerge.writer.ShardWriter._write
+
+    def full(self, data):
+        calls.append(len(data))
+        if len(calls) > 5:
+            self.abort()
+            raise OutputError(f"{self.path}: write failed: {errno.errorcode[errno.ENOSPC]} (disk full?)")
+        real(self, data)
+
+    monkeypatch.setattr(streammerge.writer.ShardWriter, "_write", full)
+    with pytest.raises(OutputError, match="disk full"):
+        merge(_config(models), tmp_path / "out", max_shard_size=60_000)
+    out = tmp_path / "out"
+    assert not (out / "model.safetensors.index.json").exists() and not (out / "streammerge_manifest.json").exists()
+    assert not list(out.glob("*.partial"))
+
+
+def test_real_enospc_from_the_os_is_reported(models, tmp_path, monkeypatch):
+    writes = []
+
+    class Full:
+        """A shard file on a disk that fills up after a few writes."""
+
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) > 4:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(data)
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        return Full() if str(path).endswith(".safetensors.partial") else open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(streammerge.writer, "open", fake_open, raising=False)
+    with pytest.raises(OutputError, match="No space left on device"):
+        merge(_config(models), tmp_path / "out", max_shard_size=60_000)
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_too_little_free_space_is_refused_before_any_work(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(streammerge.api.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(OutputError, match="GB free but the merge writes"):
+        merge(_config(models), tmp_path / "out")
+    assert not list((tmp_path / "out").glob("model-*"))
+
+
+def test_receipts_are_written_as_shards_finish(models, tmp_path, monkeypatch):
+    seen = []
+    real = streammerge.api.write_json_atomic
+
+    def spy(path, obj):
+        seen.append(path.name)
+        real(path, obj)
+
+    monkeypatch.setattr(streammerge.api, "write_json_atomic", spy)
+    merge(_config(models), tmp_path / "out", max_shard_size=60_000)
+    receipts = [n for n in seen if n.endswith(".safetensors.json")]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert sorted(receipts) == sorted(f"{f}.json" for f in set(index["weight_map"].values()))
+    assert seen.index("model.safetensors.index.json") == len(seen) - 1  # the index comes last
