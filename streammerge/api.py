@@ -28,7 +28,7 @@ from . import __version__
 from .config import MergeConfig
 from .constants import COPIED_FILES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, MANIFEST, MODEL_CARD, SAFETENSORS_INDEX
 from .engine import Progress, run_plan
-from .errors import OutputError
+from .errors import CheckpointError, ConfigError, OutputError, StreammergeError
 from .plan import Plan, build_plan
 from .sources import Checkpoint
 from .writer import write_json_atomic, write_text_atomic
@@ -59,18 +59,33 @@ class MergeResult:
 
 
 def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Opens (headers only) the reference and the fine-tunes, each distinct path once."""
-    opened: dict[str, Checkpoint] = {}
+    """Validates the config and opens (headers only) the reference and the fine-tunes, each distinct
+    path once. Reports everything wrong at once: config problems and every unreadable model."""
+    problems: list[StreammergeError] = []
+    try:
+        config.validate()
+    except ConfigError as e:
+        problems.append(e)
+    opened: dict[str, Checkpoint | None] = {}
 
-    def get(path: str) -> Checkpoint:
+    def get(path: str) -> Checkpoint | None:
         key = os.path.realpath(path)
         if key not in opened:
-            opened[key] = stack.enter_context(Checkpoint(path))
+            try:
+                opened[key] = stack.enter_context(Checkpoint(path))
+            except CheckpointError as e:
+                problems.append(e)
+                opened[key] = None
         return opened[key]
 
     finetuned = [get(config.model_path(m)) for m in config.finetunes()]
-    reference = get(config.base_path) if config.base_path is not None else finetuned[0]
-    return reference, finetuned
+    reference = get(config.base_path) if config.base_path is not None else (finetuned[0] if finetuned else None)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        messages = [p for e in problems for p in (e.problems if isinstance(e, ConfigError) else [str(e)])]
+        raise ConfigError(messages)
+    return reference, finetuned  # type: ignore[return-value]
 
 
 def plan(
@@ -84,7 +99,6 @@ def plan(
     Raises:
         ConfigError, CheckpointError, MismatchError: everything wrong, before any heavy work.
     """
-    config.validate()
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
         return build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory)
@@ -120,7 +134,6 @@ def merge(
         check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
     """
     start = time.perf_counter()
-    config.validate()
     out = Path(output_dir)
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
@@ -284,6 +297,9 @@ def _copy_side_files(config: MergeConfig, reference: Checkpoint, out: Path, the_
 
 def _output_model_config(src: Path, the_plan: Plan) -> dict:
     data = json.loads(src.read_text("utf-8"))
+    embed = next((t for t in the_plan.tensors if t.name.endswith("embed_tokens.weight")), None)
+    if embed is not None and the_plan.config.vocab != "error" and "vocab_size" in data:
+        data["vocab_size"] = embed.shape[0]  # truncated by the vocab option
     dtypes = {t.out_dtype for t in the_plan.tensors if t.out_dtype in ("BF16", "F16", "F32")}
     if len(dtypes) == 1 and ("torch_dtype" in data or "dtype" in data):
         name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtypes.pop()]

@@ -117,7 +117,7 @@ def _build_config(config_path: str | None, o: dict) -> MergeConfig:
             extra["exclude"] = cfg.exclude + tuple(o["exclude"])
     else:
         cfg, extra = _config_from_flags(o), {}
-    for key in ("semantics", "seed", "dtype", "out_dtype"):
+    for key in ("semantics", "seed", "dtype", "out_dtype", "vocab"):
         if o[key] is not None:
             extra[key] = o[key]
     return cfg.__class__(**{**cfg.__dict__, **extra}) if extra else cfg
@@ -143,6 +143,8 @@ def _merge_options(f):
         click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="Fused torch.compile'd CPU kernel: auto uses it for big merges. Same bytes either way."),
         click.option("--check-finite", is_flag=True, help="Fail if any input or merged tensor holds NaN or Inf."),
+        click.option("--vocab", type=click.Choice(["error", "truncate_to_base", "truncate_to_smallest"]),
+                     help="When vocabulary sizes differ (default: error)."),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]

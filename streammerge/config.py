@@ -88,6 +88,7 @@ class MergeConfig:
     include: tuple[str, ...] = ()  # glob patterns of tensors to merge (default: all)
     exclude: tuple[str, ...] = ()  # glob patterns of tensors copied from the base
     tokenizer_source: str | None = None  # "base" (default) or one model's source
+    vocab: str = "error"  # differing vocabulary sizes: error | truncate_to_base | truncate_to_smallest
     base_dir: str | None = None  # relative model paths resolve against this (the YAML's folder)
 
     # ---- construction -------------------------------------------------------------------
@@ -117,7 +118,7 @@ class MergeConfig:
             if key in data:
                 problems.append(f"'{key}': mergekit {what} is not supported by streammerge yet")
         known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "semantics",
-                 "seed", "include", "exclude", "tokenizer_source", "tokenizer", "name"}
+                 "seed", "include", "exclude", "tokenizer_source", "tokenizer", "name", "vocab"}
         for key in data:
             if key not in known and key not in UNSUPPORTED_KEYS:
                 problems.append(f"unknown top-level key '{key}'")
@@ -169,6 +170,7 @@ class MergeConfig:
             include=patterns("include"),
             exclude=patterns("exclude"),
             tokenizer_source=data.get("tokenizer_source"),
+            vocab=str(data.get("vocab", "error")),
             base_dir=base_dir,
         )
 
@@ -185,6 +187,8 @@ class MergeConfig:
         for key in ("dtype", "out_dtype", "tokenizer_source"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.vocab != "error":
+            out["vocab"] = self.vocab
         if self.include:
             out["include"] = list(self.include)
         if self.exclude:
@@ -209,6 +213,8 @@ class MergeConfig:
             )
         if self.method_name not in METHODS:
             problems.append(f"merge_method: unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        if self.vocab not in ("error", "truncate_to_base", "truncate_to_smallest"):
+            problems.append(f"vocab: unknown value {self.vocab!r}; choose error, truncate_to_base or truncate_to_smallest")
         if self.semantics not in SEMANTICS:
             problems.append(f"semantics: unknown value {self.semantics!r}; choose one of {', '.join(SEMANTICS)}")
         if type(self.seed) is not int or not 0 <= self.seed < 2**63:

@@ -19,7 +19,7 @@ class ConfigError(StreammergeError, ValueError):
         if len(self.problems) == 1:
             super().__init__(self.problems[0])
         else:
-            super().__init__(f"{len(self.problems)} problems in the config: " + "; ".join(self.problems))
+            super().__init__(f"{len(self.problems)} problems: " + "; ".join(self.problems))
 
 
 class UnsupportedFeatureError(ConfigError):

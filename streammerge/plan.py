@@ -96,7 +96,7 @@ def build_plan(
     """
     opts = config.merge_options()
     specs: list[ModelSpec] = config.finetunes()
-    check_compatible(reference, finetuned)
+    vocab_rows = check_compatible(reference, finetuned, config.vocab)
 
     names = sorted(reference.tensors, key=lambda n: (reference.tensors[n].file.name, reference.tensors[n].offset))
     layers = [layer_index(n) for n in names]
@@ -106,6 +106,8 @@ def build_plan(
     tensors: list[TensorPlan] = []
     for name, layer in zip(names, layers):
         info = reference.tensors[name]
+        if name in vocab_rows:  # merged over the rows every model has (vocab option)
+            info = replace(info, shape=(vocab_rows[name], *info.shape[1:]), nbytes=vocab_rows[name] * info.row_bytes)
         is_float = info.dtype in FLOAT_DTYPES
         out_dtype = DTYPE_NAMES[CONFIG_DTYPES[out_dtype_override]] if (out_dtype_override and is_float) else info.dtype
         if not is_float or not config.selected(name):
@@ -146,9 +148,26 @@ def build_plan(
     return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
 
 
-def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
-    """Every model must have the reference's tensors with the same shapes; collects all problems."""
+VOCAB_MODES = ("error", "truncate_to_base", "truncate_to_smallest")
+
+
+def is_vocab_tensor(name: str, shape: tuple[int, ...]) -> bool:
+    """An embedding or output head: rows are tokens (a fine-tune that added tokens has more)."""
+    return len(shape) == 2 and (any(m in name for m in EMBEDDING_MARKERS) or "lm_head" in name)
+
+
+def check_compatible(reference: Checkpoint, others: list[Checkpoint], vocab: str = "error") -> dict[str, int]:
+    """Every model must have the reference's tensors with the same shapes; collects all problems.
+
+    With `vocab` other than "error", embeddings and output heads whose row counts (vocabulary sizes)
+    differ are merged over the base's rows ("truncate_to_base": every model must have at least as
+    many) or over the rows all models have ("truncate_to_smallest").
+
+    Returns:
+        The output row count of each vocabulary tensor whose sizes differ.
+    """
     problems: list[str] = []
+    vocab_rows: dict[str, int] = {}
     for ckpt in others:
         if ckpt is reference:
             continue
@@ -162,14 +181,23 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
             other = ckpt.tensors.get(name)
             if other is None:
                 continue
-            if other.shape != info.shape:
+            vocab_only = is_vocab_tensor(name, info.shape) and other.shape[1:] == info.shape[1:] and len(other.shape) == 2
+            if other.shape != info.shape and vocab_only and vocab != "error":
+                if vocab == "truncate_to_base" and other.shape[0] < info.shape[0]:
+                    problems.append(f"tensor {name!r}: {other.shape[0]} rows in {ckpt.path}, fewer than the base's "
+                                    f"{info.shape[0]}; use vocab: truncate_to_smallest")
+                rows = info.shape[0] if vocab == "truncate_to_base" else min(other.shape[0], vocab_rows.get(name, info.shape[0]))
+                vocab_rows[name] = rows
+            elif other.shape != info.shape:
+                hint = " (vocabulary sizes differ: set vocab: truncate_to_base or truncate_to_smallest)" if vocab_only else ""
                 problems.append(
-                    f"tensor {name!r}: shape {list(other.shape)} in {ckpt.path} but {list(info.shape)} in {reference.path}"
+                    f"tensor {name!r}: shape {list(other.shape)} in {ckpt.path} but {list(info.shape)} in {reference.path}{hint}"
                 )
             elif (other.dtype in FLOAT_DTYPES) != (info.dtype in FLOAT_DTYPES):
                 problems.append(f"tensor {name!r}: dtype {other.dtype} in {ckpt.path} but {info.dtype} in {reference.path}")
     if problems:
         raise MismatchError(problems)
+    return vocab_rows
 
 
 def _assign_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from typing import Callable
 
 import pytest
@@ -28,3 +30,19 @@ def inject_masks(monkeypatch) -> Callable:
         monkeypatch.setattr(streammerge.kernels, "keep_mask_into", keep_mask_into)
 
     return install
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 5):
+    """Fails the test (instead of blocking forever) if the body takes longer than `seconds`."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"hung for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

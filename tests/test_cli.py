@@ -324,8 +324,10 @@ def test_config_errors_from_flags(models, tmp_path, flags, needles):
 def test_several_config_problems_in_one_line(models, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("merge_method: tiez\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {density: 1.5, weigth: 1}\n")
-    line = assert_one_line_error(run("merge", path, tmp_path / "out"), 1, "3 problems in the config")
-    for key in ("merge_method", "models[0].parameters.density", "models[0].parameters.weigth"):
+    # every problem at once: the config's three, and the two models missing next to the YAML
+    line = assert_one_line_error(run("merge", path, tmp_path / "out"), 1, "5 problems: ")
+    for key in ("merge_method", "models[0].parameters.density", "models[0].parameters.weigth",
+                "ft1: no such file or folder", "base: no such file or folder"):
         assert key in line
 
 

@@ -156,7 +156,7 @@ def test_from_dict_collects_structural_problems():
         "models[2].parameters must be a mapping",
         "'parameters' must be a mapping",
     ]
-    assert str(info.value).startswith("6 problems in the config: unknown top-level key 'frobnicate'; ")
+    assert str(info.value).startswith("6 problems: unknown top-level key 'frobnicate'; ")
 
 
 # ---- validation ---------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_validate_reports_every_problem_at_once():
     err = _problems(cfg)
     assert len(err.problems) == 3
     msg = str(err)
-    assert msg.startswith("3 problems in the config: ")
+    assert msg.startswith("3 problems: ")
     assert "merge_method: unknown method 'tiez'" in msg
     assert "models[0].parameters.density: density must be in (0, 1], got 1.5" in msg
     assert "models[0].parameters.weigth: unknown parameter 'weigth'" in msg
@@ -447,3 +447,15 @@ def test_fusionbench_semantics_options():
         "sum", False, "majority", "inclusive", "inverse", "all", "global")
     assert _opts("ties", "fusionbench", trim_scope="tensor", merge_func="mean").trim_scope == "tensor"
     assert _opts("ties", "fusionbench", merge_func="mean").merge_func == "mean"
+
+
+def test_config_and_input_problems_are_reported_together(tmp_path):
+    from streammerge import ConfigError, merge
+
+    cfg = MergeConfig(method="ties", base=str(tmp_path / "no-base"), models=(ModelSpec(str(tmp_path / "no-ft"), {"density": 2.0}),))
+    with pytest.raises(ConfigError) as info:
+        merge(cfg, tmp_path / "out")
+    text = str(info.value)
+    assert info.value.problems[0].startswith("models[0].parameters.density")
+    assert f"{tmp_path / 'no-ft'}: no such file or folder" in text and f"{tmp_path / 'no-base'}: no such file or folder" in text
+    assert len(info.value.problems) == 3 and not (tmp_path / "out").exists()

@@ -227,3 +227,28 @@ def test_check_finite_names_the_tensor_and_file(tmp_path):
         merge(cfg, tmp_path / "checked", check_finite=True)
     assert not (tmp_path / "checked" / "model.safetensors.index.json").exists()
     merge(cfg, tmp_path / "unchecked")  # the scan is opt-in
+
+
+def test_vocabulary_size_mismatch_is_an_error_unless_an_option_says_how(tmp_path):
+    from streammerge import MismatchError
+
+    base = random_state(SHAPE, seed=8)
+    save_checkpoint(base, tmp_path / "base", shards=1, config=SHAPE.config_json(torch.bfloat16))
+    ft = finetune_of(base, seed=9)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # a fine-tune that added 4 tokens
+        ft[name] = torch.cat([ft[name], torch.ones(4, SHAPE.hidden, dtype=torch.bfloat16)])
+    save_checkpoint(ft, tmp_path / "ft", shards=1)
+    cfg = MergeConfig(method="task_arithmetic", base=str(tmp_path / "base"), models=(ModelSpec(str(tmp_path / "ft")),))
+    with pytest.raises(MismatchError, match=r"'model.embed_tokens.weight': shape \[44, 32\] in .*ft but \[40, 32\] .*vocab"):
+        merge(cfg, tmp_path / "out")
+
+    merge(MergeConfig(**{**cfg.__dict__, "vocab": "truncate_to_smallest"}), tmp_path / "small")
+    out = _load(tmp_path / "small")
+    expected = (base["lm_head.weight"].float() + (ft["lm_head.weight"][:40].float() - base["lm_head.weight"].float())).to(torch.bfloat16)
+    assert out["lm_head.weight"].shape == (40, SHAPE.hidden) and torch.equal(out["lm_head.weight"], expected)
+    assert json.loads((tmp_path / "small" / "config.json").read_text())["vocab_size"] == 40
+
+    # truncate_to_base needs every model to have at least the base's rows: here the base is the bigger one
+    cfg2 = MergeConfig(method="task_arithmetic", base=str(tmp_path / "ft"), models=(ModelSpec(str(tmp_path / "base")),), vocab="truncate_to_base")
+    with pytest.raises(MismatchError, match="fewer than the base's 44; use vocab: truncate_to_smallest"):
+        merge(cfg2, tmp_path / "out2")

@@ -8,10 +8,8 @@ HF folders whose index is mutated.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -22,6 +20,7 @@ from hypothesis import strategies as st
 from streammerge.constants import SAFETENSORS_INDEX
 from streammerge.errors import StreammergeError
 from streammerge.sources import DTYPES, Checkpoint, itemsize
+from conftest import no_hang
 
 SETTINGS = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow], database=None)
 
@@ -32,23 +31,11 @@ dims = st.integers(0, 5) | st.sampled_from([-1, 2**31, 2**62, 2**64, 10**18])
 names = st.text(min_size=0, max_size=12) | st.sampled_from(["w", "model.norm.weight", "__metadata__", "a\nb"])
 
 
-@contextlib.contextmanager
-def no_hang(seconds: int = 10):
-    def expired(signum, frame):
-        raise TimeoutError(f"hung for more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def read_or_refuse(path: Path) -> None:
     """Opens `path`; if it opens, every tensor must read (copy and view) with its declared shape and dtype."""
-    with no_hang():
+    with no_hang(10):
         try:
             ckpt = Checkpoint(path)
         except StreammergeError:
@@ -149,7 +136,7 @@ def test_well_formed_files_read(tensors, metadata):
     header, data = safetensors_bytes(tensors, metadata)
     with tempfile.TemporaryDirectory() as d:
         path = write(Path(d), "m.safetensors", frame(header, data))
-        with no_hang(), Checkpoint(path) as ckpt:  # must open: nothing wrong with it
+        with no_hang(10), Checkpoint(path) as ckpt:  # must open: nothing wrong with it
             assert sorted(ckpt.tensors) == sorted(t[0] for t in tensors)
         read_or_refuse(path)
 

@@ -6,12 +6,10 @@ CheckpointNotFoundError); the CLI turns them into one line on stderr and exit co
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import shutil
-import signal
 import struct
 from pathlib import Path
 
@@ -24,25 +22,12 @@ from streammerge.constants import SAFETENSORS_INDEX
 from streammerge.demo import build_demo_models
 from streammerge.errors import CheckpointError, CheckpointNotFoundError
 from streammerge.sources import Checkpoint, _inside, read_header
+from conftest import no_hang
 
 GOOD = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
 DATA = bytes(range(16))
 
 
-@contextlib.contextmanager
-def no_hang(seconds: int = 5):
-    """Fails the test (instead of blocking forever) if the body takes longer than `seconds`."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"hung for more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def write_st(path: Path, header: dict | bytes, data: bytes = DATA, *, length: int | None = None) -> Path:
