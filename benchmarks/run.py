@@ -146,7 +146,7 @@ def main() -> None:
             print(f"mergekit {method}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
 
     mk = {r["method"]: r["wall_s"] for r in rows if r["tool"].startswith("mergekit")}
-    print(f"\n| tool | method | wall (s) | peak anon (MiB) | GB/s in | x floor | x mergekit |\n|---|---|---|---|---|---|---|")
+    print("\n| tool | method | wall (s) | peak anon (MiB) | GB/s in | x floor | x mergekit |\n|---|---|---|---|---|---|---|")
     for r in rows:
         r["gb_per_s"] = floor["input_bytes"] / r["wall_s"] / 1e9
         r["x_floor"] = r["wall_s"] / floor["floor_s"]

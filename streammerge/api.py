@@ -31,7 +31,7 @@ from .engine import Progress, run_plan
 from .errors import CheckpointError, ConfigError, OutputError, StreammergeError
 from .plan import Plan, build_plan
 from .sources import Checkpoint
-from .writer import write_json_atomic, write_text_atomic
+from .writer import fsync_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,10 @@ def merge(
             write_text_atomic(out / MODEL_CARD, model_card(the_plan))
             write_json_atomic(out / MANIFEST, {**manifest(the_plan, shards), "fingerprint": fingerprint})
             weight_map = {name: s.filename for s in the_plan.shards for name in s.tensors}
+            fsync_dir(out)  # every shard's rename is on disk before the index can be
             # The index comes last: a folder with an index is a complete merge.
             write_json_atomic(out / SAFETENSORS_INDEX, {"metadata": {"total_size": the_plan.total_size}, "weight_map": weight_map})
+            fsync_dir(out)
             shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return MergeResult(
         output_dir=out,

@@ -8,8 +8,8 @@ working set of a block; a tensor too big for it is processed in row blocks.
 
 A method that needs whole-tensor quantities first makes stats passes over the tensor's blocks (the
 exact top-k threshold by radix selection, the position of the last kept tie, mergekit's L1
-rescale), then one output pass; a one-block tensor stays in memory between passes, a bigger one is
-read again. FusionBench's global trim domain adds passes over every tensor before any output.
+rescale), then one output pass; each pass reads the tensor's mapped pages again, from the page cache
+when they are still there. FusionBench's global trim domain adds passes over every tensor first.
 Nothing depends on the block size: the DARE mask is counter-based and ties go by flat index.
 """
 
@@ -27,14 +27,15 @@ from typing import Callable, Iterator
 import torch
 
 from . import kernels, ops
+from .errors import NonFiniteError
 from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, mask_key
 from .plan import Plan, TensorPlan, job_rows, pool_shape
-from .sources import DTYPES, Checkpoint, itemsize
-from .errors import NonFiniteError
+from .sources import DTYPES, Checkpoint
 from .writer import ShardWriter
 
 Progress = Callable[[int], None]  # called with the number of input bytes just processed
+
 
 @dataclass
 class Block:

@@ -109,3 +109,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes the renames inside a folder durable (a rename lives in the folder's own metadata)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-import torch
 
 import streammerge.fused
 import streammerge.kernels

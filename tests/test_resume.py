@@ -18,7 +18,7 @@ import torch
 
 import streammerge.api
 import streammerge.writer
-from streammerge import MergeConfig, ModelSpec, OutputError, merge
+from streammerge import MergeConfig, OutputError, merge
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 
 SHAPE = TinyLlama(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=512)

@@ -15,7 +15,6 @@ This module exists to document/verify that rule (reimpl_check.py and
 tie_experiment.py compare it with torch.argsort).  It is O(n log n) Python,
 fine up to ~1e6 elements.  It models the algorithm, it is not library code.
 """
-import math
 def std_sort_perm(keys, desc=True):
     """Return the permutation (list of indices) std::sort would produce."""
     a = [(k, i) for i, k in enumerate(keys)]
