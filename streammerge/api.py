@@ -114,6 +114,8 @@ def merge(
     progress: Progress | None = None,
     compile: str = "auto",
     check_finite: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
 ) -> MergeResult:
     """Runs the merge and writes a sharded checkpoint that transformers loads as is.
 
@@ -132,6 +134,8 @@ def merge(
         compile: "auto" compiles a fused CPU kernel (torch.compile) for big merges; "on", "off".
             The bytes are the same either way.
         check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
+        device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
+        threads: CPU threads for the merge arithmetic (default: torch's).
     """
     start = time.perf_counter()
     out = Path(output_dir)
@@ -146,6 +150,7 @@ def merge(
         else:
             _check_free_space(out, the_plan, done)
             shards = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, done=done, check_finite=check_finite,
+                              device=device, threads=threads,
                               on_shard=lambda receipt: write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json", receipt))
             _copy_side_files(config, reference, out, the_plan)
             write_text_atomic(out / MODEL_CARD, model_card(the_plan))

@@ -143,6 +143,8 @@ def _merge_options(f):
         click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="Fused torch.compile'd CPU kernel: auto uses it for big merges. Same bytes either way."),
         click.option("--check-finite", is_flag=True, help="Fail if any input or merged tensor holds NaN or Inf."),
+        click.option("--device", default="auto", show_default=True, help="auto (a GPU when there is one), cpu, cuda, cuda:N."),
+        click.option("--threads", type=click.IntRange(1), help="CPU threads for the arithmetic (default: all cores)."),
         click.option("--vocab", type=click.Choice(["error", "truncate_to_base", "truncate_to_smallest"]),
                      help="When vocabulary sizes differ (default: error)."),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
@@ -196,7 +198,8 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
     the_plan = api.plan(cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
     with tqdm(total=the_plan.input_bytes, unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
         return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force,
-                         progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False))
+                         progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False),
+                         device=o.get("device", "auto"), threads=o.get("threads"))
 
 
 @main.command()

@@ -16,6 +16,7 @@ Nothing depends on the block size: the DARE mask is counter-based and ties go by
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import queue
 import threading
@@ -35,6 +36,7 @@ from .sources import DTYPES, Checkpoint
 from .writer import ShardWriter
 
 Progress = Callable[[int], None]  # called with the number of input bytes just processed
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,12 +109,35 @@ class NumpyBackend:
 
 
 class TorchBackend:
-    """`ops` on whole blocks with torch: mergekit's reduced-precision arithmetic, and other devices."""
+    """`ops` on whole blocks with torch: mergekit's reduced-precision arithmetic, and GPUs.
 
-    def __init__(self, compute: torch.dtype):
+    On a GPU, each input block is copied into a reusable pinned buffer and sent asynchronously; the
+    result's copy back into the (CPU) output buffer waits for the stream, so the staging buffers are
+    free again before the next block reuses them.
+    """
+
+    def __init__(self, compute: torch.dtype, device: torch.device = torch.device("cpu")):
         self.compute = compute
+        self.device = device
+        self.staging: dict[int, torch.Tensor] = {}
+
+    def _on_device(self, block: Block) -> Block:
+        if self.device.type == "cpu":
+            return block
+        moved = []
+        for i, t in enumerate(([block.base] if block.base is not None else []) + block.fts):
+            nbytes = t.numel() * t.element_size()
+            buf = self.staging.get(i)
+            if buf is None or buf.numel() < nbytes:
+                buf = self.staging[i] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            pinned = buf[:nbytes].view(t.dtype).view(t.shape)
+            pinned.copy_(t)
+            moved.append(pinned.to(self.device, non_blocking=True))
+        base = moved.pop(0) if block.base is not None else None
+        return replace(block, base=base, fts=moved)
 
     def deltas(self, block: Block, spec: ops.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self._on_device(block)
         base = block.base.to(self.compute)
         deltas = ops.task_vectors(base, block.fts)
         n = deltas[0].numel()
@@ -146,8 +171,9 @@ class TorchBackend:
 
     def l1_scales(self, block: Block, spec: ops.TensorSpec) -> tuple[float, ...]:
         """mergekit's DARE rescale per model, from the whole tensor (a single block)."""
-        full = ops.task_vectors(block.base.to(self.compute), block.fts)
         _, kept = self.deltas(block, replace(spec, dare_scales=(1.0,) * len(block.fts)))
+        moved = self._on_device(block)
+        full = ops.task_vectors(moved.base.to(self.compute), moved.fts)
         return tuple(ops.l1_rescale(full[i], kept[i]) for i in range(len(block.fts)))
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
@@ -155,7 +181,7 @@ class TorchBackend:
         if not spec.merged:
             out.copy_(block.base.reshape(-1))
         elif opts.combine == "average":
-            out.copy_(ops.linear_block(block.fts, spec.weights, opts, self.compute).reshape(-1))
+            out.copy_(ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute).reshape(-1))
         else:
             base, deltas = self.deltas(block, spec)
             if opts.trim_rule == "argsort" and opts.sparsify == "trim":
@@ -171,7 +197,8 @@ class TorchBackend:
 class TensorJob:
     """How one tensor is read and merged: its blocks, its parameters, its backend."""
 
-    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, fused=None):
+    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, fused=None,
+                 device: torch.device = torch.device("cpu")):
         self.tp, self.opts = tp, plan.options
         self.reference = reference
         self.is_linear = tp.merged and self.opts.combine == "average"
@@ -185,8 +212,9 @@ class TensorJob:
         self.compute = torch.promote_types(compute, promoted) if compute == torch.float32 else compute
         self.out_dtype = DTYPES[tp.out_dtype]
         self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
-        use_numpy = kernels.supported(in_dtypes, self.compute) and not self.opts.whole_tensors and not self.opts.fused_linear
-        self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute)
+        use_numpy = (device.type == "cpu" and kernels.supported(in_dtypes, self.compute)
+                     and not self.opts.whole_tensors and not self.opts.fused_linear)
+        self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device)
 
         n = len(self.finetuned)
         self.row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
@@ -457,6 +485,17 @@ class AsyncWriter:
             self.writer = None
 
 
+def resolve_device(device: str) -> torch.device:
+    """auto -> the GPU if there is one; a CUDA device asked for without CUDA -> the CPU, with a warning."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        log.warning("CUDA is not available (torch %s, no GPU found): merging on the CPU, with the same bytes", torch.__version__)
+        return torch.device("cpu")
+    return target
+
+
 def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
     sources = ([job.reference] if job.read_base else []) + job.finetuned
     for ckpt, tensor in zip(sources, ([block.base] if job.read_base else []) + block.fts):
@@ -478,6 +517,7 @@ def run_plan(
     done: dict[str, dict] | None = None,
     on_shard: Callable[[dict], None] | None = None,
     check_finite: bool = False,
+    device: str = "auto",
 ) -> list[dict]:
     """Writes every shard of the plan into `out_dir`; returns [{file, sha256, bytes}] per shard.
 
@@ -486,14 +526,16 @@ def run_plan(
         done: shards already complete (by file name, their receipts), skipped.
         on_shard: called with each new shard's receipt as soon as the shard is in place.
         check_finite: fail on NaN or Inf in any input or merged tensor.
+        device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
     """
     done = done or {}
+    target = resolve_device(device)
     threads = threads or torch.get_num_threads()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
     by_name = {t.name: t for t in plan.tensors}
     merged = sum(t.numel for t in plan.tensors if t.merged)
     fused = FusedMerger() if worth_compiling(merged * len(finetuned), compile) else None
-    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, fused) for t in plan.tensors}
+    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, fused, target) for t in plan.tensors}
     capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])
     buffers = BufferPool(capacity, count)
     writer = AsyncWriter(buffers, on_shard)
