@@ -46,6 +46,8 @@ class MergeResult:
     tensors: int
     merged_tensors: int
     seconds: float
+    reused_shards: int = 0  # shards kept from an interrupted run of the same merge
+    already_complete: bool = False  # the same merge was already complete there; nothing was done
 
     def summary(self) -> dict:
         return {
@@ -55,6 +57,8 @@ class MergeResult:
             "tensors": self.tensors,
             "merged_tensors": self.merged_tensors,
             "seconds": round(self.seconds, 3),
+            "reused_shards": self.reused_shards,
+            "already_complete": self.already_complete,
         }
 
 
@@ -168,6 +172,8 @@ def merge(
         tensors=len(the_plan.tensors),
         merged_tensors=sum(t.merged for t in the_plan.tensors),
         seconds=time.perf_counter() - start,
+        reused_shards=len(the_plan.shards) if done is None else len(done),
+        already_complete=done is None,
     )
 
 

@@ -185,9 +185,12 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
     result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet)
     if as_json:
         click.echo(json.dumps({"status": "ok", **result.summary()}, indent=2))
+    elif not quiet and result.already_complete:
+        click.echo(f"{result.output_dir} already holds this merge, complete ({len(result.shards)} shard(s)); nothing to do")
     elif not quiet:
+        resumed = f" ({result.reused_shards} shard(s) kept from an interrupted run)" if result.reused_shards else ""
         click.echo(
-            f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shard(s), "
+            f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shard(s){resumed}, "
             f"{result.total_size / 1e9:.3f} GB, in {result.seconds:.1f} s -> {result.output_dir}"
         )
 

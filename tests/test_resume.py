@@ -104,7 +104,7 @@ def test_rerun_of_a_finished_merge_is_a_no_op_and_a_changed_input_is_refused(mod
     first = merge(_config(models), tmp_path / "out", max_shard_size=60_000)
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
     again = merge(_config(models), tmp_path / "out", max_shard_size=60_000)
-    assert again.shards == first.shards
+    assert again.shards == first.shards and again.already_complete and not first.already_complete
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == mtimes  # nothing rewritten
     with pytest.raises(OutputError, match="different merge"):
         merge(MergeConfig(**{**_config(models).__dict__, "seed": 1, "method": "dare_ties"}), tmp_path / "out", max_shard_size=60_000)
@@ -127,6 +127,11 @@ def test_disk_full_gives_a_clear_error_and_no_complete_looking_output(models, tm
     out = tmp_path / "out"
     assert not (out / "model.safetensors.index.json").exists() and not (out / "streammerge_manifest.json").exists()
     assert not list(out.glob("*.partial"))
+    # Space freed: the same merge resumes, keeping the shard that was finished before the disk filled.
+    monkeypatch.setattr(streammerge.writer.ShardWriter, "_write", real)
+    resumed = merge(_config(models), tmp_path / "out", max_shard_size=60_000)
+    assert resumed.reused_shards >= 1 and not resumed.already_complete
+    assert resumed.shards == merge(_config(models), tmp_path / "fresh", max_shard_size=60_000).shards
 
 
 def test_real_enospc_from_the_os_is_reported(models, tmp_path, monkeypatch):
