@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", help="results file name (default: the shape)")
     args = ap.parse_args()
 
     if not (args.data / "ft2").exists():
@@ -157,7 +158,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"shape": args.shape, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "max_memory": args.max_memory, "compile": args.compile, "floor": floor, "rows": rows}
-    (args.out / f"{args.shape}.json").write_text(json.dumps(result, indent=2))
+    name = args.name or args.shape
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     try:
         import matplotlib
 
@@ -174,9 +176,9 @@ def main() -> None:
         ax2.set_ylabel("peak anonymous memory (GiB)")
         for ax in (ax1, ax2):
             ax.tick_params(axis="x", labelsize=7)
-        fig.suptitle(f"{args.shape}: base + 2 fine-tunes, bf16, density 0.5")
+        fig.suptitle(f"{args.shape}: base + 2 fine-tunes, bf16, density 0.5, --max-memory {args.max_memory}")
         fig.tight_layout()
-        fig.savefig(args.out / f"{args.shape}.png", dpi=110)
+        fig.savefig(args.out / f"{name}.png", dpi=110)
     except ImportError:
         print("(matplotlib not installed: no plot)")
     subprocess.run(["rm", "-rf", str(work)], check=False)
