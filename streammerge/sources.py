@@ -18,6 +18,7 @@ import mmap
 import os
 import stat
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,7 @@ class Checkpoint:
             self._ends[info.file] = max(self._ends.get(info.file, 0), info.offset + info.nbytes)
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.RLock()
 
     @property
     def folder(self) -> Path:
@@ -291,12 +293,17 @@ class Checkpoint:
         return buf.view(DTYPES[info.dtype]).view(shape)
 
     def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO
-        return fd
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO
+            return fd
 
     def _map(self, file: Path) -> mmap.mmap:
+        with self._lock:  # the readahead thread maps files too
+            return self._map_locked(file)
+
+    def _map_locked(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:
             fd = self._fd(file)
