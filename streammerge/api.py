@@ -31,7 +31,7 @@ from .engine import Progress, run_plan
 from .errors import CheckpointError, ConfigError, OutputError, StreammergeError
 from .plan import Plan, build_plan
 from .sources import Checkpoint
-from .writer import fsync_dir, write_json_atomic, write_text_atomic
+from .writer import file_sha256, fsync_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +203,6 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str) -> dict[str, dict] | None:
     """Readies the output folder; returns the shards a previous run of this same merge finished
     (checked against their sha256), or None when this exact merge is already complete there."""
@@ -267,7 +259,7 @@ def _resume(out: Path, state: Path) -> dict[str, dict]:
         try:
             receipt = json.loads(receipt_path.read_text("utf-8"))
             shard = out / receipt["file"]
-            if shard.stat().st_size == receipt["bytes"] and _sha256(shard) == receipt["sha256"]:
+            if shard.stat().st_size == receipt["bytes"] and file_sha256(shard) == (receipt["bytes"], receipt["sha256"]):
                 done[receipt["file"]] = receipt
                 continue
         except (OSError, ValueError, KeyError, TypeError):

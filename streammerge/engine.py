@@ -136,8 +136,10 @@ class TorchBackend:
         base = moved.pop(0) if block.base is not None else None
         return replace(block, base=base, fts=moved)
 
-    def deltas(self, block: Block, spec: ops.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        block = self._on_device(block)
+    def deltas(self, block: Block, spec: ops.TensorSpec, *, staged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ₀ and τ (DARE and trim applied) in the compute dtype, on the device."""
+        if not staged:
+            block = self._on_device(block)
         base = block.base.to(self.compute)
         deltas = ops.task_vectors(base, block.fts)
         n = deltas[0].numel()
@@ -171,8 +173,8 @@ class TorchBackend:
 
     def l1_scales(self, block: Block, spec: ops.TensorSpec) -> tuple[float, ...]:
         """mergekit's DARE rescale per model, from the whole tensor (a single block)."""
-        _, kept = self.deltas(block, replace(spec, dare_scales=(1.0,) * len(block.fts)))
-        moved = self._on_device(block)
+        moved = self._on_device(block)  # staged once: a second staging could overwrite buffers still in flight
+        _, kept = self.deltas(moved, replace(spec, dare_scales=(1.0,) * len(block.fts)), staged=True)
         full = ops.task_vectors(moved.base.to(self.compute), moved.fts)
         return tuple(ops.l1_rescale(full[i], kept[i]) for i in range(len(block.fts)))
 
@@ -205,7 +207,8 @@ class TensorJob:
         # linear needs no θ₀; a copied tensor needs nothing but θ₀
         self.finetuned = finetuned if tp.merged else []
         self.read_base = not self.is_linear
-        in_dtypes = [DTYPES[c.tensors[tp.name].dtype] for c in ([reference] if self.read_base else []) + self.finetuned]
+        self.sources = ([reference] if self.read_base else []) + self.finetuned  # what is read, in Block order
+        in_dtypes = [DTYPES[c.tensors[tp.name].dtype] for c in self.sources]
         promoted = functools.reduce(torch.promote_types, in_dtypes)
         compute = self.opts.compute_dtype or promoted
         # float32 by default; float64 inputs stay float64 (no silent loss)
@@ -234,8 +237,7 @@ class TensorJob:
         )
 
     def block_bytes(self, r0: int, r1: int) -> int:
-        sources = ([self.reference] if self.read_base else []) + self.finetuned
-        return sum(c.tensors[self.tp.name].row_bytes for c in sources) * (r1 - r0)
+        return sum(c.tensors[self.tp.name].row_bytes for c in self.sources) * (r1 - r0)
 
     def read(self, r0: int, r1: int) -> Block:
         name = self.tp.name
@@ -244,7 +246,7 @@ class TensorJob:
         return Block(r0, r1, r0 * self.row_elems, base, fts, self.block_bytes(r0, r1))
 
     def advise(self) -> None:
-        for c in ([self.reference] if self.read_base else []) + self.finetuned:
+        for c in self.sources:
             c.advise(self.tp.name)
 
     def blocks_read(self) -> Iterator[Block]:
@@ -268,10 +270,7 @@ class TensorJob:
 # ---- stats passes ------------------------------------------------------------------------------
 
 
-BlockPasses = Callable[[TensorJob], Iterator[Block]]
-
-
-def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float, ...], rule: str, passes: BlockPasses) -> list[list[ops.TrimThreshold | None]]:
+def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float, ...], rule: str) -> list[list[ops.TrimThreshold | None]]:
     """Exact top-k thresholds of each model over the given tensors (one, or all for a global domain).
 
     Returns, per job, the per-model thresholds: radix selection gives the value, then a scan in flat
@@ -285,7 +284,7 @@ def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float,
         high = [None if s is None else s.high for s in selectors]
         for job in jobs:
             spec = replace(job.spec, trims=(None,) * n)
-            for block in passes(job):
+            for block in job.blocks_read():
                 for sel, hist in zip(selectors, job.backend.hist(block, spec, high, wanted)):
                     if sel is not None:
                         sel.add(hist)
@@ -304,13 +303,13 @@ def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float,
             continue
         value, greater, equal = sel.result()
         keep_ties = equal if rule == "inclusive" else k - greater
-        last = _last_tie(jobs, passes, i, value, keep_ties, equal)
+        last = _last_tie(jobs, i, value, keep_ties, equal)
         for j, row in enumerate(per_job):
             row[i] = ops.TrimThreshold(value, last[j])
     return per_job
 
 
-def _last_tie(jobs: list[TensorJob], passes: BlockPasses, i: int, value: float, keep: int, total: int) -> list[int]:
+def _last_tie(jobs: list[TensorJob], i: int, value: float, keep: int, total: int) -> list[int]:
     """Per job, the flat index of the last kept tie: ALL_TIES before the crossing, -1 after it."""
     if keep == total:
         return [ops.ALL_TIES] * len(jobs)
@@ -323,7 +322,7 @@ def _last_tie(jobs: list[TensorJob], passes: BlockPasses, i: int, value: float, 
             continue
         spec = replace(job.spec, trims=(None,) * len(job.finetuned))
         found = None
-        for block in passes(job):
+        for block in job.blocks_read():
             pos, seen = job.backend.find_tie(block, spec, i, value, needed)
             if pos is not None:
                 found = pos
@@ -335,20 +334,20 @@ def _last_tie(jobs: list[TensorJob], passes: BlockPasses, i: int, value: float, 
     return out
 
 
-def prepare_tensor(job: TensorJob, passes: BlockPasses) -> None:
+def prepare_tensor(job: TensorJob) -> None:
     """Whole-tensor quantities of one tensor (per-tensor trim domain)."""
     if job.prepared:
         return
     job.prepared = True
     if job.tp.dare and job.opts.rescale == "l1":
-        (block,) = passes(job)
+        (block,) = job.blocks_read()
         job.spec = replace(job.spec, dare_scales=job.backend.l1_scales(block, job.spec))
     if job.radix_trim and job.opts.trim_scope == "tensor":
-        (trims,) = select_thresholds([job], job.tp.numel, job.trim_densities(), job.opts.trim_rule, passes)
+        (trims,) = select_thresholds([job], job.tp.numel, job.trim_densities(), job.opts.trim_rule)
         job.spec = replace(job.spec, trims=tuple(trims))
 
 
-def prepare_global(jobs: list[TensorJob], passes: BlockPasses) -> None:
+def prepare_global(jobs: list[TensorJob]) -> None:
     """FusionBench's model-wide quantities: one trim threshold per model over every merged tensor,
     and the majority sign that breaks γ = 0."""
     opts = jobs[0].opts if jobs else None
@@ -357,14 +356,14 @@ def prepare_global(jobs: list[TensorJob], passes: BlockPasses) -> None:
     trimmed = [j for j in jobs if j.radix_trim]
     if opts.trim_scope == "global" and trimmed:
         numel = sum(j.tp.numel for j in trimmed)
-        for job, trims in zip(trimmed, select_thresholds(trimmed, numel, trimmed[0].trim_densities(), opts.trim_rule, passes)):
+        for job, trims in zip(trimmed, select_thresholds(trimmed, numel, trimmed[0].trim_densities(), opts.trim_rule)):
             job.spec = replace(job.spec, trims=tuple(trims))
     if opts.zero_sign == "majority" and opts.combine == "ties":
         total = 0.0
         for job in (j for j in jobs if j.tp.merged):
             if opts.trim_scope == "tensor":
-                prepare_tensor(job, passes)
-            total += sum(job.backend.sign_total(block, job.spec) for block in passes(job))
+                prepare_tensor(job)
+            total += sum(job.backend.sign_total(block, job.spec) for block in job.blocks_read())
         majority = math.copysign(1.0, total) if total != 0 else 0.0
         for job in jobs:
             job.spec = replace(job.spec, majority=majority)
@@ -414,7 +413,7 @@ class Readahead:
 
 
 class AsyncWriter:
-    """Hashes and writes finished blocks on its own thread, within a byte budget."""
+    """Hashes and writes finished blocks on its own thread; their buffers go back to the pool."""
 
     def __init__(self, pool: BufferPool, on_shard: Callable[[dict], None] | None = None):
         self.pool = pool
@@ -477,7 +476,7 @@ class AsyncWriter:
 
     def close(self, cancel: bool = False) -> None:
         """Stops the thread; with `cancel`, queued blocks are dropped and the open shard deleted."""
-        self.cancelled = self.cancelled or cancel
+        self.cancelled = cancel
         self.queue.put(None)
         self.thread.join()
         if self.writer is not None:  # cancelled before its last block arrived
@@ -497,8 +496,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
-    sources = ([job.reference] if job.read_base else []) + job.finetuned
-    for ckpt, tensor in zip(sources, ([block.base] if job.read_base else []) + block.fts):
+    for ckpt, tensor in zip(job.sources, ([block.base] if job.read_base else []) + block.fts):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"{ckpt.tensors[job.tp.name].file}: tensor {job.tp.name!r} holds NaN or Inf")
     if not bool(torch.isfinite(out).all()):
@@ -540,8 +538,9 @@ def run_plan(
     buffers = BufferPool(capacity, count)
     writer = AsyncWriter(buffers, on_shard)
     readahead: Readahead | None = None
+    finished = False
     try:
-        prepare_global(list(jobs.values()), TensorJob.blocks_read)
+        prepare_global(list(jobs.values()))
         todo = [s for s in plan.shards if s.filename not in done]
         readahead = Readahead([jobs[n] for s in todo for n in s.tensors])
         futures = []
@@ -550,7 +549,7 @@ def run_plan(
             writer.open(out_dir / shard.filename, entries, {"format": "pt"})
             for name in shard.tensors:
                 job = jobs.pop(name)
-                prepare_tensor(job, TensorJob.blocks_read)
+                prepare_tensor(job)
                 for block in job.blocks_read():
                     if job.passthrough:  # same dtype, not merged: the mapped bytes go straight out
                         if check_finite:
@@ -568,13 +567,11 @@ def run_plan(
                 readahead.done(job)
             futures.append(writer.finish())
         new = {r["file"]: r for r in (f.result() for f in futures)}
+        finished = True
         return [done.get(s.filename) or new[s.filename] for s in plan.shards]
-    except BaseException:
-        writer.close(cancel=True)  # Ctrl-C or an error: no half-written shard stays behind
-        raise
     finally:
         if readahead is not None:
             readahead.stop()
-        writer.close()
+        writer.close(cancel=not finished)  # Ctrl-C or an error: no half-written shard stays behind
         if pool is not None:
             pool.shutdown()

@@ -137,6 +137,7 @@ class FusedMerger:
 
     def __init__(self) -> None:
         self.kernels: dict[_Shape, object] = {}
+        self.staging: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # by (n, base dtype, fts dtype)
         self.broken = False
 
     def supports(self, spec: TensorSpec, fts: list[torch.Tensor]) -> bool:
@@ -151,9 +152,9 @@ class FusedMerger:
                        opts.sign_method, opts.zero_sign, opts.merge_func, opts.mean_divisor, opts.normalize, out.dtype)
         f32 = torch.float32
         keys = spec.keys if spec.dare else (0,) * n
-        norm = torch.tensor(spec.weights, dtype=f32)
-        total = norm[0] + 0.0
-        for x in norm[1:]:
+        weights = torch.tensor(spec.weights, dtype=f32)
+        total = weights[0] + 0.0
+        for x in weights[1:]:
             total = total + x
         args = (
             torch.tensor([k & _M32 for k in keys]), torch.tensor([k >> 32 for k in keys]),
@@ -161,17 +162,19 @@ class FusedMerger:
             torch.tensor(spec.dare_scales, dtype=f32),
             torch.tensor([t.value if t is not None else 0.0 for t in spec.trims], dtype=f32),
             torch.tensor([t.last_tie if t is not None else 0 for t in spec.trims]),
-            torch.tensor(spec.weights, dtype=f32), torch.tensor(spec.lam, dtype=f32),
+            weights, torch.tensor(spec.lam, dtype=f32),
             torch.tensor(spec.majority, dtype=f32), torch.where(total.abs() < 1e-8, 1.0, total),
         )
         try:
             kernel = self.kernels.get(shape)
             if kernel is None:
                 kernel = self.kernels[shape] = _kernel(shape)
-            # Inputs are copied into two fixed buffers (page-cache views of every shape and offset
-            # would make dynamo recompile), the last chunk zero-padded to the compiled length.
-            b = torch.zeros(CHUNK, dtype=base.dtype)
-            x = torch.zeros((n, CHUNK), dtype=fts[0].dtype)
+            # Inputs are copied into two fixed, reused buffers (page-cache views of every shape and
+            # offset would make dynamo recompile), the last chunk zero-padded to the compiled length.
+            key = (n, base.dtype, fts[0].dtype)
+            if key not in self.staging:
+                self.staging[key] = (torch.zeros(CHUNK, dtype=base.dtype), torch.zeros((n, CHUNK), dtype=fts[0].dtype))
+            b, x = self.staging[key]
             bits_out = out.view(_BITS[out.element_size()])
             for c in range(0, base.numel(), CHUNK):
                 m = min(CHUNK, base.numel() - c)

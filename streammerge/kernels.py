@@ -96,6 +96,13 @@ def _scratch(n: int) -> _Scratch:
     return s
 
 
+def _plus_minus_one(condition: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """+1.0 where true, −1.0 where false, as torch's `cond.to(float) * 2 - 1`."""
+    out[...] = condition
+    np.multiply(out, np.float32(2), out=out)
+    return np.subtract(out, np.float32(1), out=out)
+
+
 def _seq_sum(xs: list[np.ndarray], out: np.ndarray) -> np.ndarray:
     """((0 + x0) + x1) + ...: torch's sum over the model dimension, bit for bit."""
     np.add(xs[0], _F32_ZERO, out=out)
@@ -176,19 +183,12 @@ def merge_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: 
             np.sign(score, out=gamma)
             gamma[gamma == 0] = np.float32(spec.majority)
         else:
-            np.greater_equal(score, _F32_ZERO, out=s.b1[:m])
-            gamma[...] = s.b1[:m]
-            np.multiply(gamma, np.float32(2), out=gamma)
-            np.subtract(gamma, np.float32(1), out=gamma)
+            _plus_minus_one(np.greater_equal(score, _F32_ZERO, out=s.b1[:m]), gamma)
         # agreement: where(γ > 0, v > 0, v < 0) is exactly v·γ' > 0 with γ' = +1 if γ > 0 else −1
         # (FusionBench's γ = 0 takes the negative side); one multiply and compare, no masked copy.
         side = gamma
         if opts.zero_sign == "majority":
-            side = s.tmp[:m]
-            np.greater(gamma, _F32_ZERO, out=s.b1[:m])
-            side[...] = s.b1[:m]
-            np.multiply(side, np.float32(2), out=side)
-            np.subtract(side, np.float32(1), out=side)
+            side = _plus_minus_one(np.greater(gamma, _F32_ZERO, out=s.b1[:m]), s.tmp[:m])
         agree = []
         for i, v in enumerate(voters):
             a = s.agree[i, :m]
@@ -260,7 +260,7 @@ def merge_block(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: 
 
 
 def _abs_bits(spec: TensorSpec, base, fts, c, e, start, s, i) -> np.ndarray:
-    b, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
+    _, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
     return np.abs(ds[i], out=s.a[: e - c]).view(np.int32)
 
 
@@ -278,7 +278,7 @@ def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], 
         fill = [0] * n
         for c in range(c0, c1, CHUNK):
             e = min(c + CHUNK, c1)
-            b, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
+            _, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
             for i, d in enumerate(ds):
                 if not wanted[i]:
                     continue

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -22,8 +21,8 @@ from pathlib import Path
 from .constants import MANIFEST, MAX_INDEX_BYTES, SAFETENSORS_INDEX
 from .errors import CheckpointError
 from .sources import TensorInfo, _inside, _reject_duplicates, read_header
+from .writer import file_sha256
 
-CHUNK_BYTES = 16 << 20  # read size while hashing a shard
 
 
 @dataclass(frozen=True)
@@ -185,14 +184,9 @@ def _check_shard(path: Path, record: dict | None, problems: list[str]) -> tuple[
 
 
 def _sha256(path: Path, problems: list[str]) -> tuple[int, str | None]:
-    """Reads the whole file: its size and sha256 (hex)."""
-    h, size = hashlib.sha256(), 0
+    """Reads the whole file: its size and sha256 (hex); None with a problem if it can't be read."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                h.update(chunk)
-                size += len(chunk)
+        return file_sha256(path)
     except OSError as e:
         problems.append(f"{path}: cannot read: {e.strerror or e}")
-        return size, None
-    return size, h.hexdigest()
+        return 0, None

@@ -118,3 +118,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: Path) -> tuple[int, str]:
+    """Reads a whole file: its size and sha256 (hex). Raises OSError."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
