@@ -1,0 +1,66 @@
+"""Throughput of the merge kernels on one TinyLlama MLP-sized tensor (5632 x 2048, bf16), 2 fine-tunes.
+
+    python benchmarks/kernels.py
+
+Prints M elements/s for: the DARE mask, the numpy chunk kernel (1 and all threads), the
+torch.compile'd kernel (after its compile, which is printed separately), and the radix passes
+that find the exact TIES threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from streammerge import kernels, ops
+from streammerge.fused import FusedMerger
+from streammerge.mask import keep_mask_into, mask_key
+
+N = 5632 * 2048
+
+
+def rate(fn, repeat: int = 3) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return N * repeat / (time.perf_counter() - t) / 1e6
+
+
+def spec(method: str) -> ops.TensorSpec:
+    dare = method.startswith("dare")
+    trims = (ops.TrimThreshold(0.0015, -1),) * 2 if method == "ties" else (None, None)
+    return ops.TensorSpec(opts=ops.MergeOptions(method=method), weights=(0.5, 0.5), lam=1.0, dare=dare,
+                          keys=tuple(mask_key(0, i, "t") for i in range(2)) if dare else (), densities=(0.5, 0.5),
+                          dare_scales=(2.0, 2.0) if dare else (1.0, 1.0), trims=trims)
+
+
+def main() -> None:
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(N, generator=gen) * 0.02).bfloat16()
+    fts = [(base.float() + torch.randn(N, generator=gen) * 0.002).bfloat16() for _ in range(2)]
+    out = torch.empty(N, dtype=torch.bfloat16)
+    b, f, o = kernels.as_numpy(base), [kernels.as_numpy(x) for x in fts], kernels.as_numpy(out)
+    pool = ThreadPoolExecutor(torch.get_num_threads())
+    keep = torch.empty(N, dtype=torch.bool)
+    print(f"DARE mask (numpy, 1 thread): {rate(lambda: keep_mask_into(123, 0, keep, 0.5)):.0f} M elem/s")
+    fused = FusedMerger()
+    for method in ("task_arithmetic", "dare_linear", "dare_ties", "ties"):
+        sp = spec(method)
+        one = rate(lambda: kernels.merge_block(sp, b, f, o, 0, None))
+        many = rate(lambda: kernels.merge_block(sp, b, f, o, 0, pool))
+        t = time.perf_counter()
+        fused.merge(sp, base, fts, out, 0)
+        compile_s = time.perf_counter() - t
+        comp = rate(lambda: fused.merge(sp, base, fts, out, 0))
+        print(f"{method:16s} numpy 1 thread {one:5.0f}, numpy {pool._max_workers} threads {many:5.0f}, "
+              f"compiled {comp:5.0f} M elem/s (first call incl. compile {compile_s:.1f} s)")
+    sp = spec("dare_ties")
+    print(f"radix pass 1 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [None, None], [True, True], pool)):.0f} M elem/s")
+    print(f"radix pass 2 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [15300, 15300], [True, True], pool)):.0f} M elem/s")
+
+
+if __name__ == "__main__":
+    main()
