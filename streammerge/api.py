@@ -28,7 +28,8 @@ from . import __version__
 from .config import MergeConfig
 from .constants import COPIED_FILES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, MANIFEST, MODEL_CARD, SAFETENSORS_INDEX
 from .engine import Progress, run_plan
-from .errors import CheckpointError, ConfigError, OutputError, StreammergeError
+from . import hub
+from .errors import CheckpointError, ConfigError, HubError, OutputError, StreammergeError
 from .plan import Plan, build_plan
 from .sources import Checkpoint
 from .writer import file_sha256, fsync_dir, write_json_atomic, write_text_atomic
@@ -73,11 +74,11 @@ def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Check
     opened: dict[str, Checkpoint | None] = {}
 
     def get(path: str) -> Checkpoint | None:
-        key = os.path.realpath(path)
+        key = os.path.realpath(path) if hub.parse_source(path) is None else path
         if key not in opened:
             try:
-                opened[key] = stack.enter_context(Checkpoint(path))
-            except CheckpointError as e:
+                opened[key] = stack.enter_context(hub.open_checkpoint(path))
+            except (CheckpointError, HubError) as e:
                 problems.append(e)
                 opened[key] = None
         return opened[key]
@@ -120,6 +121,8 @@ def merge(
     check_finite: bool = False,
     device: str = "auto",
     threads: int | None = None,
+    delete_downloaded: bool = False,
+    download_budget: int | None = None,
 ) -> MergeResult:
     """Runs the merge and writes a sharded checkpoint that transformers loads as is.
 
@@ -140,6 +143,10 @@ def merge(
         check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
         device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
         threads: CPU threads for the merge arithmetic (default: torch's).
+        delete_downloaded: delete the Hub input files this run downloaded once no remaining tensor
+            needs them (files already in the cache are kept).
+        download_budget: bytes of downloaded Hub input files on disk at once; downloads wait for
+            room, and files are deleted after use as with `delete_downloaded`.
     """
     start = time.perf_counter()
     out = Path(output_dir)
@@ -153,8 +160,10 @@ def merge(
             shards = json.loads((out / MANIFEST).read_text("utf-8"))["shards"]
         else:
             _check_free_space(out, the_plan, done)
+            remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
+            downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
             shards = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, done=done, check_finite=check_finite,
-                              device=device, threads=threads,
+                              device=device, threads=threads, downloads=downloads,
                               on_shard=lambda receipt: write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json", receipt))
             _copy_side_files(config, reference, out, the_plan)
             write_text_atomic(out / MODEL_CARD, model_card(the_plan))
@@ -184,8 +193,12 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     """sha256 of everything that decides the output bytes: the plan and the inputs' identity
     (each file's size, modification time and header), so a resume never mixes two merges."""
     files = sorted({info.file for c in inputs for info in c.tensors.values()})
+    remote = {f: c for c in inputs if isinstance(c, hub.HubCheckpoint) for f in c.files}
     identity = []
     for f in files:
+        if f in remote:  # not downloaded yet, maybe never all at once: its commit and etag say what it is
+            identity.append(remote[f].file_identity(f))
+            continue
         st = f.stat()
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
@@ -284,11 +297,16 @@ def _check_free_space(out: Path, the_plan: Plan, done: dict[str, dict]) -> None:
 
 def _copy_side_files(config: MergeConfig, reference: Checkpoint, out: Path, the_plan: Plan) -> None:
     """config.json, generation config and tokenizer files from the base (or the tokenizer source)."""
+    if isinstance(reference, hub.HubCheckpoint):
+        reference.fetch_side_files(COPIED_FILES)
     if not reference.path.is_dir():
         return
     tokenizer_from = reference.folder
     if config.tokenizer_source not in (None, "base"):
-        tokenizer_from = Checkpoint(config._path(config.tokenizer_source)).folder
+        source = hub.open_checkpoint(config._path(config.tokenizer_source))
+        if isinstance(source, hub.HubCheckpoint):
+            source.fetch_side_files(COPIED_FILES)
+        tokenizer_from = source.folder
     for name in COPIED_FILES:
         folder = reference.folder if name in ("config.json", "generation_config.json") else tokenizer_from
         src = folder / name
@@ -330,6 +348,8 @@ def model_card(the_plan: Plan) -> str:
     cfg = the_plan.config
     bases = [cfg.base] if cfg.base else []
     models = bases + [m.source for m in cfg.models if m.source not in bases]
+    # A Hub model is named by its repo id (the revision is in the configuration below).
+    models = list(dict.fromkeys(ref.repo_id if (ref := hub.parse_source(cfg._path(m))) else m for m in models))
     front = {"base_model": models, "library_name": "transformers", "tags": ["merge", "streammerge", cfg.method_name]}
     return (
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"

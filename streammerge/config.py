@@ -135,14 +135,23 @@ class MergeConfig:
             if not isinstance(entry, dict) or "model" not in entry:
                 problems.append(f"models[{i}]: expected a mapping with a 'model' key")
                 continue
-            extra = set(entry) - {"model", "parameters"}
+            extra = set(entry) - {"model", "parameters", "revision"}
             if extra:
                 problems.append(f"models[{i}]: unknown key(s) {sorted(extra)}")
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
                 problems.append(f"models[{i}].parameters must be a mapping")
                 params = {}
-            models.append(ModelSpec(str(entry["model"]), dict(params)))
+            source = str(entry["model"])
+            revision = entry.get("revision")
+            if revision is not None:  # a Hub revision: carried in the source as `org/name@revision`, as mergekit writes it
+                if not isinstance(revision, str) or not revision.strip():
+                    problems.append(f"models[{i}].revision: must be a branch, tag or commit name, got {revision!r}")
+                elif "@" in source:
+                    problems.append(f"models[{i}].revision: {source!r} already names a revision after '@'; give it once")
+                else:
+                    source = f"{source}@{revision}"
+            models.append(ModelSpec(source, dict(params)))
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             problems.append("'parameters' must be a mapping")

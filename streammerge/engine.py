@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -34,6 +34,9 @@ from .mask import keep_mask, mask_key
 from .plan import Plan, TensorPlan, job_rows, pool_shape
 from .sources import DTYPES, Checkpoint
 from .writer import ShardWriter
+
+if TYPE_CHECKING:
+    from .hub import Downloads
 
 Progress = Callable[[int], None]  # called with the number of input bytes just processed
 log = logging.getLogger(__name__)
@@ -347,6 +350,14 @@ def prepare_tensor(job: TensorJob) -> None:
         job.spec = replace(job.spec, trims=tuple(trims))
 
 
+def global_pass_needed(jobs: list[TensorJob]) -> bool:
+    """Whether `prepare_global` reads every tensor before the output pass."""
+    opts = jobs[0].opts if jobs else None
+    if opts is None:
+        return False
+    return (opts.trim_scope == "global" and any(j.radix_trim for j in jobs)) or (opts.zero_sign == "majority" and opts.combine == "ties")
+
+
 def prepare_global(jobs: list[TensorJob]) -> None:
     """FusionBench's model-wide quantities: one trim threshold per model over every merged tensor,
     and the majority sign that breaks γ = 0."""
@@ -516,6 +527,7 @@ def run_plan(
     on_shard: Callable[[dict], None] | None = None,
     check_finite: bool = False,
     device: str = "auto",
+    downloads: "Downloads | None" = None,
 ) -> list[dict]:
     """Writes every shard of the plan into `out_dir`; returns [{file, sha256, bytes}] per shard.
 
@@ -525,6 +537,7 @@ def run_plan(
         on_shard: called with each new shard's receipt as soon as the shard is in place.
         check_finite: fail on NaN or Inf in any input or merged tensor.
         device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
+        downloads: fetches Hub inputs ahead of the merge and releases them after their last tensor.
     """
     done = done or {}
     target = resolve_device(device)
@@ -540,8 +553,12 @@ def run_plan(
     readahead: Readahead | None = None
     finished = False
     try:
-        prepare_global(list(jobs.values()))
         todo = [s for s in plan.shards if s.filename not in done]
+        if downloads is not None:  # everything first when a model-wide pass reads every tensor before the output
+            prelude = list(jobs.values()) if global_pass_needed(list(jobs.values())) else []
+            downloads.start([(jobs[n].tp.name, jobs[n].sources) for s in todo for n in s.tensors],
+                            [(j.tp.name, j.sources) for j in prelude])
+        prepare_global(list(jobs.values()))
         readahead = Readahead([jobs[n] for s in todo for n in s.tensors])
         futures = []
         for shard in todo:
@@ -565,6 +582,8 @@ def run_plan(
                     if progress is not None:
                         progress(block.nbytes)
                 readahead.done(job)
+                if downloads is not None:
+                    downloads.done(name)
             futures.append(writer.finish())
         new = {r["file"]: r for r in (f.result() for f in futures)}
         finished = True
@@ -572,6 +591,8 @@ def run_plan(
     finally:
         if readahead is not None:
             readahead.stop()
+        if downloads is not None:
+            downloads.stop()
         writer.close(cancel=not finished)  # Ctrl-C or an error: no half-written shard stays behind
         if pool is not None:
             pool.shutdown()

@@ -54,3 +54,7 @@ class OutputError(StreammergeError, OSError):
 
 class NonFiniteError(StreammergeError, ValueError):
     """A tensor holds NaN or Inf (found by the optional finite check)."""
+
+
+class HubError(StreammergeError, OSError):
+    """The Hugging Face Hub refused or failed a request (access, network, upload), or its cache cannot be used."""

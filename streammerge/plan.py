@@ -136,8 +136,8 @@ def build_plan(
     plan = Plan(
         config=config,
         options=opts,
-        reference=str(reference.path),
-        sources=tuple(str(c.path) for c in finetuned),
+        reference=reference.label,
+        sources=tuple(c.label for c in finetuned),
         tensors=tuple(tensors),
         shards=tuple(shards),
         input_bytes=sum(c.nbytes for c in distinct),
@@ -174,9 +174,9 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint], vocab: str
         missing = [n for n in reference.tensors if n not in ckpt.tensors]
         extra = [n for n in ckpt.tensors if n not in reference.tensors]
         if missing:
-            problems.append(f"{ckpt.path}: lacks {len(missing)} tensor(s) of {reference.path}, e.g. {missing[0]!r}")
+            problems.append(f"{ckpt.label}: lacks {len(missing)} tensor(s) of {reference.label}, e.g. {missing[0]!r}")
         if extra:
-            problems.append(f"{ckpt.path}: has {len(extra)} tensor(s) not in {reference.path}, e.g. {extra[0]!r}")
+            problems.append(f"{ckpt.label}: has {len(extra)} tensor(s) not in {reference.label}, e.g. {extra[0]!r}")
         for name, info in reference.tensors.items():
             other = ckpt.tensors.get(name)
             if other is None:

@@ -22,7 +22,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -110,24 +110,36 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     try:
         with _open_regular(path) as f:
             file_size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(path, "not a safetensors file: shorter than its 8-byte header length")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
-                if _looks_pickled(prefix):
-                    raise CheckpointError(path, "a pickle (PyTorch) checkpoint, not safetensors: pickle checkpoints are "
-                                          "never loaded (they can run code); convert the model to safetensors")
-                raise CheckpointError(
-                    path,
-                    f"corrupt safetensors header: declares {header_len} header bytes but the file has "
-                    f"{file_size} bytes (truncated download or not a safetensors file?)",
-                )
+            header_len = header_length(path, f.read(8), file_size)
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
     if len(raw) != header_len:
         raise CheckpointError(path, "file ended while reading the safetensors header (truncated?)")
+    return parse_header(path, raw, file_size)
+
+
+def header_length(path: Path, prefix: bytes, file_size: int) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file's size."""
+    if len(prefix) < 8:
+        raise CheckpointError(path, "not a safetensors file: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
+        if _looks_pickled(prefix):
+            raise CheckpointError(path, "a pickle (PyTorch) checkpoint, not safetensors: pickle checkpoints are "
+                                  "never loaded (they can run code); convert the model to safetensors")
+        raise CheckpointError(
+            path,
+            f"corrupt safetensors header: declares {header_len} header bytes but the file has "
+            f"{file_size} bytes (truncated download or not a safetensors file?)",
+        )
+    return header_len
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validates the JSON header `raw` of a safetensors file of `file_size` bytes, as `read_header` does;
+    for headers read some other way (a ranged request to the Hub). `path` is where the file is, or will be."""
+    header_len = len(raw)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError:
@@ -234,10 +246,13 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.files = _resolve_files(self.path)
+        self._load(_read_index(self.path) if self.path.is_dir() else None, read_header)
+
+    def _load(self, index: dict[str, str] | None, read: Callable[[Path], tuple[dict[str, TensorInfo], dict]]) -> None:
+        """Builds the tensor table from each file's header (`read(file)`), keeping what the index maps there."""
         self.tensors: dict[str, TensorInfo] = {}
-        index = _read_index(self.path) if self.path.is_dir() else None
         for file in self.files:
-            tensors, _ = read_header(file)
+            tensors, _ = read(file)
             if index is None:
                 for name in tensors:
                     if name in self.tensors:
@@ -261,6 +276,11 @@ class Checkpoint:
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.RLock()
+
+    @property
+    def label(self) -> str:
+        """How messages and plans name this checkpoint."""
+        return str(self.path)
 
     @property
     def folder(self) -> Path:
@@ -367,12 +387,17 @@ def _inside(folder: Path, name: str, listed_in: str = SAFETENSORS_INDEX) -> Path
         raise CheckpointError(index_path, f"shard name {_short(name)} points outside the model folder")
     try:
         resolved = (folder / candidate).resolve()
-        inside = resolved.is_relative_to(folder.resolve())
+        inside = resolved.is_relative_to(folder.resolve()) or _in_hub_cache(folder.resolve(), resolved)
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
         raise CheckpointError(index_path, f"shard {_short(name)} cannot be resolved: {e}") from None
     if not inside:
         raise CheckpointError(index_path, f"shard {_short(name)} is a link pointing outside the model folder")
     return folder / candidate
+
+
+def _in_hub_cache(folder: Path, resolved: Path) -> bool:
+    """A huggingface_hub cache snapshot (<repo>/snapshots/<commit>/) links each file to <repo>/blobs/."""
+    return folder.parent.name == "snapshots" and resolved.parent == folder.parent.parent / "blobs"
 
 
 def _read_index(folder: Path) -> dict[str, str] | None:
