@@ -125,8 +125,8 @@ def _build_config(config_path: str | None, o: dict) -> MergeConfig:
 
 def _merge_options(f):
     options = [
-        click.option("--base", help="Base model folder or .safetensors file."),
-        click.option("--model", multiple=True, help="A fine-tuned model (repeat for each)."),
+        click.option("--base", help="Base model: a folder, a .safetensors file or a Hub repo id org/name[@revision]."),
+        click.option("--model", multiple=True, help="A fine-tuned model, local or org/name[@revision] (repeat for each)."),
         click.option("--method", help="task_arithmetic, linear, ties, dare_linear, dare_ties, magnitude_prune."),
         click.option("--weight", type=float, multiple=True, help="Weight: once for all models, or once per --model."),
         click.option("--density", type=float, multiple=True, help="Density: once for all models, or once per --model."),
@@ -155,6 +155,26 @@ def _merge_options(f):
     return f
 
 
+def _push_options(f):
+    options = [
+        click.option("--push-to-hub", metavar="ORG/NAME", help="Upload the merged model to this Hub repo (created if needed)."),
+        click.option("--private", is_flag=True, help="Create the Hub repo private."),
+        click.option("--hub-branch", metavar="BRANCH", help="Push to this branch of the Hub repo (created if needed; default main)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _push(debug: bool, output_dir: Path, repo_id: str, private: bool, branch: str | None, quiet: bool) -> str:
+    from .hub import push_to_hub
+
+    url = _run(debug, push_to_hub, output_dir, repo_id, private=private, branch=branch)
+    if not quiet:
+        click.echo(f"pushed {output_dir} to {repo_id}" + (f" (branch {branch})" if branch else "") + f": {url}")
+    return url
+
+
 def _positional(args: tuple[str, ...], needs_output: bool) -> tuple[str | None, str | None]:
     if needs_output:
         if len(args) == 2:
@@ -178,14 +198,22 @@ def main() -> None:
 @_merge_options
 @click.option("--force", is_flag=True, help="Replace a previous merge in OUTPUT_DIR.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug: bool, **o: Any) -> None:
+@click.option("--delete-downloaded", is_flag=True, help="Delete Hub input shards this run downloaded once no tensor needs them.")
+@click.option("--download-budget", type=Size(), help="Disk for downloaded Hub input shards at once, e.g. 50GB (implies --delete-downloaded).")
+@_push_options
+def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug: bool, push_to_hub: str | None,
+          private: bool, hub_branch: str | None, **o: Any) -> None:
     """Merge models into OUTPUT_DIR, from a mergekit-style CONFIG.yaml or from flags."""
     config_path, output = _positional(args, needs_output=True)
     cfg = _run(debug, _build_config, config_path, o)
+    if push_to_hub and "@" in push_to_hub:
+        raise click.UsageError("--push-to-hub takes ORG/NAME; give the branch with --hub-branch")
     result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet)
     if as_json:
-        click.echo(json.dumps({"status": "ok", **result.summary()}, indent=2))
-    elif not quiet and result.already_complete:
+        pushed = _push(debug, result.output_dir, push_to_hub, private, hub_branch, True) if push_to_hub else None
+        click.echo(json.dumps({"status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})}, indent=2))
+        return
+    if not quiet and result.already_complete:
         click.echo(f"{result.output_dir} already holds this merge, complete ({len(result.shards)} shard(s)); nothing to do")
     elif not quiet:
         resumed = f" ({result.reused_shards} shard(s) kept from an interrupted run)" if result.reused_shards else ""
@@ -193,16 +221,23 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
             f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shard(s){resumed}, "
             f"{result.total_size / 1e9:.3f} GB, in {result.seconds:.1f} s -> {result.output_dir}"
         )
+    if push_to_hub:
+        _push(debug, result.output_dir, push_to_hub, private, hub_branch, quiet)
 
 
 def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, quiet: bool) -> api.MergeResult:
     from tqdm.auto import tqdm
 
+    if quiet:  # also huggingface_hub's download and upload bars
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     the_plan = api.plan(cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
     with tqdm(total=the_plan.input_bytes, unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
         return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force,
                          progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False),
-                         device=o.get("device", "auto"), threads=o.get("threads"))
+                         device=o.get("device", "auto"), threads=o.get("threads"),
+                         delete_downloaded=o.get("delete_downloaded", False), download_budget=o.get("download_budget"))
 
 
 @main.command()
@@ -245,6 +280,22 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
         for t in tensors:
             what = ("dare " if t["dare"] else "") + ("merge" if t["merged"] else "copy")
             click.echo(f"  {t['name']} {t['shape']} {t['dtype']} {what} w={t['weights']} d={t['densities']} λ={t['lambda']}")
+
+
+@main.command("push")
+@click.argument("output_dir")
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option("--private", is_flag=True, help="Create the Hub repo private.")
+@click.option("--hub-branch", metavar="BRANCH", help="Push to this branch (created if needed; default main).")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def push(output_dir: str, repo_id: str, private: bool, hub_branch: str | None, quiet: bool, debug: bool) -> None:
+    """Upload a finished merge in OUTPUT_DIR to the Hub repo ORG/NAME (shards first, the index in the last commit)."""
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    _push(debug, Path(output_dir), repo_id, private, hub_branch, quiet)
 
 
 @main.command()

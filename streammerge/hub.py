@@ -421,8 +421,9 @@ class Downloads:
         else:
             need = sum(u.size for u in to_fetch)
         if self.budget is not None and need > self.budget:
-            raise HubError(f"--download-budget {self.budget / 1e9:.2f} GB is too small: the merge needs {need / 1e9:.2f} GB "
-                           "of downloaded input files on disk at once; raise it to at least that")
+            raise HubError(f"--download-budget {_size(self.budget)} is too small: the merge needs {_size(need)} of downloaded "
+                           "input files on disk at once (the shards one tensor reads, or all of them for a model-wide "
+                           "trim or sign pass); raise it to at least that")
         if not to_fetch:
             return
         hold = need if self.budget is None else min(self.budget, sum(u.size for u in to_fetch))
@@ -431,7 +432,7 @@ class Downloads:
         free = shutil.disk_usage(probe).free
         if free < hold:
             hint = "pass --download-budget (it implies deleting shards after use)" if self.budget is None else "lower --download-budget"
-            raise HubError(f"{cache}: {free / 1e9:.2f} GB free but the merge downloads {hold / 1e9:.2f} GB there; {hint}, "
+            raise HubError(f"{cache}: {_size(free)} free but the merge downloads {_size(hold)} there; {hint}, "
                            "free some space, or set HF_HUB_CACHE to another disk")
 
     def _run(self) -> None:
@@ -489,6 +490,10 @@ class Downloads:
             self.cond.notify_all()
         for c in self.checkpoints:
             c.downloads = None
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.2f} MB"
 
 
 # ---- pushing the result ------------------------------------------------------------------------

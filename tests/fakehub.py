@@ -263,7 +263,8 @@ def _handler(hub: FakeHub):
                 return self._error(401, None, "Invalid credentials in Authorization header")
             repo_id = f"{payload['organization']}/{payload['name']}"
             if repo_id in hub.repos:
-                return self._error(409, None, "You already created this model repo", {"X-Error-Code": "RepoExists"})
+                return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                                  {"X-Error-Message": "You already created this model repo"})
             hub.repos[repo_id] = Repo(private=payload.get("visibility") == "private" or payload.get("private") is True)
             hub.commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
             self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})

@@ -1,0 +1,284 @@
+"""Hub repo ids as inputs and push_to_hub, against a fake Hub (tests/fakehub.py) the real client talks to."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fakehub import FakeHub
+from streammerge import MergeConfig, api, hub
+from streammerge.cli import main
+from streammerge.demo import TinyLlama, build_demo_models, finetune_of, random_state, save_checkpoint
+from streammerge.errors import CheckpointNotFoundError, ConfigError, HubError, StreammergeError
+
+SHAPE = TinyLlama(hidden=32, intermediate=64, layers=2, vocab=64)
+
+
+@pytest.fixture
+def fakehub(tmp_path, monkeypatch):
+    """A fake Hub on 127.0.0.1 with huggingface_hub pointed at it, a fresh cache and no token."""
+    from huggingface_hub import constants
+
+    server = FakeHub()
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # uploads through the LFS protocol the fake speaks
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def models(tmp_path, fakehub):
+    """A base and two fine-tunes (two shards each), as local folders and as Hub repos org/base, org/ft1, org/ft2."""
+    base, fts = build_demo_models(tmp_path / "local", shape=SHAPE)
+    for repo, folder in (("org/base", base), ("org/ft1", fts[0]), ("org/ft2", fts[1])):
+        fakehub.add_folder(repo, folder)
+    return base, fts
+
+
+def ties(base: str, ft1: str, ft2: str, **extra) -> MergeConfig:
+    return MergeConfig.from_dict({
+        "merge_method": "dare_ties", "base_model": base, "seed": 3,
+        "models": [{"model": ft1, "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": ft2, "parameters": {"weight": 0.4, "density": 0.7}}], **extra})
+
+
+def cache_weights(fakehub_cache: Path) -> list[Path]:
+    """Weight files in the Hub cache: shard pointers and blobs holding safetensors data."""
+    return [p for p in fakehub_cache.rglob("*") if p.is_file() and (p.suffix == ".safetensors" or _is_safetensors_blob(p))]
+
+
+def _is_safetensors_blob(p: Path) -> bool:
+    return p.parent.name == "blobs" and p.stat().st_size > 4096
+
+
+def hf_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def same_files(a: Path, b: Path, names: list[str]) -> None:
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_merge_of_repo_ids_equals_merge_of_local_folders(tmp_path, models, fakehub):
+    base, (ft1, ft2) = models
+    remote = api.merge(ties("org/base", "org/ft1", "org/ft2@main"), tmp_path / "remote", max_shard_size=40_000)
+    local = api.merge(ties(str(base), str(ft1), str(ft2)), tmp_path / "local-out", max_shard_size=40_000)
+    assert len(remote.shards) > 1
+    assert [s["sha256"] for s in remote.shards] == [s["sha256"] for s in local.shards]
+    names = [s["file"] for s in remote.shards] + ["model.safetensors.index.json", "config.json", "generation_config.json"]
+    same_files(tmp_path / "remote", tmp_path / "local-out", names)
+    card = (tmp_path / "remote" / "README.md").read_text()
+    assert card.startswith("---\nbase_model:\n- org/base\n- org/ft1\n- org/ft2\n")
+    # Resume identity: the same remote merge again is recognized as complete, from commits and etags.
+    again = api.merge(ties("org/base", "org/ft1", "org/ft2@main"), tmp_path / "remote", max_shard_size=40_000)
+    assert again.already_complete
+
+
+def test_plan_reads_headers_only_and_names_commits(models, fakehub):
+    p = api.plan(ties("org/base", "org/ft1", "org/ft2"))
+    commit = fakehub.repos["org/base"].refs["main"]
+    assert p.reference == f"org/base@{commit[:12]}" and p.sources[0].startswith("org/ft1@")
+    assert fakehub.weight_reads() == []
+    assert all(r.range is not None and r.range.startswith("bytes=0-") for r in fakehub.requests if r.path.endswith(".safetensors"))
+    assert cache_weights(hf_cache()) == []
+
+
+def test_cli_plan_with_repo_ids_downloads_no_weights(models, fakehub):
+    result = CliRunner().invoke(main, ["plan", "--base", "org/base", "--model", "org/ft1", "--model", "org/ft2@main",
+                                       "--method", "ties", "--density", "0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["reference"].startswith("org/base@") and summary["tensors"] == len(SHAPE.shapes())
+    assert fakehub.weight_reads() == [] and cache_weights(hf_cache()) == []
+
+
+def test_revision_pins_one_commit(tmp_path, models, fakehub):
+    """`revision:` next to `model:` (and `@rev`) reads that commit even after the branch moves on."""
+    base, (ft1, ft2) = models
+    old = fakehub.repos["org/ft1"].refs["main"]
+    fakehub.add_folder("org/ft1", ft2)  # main now holds other weights
+    cfg = MergeConfig.from_dict({"merge_method": "ties", "base_model": "org/base", "models": [
+        {"model": "org/ft1", "revision": old, "parameters": {"density": 0.5}}, {"model": f"org/ft2@{fakehub.repos['org/ft2'].refs['main']}"}]})
+    assert cfg.models[0].source == f"org/ft1@{old}"
+    remote = api.merge(cfg, tmp_path / "pinned")
+    local = api.merge(MergeConfig.from_dict({"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": str(ft1), "parameters": {"density": 0.5}}, {"model": str(ft2)}]}), tmp_path / "local-out")
+    assert [s["sha256"] for s in remote.shards] == [s["sha256"] for s in local.shards]
+
+
+def test_config_revision_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"models\[0\]\.revision: 'org/a@v1' already names a revision"):
+        MergeConfig.from_dict({"merge_method": "ties", "base_model": "b", "models": [{"model": "org/a@v1", "revision": "v2"}]})
+    with pytest.raises(ConfigError, match=r"models\[1\]\.revision: must be a branch, tag or commit name, got 3"):
+        MergeConfig.from_dict({"merge_method": "ties", "base_model": "b", "models": ["a", {"model": "org/a", "revision": 3}]})
+
+
+def test_parse_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert hub.parse_source("org/name") == hub.HubRef("org/name")
+    assert hub.parse_source("org/name@refs/pr/1") == hub.HubRef("org/name", "refs/pr/1")
+    for local in ("./org/name", "/abs/path", "a/b/c", "name", "org/na--me", "org/name@", "org/-x"):
+        assert hub.parse_source(local) is None, local
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert hub.parse_source("org/name") is None  # a local path wins
+
+
+def test_offline_merge_reuses_the_cache(tmp_path, models, fakehub, monkeypatch):
+    from huggingface_hub import constants
+
+    first = api.merge(ties("org/base", "org/ft1", "org/ft2"), tmp_path / "online")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fakehub.requests.clear()
+    offline = api.merge(ties("org/base", "org/ft1", "org/ft2"), tmp_path / "offline")
+    assert fakehub.requests == []
+    assert [s["sha256"] for s in offline.shards] == [s["sha256"] for s in first.shards]
+    same_files(tmp_path / "online", tmp_path / "offline", ["config.json", "model.safetensors.index.json"])
+    with pytest.raises(CheckpointNotFoundError, match=r"^org/other: not in the Hub cache .*HF_HUB_OFFLINE is set"):
+        api.plan(ties("org/other", "org/ft1", "org/ft2"))
+
+
+def test_budget_bounds_downloaded_bytes_and_deletes_shards_after_use(tmp_path, fakehub):
+    """Four shards per model: under the budget the cache never holds more downloaded weights, and
+    ends with none; a budget below what one tensor needs is refused before any download."""
+    base = random_state(SHAPE, seed=0)
+    for i, state in enumerate([base, finetune_of(base, 1), finetune_of(base, 2)]):
+        folder = save_checkpoint(state, tmp_path / f"m{i}", shards=4, config=SHAPE.config_json(next(iter(base.values())).dtype))
+        fakehub.add_folder(f"org/m{i}", folder)
+    shard = max(p.stat().st_size for p in (tmp_path / "m0").glob("*.safetensors"))
+    budget = 4 * shard  # the three shards a tensor reads, and one ahead
+    seen: list[int] = []
+
+    def measure(_: int) -> None:  # the bytes of weights on disk in the cache, as the merge goes
+        seen.append(sum(p.stat().st_size for p in cache_weights(hf_cache()) if not p.is_symlink()))
+
+    result = api.merge(ties("org/m0", "org/m1", "org/m2"), tmp_path / "out", download_budget=budget, progress=measure)
+    assert max(seen) <= budget and max(seen) >= 3 * shard // 2
+    assert cache_weights(hf_cache()) == []
+    local = api.merge(ties(*(str(tmp_path / f"m{i}") for i in range(3))), tmp_path / "local-out")
+    assert [s["sha256"] for s in result.shards] == [s["sha256"] for s in local.shards]
+    with pytest.raises(HubError, match=r"^--download-budget 0.0\d MB is too small: the merge needs 0.0\d MB of downloaded input files on disk at once"):
+        api.merge(ties("org/m0", "org/m1", "org/m2"), tmp_path / "small", download_budget=shard)
+    assert cache_weights(hf_cache()) == []
+
+
+def test_delete_downloaded_keeps_files_that_were_cached_before(tmp_path, models, fakehub):
+    api.merge(ties("org/base", "org/ft1", "org/ft2"), tmp_path / "a")  # fills the cache
+    before = sorted(cache_weights(hf_cache()))
+    assert before
+    api.merge(ties("org/base", "org/ft1", "org/ft2"), tmp_path / "b", delete_downloaded=True)
+    assert sorted(cache_weights(hf_cache())) == before
+    fresh = api.merge(ties("org/base", "org/ft1", "org/ft2@main"), tmp_path / "c", delete_downloaded=True, force=True)
+    assert fresh.shards and sorted(cache_weights(hf_cache())) == before
+
+
+def one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streammerge: error: "), result.output
+    return lines[0]
+
+
+def test_errors_are_one_line_and_say_what_to_do(tmp_path, models, fakehub, monkeypatch):
+    base, (ft1, ft2) = models
+    fakehub.add_folder("org/private", ft1, private=True)
+    fakehub.add_folder("org/gated", ft1, gated=True)
+    fakehub.commit("org/nosafetensors", {"config.json": b"{}", "pytorch_model.bin": b"x"})
+    plan = ["plan", "--method", "ties", "--base", "org/base"]
+    assert "org/missing: no such local path, and no Hub repo 'org/missing'" in one_line_error(plan + ["--model", "org/missing"])
+    line = one_line_error(plan + ["--model", "org/private"])
+    assert "no Hub repo 'org/private' (if it is private, set HF_TOKEN or run `hf auth login`" in line
+    assert "org/gated: a gated repo: accept its conditions" in one_line_error(plan + ["--model", "org/gated"])
+    assert "org/ft1@nope: no revision 'nope' in org/ft1; check the branch" in one_line_error(plan + ["--model", "org/ft1@nope"])
+    assert "holds only pickle weights" in one_line_error(plan + ["--model", "org/nosafetensors"])
+    monkeypatch.setenv("HF_TOKEN", fakehub.token)
+    result = CliRunner().invoke(main, plan + ["--model", "org/private", "--model", "org/gated", "--json"])
+    assert result.exit_code == 0, result.output
+    assert fakehub.token not in result.output
+
+
+def test_a_file_gone_from_the_hub_is_a_clear_error(tmp_path, models, fakehub):
+    ckpt = hub.open_checkpoint("org/ft1")
+    shard = ckpt.files[0].name
+    name = next(n for n, t in ckpt.tensors.items() if t.file.name == shard)
+    del fakehub.files("org/ft1")[shard]
+    with pytest.raises(CheckpointNotFoundError, match=rf"^org/ft1: {shard}: no such file in org/ft1 at this revision$"):
+        ckpt.read(name)
+
+
+def test_unreachable_hub(tmp_path, monkeypatch, fakehub):
+    from huggingface_hub import constants
+
+    fakehub.close()
+    with pytest.raises(HubError, match=r"^org/base: cannot reach the Hub at http://127.0.0.1:\d+ \(ConnectError\); check the connection"):
+        hub.open_checkpoint("org/base")
+    assert constants.HF_HUB_OFFLINE is False
+
+
+def test_push_uploads_every_file_intact_in_one_commit(tmp_path, models, fakehub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", fakehub.token)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", "-q", "--base", "org/base", "--model", "org/ft1", "--model", "org/ft2",
+                                       "--method", "ties", "--density", "0.5", "--max-shard-size", "40KB", str(out),
+                                       "--push-to-hub", "me/merged", "--private"])
+    assert result.exit_code == 0, result.output
+    pushed = fakehub.files("me/merged")
+    local = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert len([n for n in local if n.startswith("model-")]) > 1
+    assert sorted(n for n in pushed if n != ".gitattributes") == local
+    for name in local:
+        assert pushed[name] == (out / name).read_bytes(), name
+    repo = fakehub.repos["me/merged"]
+    assert repo.private and len(repo.history) == 2  # the creation, then everything in one commit with the index
+    assert "model.safetensors.index.json" in repo.history[-1][1]
+    for name in local:
+        assert fakehub.token.encode() not in (out / name).read_bytes()
+    # A branch, from the Python API, of an existing repo.
+    url = hub.push_to_hub(out, "me/merged", branch="dev")
+    assert url.endswith(fakehub.repos["me/merged"].refs["dev"]) and fakehub.files("me/merged", "dev")["README.md"] == (out / "README.md").read_bytes()
+
+
+def test_push_errors(tmp_path, models, fakehub):
+    out = tmp_path / "out"
+    api.merge(ties("org/base", "org/ft1", "org/ft2"), out)
+    assert "me/merged: cannot push (HTTP 401): set HF_TOKEN or run `hf auth login`" in one_line_error(["push", str(out), "me/merged"])
+    assert "no model.safetensors.index.json: not a finished merge" in one_line_error(["push", str(tmp_path), "me/merged"])
+    with pytest.raises(HubError, match="not a Hub repo id"):
+        hub.push_to_hub(out, "me/merged@dev")
+
+
+def test_local_cache_snapshot_folder_is_a_local_input(tmp_path, models, fakehub):
+    """A huggingface_hub snapshot folder (files linked to ../../blobs) reads as a local checkpoint."""
+    api.merge(ties("org/base", "org/ft1", "org/ft2"), tmp_path / "a")
+    snapshot = next((hf_cache() / "models--org--ft1" / "snapshots").iterdir())
+    from streammerge.sources import Checkpoint
+
+    assert len(Checkpoint(snapshot).tensors) == len(SHAPE.shapes())
+
+
+def test_cli_subprocess_reads_the_environment(tmp_path, models, fakehub):
+    """HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE as a user sets them, read by huggingface_hub at import."""
+    env = {**os.environ, "HF_ENDPOINT": fakehub.url, "HF_HUB_CACHE": str(tmp_path / "cache2"), "HF_HUB_DISABLE_XET": "1",
+           "HF_TOKEN_PATH": str(tmp_path / "none"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("HF_TOKEN", None)
+    cmd = [sys.executable, "-m", "streammerge", "merge", "-q", "--base", "org/base", "--model", "org/ft1", "--model", "org/ft2",
+           "--method", "ties", "--density", "0.5", str(tmp_path / "out")]
+    assert subprocess.run(cmd, env=env, capture_output=True, text=True).returncode == 0
+    offline = subprocess.run(cmd[:-1] + [str(tmp_path / "out2")], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert offline.returncode == 0, offline.stderr
+    assert (tmp_path / "out" / "model-00001-of-00001.safetensors").read_bytes() == (tmp_path / "out2" / "model-00001-of-00001.safetensors").read_bytes()
