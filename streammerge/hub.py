@@ -348,6 +348,7 @@ class _Unit:
         self.first = self.last = 0
         self.ready = threading.Event()
         self.cached = False  # on disk before the merge: costs no budget, never deleted
+        self.released = False  # past its last use: never fetched again
 
 
 class Downloads:
@@ -466,6 +467,8 @@ class Downloads:
             return False
         while not unit.ready.wait(0.2):  # a short wait lets Ctrl-C through
             pass
+        if unit.released:  # a late readahead hint: the merge is past this file's last tensor
+            raise HubError(f"{ckpt.label}: {ckpt._name(file)} was released after its last use")
         if self.error is not None and not ckpt.cached(file):
             raise self.error
         return ckpt.cached(file)
@@ -477,6 +480,7 @@ class Downloads:
             return
         for unit in self.units.values():
             if unit.last == t and unit.ready.is_set():
+                unit.released = True
                 freed = sum(c.release(f, delete=True) for c, f in unit.copies)
                 if not unit.cached:
                     with self.cond:

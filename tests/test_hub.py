@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from fakehub import FakeHub
 from streammerge import MergeConfig, api, hub
+from streammerge.config import ModelSpec
 from streammerge.cli import main
 from streammerge.demo import TinyLlama, build_demo_models, finetune_of, random_state, save_checkpoint
 from streammerge.errors import CheckpointNotFoundError, ConfigError, HubError, StreammergeError
@@ -169,6 +170,8 @@ def test_budget_bounds_downloaded_bytes_and_deletes_shards_after_use(tmp_path, f
     result = api.merge(ties("org/m0", "org/m1", "org/m2"), tmp_path / "out", download_budget=budget, progress=measure)
     assert max(seen) <= budget and max(seen) >= 3 * shard // 2
     assert cache_weights(hf_cache()) == []
+    downloaded = [r.path for r in fakehub.weight_reads()]
+    assert len(downloaded) == len(set(downloaded)) == 12  # each shard once, never again after its deletion
     local = api.merge(ties(*(str(tmp_path / f"m{i}") for i in range(3))), tmp_path / "local-out")
     assert [s["sha256"] for s in result.shards] == [s["sha256"] for s in local.shards]
     with pytest.raises(HubError, match=r"^--download-budget 0.0\d MB is too small: the merge needs 0.0\d MB of downloaded input files on disk at once"):
@@ -272,13 +275,15 @@ def test_local_cache_snapshot_folder_is_a_local_input(tmp_path, models, fakehub)
 
 
 def test_cli_subprocess_reads_the_environment(tmp_path, models, fakehub):
-    """HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE as a user sets them, read by huggingface_hub at import."""
+    """HF_ENDPOINT and HF_HUB_CACHE as a user sets them (huggingface_hub reads them at import)."""
     env = {**os.environ, "HF_ENDPOINT": fakehub.url, "HF_HUB_CACHE": str(tmp_path / "cache2"), "HF_HUB_DISABLE_XET": "1",
            "HF_TOKEN_PATH": str(tmp_path / "none"), "PYTHONPATH": str(Path(__file__).parents[1])}
     env.pop("HF_TOKEN", None)
     cmd = [sys.executable, "-m", "streammerge", "merge", "-q", "--base", "org/base", "--model", "org/ft1", "--model", "org/ft2",
-           "--method", "ties", "--density", "0.5", str(tmp_path / "out")]
-    assert subprocess.run(cmd, env=env, capture_output=True, text=True).returncode == 0
-    offline = subprocess.run(cmd[:-1] + [str(tmp_path / "out2")], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
-    assert offline.returncode == 0, offline.stderr
-    assert (tmp_path / "out" / "model-00001-of-00001.safetensors").read_bytes() == (tmp_path / "out2" / "model-00001-of-00001.safetensors").read_bytes()
+           "--method", "ties", "--density", "0.5", "--compile", "off", str(tmp_path / "out")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert fakehub.weight_reads() and list((tmp_path / "cache2").glob("models--org--base/snapshots/*/model-*.safetensors"))
+    local = api.merge(MergeConfig(method="ties", base=str(models[0]), models=tuple(ModelSpec(str(f), {"density": 0.5}) for f in models[1])),
+                      tmp_path / "local-out")
+    assert (tmp_path / "out" / local.shards[0]["file"]).read_bytes() == (tmp_path / "local-out" / local.shards[0]["file"]).read_bytes()
