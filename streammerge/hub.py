@@ -24,9 +24,9 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from .constants import PICKLE_SUFFIXES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, StreammergeError

@@ -89,12 +89,8 @@ class FakeHub:
 
     def weight_reads(self) -> list[Request]:
         """Whole-file GETs of .safetensors files (header probes are ranged): weight downloads."""
-        out = []
-        for r in self.requests:
-            if r.method == "GET" and "/resolve/" in r.path and r.path.endswith(".safetensors"):
-                if r.range is None:
-                    out.append(r)
-        return out
+        return [r for r in self.requests
+                if r.method == "GET" and "/resolve/" in r.path and r.path.endswith(".safetensors") and r.range is None]
 
 
 def _handler(hub: FakeHub):
