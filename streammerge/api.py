@@ -30,9 +30,10 @@ from .constants import COPIED_FILES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE,
 from .engine import Progress, run_plan
 from . import hub
 from .errors import CheckpointError, ConfigError, HubError, OutputError, StreammergeError
-from .plan import Plan, build_plan
+from .distributed import Group, check_worker
+from .plan import Plan, ShardPlan, assign_workers, build_plan
 from .sources import Checkpoint
-from .writer import file_sha256, fsync_dir, write_json_atomic, write_text_atomic
+from .writer import copy_file_atomic, file_sha256, fsync_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class MergeResult:
     seconds: float
     reused_shards: int = 0  # shards kept from an interrupted run of the same merge
     already_complete: bool = False  # the same merge was already complete there; nothing was done
+    rank: int = 0  # this worker, of `world_size`; `shards` are the ones it owns
+    world_size: int = 1
+    finalized: bool = True  # False: a worker's share is done, `finalize` still has to write the index
 
     def summary(self) -> dict:
         return {
@@ -60,6 +64,9 @@ class MergeResult:
             "seconds": round(self.seconds, 3),
             "reused_shards": self.reused_shards,
             "already_complete": self.already_complete,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "finalized": self.finalized,
         }
 
 
@@ -121,6 +128,8 @@ def merge(
     check_finite: bool = False,
     device: str = "auto",
     threads: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
     delete_downloaded: bool = False,
     download_budget: int | None = None,
 ) -> MergeResult:
@@ -143,6 +152,11 @@ def merge(
         check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
         device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
         threads: CPU threads for the merge arithmetic (default: torch's).
+        rank, world_size: this process's share of a merge split over `world_size` workers: it
+            writes the shards `worker_shards` gives it, and `finalize` writes the index once all
+            are done. Under torchrun (torch.distributed initialized) both come from the process
+            group: rank 0 prepares the folder first and finalizes when every rank succeeded.
+            Any split gives the same bytes.
         delete_downloaded: delete the Hub input files this run downloaded once no remaining tensor
             needs them (files already in the cache are kept).
         download_budget: bytes of downloaded Hub input files on disk at once; downloads wait for
@@ -150,43 +164,163 @@ def merge(
     """
     start = time.perf_counter()
     out = Path(output_dir)
+    group = Group.current()
+    if group is not None:
+        rank, world_size = group.rank, group.world_size
+    check_worker(rank, world_size)
+    if force and world_size > 1 and group is None:
+        raise ConfigError("--force cannot be combined with independent workers (--world-size > 1): they would delete "
+                          "each other's shards; empty the output directory first, or launch with torchrun")
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
         the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory)
         inputs = [reference, *finetuned]
         fingerprint = plan_fingerprint(the_plan, inputs)
-        done = _prepare_output(out, inputs, force, fingerprint)
-        if done is None:  # this exact merge is already complete here
-            shards = json.loads((out / MANIFEST).read_text("utf-8"))["shards"]
-        else:
-            _check_free_space(out, the_plan, done)
-            remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
-            downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
-            shards = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, done=done, check_finite=check_finite,
-                              device=device, threads=threads, downloads=downloads,
-                              on_shard=lambda receipt: write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json", receipt))
-            _copy_side_files(config, reference, out, the_plan)
-            write_text_atomic(out / MODEL_CARD, model_card(the_plan))
-            write_json_atomic(out / MANIFEST, {**manifest(the_plan, shards), "fingerprint": fingerprint})
-            weight_map = {name: s.filename for s in the_plan.shards for name in s.tensors}
-            fsync_dir(out)  # every shard's rename is on disk before the index can be
-            # The index comes last: a folder with an index is a complete merge.
-            write_json_atomic(out / SAFETENSORS_INDEX, {"metadata": {"total_size": the_plan.total_size}, "weight_map": weight_map})
-            fsync_dir(out)
-            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        mine = worker_shards(the_plan, rank, world_size)
+
+        def prepare() -> bool:
+            return _prepare_output(out, inputs, force, fingerprint, exclusive=world_size == 1 or rank == 0)
+
+        error: BaseException | None = None
+        complete, done, shards = False, {}, []
+        try:
+            complete = group.rank0_first(prepare) if group is not None else prepare()
+            if not complete:
+                _write_state(out, the_plan, config, reference, fingerprint)
+                done = _resume(out, [s.filename for s in mine])
+                _check_free_space(out, [s for s in mine if s.filename not in done])
+                todo = [s for s in mine if s.filename not in done]
+                remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
+                downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
+
+                def on_shard(receipt: dict) -> None:
+                    tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
+                    write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
+                                      {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
+
+                new = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
+                               check_finite=check_finite, device=device, threads=threads, on_shard=on_shard,
+                               downloads=downloads)
+                shards = [done.get(s.filename) or new[s.filename] for s in mine]
+        except Exception as e:
+            if group is None:
+                raise
+            error = e
+        if group is not None:
+            group.all_statuses(error)
+    finalizes = world_size == 1 or (group is not None and rank == 0)  # who writes (or reports) the whole merge
+    if complete:
+        by_file = {r["file"]: r for r in json.loads((out / MANIFEST).read_text("utf-8"))["shards"]}
+        shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
+    elif group is not None:
+        final = group.rank0_first(lambda: finalize(out) if rank == 0 else None)
+        shards = final.shards if final is not None else shards
+    elif world_size == 1:
+        shards = finalize(out).shards
     return MergeResult(
         output_dir=out,
-        shards=shards,
+        shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
         total_size=the_plan.total_size,
         tensors=len(the_plan.tensors),
         merged_tensors=sum(t.merged for t in the_plan.tensors),
         seconds=time.perf_counter() - start,
-        reused_shards=len(the_plan.shards) if done is None else len(done),
-        already_complete=done is None,
+        reused_shards=len(mine) if complete else len(done),
+        already_complete=complete,
+        rank=rank,
+        world_size=world_size,
+        finalized=complete or world_size == 1 or group is not None,
     )
 
 
-STATE_DIR = ".streammerge"  # while a merge runs: its plan fingerprint and a receipt per finished shard
+def worker_shards(the_plan: Plan, rank: int = 0, world_size: int = 1) -> list[ShardPlan]:
+    """The output shards worker `rank` of `world_size` writes (all of them for a single process)."""
+    check_worker(rank, world_size)
+    return [s for s, owner in zip(the_plan.shards, assign_workers(the_plan.shards, world_size)) if owner == rank]
+
+
+def finalize(output_dir: str | os.PathLike) -> MergeResult:
+    """Completes a merge whose shards are all written (by one process or by many workers): checks
+    every shard against its receipt, then writes the model card, the manifest and, last, the index.
+
+    Raises:
+        OutputError: no merge in progress there, or shards missing (named, with the worker that owns
+            them when known); rerun those workers (finished shards are kept), then finalize again.
+    """
+    start = time.perf_counter()
+    out = Path(output_dir)
+    state = out / STATE_DIR
+    try:
+        info = json.loads((state / "plan.json").read_text("utf-8"))
+        plan_shards = info["shards"]
+    except FileNotFoundError:
+        if (out / SAFETENSORS_INDEX).is_file() and (out / MANIFEST).is_file():
+            manifest_data = json.loads((out / MANIFEST).read_text("utf-8"))
+            return _result_from_state(out, manifest_data["shards"], manifest_data.get("summary", {}), start, complete=True)
+        raise OutputError(f"{out}: no merge in progress here ({STATE_DIR}/plan.json is missing); run `streammerge merge` first") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OutputError(f"{out}: {STATE_DIR}/plan.json is unreadable ({e}); rerun the merge with --force") from None
+    receipts, missing = [], []
+    for shard in plan_shards:
+        receipt = _read_receipt(out, shard)
+        if receipt is None:
+            missing.append(shard["file"])
+        else:
+            receipts.append(receipt)
+    if missing:
+        raise OutputError(f"{out}: {len(missing)} of {len(plan_shards)} shard(s) not done: {_owners(missing, plan_shards, receipts)}; "
+                          "rerun the workers that own them (finished shards are kept), then finalize again")
+    for stale in out.glob("*.partial"):  # every shard is done: these are leftovers of killed writers
+        stale.unlink(missing_ok=True)
+    for side in sorted((state / "files").glob("*")):
+        if not side.name.endswith(".partial"):
+            os.replace(side, out / side.name)
+    write_text_atomic(out / MODEL_CARD, info["model_card"])
+    shards = [{k: r[k] for k in ("file", "sha256", "bytes")} for r in receipts]
+    write_json_atomic(out / MANIFEST, {**info["manifest"], "shards": shards, "fingerprint": info["fingerprint"],
+                                       "summary": info["summary"]})
+    fsync_dir(out)  # every shard's rename is on disk before the index can be
+    weight_map = {name: shard["file"] for shard in plan_shards for name in shard["tensors"]}
+    # The index comes last: a folder with an index is a complete merge.
+    write_json_atomic(out / SAFETENSORS_INDEX, {"metadata": {"total_size": info["manifest"]["total_size"]}, "weight_map": weight_map})
+    fsync_dir(out)
+    shutil.rmtree(state, ignore_errors=True)
+    return _result_from_state(out, shards, info["summary"], start, complete=False)
+
+
+def _result_from_state(out: Path, shards: list[dict], summary: dict, start: float, complete: bool) -> MergeResult:
+    return MergeResult(
+        output_dir=out, shards=shards, total_size=summary.get("total_size", 0),
+        tensors=summary.get("tensors", 0), merged_tensors=summary.get("merged_tensors", 0),
+        seconds=time.perf_counter() - start, reused_shards=len(shards) if complete else 0, already_complete=complete,
+    )
+
+
+def _read_receipt(out: Path, shard: dict) -> dict | None:
+    """A shard's receipt, if the shard is finished: the receipt names its tensors and the file has its size."""
+    try:
+        receipt = json.loads((out / STATE_DIR / f"{shard['file']}.json").read_text("utf-8"))
+        if receipt["tensors"] == shard["tensors"] and (out / shard["file"]).stat().st_size == receipt["bytes"]:
+            return receipt
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _owners(missing: list[str], plan_shards: list[dict], receipts: list[dict]) -> str:
+    """'model-00002-of-00004.safetensors (rank 1 of 2), ...': owners known from the other workers' receipts."""
+    sizes = {r["worker"][1] for r in receipts if isinstance(r.get("worker"), list)}
+    owner: dict[str, int] = {}
+    if len(sizes) == 1:
+        world_size = sizes.pop()
+        shard_plans = tuple(ShardPlan(s["file"], tuple(s["tensors"]), 0, s["input_bytes"]) for s in plan_shards)
+        owner = {s.filename: r for s, r in zip(shard_plans, assign_workers(shard_plans, world_size))}
+        named = [f"{f} (rank {owner[f]} of {world_size})" for f in missing]
+    else:
+        named = list(missing)
+    return ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
+
+
+STATE_DIR = ".streammerge"  # while a merge runs: its plan, side files, and a receipt per finished shard
 
 
 def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
@@ -216,9 +350,11 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str) -> dict[str, dict] | None:
-    """Readies the output folder; returns the shards a previous run of this same merge finished
-    (checked against their sha256), or None when this exact merge is already complete there."""
+def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str, exclusive: bool = True) -> bool:
+    """Readies the output folder for this merge; True when this exact merge is already complete there.
+
+    `exclusive`: no other worker uses the folder yet, so stale files may be cleared (and `force`
+    applies); otherwise the folder must be empty or hold this same merge."""
     resolved = out.resolve()
     for ckpt in inputs:
         folder = ckpt.folder.resolve()
@@ -232,23 +368,45 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
         if not ours:
             raise OutputError(f"{out}: not empty, and holds files that are not a streammerge output; choose an "
                               "empty directory (they are never overwritten, even with --force)")
-        if not force:
+        if not (force and exclusive):
             if (out / SAFETENSORS_INDEX).exists() and _manifest_fingerprint(out) == fingerprint:
-                return None
-            if _state_fingerprint(state) == fingerprint:
-                return _resume(out, state)
+                return True
+            previous = _state_fingerprint(state)
+            # Another worker is just starting this merge (its state folder is there, the plan not yet).
+            fresh = state.is_dir() and previous is None and not any(state.glob("*.json")) and not (out / SAFETENSORS_INDEX).exists()
+            if previous == fingerprint or fresh:
+                for name in (SAFETENSORS_INDEX, MANIFEST):  # from a finalize that did not finish
+                    (out / name).unlink(missing_ok=True)
+                if exclusive:  # nobody else is writing: partial files are leftovers of a killed run
+                    for stale in out.glob("*.partial"):
+                        stale.unlink(missing_ok=True)
+                return False
             raise OutputError(f"{out}: holds a different merge; choose an empty directory or pass --force to replace it")
         for name in (SAFETENSORS_INDEX, MANIFEST):  # the output no longer looks complete from here on
             (out / name).unlink(missing_ok=True)
         for stale in list(out.glob("model-*.safetensors")) + list(out.glob("*.partial")):
             stale.unlink()
         shutil.rmtree(state, ignore_errors=True)
+    return False
+
+
+def _write_state(out: Path, the_plan: Plan, config: MergeConfig, reference: Checkpoint, fingerprint: str) -> None:
+    """Everything `finalize` needs, so it can run from the output folder alone (on any node).
+    Each worker writes the same bytes; atomic renames make concurrent writers safe."""
+    state = out / STATE_DIR
     try:
-        state.mkdir(parents=True, exist_ok=True)
+        (state / "files").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out}: cannot create: {e.strerror or e}") from None
-    write_json_atomic(state / "plan.json", {"fingerprint": fingerprint})
-    return {}
+    _copy_side_files(config, reference, state / "files", the_plan)
+    write_json_atomic(state / "plan.json", {
+        "fingerprint": fingerprint,
+        "shards": [{"file": s.filename, "tensors": list(s.tensors), "input_bytes": s.input_bytes} for s in the_plan.shards],
+        "manifest": manifest(the_plan),
+        "model_card": model_card(the_plan),
+        "summary": {"tensors": len(the_plan.tensors), "merged_tensors": sum(t.merged for t in the_plan.tensors),
+                    "total_size": the_plan.total_size},
+    })
 
 
 def _manifest_fingerprint(out: Path) -> str | None:
@@ -265,29 +423,29 @@ def _state_fingerprint(state: Path) -> str | None:
         return None
 
 
-def _resume(out: Path, state: Path) -> dict[str, dict]:
-    """Keeps each finished shard whose file still matches its receipt; removes everything else."""
+def _resume(out: Path, shards: list[str]) -> dict[str, dict]:
+    """Keeps each of `shards` whose file still matches its receipt; removes the rest of them."""
+    state = out / STATE_DIR
     done: dict[str, dict] = {}
-    for receipt_path in state.glob("*.safetensors.json"):
+    for name in shards:
+        receipt_path = state / f"{name}.json"
         try:
             receipt = json.loads(receipt_path.read_text("utf-8"))
-            shard = out / receipt["file"]
-            if shard.stat().st_size == receipt["bytes"] and file_sha256(shard) == (receipt["bytes"], receipt["sha256"]):
-                done[receipt["file"]] = receipt
+            if file_sha256(out / name) == (receipt["bytes"], receipt["sha256"]):
+                done[name] = receipt
                 continue
         except (OSError, ValueError, KeyError, TypeError):
             pass
         receipt_path.unlink(missing_ok=True)
-    for stale in list(out.glob("*.partial")) + [p for p in out.glob("model-*.safetensors") if p.name not in done]:
-        stale.unlink()
-    for name in (SAFETENSORS_INDEX, MANIFEST):
-        (out / name).unlink(missing_ok=True)
-    log.info("resuming in %s: %d shard(s) already done", out, len(done))
+        for stale in (out / name, out / f"{name}.partial"):
+            stale.unlink(missing_ok=True)
+    if done:
+        log.info("resuming in %s: %d shard(s) already done", out, len(done))
     return done
 
 
-def _check_free_space(out: Path, the_plan: Plan, done: dict[str, dict]) -> None:
-    needed = sum(s.nbytes for s in the_plan.shards if s.filename not in done)
+def _check_free_space(out: Path, shards: list[ShardPlan]) -> None:
+    needed = sum(s.nbytes for s in shards)
     free = shutil.disk_usage(out).free
     if free < needed:
         raise OutputError(
@@ -315,7 +473,7 @@ def _copy_side_files(config: MergeConfig, reference: Checkpoint, out: Path, the_
         if name == "config.json":
             write_json_atomic(out / name, _output_model_config(src, the_plan))
         else:
-            shutil.copyfile(src, out / name)
+            copy_file_atomic(src, out / name)
 
 
 def _output_model_config(src: Path, the_plan: Plan) -> dict:
@@ -330,8 +488,8 @@ def _output_model_config(src: Path, the_plan: Plan) -> dict:
     return data
 
 
-def manifest(the_plan: Plan, shards: list[dict]) -> dict:
-    """The resolved config, seed, versions and each shard's sha256: enough to check and reproduce."""
+def manifest(the_plan: Plan) -> dict:
+    """The resolved config, seed and versions; `finalize` adds each shard's sha256: enough to check and reproduce."""
     return {
         "format": "streammerge-manifest/1",
         "streammerge_version": __version__,
@@ -340,7 +498,6 @@ def manifest(the_plan: Plan, shards: list[dict]) -> dict:
         "seed": the_plan.config.seed,
         "options": {k: str(v) for k, v in vars(the_plan.options).items()},
         "total_size": the_plan.total_size,
-        "shards": shards,
     }
 
 

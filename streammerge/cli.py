@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import api, constants
+from . import api, constants, distributed
 from .config import MergeConfig, ModelSpec
 from .errors import ConfigError, StreammergeError
 
@@ -198,22 +198,52 @@ def main() -> None:
 @_merge_options
 @click.option("--force", is_flag=True, help="Replace a previous merge in OUTPUT_DIR.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--rank", type=click.IntRange(0), help="This worker's index in a split merge (default: $SLURM_ARRAY_TASK_ID, or 0).")
+@click.option("--world-size", type=click.IntRange(1), help="Number of workers splitting the merge (default: $SLURM_ARRAY_TASK_COUNT, or 1).")
 @click.option("--delete-downloaded", is_flag=True, help="Delete Hub input shards this run downloaded once no tensor needs them.")
 @click.option("--download-budget", type=Size(), help="Disk for downloaded Hub input shards at once, e.g. 50GB (implies --delete-downloaded).")
 @_push_options
-def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug: bool, push_to_hub: str | None,
-          private: bool, hub_branch: str | None, **o: Any) -> None:
-    """Merge models into OUTPUT_DIR, from a mergekit-style CONFIG.yaml or from flags."""
+def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug: bool, rank: int | None,
+          world_size: int | None, push_to_hub: str | None, private: bool, hub_branch: str | None, **o: Any) -> None:
+    """Merge models into OUTPUT_DIR, from a mergekit-style CONFIG.yaml or from flags.
+
+    Under torchrun every process takes its share of the shards and rank 0 finalizes; with --rank
+    and --world-size (or in a Slurm job array) workers run independently and
+    `streammerge finalize OUTPUT_DIR` completes the merge once all are done.
+    """
     config_path, output = _positional(args, needs_output=True)
     cfg = _run(debug, _build_config, config_path, o)
     if push_to_hub and "@" in push_to_hub:
         raise click.UsageError("--push-to-hub takes ORG/NAME; give the branch with --hub-branch")
-    result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet)
+    torchrun = distributed.torchrun_env()
+    if torchrun is not None and (rank, world_size) != (None, None) and (rank, world_size) != torchrun:
+        raise click.UsageError("--rank/--world-size are set by torchrun here; leave them out")
+    if torchrun is not None:
+        rank, world_size = _run(debug, distributed.init_torchrun)
+    else:
+        slurm = distributed.slurm_array_env() or (0, 1)
+        rank = slurm[0] if rank is None else rank
+        world_size = slurm[1] if world_size is None else world_size
+    try:
+        result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet or rank != 0, rank, world_size)
+    finally:
+        distributed.shutdown()
+    if torchrun is not None and rank != 0:  # rank 0 speaks for the job
+        return
+    push = push_to_hub if push_to_hub and result.finalized else None  # a worker's share is not a model yet
+    if push_to_hub and not result.finalized:
+        click.echo("streammerge: --push-to-hub skipped: this worker's share is not a finished merge; run "
+                   f"streammerge push {result.output_dir} {push_to_hub} after streammerge finalize", err=True)
     if as_json:
-        pushed = _push(debug, result.output_dir, push_to_hub, private, hub_branch, True) if push_to_hub else None
+        pushed = _push(debug, result.output_dir, push, private, hub_branch, True) if push else None
         click.echo(json.dumps({"status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})}, indent=2))
         return
-    if not quiet and result.already_complete:
+    if quiet:
+        pass
+    elif not result.finalized:
+        click.echo(f"worker {rank} of {world_size}: {len(result.shards)} shard(s) done in {result.seconds:.1f} s; when every "
+                   f"worker is done, run: streammerge finalize {result.output_dir}")
+    elif result.already_complete:
         click.echo(f"{result.output_dir} already holds this merge, complete ({len(result.shards)} shard(s)); nothing to do")
     elif not quiet:
         resumed = f" ({result.reused_shards} shard(s) kept from an interrupted run)" if result.reused_shards else ""
@@ -221,11 +251,12 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
             f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shard(s){resumed}, "
             f"{result.total_size / 1e9:.3f} GB, in {result.seconds:.1f} s -> {result.output_dir}"
         )
-    if push_to_hub:
-        _push(debug, result.output_dir, push_to_hub, private, hub_branch, quiet)
+    if push:
+        _push(debug, result.output_dir, push, private, hub_branch, quiet)
 
 
-def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, quiet: bool) -> api.MergeResult:
+def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, quiet: bool, rank: int = 0,
+                         world_size: int = 1) -> api.MergeResult:
     from tqdm.auto import tqdm
 
     if quiet:  # also huggingface_hub's download and upload bars
@@ -233,10 +264,11 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
 
         disable_progress_bars()
     the_plan = api.plan(cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
-    with tqdm(total=the_plan.input_bytes, unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
+    total = sum(s.input_bytes for s in api.worker_shards(the_plan, rank, world_size))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
         return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force,
                          progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False),
-                         device=o.get("device", "auto"), threads=o.get("threads"),
+                         device=o.get("device", "auto"), threads=o.get("threads"), rank=rank, world_size=world_size,
                          delete_downloaded=o.get("delete_downloaded", False), download_budget=o.get("download_budget"))
 
 
@@ -325,6 +357,24 @@ def demo(directory: str, force: bool, quiet: bool, debug: bool) -> None:
             f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shards in "
             f"{result.seconds:.2f} s -> {result.output_dir}/ (the same as: streammerge merge {config_path} {result.output_dir})"
         )
+
+
+@main.command("finalize")
+@click.argument("output_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def finalize_command(output_dir: str, as_json: bool, debug: bool) -> None:
+    """Complete a merge split over workers: check every shard's receipt, write the index.
+
+    Exit code 1 naming the missing shards (and their workers) if some are not done.
+    """
+    result = _run(debug, api.finalize, output_dir)
+    if as_json:
+        click.echo(json.dumps({"status": "ok", **result.summary()}, indent=2))
+    elif result.already_complete:
+        click.echo(f"{result.output_dir} is already complete ({len(result.shards)} shard(s))")
+    else:
+        click.echo(f"finalized {result.output_dir}: {len(result.shards)} shard(s), {result.total_size / 1e9:.3f} GB")
 
 
 @main.command("verify")

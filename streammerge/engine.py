@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,7 @@ from . import kernels, ops
 from .errors import NonFiniteError
 from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, mask_key
-from .plan import Plan, TensorPlan, job_rows, pool_shape
+from .plan import Plan, ShardPlan, TensorPlan, job_rows, pool_shape
 from .sources import DTYPES, Checkpoint
 from .writer import ShardWriter
 
@@ -496,9 +497,12 @@ class AsyncWriter:
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto -> the GPU if there is one; a CUDA device asked for without CUDA -> the CPU, with a warning."""
+    """auto -> the GPU if there is one (under torchrun, the one of this node's worker: LOCAL_RANK);
+    a CUDA device asked for without CUDA -> the CPU, with a warning."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         log.warning("CUDA is not available (torch %s, no GPU found): merging on the CPU, with the same bytes", torch.__version__)
@@ -523,23 +527,25 @@ def run_plan(
     progress: Progress | None = None,
     threads: int | None = None,
     compile: str = "auto",
-    done: dict[str, dict] | None = None,
+    todo: list[ShardPlan] | None = None,
     on_shard: Callable[[dict], None] | None = None,
     check_finite: bool = False,
     device: str = "auto",
-    downloads: "Downloads | None" = None,
-) -> list[dict]:
-    """Writes every shard of the plan into `out_dir`; returns [{file, sha256, bytes}] per shard.
+    downloads: Downloads | None = None,
+) -> dict[str, dict]:
+    """Writes shards of the plan into `out_dir`; returns {file: {file, sha256, bytes}} per shard written.
 
     Args:
         compile: "auto" uses the torch.compile'd kernel for big merges, "on" always, "off" never.
-        done: shards already complete (by file name, their receipts), skipped.
+        todo: the shards to write (default: all). Whole-model quantities (a global trim threshold,
+            the majority sign) still come from every tensor, so a shard's bytes never depend on
+            which other shards are written with it.
         on_shard: called with each new shard's receipt as soon as the shard is in place.
         check_finite: fail on NaN or Inf in any input or merged tensor.
         device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
         downloads: fetches Hub inputs ahead of the merge and releases them after their last tensor.
     """
-    done = done or {}
+    todo = list(plan.shards if todo is None else todo)
     target = resolve_device(device)
     threads = threads or torch.get_num_threads()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
@@ -553,7 +559,6 @@ def run_plan(
     readahead: Readahead | None = None
     finished = False
     try:
-        todo = [s for s in plan.shards if s.filename not in done]
         if downloads is not None:  # everything first when a model-wide pass reads every tensor before the output
             prelude = list(jobs.values()) if global_pass_needed(list(jobs.values())) else []
             downloads.start([(jobs[n].tp.name, jobs[n].sources) for s in todo for n in s.tensors],
@@ -587,7 +592,7 @@ def run_plan(
             futures.append(writer.finish())
         new = {r["file"]: r for r in (f.result() for f in futures)}
         finished = True
-        return [done.get(s.filename) or new[s.filename] for s in plan.shards]
+        return new
     finally:
         if readahead is not None:
             readahead.stop()

@@ -59,6 +59,7 @@ class ShardPlan:
     filename: str
     tensors: tuple[str, ...]
     nbytes: int  # tensor data bytes
+    input_bytes: int  # bytes it reads from the inputs: its share of the work
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,10 @@ def build_plan(
             )
         )
 
-    shards = _assign_shards(tensors, max_shard_size)
     distinct = {id(c): c for c in [reference, *finetuned]}.values()
+    reads = {t.name: sum(c.tensors[t.name].row_bytes * t.rows for c in (distinct if t.merged else [reference]))
+             for t in tensors}
+    shards = _assign_shards(tensors, reads, max_shard_size)
     plan = Plan(
         config=config,
         options=opts,
@@ -200,7 +203,7 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint], vocab: str
     return vocab_rows
 
 
-def _assign_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
+def _assign_shards(tensors: list[TensorPlan], reads: dict[str, int], max_shard_size: int) -> list[ShardPlan]:
     """Fills shards in tensor order, starting a new one when the next tensor would overflow it."""
     groups: list[list[TensorPlan]] = [[]]
     size = 0
@@ -212,9 +215,26 @@ def _assign_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[Shard
         size += t.nbytes
     count = len(groups)
     return [
-        ShardPlan(SHARD_NAME.format(index=i + 1, count=count), tuple(t.name for t in g), sum(t.nbytes for t in g))
+        ShardPlan(SHARD_NAME.format(index=i + 1, count=count), tuple(t.name for t in g), sum(t.nbytes for t in g),
+                  sum(reads[t.name] for t in g))
         for i, g in enumerate(groups)
     ]
+
+
+def assign_workers(shards: tuple[ShardPlan, ...], world_size: int) -> tuple[int, ...]:
+    """The worker (rank) of each output shard, balanced by the bytes each shard reads.
+
+    Largest shard first to the least loaded worker (lowest rank on ties): deterministic from the
+    plan, so every worker derives the same split without talking to the others.
+    """
+    cost = [s.input_bytes for s in shards]
+    load = [0] * world_size
+    owner = [0] * len(shards)
+    for i in sorted(range(len(cost)), key=lambda i: (-cost[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += cost[i]
+    return tuple(owner)
 
 
 # Shares of --max-memory: output blocks in flight (a pool of reusable buffers), and one block's

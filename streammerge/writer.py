@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -99,10 +100,19 @@ def write_json_atomic(path: Path, obj: object) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    write_bytes_atomic(dst, src.read_bytes())  # side files: configs and tokenizers, a few MB at most
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    # A name of our own: workers of a split merge may write the same (identical) file at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
