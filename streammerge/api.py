@@ -171,8 +171,8 @@ def merge(
         fingerprint = plan_fingerprint(the_plan, inputs)
         mine = worker_shards(the_plan, rank, world_size)
 
-        def prepare() -> bool:
-            return _prepare_output(out, inputs, force, fingerprint, exclusive=world_size == 1 or rank == 0)
+        def prepare() -> bool:  # under torchrun rank 0 runs this before the others start
+            return _prepare_output(out, inputs, force, fingerprint, exclusive=world_size == 1 or (group is not None and rank == 0))
 
         error: BaseException | None = None
         complete, done, shards = False, {}, []

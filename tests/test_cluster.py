@@ -244,3 +244,14 @@ def test_torchrun_worker_failure_fails_the_job_naming_the_rank(models, tmp_path)
     assert proc.returncode != 0
     assert "rank 1 of 2 failed: " in proc.stderr and victim in proc.stderr
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_plan_shows_each_workers_shards(models):
+    result = CliRunner().invoke(main, ["plan", str(models / "dare_ties.yaml"), "--max-shard-size", "60KB", "--world-size", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    workers = summary["workers"]
+    assert [w["rank"] for w in workers] == [0, 1, 2]
+    assert sorted(f for w in workers for f in w["shards"]) == sorted(s["file"] for s in summary["shards"])
+    the_plan = make_plan(MergeConfig.from_yaml(models / "dare_ties.yaml"), max_shard_size=SHARD)
+    assert workers[1]["shards"] == [s.filename for s in worker_shards(the_plan, 1, 3)]
