@@ -26,13 +26,26 @@ import yaml
 
 from . import __version__
 from .config import MergeConfig
-from .constants import COPIED_FILES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, MANIFEST, MODEL_CARD, SAFETENSORS_INDEX
+from .constants import (
+    COPIED_FILES,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_SHARD_SIZE,
+    MANIFEST,
+    MODEL_CARD,
+    SAFETENSORS_INDEX,
+)
+from .distributed import Group, check_worker
 from .engine import Progress, run_plan
 from .errors import CheckpointError, ConfigError, OutputError, StreammergeError
-from .distributed import Group, check_worker
 from .plan import Plan, ShardPlan, assign_workers, build_plan
 from .sources import Checkpoint
-from .writer import copy_file_atomic, file_sha256, fsync_dir, write_json_atomic, write_text_atomic
+from .writer import (
+    copy_file_atomic,
+    file_sha256,
+    fsync_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 

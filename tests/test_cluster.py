@@ -14,29 +14,24 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import save_base_and_finetunes
 
 from streammerge import MergeConfig, OutputError, merge
 from streammerge.api import finalize, worker_shards
 from streammerge.api import plan as make_plan
 from streammerge.cli import main
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.distributed import slurm_array_env
 from streammerge.errors import ConfigError
 from streammerge.plan import ShardPlan, assign_workers
 
-SHAPE = TinyLlama(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=512)
 SHARD = 60_000  # bytes: about a dozen shards
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cluster")
-    base = random_state(SHAPE, seed=0)
-    save_checkpoint(base, root / "base", shards=2, config=SHAPE.config_json(torch.bfloat16))
-    for i in (1, 2):
-        save_checkpoint(finetune_of(base, seed=i), root / f"ft{i}", shards=2)
+    save_base_and_finetunes(root)
     (root / "dare_ties.yaml").write_text(
         "merge_method: dare_ties\nbase_model: base\nseed: 7\nmodels:\n"
         "  - {model: ft1, parameters: {weight: 0.6, density: 0.5}}\n"
