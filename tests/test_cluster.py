@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import save_base_and_finetunes
 
@@ -250,3 +251,15 @@ def test_plan_shows_each_workers_shards(models):
     assert sorted(f for w in workers for f in w["shards"]) == sorted(s["file"] for s in summary["shards"])
     the_plan = make_plan(MergeConfig.from_yaml(models / "dare_ties.yaml"), max_shard_size=SHARD)
     assert workers[1]["shards"] == [s.filename for s in worker_shards(the_plan, 1, 3)]
+
+
+def test_each_torchrun_process_on_a_gpu_node_takes_its_local_gpu(monkeypatch):
+    from streammerge.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
