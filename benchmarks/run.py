@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--mergekit-methods", nargs="+", default=["dare_ties", "ties"])
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--device", default="cpu", help="passed to streammerge merge: cpu, cuda, auto")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", help="results file name (default: the shape)")
     args = ap.parse_args()
@@ -132,7 +133,7 @@ def main() -> None:
         cfg.write_text(CONFIG.format(method=method, data=args.data))
         evict(files)
         r = run_measured([sys.executable, "-m", "streammerge", "merge", str(cfg), str(work / "out"), "--force", "-q",
-                          "--max-memory", args.max_memory, "--compile", args.compile])
+                          "--max-memory", args.max_memory, "--compile", args.compile, "--device", args.device])
         rows.append({"tool": "streammerge", "method": method, **r})
         print(f"streammerge {method}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
     if args.mergekit:
@@ -157,7 +158,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"shape": args.shape, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "max_memory": args.max_memory, "compile": args.compile, "floor": floor, "rows": rows}
+              "max_memory": args.max_memory, "compile": args.compile, "device": args.device, "floor": floor, "rows": rows}
     name = args.name or args.shape
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     try:

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import MergeResult, merge, plan  # noqa: E402
+from .api import MergeResult, finalize, merge, plan  # noqa: E402
 from .config import MergeConfig, ModelSpec  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 from .errors import (  # noqa: E402
@@ -17,7 +17,7 @@ from .errors import (  # noqa: E402
 )
 
 __all__ = [
-    "MergeConfig", "ModelSpec", "MergeResult", "merge", "plan", "verify", "VerifyReport",
+    "MergeConfig", "ModelSpec", "MergeResult", "merge", "finalize", "plan", "verify", "VerifyReport",
     "StreammergeError", "ConfigError", "UnsupportedFeatureError", "CheckpointError",
     "CheckpointNotFoundError", "MismatchError", "NonFiniteError", "OutputError",
 ]

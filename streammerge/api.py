@@ -24,16 +24,28 @@ import safetensors
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, hub
 from .config import MergeConfig
-from .constants import COPIED_FILES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, MANIFEST, MODEL_CARD, SAFETENSORS_INDEX
-from .engine import Progress, run_plan
-from . import hub
-from .errors import CheckpointError, ConfigError, HubError, OutputError, StreammergeError
+from .constants import (
+    COPIED_FILES,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_SHARD_SIZE,
+    MANIFEST,
+    MODEL_CARD,
+    SAFETENSORS_INDEX,
+)
 from .distributed import Group, check_worker
+from .engine import Progress, run_plan
+from .errors import CheckpointError, ConfigError, HubError, OutputError, StreammergeError
 from .plan import Plan, ShardPlan, assign_workers, build_plan
 from .sources import Checkpoint
-from .writer import copy_file_atomic, file_sha256, fsync_dir, write_json_atomic, write_text_atomic
+from .writer import (
+    copy_file_atomic,
+    file_sha256,
+    fsync_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +190,8 @@ def merge(
         fingerprint = plan_fingerprint(the_plan, inputs)
         mine = worker_shards(the_plan, rank, world_size)
 
-        def prepare() -> bool:
-            return _prepare_output(out, inputs, force, fingerprint, exclusive=world_size == 1 or rank == 0)
+        def prepare() -> bool:  # under torchrun rank 0 runs this before the others start
+            return _prepare_output(out, inputs, force, fingerprint, exclusive=world_size == 1 or (group is not None and rank == 0))
 
         error: BaseException | None = None
         complete, done, shards = False, {}, []

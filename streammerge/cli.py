@@ -276,7 +276,8 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
 @click.argument("args", nargs=-1, metavar="[CONFIG.yaml]")
 @_merge_options
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor with its parameters.")
-def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, **o: Any) -> None:
+@click.option("--world-size", type=click.IntRange(1), default=1, help="Show which shards each of this many workers writes.")
+def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, world_size: int, **o: Any) -> None:
     """Dry run: what will be merged and how, the output shards, peak memory and disk. Reads no weights."""
     config_path, _ = _positional(args, needs_output=False)
     cfg = _run(debug, _build_config, config_path, o)
@@ -299,6 +300,10 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
         "estimated_peak_memory": p.peak_memory,
         "options": {k: str(v) for k, v in vars(p.options).items()},
     }
+    if world_size > 1:
+        shares = [api.worker_shards(p, r, world_size) for r in range(world_size)]
+        summary["workers"] = [{"rank": r, "shards": [s.filename for s in share], "input_bytes": sum(s.input_bytes for s in share)}
+                              for r, share in enumerate(shares)]
     if as_json:
         click.echo(json.dumps({**summary, **({"tensor_plan": tensors} if show_tensors else {})}, indent=2))
         return
@@ -308,6 +313,8 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     click.echo(f"{summary['merged_tensors']} of {summary['tensors']} tensors merged, the rest copied from the reference")
     click.echo(f"reads {p.input_bytes / 1e9:.3f} GB, writes {p.total_size / 1e9:.3f} GB in {len(p.shards)} shard(s)")
     click.echo(f"estimated peak working memory {p.peak_memory / 2**20:.1f} MiB (budget {p.max_memory / 2**20:.0f} MiB)")
+    for w in summary.get("workers", []):
+        click.echo(f"  worker {w['rank']}: {len(w['shards'])} shard(s), reads {w['input_bytes'] / 1e9:.3f} GB")
     if show_tensors:
         for t in tensors:
             what = ("dare " if t["dare"] else "") + ("merge" if t["merged"] else "copy")

@@ -10,8 +10,9 @@ Two ways to launch, both splitting by output shard (`plan.assign_workers`):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch.distributed as dist
 

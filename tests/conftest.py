@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import streammerge.engine
 import streammerge.kernels
+from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 
 
 @pytest.fixture
@@ -46,3 +48,15 @@ def no_hang(seconds: int = 5):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# A small Llama: big enough for a dozen shards and many row blocks, small enough for seconds.
+SMALL_LLAMA = TinyLlama(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=512)
+
+
+def save_base_and_finetunes(root: Path, shape: TinyLlama = SMALL_LLAMA, finetunes: int = 2) -> None:
+    """base/, ft1/, ft2/... under `root`: two-file sharded checkpoints, the base with its config.json."""
+    base = random_state(shape, seed=0)
+    save_checkpoint(base, root / "base", shards=2, config=shape.config_json(torch.bfloat16))
+    for i in range(1, finetunes + 1):
+        save_checkpoint(finetune_of(base, seed=i), root / f"ft{i}", shards=2)

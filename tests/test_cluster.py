@@ -16,27 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import save_base_and_finetunes
 
 from streammerge import MergeConfig, OutputError, merge
 from streammerge.api import finalize, worker_shards
 from streammerge.api import plan as make_plan
 from streammerge.cli import main
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.distributed import slurm_array_env
 from streammerge.errors import ConfigError
 from streammerge.plan import ShardPlan, assign_workers
 
-SHAPE = TinyLlama(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=512)
 SHARD = 60_000  # bytes: about a dozen shards
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cluster")
-    base = random_state(SHAPE, seed=0)
-    save_checkpoint(base, root / "base", shards=2, config=SHAPE.config_json(torch.bfloat16))
-    for i in (1, 2):
-        save_checkpoint(finetune_of(base, seed=i), root / f"ft{i}", shards=2)
+    save_base_and_finetunes(root)
     (root / "dare_ties.yaml").write_text(
         "merge_method: dare_ties\nbase_model: base\nseed: 7\nmodels:\n"
         "  - {model: ft1, parameters: {weight: 0.6, density: 0.5}}\n"
@@ -244,3 +240,26 @@ def test_torchrun_worker_failure_fails_the_job_naming_the_rank(models, tmp_path)
     assert proc.returncode != 0
     assert "rank 1 of 2 failed: " in proc.stderr and victim in proc.stderr
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_plan_shows_each_workers_shards(models):
+    result = CliRunner().invoke(main, ["plan", str(models / "dare_ties.yaml"), "--max-shard-size", "60KB", "--world-size", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    workers = summary["workers"]
+    assert [w["rank"] for w in workers] == [0, 1, 2]
+    assert sorted(f for w in workers for f in w["shards"]) == sorted(s["file"] for s in summary["shards"])
+    the_plan = make_plan(MergeConfig.from_yaml(models / "dare_ties.yaml"), max_shard_size=SHARD)
+    assert workers[1]["shards"] == [s.filename for s in worker_shards(the_plan, 1, 3)]
+
+
+def test_each_torchrun_process_on_a_gpu_node_takes_its_local_gpu(monkeypatch):
+    from streammerge.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")

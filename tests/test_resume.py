@@ -15,23 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import save_base_and_finetunes
 
 import streammerge.api
 import streammerge.writer
 from streammerge import MergeConfig, OutputError, merge
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
-
-SHAPE = TinyLlama(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=512)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume")
-    base = random_state(SHAPE, seed=0)
-    save_checkpoint(base, root / "base", shards=2, config=SHAPE.config_json(torch.bfloat16))
-    for i in (1, 2):
-        save_checkpoint(finetune_of(base, seed=i), root / f"ft{i}", shards=2)
+    save_base_and_finetunes(root)
     (root / "merge.yaml").write_text(
         "merge_method: ties\nbase_model: base\nmodels:\n"
         "  - {model: ft1, parameters: {weight: 0.5, density: 0.5}}\n"
