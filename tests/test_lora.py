@@ -246,7 +246,7 @@ def small_adapter(tmp_path_factory):
     return adapter
 
 
-@pytest.mark.parametrize("mode", ["rank", "element_a", "element_b"])
+@pytest.mark.parametrize("mode", ["rank", pytest.param("element_a", marks=pytest.mark.slow), pytest.param("element_b", marks=pytest.mark.slow)])
 def test_factor_drop_preserves_the_expectation(small_adapter, mode):
     name, density, seeds = "model.layers.0.mlp.up_proj.weight", 0.6, 600
     full = small_adapter.delta_rows(name, 0, 24).double()
