@@ -54,3 +54,7 @@ class OutputError(StreammergeError, OSError):
 
 class NonFiniteError(StreammergeError, ValueError):
     """A tensor holds NaN or Inf (found by the optional finite check)."""
+
+
+class MissingDependencyError(StreammergeError, ImportError):
+    """An optional dependency is needed for what was asked (the message says what to install)."""
