@@ -31,17 +31,32 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import MergeConfig, ModelSpec
-from .constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_ADAPTER_CONFIG_BYTES, PICKLE_SUFFIXES
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, StreammergeError
+from .constants import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MAX_ADAPTER_CONFIG_BYTES,
+    PICKLE_SUFFIXES,
+)
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    StreammergeError,
+)
 from .mask import keep_mask, mask_key
-from .sources import FLOAT_DTYPES, Checkpoint, TensorInfo, _open_regular, _reject_duplicates
+from .sources import (
+    FLOAT_DTYPES,
+    Checkpoint,
+    TensorInfo,
+    _open_regular,
+    _reject_duplicates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +64,7 @@ PEFT_PREFIXES = ("base_model.model.", "base_model.")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save(?:\.[^.]+)?(?=\.[^.]+$)")
-ROW_CHUNK_ELEMENTS = 1 << 18  # elements of τ computed at once: a few float64 temporaries of 2 MiB
+ROW_CHUNK_ELEMENTS = 1 << 18  # elements of τ computed at once: a float64 accumulator of 2 MiB
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -244,21 +259,19 @@ class LoraAdapter:
             return torch.zeros(shape, dtype=torch.float32)
         if info.kind != "lora":
             raise ValueError(f"{name!r} is stored whole in {self.weights.path}: read it with view()")
-        left, right, left_abs, right_abs, left_low, right_low = self._factors(info, drop)
+        left, right = self._factors(info, drop)
         out = torch.empty(shape, dtype=torch.float32)
         step = max(1, ROW_CHUNK_ELEMENTS // max(1, shape[1]))
         for r in range(row_start, row_end, step):
             e = min(r + step, row_end)
-            out[r - row_start : e - row_start] = exact_product_f32(left[r:e], right, left_abs[r:e], right_abs,
-                                                                   left_low[r:e], right_low)
+            out[r - row_start : e - row_start] = lora_product(left[r:e], right)
         out.mul_(torch.tensor(info.scaling, dtype=torch.float32))
         if drop is not None:
             out.mul_(torch.tensor(1.0 / drop.density, dtype=torch.float32))
         return out.add_(0.0)  # −0 → +0: τ's zeros carry no sign
 
     def _factors(self, info: LoraTensor, drop: FactorDrop | None) -> tuple[torch.Tensor, ...]:
-        """L, R, |L|, |R| (float64, the factor drop applied) and their rows'/columns' lowest-bit
-        exponents (exact_product_f32), cached for the current tensor."""
+        """L and R of τ = L @ R (float64, the factor drop applied), cached for the current tensor."""
         if self._cache is not None and self._cache[0] == (info.name, drop):
             return self._cache[1]
         a = self.weights.read(info.key_a).double()
@@ -271,84 +284,29 @@ class LoraAdapter:
             else:
                 b *= keep_mask(drop.key, 0, b.numel(), drop.density).view(b.shape)
         left, right = (a.T.contiguous(), b.T.contiguous()) if info.transposed else (b, a)
-        factors = (left, right, left.abs(), right.abs(), lowest_bit_exponents(left).amin(dim=1),
-                   lowest_bit_exponents(right).amin(dim=0))
+        factors = (left, right)
         self._cache = ((info.name, drop), factors)
         return factors
 
 
-# ---- exact products ---------------------------------------------------------------------------
+# ---- the product -------------------------------------------------------------------------------
 
 
-def exact_product_f32(left: torch.Tensor, right: torch.Tensor, left_abs: torch.Tensor | None = None,
-                      right_abs: torch.Tensor | None = None, left_low: torch.Tensor | None = None,
-                      right_low: torch.Tensor | None = None) -> torch.Tensor:
-    """left @ right, each element the exact dot product rounded once to float32 (nearest, ties to even).
+def lora_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ right in one fixed order of operations, rounded once to float32:
+    Σ_k left[:, k] · right[k, :] accumulated for k = 0 .. r-1 in float64.
 
-    `left` (m × r) and `right` (r × n) are float64 holding float32-representable values (bf16, fp16
-    and fp32 factors are), so every product is exact in float64. Three tiers, each certain of what
-    it returns: (1) the float64 BLAS product has error at most γ_r · (|L| |R|) in any summation order
-    (Higham, Accuracy and Stability, §3.1), so where p ± twice that bound round to the same float32
-    the answer is known, and so it is where every product is a multiple of 2^q (q from the lowest
-    set bits of row i and column j: `left_low`, `right_low`) and |L||R| < 2^(q+52): then every
-    partial sum is exact, p is the exact sum, and bf16/fp16 factors usually qualify; (2) elsewhere
-    (low-precision factors often sum exactly onto a float32 midpoint) the sum is redone with error-free TwoSum steps, exact when no step rounded, else
-    known to within a bound far below float32's; (3) what is still undecided is summed with rationals.
+    The factors hold float32-representable values (bf16, fp16, fp32), so each product is exact in
+    float64 and the sums follow the one order above: the bits never depend on BLAS, threads, row
+    blocks or the machine, as a matrix multiply's would. (numpy: ~10x torch's broadcast addcmul here.)
     """
-    left_abs = left.abs() if left_abs is None else left_abs
-    right_abs = right.abs() if right_abs is None else right_abs
-    left_low = lowest_bit_exponents(left).amin(dim=1) if left_low is None else left_low
-    right_low = lowest_bit_exponents(right).amin(dim=0) if right_low is None else right_low
-    p = left @ right
-    magnitude = left_abs @ right_abs
-    bound = magnitude * ((left.shape[1] + 2) * 2.0**-52)
-    out = p.float()
-    unsure = ((p - bound).float() != (p + bound).float()) & torch.isfinite(p)
-    unsure &= magnitude >= torch.exp2(left_low.view(-1, 1) + right_low.view(1, -1) + 52)  # else p is exact
-    rows, cols = torch.nonzero(unsure, as_tuple=True)
-    if len(rows):
-        out[rows, cols] = _two_sum_tier(left, right, rows, cols)
-    return out
-
-
-def lowest_bit_exponents(x: torch.Tensor) -> torch.Tensor:
-    """Per element of a float64 tensor, e such that 2^e is its lowest set bit (+inf for zeros)."""
-    mantissa, exponent = torch.frexp(x)  # x = mantissa · 2^exponent, 0.5 <= |mantissa| < 1
-    n = (mantissa.abs() * 2.0**53).to(torch.int64)  # the significand as an integer, exactly
-    _, k = torch.frexp((n & -n).double())  # its lowest set bit is 2^(k - 1)
-    return torch.where(x == 0, torch.inf, (exponent - 54 + k).double())
-
-
-def _two_sum_tier(left: torch.Tensor, right: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The dot products at (rows, cols) by TwoSum (Knuth): s + Σe is the exact sum."""
-    s = torch.zeros(len(rows), dtype=torch.float64)
-    err = torch.zeros_like(s)
-    err_abs = torch.zeros_like(s)
-    for k in range(left.shape[1]):
-        x = left[rows, k] * right[k, cols]  # exact: float32 × float32 fits float64
-        t = s + x
-        z = t - s
-        e = (s - (t - z)) + (x - z)  # exactly s + x − t
-        s, err, err_abs = t, err + e, err_abs + e.abs()
-    y = s + err
-    bound = err_abs * ((left.shape[1] + 2) * 2.0**-52) + y.abs() * 2.0**-52
-    out = torch.where(err_abs == 0, s, y).float()  # no step rounded: s is the exact sum
-    unsure = (err_abs != 0) & ((y - bound).float() != (y + bound).float()) & torch.isfinite(y)
-    for n in torch.nonzero(unsure).reshape(-1).tolist():
-        i, j = int(rows[n]), int(cols[n])
-        exact = sum((Fraction(a) * Fraction(b) for a, b in zip(left[i].tolist(), right[:, j].tolist())), Fraction(0))
-        out[n] = float(round_to_f32(exact))
-    return out
-
-
-def round_to_f32(value: Fraction) -> np.float32:
-    """A rational rounded to the nearest float32, ties to even (float() alone would round twice)."""
-    guess = np.float32(float(value))
-    if not np.isfinite(guess):
-        return guess
-    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
-    finite = [c for c in candidates if np.isfinite(c)]
-    return min(finite, key=lambda c: (abs(Fraction(float(c)) - value), int(np.float32(c).view(np.uint32)) & 1))
+    lhs, rhs = left.numpy(), right.numpy()
+    acc = np.zeros((lhs.shape[0], rhs.shape[1]))
+    term = np.empty_like(acc)
+    for k in range(lhs.shape[1]):
+        np.multiply(lhs[:, k : k + 1], rhs[k : k + 1], out=term)
+        acc += term
+    return torch.from_numpy(acc.astype(np.float32))
 
 
 # ---- the merge's view of adapters ----------------------------------------------------------------
