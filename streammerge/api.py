@@ -36,6 +36,8 @@ from .constants import (
 )
 from .distributed import Group, check_worker
 from .engine import Progress, run_plan
+from .lora import attach_adapters, open_model
+from .lora import fingerprint as adapters_fingerprint
 from .errors import CheckpointError, ConfigError, HubError, OutputError, StreammergeError
 from .plan import Plan, ShardPlan, assign_workers, build_plan
 from .sources import Checkpoint
@@ -96,7 +98,8 @@ def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Check
         key = os.path.realpath(path) if hub.parse_source(path) is None else path
         if key not in opened:
             try:
-                opened[key] = stack.enter_context(hub.open_checkpoint(path))
+                model = open_model(path) if hub.parse_source(path) is None else hub.open_checkpoint(path)
+                opened[key] = stack.enter_context(model)  # a checkpoint or a LoRA adapter, or a Hub repo
             except (CheckpointError, HubError) as e:
                 problems.append(e)
                 opened[key] = None
@@ -104,6 +107,8 @@ def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Check
 
     finetuned = [get(config.model_path(m)) for m in config.finetunes()]
     reference = get(config.base_path) if config.base_path is not None else (finetuned[0] if finetuned else None)
+    if reference is not None:
+        problems += attach_adapters(config, reference, finetuned)
     if len(problems) == 1:
         raise problems[0]
     if problems:
@@ -358,6 +363,7 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
                     for t in the_plan.tensors],
         "shards": [[s.filename, list(s.tensors)] for s in the_plan.shards],
         "inputs": identity,
+        "adapters": adapters_fingerprint(the_plan.config, inputs),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -384,6 +384,37 @@ def finalize_command(output_dir: str, as_json: bool, debug: bool) -> None:
         click.echo(f"finalized {result.output_dir}: {len(result.shards)} shard(s), {result.total_size / 1e9:.3f} GB")
 
 
+@main.command("inspect")
+@click.argument("base")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (keys: docs/inspect.md).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the numbers per layer into this PNG (needs matplotlib).")
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=0.005, show_default=True,
+              help="|delta| counted as large (DARE breaks down above 0.005).")
+@click.option("--summary", is_flag=True, help="Only the whole-model rows, no per-layer groups (table output).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def inspect_command(base: str, models: tuple[str, ...], as_json: bool, plot_path: str | None, threshold: float, summary: bool,
+                    debug: bool) -> None:
+    """Before merging: the task vectors of MODELS (checkpoints or LoRA adapters) against BASE, per layer.
+
+    |delta| distribution and the fraction above the threshold per model (DARE is likely to hurt when
+    it is large), cosine similarity and sign-conflict rate per pair, tensors whose shapes differ.
+    """
+    from .inspect import format_report, inspect_deltas, plot_report
+
+    report = _run(debug, inspect_deltas, base, list(models), threshold=threshold)
+    if plot_path is not None:
+        _run(debug, plot_report, report, plot_path)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(format_report(report, groups=not summary))
+        if plot_path is not None:
+            click.echo(f"plot: {plot_path}")
+    for warning in report.warnings:
+        click.echo(f"streammerge: warning: {_one_line(warning)}", err=True)
+
+
 @main.command("verify")
 @click.argument("output_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")

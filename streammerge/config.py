@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .constants import LORA_DROP_MODES
 from .errors import ConfigError, UnsupportedFeatureError
 from .ops import METHODS, MergeOptions
 
@@ -253,6 +254,10 @@ class MergeConfig:
                 problems.append(f"models[{i}]: 'model+lora' syntax is not supported yet ({model.source!r})")
             for key, value in model.parameters.items():
                 problems += _check_param(f"models[{i}].parameters.{key}", key, value, top_level=False)
+        drops = [m.parameters.get("lora_drop") for m in self.models] + [self.parameters.get("lora_drop")]
+        if any(d not in (None, "delta") for d in drops) and METHODS.get(self.method_name, ("",))[0] != "dare":
+            problems.append("lora_drop: drops a LoRA adapter's factors in place of DARE's drop on its delta; "
+                            "it needs merge_method dare_linear or dare_ties")
         if problems:
             raise ConfigError(problems)
 
@@ -382,6 +387,8 @@ def _check_param(where: str, key: str, value: Any, *, top_level: bool) -> list[s
         if allowed == (bool,):
             return [] if isinstance(value, bool) else [f"{where}: must be true or false, got {value!r}"]
         return [] if value in allowed else [f"{where}: must be one of {', '.join(allowed)}, got {value!r}"]
+    if key == "lora_drop":  # LoRA adapters only (lora.py): where DARE's drop happens
+        return [] if value in LORA_DROP_MODES else [f"{where}: must be one of {', '.join(LORA_DROP_MODES)}, got {value!r}"]
     if key in KNOWN_UNSUPPORTED_PARAMS:
         return [f"{where}: mergekit parameter '{key}' is not supported by streammerge yet"]
     return [f"{where}: unknown parameter '{key}'"]

@@ -9,6 +9,11 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 MANIFEST = "streammerge_manifest.json"
 MODEL_CARD = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: this file plus the weights below
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+# Where DARE's drop happens for a LoRA adapter: on the rebuilt delta, or on its factors (lora.py).
+LORA_DROP_MODES = ("delta", "rank", "element_a", "element_b")
 
 # Files copied from the base (or the tokenizer source) when present.
 COPIED_FILES = (

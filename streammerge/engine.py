@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from . import kernels, ops
+from . import kernels, lora, ops
 from .errors import NonFiniteError
 from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, mask_key
@@ -145,7 +145,7 @@ class TorchBackend:
         if not staged:
             block = self._on_device(block)
         base = block.base.to(self.compute)
-        deltas = ops.task_vectors(base, block.fts)
+        deltas = ops.task_vectors(base, block.fts, spec.given)
         n = deltas[0].numel()
         for i in range(len(block.fts)):
             if spec.dare:
@@ -179,7 +179,7 @@ class TorchBackend:
         """mergekit's DARE rescale per model, from the whole tensor (a single block)."""
         moved = self._on_device(block)  # staged once: a second staging could overwrite buffers still in flight
         _, kept = self.deltas(moved, replace(spec, dare_scales=(1.0,) * len(block.fts)), staged=True)
-        full = ops.task_vectors(moved.base.to(self.compute), moved.fts)
+        full = ops.task_vectors(moved.base.to(self.compute), moved.fts, spec.given)
         return tuple(ops.l1_rescale(full[i], kept[i]) for i in range(len(block.fts)))
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
@@ -228,16 +228,20 @@ class TensorJob:
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough)
         self.blocks = [(r, min(r + self.rows, tp.rows)) for r in range(0, tp.rows, self.rows)]
         self.prepared = False
+        # LoRA adapters hand over τ rows (lora.py); one that drops its factors does DARE's drop itself
+        self.delta_rows = lora.delta_inputs(tp, plan, self.finetuned) if tp.merged and not self.is_linear else [None] * n
+        densities = tuple(1.0 if d is not None and d.drops_factors else x for d, x in zip(self.delta_rows, tp.densities))
         self.spec = ops.TensorSpec(
             opts=self.opts,
             weights=tp.weights,
             lam=tp.lam,
             dare=tp.dare,
             keys=tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n)) if tp.dare else (),
-            densities=tp.densities,
-            dare_scales=tuple(1.0 / d if tp.dare and self.opts.rescale == "inverse" else 1.0 for d in tp.densities),
+            densities=densities,
+            dare_scales=tuple(1.0 / d if tp.dare and self.opts.rescale == "inverse" else 1.0 for d in densities),
             trims=(None,) * n,
             merged=tp.merged,
+            given=tuple(d is not None for d in self.delta_rows),
         )
 
     def block_bytes(self, r0: int, r1: int) -> int:
@@ -246,7 +250,7 @@ class TensorJob:
     def read(self, r0: int, r1: int) -> Block:
         name = self.tp.name
         base = self.reference.view(name, r0, r1) if self.read_base else None
-        fts = [c.view(name, r0, r1) for c in self.finetuned]
+        fts = [c.view(name, r0, r1) if d is None else d.read(r0, r1) for c, d in zip(self.finetuned, self.delta_rows)]
         return Block(r0, r1, r0 * self.row_elems, base, fts, self.block_bytes(r0, r1))
 
     def advise(self) -> None:

@@ -56,5 +56,9 @@ class NonFiniteError(StreammergeError, ValueError):
     """A tensor holds NaN or Inf (found by the optional finite check)."""
 
 
+class MissingDependencyError(StreammergeError, ImportError):
+    """An optional dependency is needed for what was asked (the message says what to install)."""
+
+
 class HubError(StreammergeError, OSError):
     """The Hugging Face Hub refused or failed a request (access, network, upload), or its cache cannot be used."""

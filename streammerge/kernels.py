@@ -118,7 +118,10 @@ def deltas_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], star
     ds = []
     for i, ft in enumerate(fts):
         d = s.d[i, :m]
-        np.subtract(load_f32(ft, d), b, out=d)
+        if spec.given and spec.given[i]:  # τ itself: a LoRA adapter's rebuilt delta
+            np.copyto(d, load_f32(ft, d))
+        else:
+            np.subtract(load_f32(ft, d), b, out=d)
         if spec.dare:
             keep = s.keep[:m]
             keep_mask_into(spec.keys[i], start, torch.from_numpy(keep), spec.densities[i])

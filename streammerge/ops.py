@@ -98,19 +98,24 @@ class TensorSpec:
     trims: tuple[TrimThreshold | None, ...]  # per model; None keeps everything
     majority: float = 1.0
     merged: bool = True
+    given: tuple[bool, ...] = ()  # per model: its rows are τ itself (a LoRA adapter, lora.py), not θ
 
 
 # ---------------------------------------------------------------------------------------------
 # task vectors
 
 
-def task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+def task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], given: Sequence[bool] = ()) -> torch.Tensor:
     """τ_t = θ_t − θ₀ for every model, stacked: shape [n, *base.shape], in base's (compute) dtype.
 
     Fine-tunes in a narrower dtype are promoted inside the subtraction, without a converted copy.
+    Where `given[t]`, finetuned[t] already is τ_t (a LoRA adapter's) and is only converted.
     """
     out = torch.empty((len(finetuned), *base.shape), dtype=base.dtype, device=base.device)
     for i, ft in enumerate(finetuned):
+        if given and given[i]:
+            out[i].copy_(ft)
+            continue
         narrower = ft.dtype != base.dtype and torch.finfo(ft.dtype).bits > torch.finfo(base.dtype).bits
         torch.sub(ft.to(base.dtype) if narrower else ft, base, out=out[i])
     return out
