@@ -295,6 +295,8 @@ def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float,
 def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule: str) -> list[list[ops.TrimThreshold | None]]:
     """select_thresholds for given ranks k per model (None keeps everything, 0 nothing)."""
     n = len(ranks)
+    if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, TorchBackend):
+        return [_sorted_thresholds(jobs[0], ranks, rule)]  # one block in memory anyway: no radix passes
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
     wanted = [s is not None for s in selectors]
     for pass_index in range(2):
@@ -324,6 +326,24 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
         for j, row in enumerate(per_job):
             row[i] = ops.TrimThreshold(value, last[j])
     return per_job
+
+
+def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None]:
+    """The thresholds select_rank_thresholds finds, from one whole-tensor block by a top-k."""
+    (block,) = job.blocks_read()
+    _, deltas = job.backend.deltas(block, replace(job.spec, trims=(None,) * len(ranks), outliers=()))
+    out: list[ops.TrimThreshold | None] = []
+    for i, k in enumerate(ranks):
+        if not k:
+            out.append(None if k is None else ops.TrimThreshold(math.inf, -1))
+            continue
+        flat = deltas[i].abs().reshape(-1).float()
+        value = torch.topk(flat, k).values[-1]
+        ties = torch.nonzero(flat == value).reshape(-1)
+        keep = len(ties) if rule == "inclusive" else k - int((flat > value).sum())
+        last = ops.ALL_TIES if keep == len(ties) else -1 if keep == 0 else int(ties[keep - 1])
+        out.append(ops.TrimThreshold(float(value), last))
+    return out
 
 
 def _last_tie(jobs: list[TensorJob], i: int, value: float, keep: int, total: int) -> list[int]:
