@@ -262,11 +262,11 @@ class MergeConfig:
                             "weight: list the base under models with a weight, or set parameters.weight")
         if self.method_name != "linear" and self.method_name in METHODS and self.base is None:
             problems.append(f"base_model: the {self.method_name} method needs a base model")
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in {m.source for m in self.models}:
-            if self.tokenizer_source == "union":
-                problems.append("tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model")
-            else:
-                problems.append(f"tokenizer_source: {self.tokenizer_source!r} is neither 'base' nor one of the models")
+        if self.tokenizer_source == "union":
+            problems.append("tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model")
+        elif (self.tokenizer_source not in (None, "base", self.base) and self.tokenizer_source not in {m.source for m in self.models}
+              and not os.path.isdir(self._path(str(self.tokenizer_source)))):
+            problems.append(f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', one of the models, nor a local folder")
         method = self.method_name
         for key, value in self.parameters.items():
             problems += _check_param(f"parameters.{key}", key, value, top_level=True, method=method)

@@ -226,7 +226,7 @@ def test_validate_misc_rules():
                      "sign_method": "count", "dare_scope": "all", "trim_scope": "global", "int8_mask": True}).validate()
     _cfg(tokenizer_source="ft1").validate()
     assert _problems(_cfg(tokenizer_source="other")).problems == [
-        "tokenizer_source: 'other' is neither 'base' nor one of the models"
+        "tokenizer_source: 'other' is neither 'base', one of the models, nor a local folder"
     ]
 
 

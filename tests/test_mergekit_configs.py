@@ -230,3 +230,30 @@ def test_a_partial_layer_range_is_named(tmp_path, folder):
     (folder / "partial.yml").write_text(SLICES_YML.replace("[0, 5]", "[0, 4]"))
     with pytest.raises(Exception, match=r"slices\[0\]: layer_range \[0, 4\] does not cover the model's 5 layers"):
         plan_merge(MergeConfig.from_yaml(folder / "partial.yml"))
+
+
+def test_tokenizer_source_base_a_model_or_a_folder(tmp_path, folder):
+    (folder / "llama2" / "tokenizer.json").write_text('{"from": "base"}')
+    (folder / "platypus" / "tokenizer.json").write_text('{"from": "platypus"}')
+    (folder / "platypus" / "tokenizer_config.json").write_text('{"model_max_length": 8}')
+    only_tok = folder / "tok_only"
+    only_tok.mkdir(exist_ok=True)
+    (only_tok / "tokenizer.model").write_bytes(b"spm")
+    text = BIO_MERGE_YML.replace("instruct #", "platypus #").replace("merge_method: ties", "merge_method: task_arithmetic")
+    for source, expected in [("base", '{"from": "base"}'), ("platypus", '{"from": "platypus"}'), ("llama2", '{"from": "base"}')]:
+        (folder / "tok.yml").write_text(text + f"tokenizer_source: {source}\n")
+        out = tmp_path / source
+        merge(MergeConfig.from_yaml(folder / "tok.yml"), out)
+        assert (out / "tokenizer.json").read_text() == expected
+        assert (out / "tokenizer_config.json").exists() == (source == "platypus")
+    (folder / "tok.yml").write_text(text + "tokenizer_source: tok_only\n")
+    merge(MergeConfig.from_yaml(folder / "tok.yml"), tmp_path / "folder")
+    assert (tmp_path / "folder" / "tokenizer.model").read_bytes() == b"spm"
+    # a named source without a tokenizer: one line, before any work
+    (folder / "tok.yml").write_text(text + "tokenizer_source: biomistral\n")
+    with pytest.raises(Exception, match=r"^tokenizer_source: 'biomistral' \(.*biomistral\) holds no tokenizer"):
+        merge(MergeConfig.from_yaml(folder / "tok.yml"), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    (folder / "tok.yml").write_text(text + "tokenizer_source: union\n")
+    with pytest.raises(Exception, match=r"^tokenizer_source: 'union' \(merged vocabularies\) is not supported yet"):
+        merge(MergeConfig.from_yaml(folder / "tok.yml"), tmp_path / "union")
