@@ -338,7 +338,7 @@ def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> li
             out.append(None if k is None else ops.TrimThreshold(math.inf, -1))
             continue
         flat = deltas[i].abs().reshape(-1).float()
-        value = torch.topk(flat, k).values[-1]
+        value = torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values.to(flat.device)  # the k-th largest
         ties = torch.nonzero(flat == value).reshape(-1)
         keep = len(ties) if rule == "inclusive" else k - int((flat > value).sum())
         last = ops.ALL_TIES if keep == len(ties) else -1 if keep == 0 else int(ties[keep - 1])

@@ -209,6 +209,9 @@ def keep_mask_varying(key: int, start: int, thresholds: torch.Tensor) -> torch.T
     flat = thresholds.reshape(-1)
     _check_range(start, flat.numel())
     out = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+    if flat.device.type == "cpu":
+        _fill_numpy(key, start, out.numpy(), 0, flat.contiguous().numpy())
+        return out.view(thresholds.shape)
     for pos in range(0, flat.numel(), _TORCH_STEP):
         n = min(_TORCH_STEP, flat.numel() - pos)
         index = torch.arange(n, dtype=torch.int64, device=flat.device) + (start + pos)
@@ -239,7 +242,7 @@ def _buffers() -> tuple[np.ndarray, np.ndarray]:
     return bufs
 
 
-def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int) -> None:
+def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int, thresholds: np.ndarray | None = None) -> None:
     """CPU hot path: write (hash32 < threshold) for indices start.. into the 1-D bool array out.
 
     Computes the spec with 11-13 in-place numpy uint32 passes per 2**16-element block instead of
@@ -260,6 +263,7 @@ def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int) -> None:
         start: first flat element index.
         out: 1-D bool array (usually a zero-copy view of a torch tensor) to fill.
         threshold: in (0, 2**32); the callers handle 0 and 2**32.
+        thresholds: int64 per-element thresholds (DELLA) in place of `threshold`, same length as out.
 
     Returns:
         None; out is written in place.
@@ -268,7 +272,7 @@ def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int) -> None:
     k0, k1 = key & _M32, key >> 32
     k0_shifted = k0 ^ (k0 >> 16)
     t = np.uint32(threshold)
-    final_shift = threshold & 0xFFFF != 0
+    final_shift = thresholds is not None or threshold & 0xFFFF != 0
     end = start + out.shape[0]
     i = start
     while i < end:
@@ -295,7 +299,7 @@ def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int) -> None:
             np.right_shift(x, 16, out=tmp)
             np.bitwise_xor(x, tmp, out=x)
         pos = i - start
-        np.less(x, t, out=out[pos : pos + n])
+        np.less(x, t if thresholds is None else thresholds[pos : pos + n], out=out[pos : pos + n])
         i += n
 
 

@@ -321,8 +321,11 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float, mer
     order = torch.argsort(rows.abs().float(), dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
-    rank_norm = ranks.double() / (cols - 1) if cols > 1 else torch.full(rows.shape, 0.5, dtype=torch.float64, device=rows.device)
-    return ((density - epsilon) + rank_norm * 2 * epsilon).view(delta.shape)
+    # p depends on the rank alone: compute it once per rank, then look it up (the same float64 values)
+    rank_norm = torch.arange(cols, dtype=torch.float64, device=rows.device) / (cols - 1) if cols > 1 else \
+        torch.full((1,), 0.5, dtype=torch.float64, device=rows.device)
+    by_rank = (density - epsilon) + rank_norm * 2 * epsilon
+    return by_rank[ranks].view(delta.shape)
 
 
 def keep_thresholds(p: torch.Tensor) -> torch.Tensor:
