@@ -191,6 +191,7 @@ def merge(
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
         the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory)
+        tokenizer_folder(config, reference)  # a tokenizer_source without a tokenizer fails before any work
         inputs = [reference, *finetuned]
         fingerprint = plan_fingerprint(the_plan, inputs)
         mine = worker_shards(the_plan, rank, world_size)
@@ -359,8 +360,8 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
         "version": __version__,
         "options": {k: str(v) for k, v in vars(the_plan.options).items()},
         "seed": the_plan.config.seed,
-        "tensors": [[t.name, list(t.shape), t.out_dtype, t.merged, t.weights, t.densities, t.trim_densities, t.lam, t.dare]
-                    for t in the_plan.tensors],
+        "tensors": [[t.name, list(t.shape), t.out_dtype, t.merged, t.weights, t.densities, t.trim_densities, t.lam, t.dare,
+                     t.gammas, t.epsilons] for t in the_plan.tensors],
         "shards": [[s.filename, list(s.tensors)] for s in the_plan.shards],
         "inputs": identity,
         "adapters": adapters_fingerprint(the_plan.config, inputs),
@@ -471,18 +472,38 @@ def _check_free_space(out: Path, shards: list[ShardPlan]) -> None:
         )
 
 
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a folder holding one of these has a tokenizer
+
+
+def tokenizer_folder(config: MergeConfig, reference: Checkpoint) -> Path | None:
+    """Where the tokenizer files come from: the base by default, or the model `tokenizer_source` names
+    (`base`, a listed model, or any local folder, as mergekit allows). Raises ConfigError when an
+    explicitly named source holds no tokenizer."""
+    source = config.tokenizer_source
+    if isinstance(reference, hub.HubCheckpoint):  # small files, at the base's pinned commit
+        reference.fetch_side_files(COPIED_FILES)
+    if source is None:
+        return reference.folder if reference.path.is_dir() else None
+    folder = reference.folder if source == "base" else Path(config._path(source))
+    if source != "base" and hub.parse_source(config._path(source)) is not None:  # a Hub repo's tokenizer
+        with hub.open_checkpoint(config._path(source)) as remote:
+            remote.fetch_side_files(COPIED_FILES)
+            folder = remote.folder
+    if folder.is_file():
+        folder = folder.parent
+    if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+        raise ConfigError(f"tokenizer_source: {source!r} ({folder}) holds no tokenizer ({', '.join(TOKENIZER_MARKERS)}); "
+                          "name a model that has one, or leave tokenizer_source out")
+    return folder
+
+
 def _copy_side_files(config: MergeConfig, reference: Checkpoint, out: Path, the_plan: Plan) -> None:
     """config.json, generation config and tokenizer files from the base (or the tokenizer source)."""
     if isinstance(reference, hub.HubCheckpoint):
         reference.fetch_side_files(COPIED_FILES)
     if not reference.path.is_dir():
         return
-    tokenizer_from = reference.folder
-    if config.tokenizer_source not in (None, "base"):
-        source = hub.open_checkpoint(config._path(config.tokenizer_source))
-        if isinstance(source, hub.HubCheckpoint):
-            source.fetch_side_files(COPIED_FILES)
-        tokenizer_from = source.folder
+    tokenizer_from = tokenizer_folder(config, reference)
     for name in COPIED_FILES:
         folder = reference.folder if name in ("config.json", "generation_config.json") else tokenizer_from
         src = folder / name

@@ -5,15 +5,17 @@ collects every problem and raises once, naming each key.
 
 Parameter values take mergekit's forms: a scalar; a list of numbers (a gradient, interpolated as
 mergekit does at t = layer / (n_layers - 1), and t = 0 outside the layers: embeddings, final norm,
-lm_head); or a list of `{filter, value}` entries (first match wins; an entry without `filter` is the
-fallback). A filter with `*`, `?` or `[` is a glob on the tensor name, otherwise a substring.
-Model-level parameters take precedence over the top-level `parameters`; a model-level filter list
-that matches nothing falls through to the top level, as in mergekit.
+lm_head); or one or a list of `{filter, value}` entries (first match wins; an entry without `filter`,
+or with `filter: "*"`, is the fallback). A filter is a substring of the tensor name, as in mergekit;
+outside `semantics: mergekit`, a filter with `*`, `?` or `[` is a glob on the whole name instead
+(mergekit would never match it). Precedence, as mergekit resolves it: a model's own parameters, then
+the slice's, then the top-level `parameters`; a filter list that matches nothing falls through.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import os
 import re
@@ -27,6 +29,8 @@ from .constants import LORA_DROP_MODES
 from .errors import ConfigError, UnsupportedFeatureError
 from .ops import METHODS, MergeOptions
 
+log = logging.getLogger(__name__)
+
 SEMANTICS = ("default", "mergekit", "peft", "fusionbench")
 
 DTYPES = {
@@ -36,7 +40,12 @@ DTYPES = {
 }
 
 # Parameters that may vary per model and per tensor (gradients and filters allowed).
-TENSOR_PARAMS = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "trim_density": 1.0}
+TENSOR_PARAMS = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "trim_density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+# Tensor parameters that only some methods read (mergekit's defaults above).
+METHOD_PARAMS = {"gamma": ("breadcrumbs", "breadcrumbs_ties"), "epsilon": ("della", "della_linear"),
+                 "trim_density": ("dare_ties",)}
+# Parameters mergekit resolves once per tensor for the whole merge: a model's own value is never read.
+SHARED_TENSOR_PARAMS = {"lambda"}
 # Options of the whole merge: scalars, top-level `parameters` only.
 OPTION_PARAMS = {
     "normalize": (bool,),
@@ -48,14 +57,16 @@ OPTION_PARAMS = {
     "int8_mask": (bool,),  # accepted for mergekit configs; it changes nothing in the result
 }
 # mergekit parameters of methods we don't have yet: named in the error.
-KNOWN_UNSUPPORTED_PARAMS = {"epsilon", "gamma", "lambda_", "t", "k", "select_topk", "filter_wise", "rescale_norm"}
+KNOWN_UNSUPPORTED_PARAMS = {"lambda_", "t", "k", "select_topk", "filter_wise", "rescale_norm"}
 # Top-level mergekit keys we don't support yet.
-UNSUPPORTED_KEYS = {"slices": "slices (layer-range merges)", "chat_template": "chat_template", "modules": "modules"}
+UNSUPPORTED_KEYS = {"chat_template": "chat_template", "modules": "modules"}
 KNOWN_METHOD_ALIASES = {"average": "linear", "dare_average": "dare_linear"}
 OTHER_MERGEKIT_METHODS = {
-    "slerp", "passthrough", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock",
-    "nearswap", "nuslerp", "karcher", "sce", "arcee_fusion", "multislerp", "task_arithmetic_sce",
+    "slerp", "passthrough", "model_stock", "nearswap", "nuslerp", "karcher", "sce", "arcee_fusion", "multislerp",
+    "task_arithmetic_sce", "ram", "ramplus_tl",
 }
+# Methods whose mergekit arithmetic only the default and mergekit presets define.
+MERGEKIT_ONLY_METHODS = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 ParamValue = Any  # float | bool | str | list[float] | list[{filter, value}]
 
@@ -91,6 +102,10 @@ class MergeConfig:
     tokenizer_source: str | None = None  # "base" (default) or one model's source
     vocab: str = "error"  # differing vocabulary sizes: error | truncate_to_base | truncate_to_smallest
     base_dir: str | None = None  # relative model paths resolve against this (the YAML's folder)
+    # A mergekit `slices:` config equivalent to `models:` (one slice, every source the same whole
+    # layer range): that slice's own `parameters`, and its layer range, checked against the models.
+    slice_parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
 
     # ---- construction -------------------------------------------------------------------
 
@@ -118,7 +133,7 @@ class MergeConfig:
         for key, what in UNSUPPORTED_KEYS.items():
             if key in data:
                 problems.append(f"'{key}': mergekit {what} is not supported by streammerge yet")
-        known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "semantics",
+        known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "semantics",
                  "seed", "include", "exclude", "tokenizer_source", "tokenizer", "name", "vocab"}
         for key in data:
             if key not in known and key not in UNSUPPORTED_KEYS:
@@ -153,6 +168,14 @@ class MergeConfig:
                 else:
                     source = f"{source}@{revision}"
             models.append(ModelSpec(source, dict(params)))
+        slice_params: dict[str, Any] = {}
+        layer_range = None
+        slice_base = None
+        if data.get("slices") is not None:
+            if raw_models:
+                problems.append("'models' and 'slices': give one of them, as mergekit requires")
+            else:
+                models, slice_params, layer_range, slice_base = _models_from_slices(data["slices"], problems)
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             problems.append("'parameters' must be a mapping")
@@ -167,7 +190,7 @@ class MergeConfig:
             value = data.get(key) or ()
             return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
 
-        base = data.get("base_model")
+        base = data.get("base_model") if slice_base is None else slice_base  # mergekit: the slice's base wins
         return cls(
             method=method,
             models=tuple(models),
@@ -182,6 +205,8 @@ class MergeConfig:
             tokenizer_source=data.get("tokenizer_source"),
             vocab=str(data.get("vocab", "error")),
             base_dir=base_dir,
+            slice_parameters=slice_params,
+            layer_range=layer_range,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +217,10 @@ class MergeConfig:
         out["models"] = [
             {"model": m.source, **({"parameters": dict(m.parameters)} if m.parameters else {})} for m in self.models
         ]
+        if self.layer_range is not None:
+            out["layer_range"] = list(self.layer_range)
+        if self.slice_parameters:
+            out["slice_parameters"] = dict(self.slice_parameters)
         if self.parameters:
             out["parameters"] = dict(self.parameters)
         for key in ("dtype", "out_dtype", "tokenizer_source"):
@@ -223,6 +252,10 @@ class MergeConfig:
             )
         if self.method_name not in METHODS:
             problems.append(f"merge_method: unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        if self.method_name in MERGEKIT_ONLY_METHODS and self.semantics not in ("default", "mergekit"):
+            problems.append(f"semantics: {self.semantics} has no {self.method_name} method; use default or mergekit")
+        if self.method_name in MERGEKIT_ONLY_METHODS and self.option("trim_scope", "tensor") != "tensor":
+            problems.append(f"parameters.trim_scope: {self.method_name} sparsifies each tensor on its own; remove trim_scope")
         if self.vocab not in ("error", "truncate_to_base", "truncate_to_smallest"):
             problems.append(f"vocab: unknown value {self.vocab!r}; choose error, truncate_to_base or truncate_to_smallest")
         if self.semantics not in SEMANTICS:
@@ -242,18 +275,21 @@ class MergeConfig:
                             "weight: list the base under models with a weight, or set parameters.weight")
         if self.method_name != "linear" and self.method_name in METHODS and self.base is None:
             problems.append(f"base_model: the {self.method_name} method needs a base model")
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in {m.source for m in self.models}:
-            if self.tokenizer_source == "union":
-                problems.append("tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model")
-            else:
-                problems.append(f"tokenizer_source: {self.tokenizer_source!r} is neither 'base' nor one of the models")
+        if self.tokenizer_source == "union":
+            problems.append("tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model")
+        elif (self.tokenizer_source not in (None, "base", self.base) and self.tokenizer_source not in {m.source for m in self.models}
+              and not os.path.isdir(self._path(str(self.tokenizer_source)))):
+            problems.append(f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', one of the models, nor a local folder")
+        method = self.method_name
         for key, value in self.parameters.items():
-            problems += _check_param(f"parameters.{key}", key, value, top_level=True)
+            problems += _check_param(f"parameters.{key}", key, value, top_level=True, method=method)
+        for key, value in self.slice_parameters.items():
+            problems += _check_param(f"slices[0].parameters.{key}", key, value, top_level=True, method=method)
         for i, model in enumerate(self.models):
             if "+" in model.source and not os.path.exists(self._path(model.source)):
                 problems.append(f"models[{i}]: 'model+lora' syntax is not supported yet ({model.source!r})")
             for key, value in model.parameters.items():
-                problems += _check_param(f"models[{i}].parameters.{key}", key, value, top_level=False)
+                problems += _check_param(f"models[{i}].parameters.{key}", key, value, top_level=False, method=method)
         drops = [m.parameters.get("lora_drop") for m in self.models] + [self.parameters.get("lora_drop")]
         if any(d not in (None, "delta") for d in drops) and METHODS.get(self.method_name, ("",))[0] != "dare":
             problems.append("lora_drop: drops a LoRA adapter's factors in place of DARE's drop on its delta; "
@@ -285,7 +321,8 @@ class MergeConfig:
         base = os.path.realpath(self._path(self.base))  # `./base` and `base` are the same model
         if self.method_name == "linear":
             listed = any(os.path.realpath(self._path(m.source)) == base for m in self.models)
-            append_base = self.semantics == "mergekit" and not listed
+            # mergekit appends the base to `models:`, not to the sources of a `slices:` config
+            append_base = self.semantics == "mergekit" and not listed and self.layer_range is None
             return list(self.models) + ([ModelSpec(self.base)] if append_base else [])
         return [m for m in self.models if os.path.realpath(self._path(m.source)) != base]
 
@@ -293,14 +330,21 @@ class MergeConfig:
         return self._path(spec.source)
 
     def option(self, key: str, default: Any) -> Any:
-        return self.parameters.get(key, default)
+        """A whole-merge option: the slice's value, else the top level's, else `default`."""
+        for params in (self.slice_parameters, self.parameters):
+            if params.get(key) is not None:
+                value = params[key]
+                return _as_bool(value) if OPTION_PARAMS.get(key) == (bool,) else value
+        return default
 
     def merge_options(self) -> MergeOptions:
         """The method and the semantics preset, resolved into the options the ops read."""
         method, preset = self.method_name, self.semantics
         rescale = self.option("rescale", True)
         if preset == "mergekit":
-            normalize = self.option("normalize", method in ("ties", "linear"))
+            # mergekit's registered defaults (merge_methods/registry.py)
+            normalize = self.option("normalize", method in ("ties", "della", "linear"))
+            rescale = self.option("rescale", method in ("dare_linear", "dare_ties", "della", "della_linear"))
             opts = MergeOptions(
                 method=method,
                 merge_func="mean" if normalize else "sum",
@@ -342,22 +386,29 @@ class MergeConfig:
         merge_func = self.option("merge_func", None)
         if merge_func is None:
             merge_func = "sum" if self.option("normalize", True) is False else "mean"
+        if method in ("breadcrumbs", "breadcrumbs_ties"):  # no rescale unless asked; then mergekit's L1 ratio
+            rescale_rule = "l1" if self.option("rescale", False) else "none"
+        else:  # DARE and DELLA: each kept element ÷ its keep probability
+            rescale_rule = "inverse" if rescale else "none"
         return MergeOptions(
             method=method,
             merge_func=merge_func,
             normalize=self.option("normalize", method == "linear"),
             sign_method=self.option("sign_method", "sum"),
-            rescale="inverse" if rescale else "none",
+            rescale=rescale_rule,
             dare_scope=self.option("dare_scope", "linear"),
             trim_scope=self.option("trim_scope", "tensor"),
         )
 
     def tensor_param(self, key: str, spec: ModelSpec | None, name: str, layer: int | None, n_layers: int) -> float:
-        """A numeric parameter for one tensor of one model: model level, else top level, else default."""
-        # As mergekit: a model-level filter list that matches nothing falls through to the top level.
-        for params in (spec.parameters if spec is not None else {}, self.parameters):
+        """A numeric parameter for one tensor of one model: model level, else slice level, else top level,
+        else the default (mergekit's `ConfigReader.parameter_sources` order)."""
+        own = spec.parameters if spec is not None and key not in SHARED_TENSOR_PARAMS else {}
+        glob = self.semantics != "mergekit"
+        # As mergekit: a filter list that matches nothing falls through to the next level.
+        for params in (own, self.slice_parameters, self.parameters):
             if params.get(key) is not None:
-                value = resolve_value(params[key], name, layer, n_layers, default=None)
+                value = resolve_value(params[key], name, layer, n_layers, default=None, glob=glob)
                 if value is not None:
                     return value
         return TENSOR_PARAMS[key]
@@ -369,8 +420,16 @@ class MergeConfig:
         return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
 
-def _check_param(where: str, key: str, value: Any, *, top_level: bool) -> list[str]:
+def _check_param(where: str, key: str, value: Any, *, top_level: bool, method: str = "") -> list[str]:
     if key in TENSOR_PARAMS:
+        # mergekit ignores these silently; a config written for it must still run, so say it, don't fail.
+        if key in METHOD_PARAMS and method not in METHOD_PARAMS[key]:
+            log.warning("%s: ignored: '%s' is a parameter of %s; the %s method does not use it",
+                        where, key, " and ".join(METHOD_PARAMS[key]), method)
+            return []
+        if key in SHARED_TENSOR_PARAMS and not top_level:
+            log.warning("%s: ignored, as mergekit does: '%s' applies to the whole merge; set it in the top-level parameters", where, key)
+            return []
         try:
             samples = _numbers_in(value)
         except (TypeError, ValueError) as e:
@@ -379,13 +438,25 @@ def _check_param(where: str, key: str, value: Any, *, top_level: bool) -> list[s
             bad = [v for v in samples if not 0 < v <= 1]
             if bad:
                 return [f"{where}: density must be in (0, 1], got {bad[0]}"]
+        if key == "gamma":
+            bad = [v for v in samples if not 0 <= v <= 1]
+            if bad:
+                return [f"{where}: gamma (the share of largest |delta| dropped) must be in [0, 1], got {bad[0]}"]
+        if key == "epsilon":
+            bad = [v for v in samples if not 0 <= v < 0.5]
+            if bad:
+                return [f"{where}: epsilon must be in [0, 0.5) (keep probabilities density ± epsilon), got {bad[0]}"]
         return []
     if key in OPTION_PARAMS:
         if not top_level:
             return [f"{where}: '{key}' is an option of the whole merge; set it in the top-level parameters"]
         allowed = OPTION_PARAMS[key]
         if allowed == (bool,):
-            return [] if isinstance(value, bool) else [f"{where}: must be true or false, got {value!r}"]
+            try:
+                _as_bool(value)
+                return []
+            except ValueError:
+                return [f"{where}: must be true or false, got {value!r}"]
         return [] if value in allowed else [f"{where}: must be one of {', '.join(allowed)}, got {value!r}"]
     if key == "lora_drop":  # LoRA adapters only (lora.py): where DARE's drop happens
         return [] if value in LORA_DROP_MODES else [f"{where}: must be one of {', '.join(LORA_DROP_MODES)}, got {value!r}"]
@@ -394,29 +465,68 @@ def _check_param(where: str, key: str, value: Any, *, top_level: bool) -> list[s
     return [f"{where}: unknown parameter '{key}'"]
 
 
+_TRUE, _FALSE = {"true", "yes", "on", "t", "y", "1"}, {"false", "no", "off", "f", "n", "0"}
+
+
+def _as_bool(value: Any) -> bool:
+    """A boolean option as mergekit (pydantic) reads it: true/false, 0/1, or 'yes', 'off', ... ."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _number(value: Any) -> float:
+    """A scalar as mergekit reads a float: a number, or a numeric string (YAML reads `1e-3` as one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
 def _numbers_in(value: Any) -> list[float]:
     """Every number a parameter value can produce; raises on a malformed value."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError(f"expected a finite number, got {value!r}")
-        return [float(value)]
-    if isinstance(value, list) and value:
-        if all(isinstance(v, dict) for v in value):
-            out: list[float] = []
-            for entry in value:
-                if "value" not in entry or set(entry) - {"filter", "value"}:
-                    raise ValueError("each filter entry needs 'value' and optionally 'filter'")
-                out += _numbers_in(entry["value"])
-            return out
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            return [float(v) for v in value]
+    if isinstance(value, dict):  # a single {filter, value} entry, as mergekit allows
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out: list[float] = []
+        for entry in value:
+            if "pattern" in entry:
+                raise ValueError("filter entries take 'filter', not 'pattern' (mergekit 0.1.5 ignores 'pattern' "
+                                 "and applies the entry to every tensor)")
+            if "value" not in entry or set(entry) - {"filter", "value"}:
+                raise ValueError("each filter entry needs 'value' and optionally 'filter'")
+            out += _numbers_in(entry["value"])
+        return out
+    if isinstance(value, list) and value and not any(isinstance(v, (dict, list)) for v in value):
+        try:
+            return [_number(v) for v in value]
+        except ValueError:
+            pass
+    elif isinstance(value, (bool, int, float)):
+        return [_number(value)]
+    elif isinstance(value, str):
+        try:
+            return [_number(value)]
+        except ValueError:
+            pass
     raise ValueError(f"expected a number, a list of numbers (gradient) or a list of {{filter, value}}, got {value!r}")
 
 
-def _matches(pattern: str, name: str) -> bool:
-    if any(c in pattern for c in "*?["):
+def _matches(pattern: str, name: str, glob: bool) -> bool:
+    """mergekit: `filter` is a substring of the tensor name, `*` matches all. With `glob`, a pattern
+    holding `*`, `?` or `[` is a glob on the whole name (mergekit would never match it)."""
+    if pattern == "*":
+        return True
+    if glob and any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(name, pattern)
     return pattern in name
 
@@ -433,24 +543,72 @@ def gradient_position(layer: int | None, n_layers: int) -> float:
 
 
 def resolve_value(
-    value: ParamValue, name: str, layer: int | None, n_layers: int, *, default: float | None
+    value: ParamValue, name: str, layer: int | None, n_layers: int, *, default: float | None, glob: bool = True
 ) -> float | None:
     """A parameter value for tensor `name` in `layer` (None outside numbered layers) of `n_layers`."""
+    if isinstance(value, dict):
+        value = [value]
     if isinstance(value, list) and value and isinstance(value[0], dict):
         # In order, as mergekit does: the first entry whose filter matches (or that has none) wins.
         for entry in value:
             pattern = entry.get("filter")
-            if not pattern or _matches(str(pattern), name):
-                return resolve_value(entry["value"], name, layer, n_layers, default=default)
+            if pattern is None or _matches(str(pattern), name, glob):
+                return resolve_value(entry["value"], name, layer, n_layers, default=default, glob=glob)
         return default
-    if isinstance(value, list):  # a gradient over the layers, as mergekit interpolates it
-        if len(value) == 1:
-            return float(value[0])
-        pos = gradient_position(layer, n_layers) * (len(value) - 1)
-        lo = min(int(math.floor(pos)), len(value) - 2)
-        frac = pos - lo
-        return float(value[lo]) * (1 - frac) + float(value[lo + 1]) * frac
-    return float(value)
+    if isinstance(value, list):  # a gradient over the layers, exactly as mergekit's evaluate_setting
+        values = [_number(v) for v in value]
+        scaled = gradient_position(layer, n_layers) * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * values[i0] + frac * values[i1]
+    return _number(value)
+
+
+def _models_from_slices(slices: Any, problems: list[str]) -> tuple[list[ModelSpec], dict, tuple[int, int] | None, str | None]:
+    """A mergekit `slices:` list that says the same as `models:`: one output slice whose sources all
+    take the same whole layer range [0, n). Layer stacking and partial ranges are named, not run."""
+    whole = "streammerge merges whole models: one slice whose sources all cover layers [0, n_layers)"
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        count = len(slices) if isinstance(slices, list) else "malformed"
+        problems.append(f"'slices': {count} output slices (layer stacking, passthrough) are not supported; {whole}, or use models:")
+        return [], {}, None, None
+    out_slice = slices[0]
+    for key in set(out_slice) - {"sources", "parameters", "base_model"}:
+        what = "residual_weight" if key == "residual_weight" else f"unknown key '{key}'"
+        problems.append(f"slices[0]: {what} is not supported")
+    sources = out_slice.get("sources")
+    if not isinstance(sources, list) or not sources:
+        problems.append("slices[0].sources: expected a list of {model, layer_range, parameters}")
+        return [], {}, None, None
+    models, ranges = [], set()
+    for i, src in enumerate(sources):
+        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+            problems.append(f"slices[0].sources[{i}]: expected a mapping with 'model' and 'layer_range'")
+            continue
+        for key in set(src) - {"model", "layer_range", "parameters"}:
+            problems.append(f"slices[0].sources[{i}]: unknown key '{key}'")
+        lr = src["layer_range"]
+        if not (isinstance(lr, list) and len(lr) == 2 and all(type(v) is int for v in lr)):
+            problems.append(f"slices[0].sources[{i}].layer_range: expected [start, end], got {lr!r}")
+            continue
+        ranges.add(tuple(lr))
+        params = src.get("parameters") or {}
+        if not isinstance(params, dict):
+            problems.append(f"slices[0].sources[{i}].parameters must be a mapping")
+            params = {}
+        models.append(ModelSpec(str(src["model"]), dict(params)))
+    layer_range = None
+    if len(ranges) > 1 or any(r[0] != 0 for r in ranges):
+        problems.append(f"slices[0]: layer ranges {sorted(list(r) for r in ranges)} select or shift layers; {whole}")
+    elif ranges:
+        layer_range = ranges.pop()
+    params = out_slice.get("parameters") or {}
+    if not isinstance(params, dict):
+        problems.append("slices[0].parameters must be a mapping")
+        params = {}
+    base = out_slice.get("base_model")
+    return models, dict(params), layer_range, None if base is None else str(base)
 
 
 LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")

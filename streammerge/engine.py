@@ -31,7 +31,7 @@ import torch
 from . import kernels, lora, ops
 from .errors import NonFiniteError
 from .fused import FusedMerger, worth_compiling
-from .mask import keep_mask, mask_key
+from .mask import keep_mask, keep_mask_varying, mask_key
 from .plan import Plan, ShardPlan, TensorPlan, job_rows, pool_shape
 from .sources import DTYPES, Checkpoint
 from .writer import ShardWriter
@@ -141,18 +141,31 @@ class TorchBackend:
         return replace(block, base=base, fts=moved)
 
     def deltas(self, block: Block, spec: ops.TensorSpec, *, staged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """θ₀ and τ (DARE and trim applied) in the compute dtype, on the device."""
+        """θ₀ and τ (sparsified: DARE, trim, breadcrumbs, DELLA) in the compute dtype, on the device."""
         if not staged:
             block = self._on_device(block)
         base = block.base.to(self.compute)
         deltas = ops.task_vectors(base, block.fts, spec.given)
         n = deltas[0].numel()
-        for i in range(len(block.fts)):
+        opts = spec.opts
+        for i, d in enumerate(deltas):
+            density, scale = (spec.densities[i] if spec.densities else 1.0), spec.dare_scales[i]
             if spec.dare:
-                keep = keep_mask(spec.keys[i], block.start, n, spec.densities[i], device=deltas.device)
-                ops.dare(deltas[i], keep.view(deltas[i].shape), spec.dare_scales[i])
-            if spec.trims[i] is not None:
-                deltas[i].mul_(ops.trim_keep(deltas[i].abs(), spec.trims[i], block.start))
+                keep = keep_mask(spec.keys[i], block.start, n, density, device=deltas.device)
+                ops.dare(d, keep.view(d.shape), scale)
+            elif opts.sparsify == "magprune" and density < 1:
+                p = ops.della_probabilities(d, density, spec.epsilons[i], mergekit=opts.trim_rule == "argsort")
+                keep = keep_mask_varying(spec.keys[i], block.start, ops.keep_thresholds(p))
+                ops.della(d, keep.view(d.shape), p if opts.rescale == "inverse" else None, scale)
+            elif opts.trim_rule == "argsort" and opts.sparsify in ("trim", "band") and density < 1:
+                # mergekit's sorts: one whole tensor (see MergeOptions.whole_tensors)
+                keep = ops.argsort_keep(d, density) if opts.sparsify == "trim" else ops.outliers_keep(d, density, spec.gammas[i])
+                ops.dare(d, keep, scale)  # the mask, then the L1 factor when rescaling
+            outliers = spec.outliers[i] if spec.outliers else None
+            if spec.trims[i] is not None or outliers is not None:
+                d.mul_(ops.band_keep(d.abs(), spec.trims[i], outliers, block.start))
+                if opts.sparsify == "band" and scale != 1.0:
+                    d.mul_(scale)
         return base, deltas
 
     def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
@@ -180,7 +193,8 @@ class TorchBackend:
         moved = self._on_device(block)  # staged once: a second staging could overwrite buffers still in flight
         _, kept = self.deltas(moved, replace(spec, dare_scales=(1.0,) * len(block.fts)), staged=True)
         full = ops.task_vectors(moved.base.to(self.compute), moved.fts, spec.given)
-        return tuple(ops.l1_rescale(full[i], kept[i]) for i in range(len(block.fts)))
+        work = full.dtype if spec.opts.sparsify in ("trim", "band") else None  # mergekit's magnitude sparsifiers
+        return tuple(ops.l1_rescale(full[i], kept[i], work) for i in range(len(block.fts)))
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
         opts = spec.opts
@@ -190,10 +204,6 @@ class TorchBackend:
             out.copy_(ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute).reshape(-1))
         else:
             base, deltas = self.deltas(block, spec)
-            if opts.trim_rule == "argsort" and opts.sparsify == "trim":
-                for i, density in enumerate(spec.densities):
-                    if density < 1:
-                        deltas[i].mul_(ops.argsort_keep(deltas[i], density))
             out.copy_(ops.merge_block(base, deltas, spec.weights, spec.lam, opts, spec.majority).reshape(-1))
 
 
@@ -220,7 +230,8 @@ class TensorJob:
         self.out_dtype = DTYPES[tp.out_dtype]
         self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
         use_numpy = (device.type == "cpu" and kernels.supported(in_dtypes, self.compute)
-                     and not self.opts.whole_tensors and not self.opts.fused_linear)
+                     and not self.opts.whole_tensors and not self.opts.fused_linear
+                     and self.opts.sparsify in ("none", "trim", "dare"))  # breadcrumbs, DELLA: torch only
         self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device)
 
         n = len(self.finetuned)
@@ -236,12 +247,14 @@ class TensorJob:
             weights=tp.weights,
             lam=tp.lam,
             dare=tp.dare,
-            keys=tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n)) if tp.dare else (),
+            keys=tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n)) if tp.dare or tp.epsilons else (),
             densities=densities,
             dare_scales=tuple(1.0 / d if tp.dare and self.opts.rescale == "inverse" else 1.0 for d in densities),
             trims=(None,) * n,
             merged=tp.merged,
             given=tuple(d is not None for d in self.delta_rows),
+            gammas=tp.gammas,
+            epsilons=tp.epsilons,
         )
 
     def block_bytes(self, r0: int, r1: int) -> int:
@@ -266,7 +279,7 @@ class TensorJob:
         """Whether this tensor's trim thresholds come from radix selection."""
         if not self.tp.merged or self.is_linear or self.opts.trim_rule == "argsort":
             return False
-        return self.opts.sparsify == "trim" or (self.opts.sparsify == "dare" and any(d < 1 for d in self.tp.trim_densities))
+        return self.opts.sparsify in ("trim", "band") or (self.opts.sparsify == "dare" and any(d < 1 for d in self.tp.trim_densities))
 
     def trim_densities(self) -> tuple[float, ...]:
         return self.tp.densities if self.opts.sparsify == "trim" else self.tp.trim_densities
@@ -284,14 +297,20 @@ def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float,
     Returns, per job, the per-model thresholds: radix selection gives the value, then a scan in flat
     (and plan) order finds the last kept tie when only some ties at the threshold are kept.
     """
-    n = len(densities)
-    ranks = [ops.trim_rank(numel, d, rule) for d in densities]
+    return select_rank_thresholds(jobs, [ops.trim_rank(numel, d, rule) for d in densities], rule)
+
+
+def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule: str) -> list[list[ops.TrimThreshold | None]]:
+    """select_thresholds for given ranks k per model (None keeps everything, 0 nothing)."""
+    n = len(ranks)
+    if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, TorchBackend):
+        return [_sorted_thresholds(jobs[0], ranks, rule)]  # one block in memory anyway: no radix passes
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
     wanted = [s is not None for s in selectors]
     for pass_index in range(2):
         high = [None if s is None else s.high for s in selectors]
         for job in jobs:
-            spec = replace(job.spec, trims=(None,) * n)
+            spec = replace(job.spec, trims=(None,) * n, outliers=())
             for block in job.blocks_read():
                 for sel, hist in zip(selectors, job.backend.hist(block, spec, high, wanted)):
                     if sel is not None:
@@ -317,6 +336,24 @@ def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float,
     return per_job
 
 
+def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None]:
+    """The thresholds select_rank_thresholds finds, from one whole-tensor block by a top-k."""
+    (block,) = job.blocks_read()
+    _, deltas = job.backend.deltas(block, replace(job.spec, trims=(None,) * len(ranks), outliers=()))
+    out: list[ops.TrimThreshold | None] = []
+    for i, k in enumerate(ranks):
+        if not k:
+            out.append(None if k is None else ops.TrimThreshold(math.inf, -1))
+            continue
+        flat = deltas[i].abs().reshape(-1).float()
+        value = torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values.to(flat.device)  # the k-th largest
+        ties = torch.nonzero(flat == value).reshape(-1)
+        keep = len(ties) if rule == "inclusive" else k - int((flat > value).sum())
+        last = ops.ALL_TIES if keep == len(ties) else -1 if keep == 0 else int(ties[keep - 1])
+        out.append(ops.TrimThreshold(float(value), last))
+    return out
+
+
 def _last_tie(jobs: list[TensorJob], i: int, value: float, keep: int, total: int) -> list[int]:
     """Per job, the flat index of the last kept tie: ALL_TIES before the crossing, -1 after it."""
     if keep == total:
@@ -328,7 +365,7 @@ def _last_tie(jobs: list[TensorJob], i: int, value: float, keep: int, total: int
         if needed == 0:
             out.append(-1)
             continue
-        spec = replace(job.spec, trims=(None,) * len(job.finetuned))
+        spec = replace(job.spec, trims=(None,) * len(job.finetuned), outliers=())
         found = None
         for block in job.blocks_read():
             pos, seen = job.backend.find_tie(block, spec, i, value, needed)
@@ -347,12 +384,22 @@ def prepare_tensor(job: TensorJob) -> None:
     if job.prepared:
         return
     job.prepared = True
-    if job.tp.dare and job.opts.rescale == "l1":
+    opts = job.opts
+    l1 = opts.rescale == "l1" and (job.tp.dare or (job.tp.merged and opts.sparsify in ("trim", "band", "magprune")))
+    if l1 and opts.sparsify != "band":
         (block,) = job.blocks_read()
         job.spec = replace(job.spec, dare_scales=job.backend.l1_scales(block, job.spec))
-    if job.radix_trim and job.opts.trim_scope == "tensor":
-        (trims,) = select_thresholds([job], job.tp.numel, job.trim_densities(), job.opts.trim_rule)
+    if job.radix_trim and opts.sparsify == "band":
+        ranks = [ops.breadcrumbs_ranks(job.tp.numel, d, g) for d, g in zip(job.tp.densities, job.tp.gammas)]
+        (upper,) = select_rank_thresholds([job], [r[0] for r in ranks], opts.trim_rule)
+        (outliers,) = select_rank_thresholds([job], [r[1] for r in ranks], opts.trim_rule)
+        job.spec = replace(job.spec, trims=tuple(upper), outliers=tuple(outliers))
+    elif job.radix_trim and opts.trim_scope == "tensor":
+        (trims,) = select_thresholds([job], job.tp.numel, job.trim_densities(), opts.trim_rule)
         job.spec = replace(job.spec, trims=tuple(trims))
+    if l1 and opts.sparsify == "band":  # the factor of the band actually kept
+        (block,) = job.blocks_read()
+        job.spec = replace(job.spec, dare_scales=job.backend.l1_scales(block, job.spec))
 
 
 def global_pass_needed(jobs: list[TensorJob]) -> bool:

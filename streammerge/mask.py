@@ -13,6 +13,9 @@ Specification (docs/mask.md has it byte by byte, with golden values):
     lo, hi = i & 0xFFFFFFFF, i >> 32            # i = flat element index
     h = fmix32(fmix32(lo ^ k0) ^ hi ^ k1)        # fmix32 = MurmurHash3's 32-bit finalizer
     keep iff h < keep_threshold(density)         # threshold = floor(density * 2**32)
+
+DELLA uses the same key and hash with a threshold per element, floor(p_i * 2**32), where p_i is
+the element's keep probability (`keep_mask_varying`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 import numpy as np
 import torch
 
-__all__ = ["mask_key", "keep_threshold", "keep_mask", "keep_mask_into", "hash32"]
+__all__ = ["mask_key", "keep_threshold", "keep_mask", "keep_mask_into", "keep_mask_varying", "hash32"]
 
 _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
@@ -186,6 +189,36 @@ def keep_mask_into(key: int, start: int, out: torch.Tensor, density: float) -> N
         _fill_torch(key, start, flat, threshold)
 
 
+def keep_mask_varying(key: int, start: int, thresholds: torch.Tensor) -> torch.Tensor:
+    """Keep mask with one threshold per element (DELLA's rank-dependent keep probabilities).
+
+    Element i of the result is True iff hash32(key, start + i) < thresholds[i] (flat order), so as
+    for keep_mask any split of a range into blocks gives the same bits, on any device.
+
+    Args:
+        key: the mask key from mask_key.
+        start: flat index of the first element, >= 0.
+        thresholds: int64 tensor of values in [0, 2**32], any shape, on any device.
+
+    Returns:
+        A bool tensor of thresholds' shape and device.
+    """
+    _check_key(key)
+    if not isinstance(thresholds, torch.Tensor) or thresholds.dtype != torch.int64:
+        raise TypeError("thresholds must be a torch.int64 tensor")
+    flat = thresholds.reshape(-1)
+    _check_range(start, flat.numel())
+    out = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+    if flat.device.type == "cpu":
+        _fill_numpy(key, start, out.numpy(), 0, flat.contiguous().numpy())
+        return out.view(thresholds.shape)
+    for pos in range(0, flat.numel(), _TORCH_STEP):
+        n = min(_TORCH_STEP, flat.numel() - pos)
+        index = torch.arange(n, dtype=torch.int64, device=flat.device) + (start + pos)
+        torch.lt(_hash32_torch(key, index), flat[pos : pos + n], out=out[pos : pos + n])
+    return out.view(thresholds.shape)
+
+
 def _check_key(key: int) -> None:
     """Raise ValueError unless key is an int in [0, 2**64)."""
     if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _M64:
@@ -209,7 +242,7 @@ def _buffers() -> tuple[np.ndarray, np.ndarray]:
     return bufs
 
 
-def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int) -> None:
+def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int, thresholds: np.ndarray | None = None) -> None:
     """CPU hot path: write (hash32 < threshold) for indices start.. into the 1-D bool array out.
 
     Computes the spec with 11-13 in-place numpy uint32 passes per 2**16-element block instead of
@@ -230,6 +263,7 @@ def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int) -> None:
         start: first flat element index.
         out: 1-D bool array (usually a zero-copy view of a torch tensor) to fill.
         threshold: in (0, 2**32); the callers handle 0 and 2**32.
+        thresholds: int64 per-element thresholds (DELLA) in place of `threshold`, same length as out.
 
     Returns:
         None; out is written in place.
@@ -238,7 +272,7 @@ def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int) -> None:
     k0, k1 = key & _M32, key >> 32
     k0_shifted = k0 ^ (k0 >> 16)
     t = np.uint32(threshold)
-    final_shift = threshold & 0xFFFF != 0
+    final_shift = thresholds is not None or threshold & 0xFFFF != 0
     end = start + out.shape[0]
     i = start
     while i < end:
@@ -265,7 +299,7 @@ def _fill_numpy(key: int, start: int, out: np.ndarray, threshold: int) -> None:
             np.right_shift(x, 16, out=tmp)
             np.bitwise_xor(x, tmp, out=x)
         pos = i - start
-        np.less(x, t, out=out[pos : pos + n])
+        np.less(x, t if thresholds is None else thresholds[pos : pos + n], out=out[pos : pos + n])
         i += n
 
 

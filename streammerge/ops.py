@@ -12,12 +12,20 @@ merged in one block or in many gives the same bits.
 | ties            | top_k                      | θ₀ + λ disjoint_merge(elect(τ̂))    (Yadav 2023)  |
 | dare_linear     | dare                       | θ₀ + λ Σ w_t τ̂_t                   (Yu 2024)     |
 | dare_ties       | dare (then top_k if asked) | θ₀ + λ disjoint_merge(elect(τ̂))                |
+| breadcrumbs     | band                       | θ₀ + λ Σ w_t τ̂_t                   (Davari 2023) |
+| breadcrumbs_ties| band                       | θ₀ + λ disjoint_merge(elect(τ̂))                |
+| della           | magprune                   | θ₀ + λ disjoint_merge(elect(τ̂))    (Deep 2024)   |
+| della_linear    | magprune                   | θ₀ + λ Σ w_t τ̂_t                                |
 | linear          | -                          | Σ w_t θ_t / Σ w_t                                |
 
 - top_k (TIES "trim"): keep the k = int(d · density) largest |τ|; ties at the threshold are kept
   lowest flat index first, so the result never depends on chunking, device or threads.
 - dare: keep each element with probability density (the counter-based mask of `mask.py`), scale
   kept ones by 1/density so E[dare(τ)] = τ (DARE, Yu et al. 2024, eq. 2).
+- band (Model Breadcrumbs): with t = int(density·d) and o = int(gamma·d), drop the o' = min(o, d − t)
+  largest |τ| (outliers) and keep the next t: top_k(o' + t) minus top_k(o'), ties as in top_k.
+- magprune (DELLA): within each row, rank r = 0..c−1 by |τ| (ties lowest index first); keep with
+  p = (density − ε) + r/(c−1)·2·ε, the counter-based mask at a per-element threshold; kept ÷ p.
 - elect: γ = sign(Σ_t w_t τ̂_t) ("sum") or sign(Σ_t sign(τ̂_t)) ("count"); γ = 0 → +1.
 - disjoint_merge over models whose τ̂_t is non-zero with sign γ: mean Σwτ̂/Σw, sum Σwτ̂, max γ·max|τ̂|.
 
@@ -32,7 +40,7 @@ from typing import Literal, Sequence
 
 import torch
 
-Sparsify = Literal["none", "trim", "dare", "dare_trim"]
+Sparsify = Literal["none", "trim", "dare", "dare_trim", "band", "magprune"]
 Combine = Literal["sum", "ties", "average"]
 
 # method -> (how each task vector is sparsified, how they are combined)
@@ -42,6 +50,10 @@ METHODS: dict[str, tuple[Sparsify, Combine]] = {
     "ties": ("trim", "ties"),
     "dare_linear": ("dare", "sum"),
     "dare_ties": ("dare", "ties"),
+    "breadcrumbs": ("band", "sum"),
+    "breadcrumbs_ties": ("band", "ties"),
+    "della": ("magprune", "ties"),
+    "della_linear": ("magprune", "sum"),
     "linear": ("none", "average"),
 }
 
@@ -60,7 +72,7 @@ class MergeOptions:
     # exact: int(d·density), ties lowest index first; inclusive: FusionBench's int(d·K)+1 and every tie;
     # argsort: mergekit's max(1, int(d·density)) in torch.argsort order (whole tensors only)
     trim_rule: Literal["exact", "inclusive", "argsort"] = "exact"
-    rescale: Literal["none", "inverse", "l1"] = "inverse"  # DARE: ÷density, or mergekit's L1 ratio
+    rescale: Literal["none", "inverse", "l1"] = "inverse"  # DARE: ÷density (DELLA ÷p), or mergekit's L1 ratio
     dare_scope: Literal["all", "linear"] = "linear"
     trim_scope: Literal["tensor", "global"] = "tensor"
     compute_dtype: torch.dtype | None = torch.float32  # None: the promotion of the inputs' dtypes
@@ -71,8 +83,9 @@ class MergeOptions:
 
     @property
     def whole_tensors(self) -> bool:
-        """mergekit's argsort trim and L1 rescale see a whole tensor at once; so must we, to match it."""
-        return (self.sparsify == "trim" and self.trim_rule == "argsort") or (self.sparsify == "dare" and self.rescale == "l1")
+        """mergekit's sorts and L1 rescale see a whole tensor at once; so must we, to match it."""
+        sorted_whole = self.sparsify in ("trim", "band", "magprune") and self.trim_rule == "argsort"
+        return sorted_whole or (self.sparsify != "none" and self.rescale == "l1")
 
     @property
     def sparsify(self) -> Sparsify:
@@ -99,6 +112,9 @@ class TensorSpec:
     majority: float = 1.0
     merged: bool = True
     given: tuple[bool, ...] = ()  # per model: its rows are τ itself (a LoRA adapter, lora.py), not θ
+    outliers: tuple[TrimThreshold | None, ...] = ()  # breadcrumbs: per model, the top-|τ| band dropped
+    gammas: tuple[float, ...] = ()  # breadcrumbs: outlier share per model
+    epsilons: tuple[float, ...] = ()  # della: keep-probability spread per model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +230,39 @@ def argsort_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep.view(delta.shape)
 
 
+def breadcrumbs_ranks(numel: int, density: float, gamma: float) -> tuple[int | None, int]:
+    """Model Breadcrumbs' band as two top-k ranks: keep top_k(upper) minus top_k(outliers).
+
+    mergekit: t = int(density·d) kept, o = int(gamma·d) outliers, fewer outliers when t + o > d.
+    `upper` None keeps everything above the band (no small values dropped).
+    """
+    if density >= 1:
+        return None, 0
+    target, n_top = int(density * numel), int(gamma * numel)
+    n_top = numel - target - max(0, numel - target - n_top)
+    upper = n_top + target
+    return (None if upper >= numel else upper), n_top
+
+
+def band_keep(abs_block: torch.Tensor, upper: TrimThreshold | None, outliers: TrimThreshold | None, start: int) -> torch.Tensor:
+    """Keep-mask of a block: in the top `upper` and not in the top `outliers` (None: no bound)."""
+    keep = trim_keep(abs_block, upper, start) if upper is not None else torch.ones_like(abs_block, dtype=torch.bool)
+    if outliers is not None:
+        keep &= ~trim_keep(abs_block, outliers, start)
+    return keep
+
+
+def outliers_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's breadcrumbs mask: ascending torch.sort of |τ| (unstable), keep [n_bot, n_bot + t)."""
+    flat = delta.abs().reshape(-1).float()
+    n = flat.numel()
+    target = int(density * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep[torch.sort(flat, descending=False).indices[n_bot : n_bot + target]] = True
+    return keep.view(delta.shape)
+
+
 def trim_keep(abs_block: torch.Tensor, t: TrimThreshold, start: int) -> torch.Tensor:
     """Keep-mask of a block whose first element has flat index `start`."""
     value = torch.tensor(t.value, dtype=abs_block.dtype, device=abs_block.device)
@@ -240,17 +289,63 @@ def dare(delta: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     return delta
 
 
-def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> float:
-    """mergekit's DARE rescale since 2025: ‖τ‖₁ / ‖τ ⊙ m‖₁ over the whole tensor (1 when either is ~0).
+def l1_rescale(delta: torch.Tensor, kept: torch.Tensor, work: torch.dtype | None = None) -> float:
+    """mergekit's rescale since 2025: ‖τ‖₁ / ‖τ ⊙ m‖₁ over the whole tensor (1 when either is ~0).
 
-    As mergekit computes it: torch sums in the work dtype (bf16 stays bf16, else float32), the
-    ratio rounded to that dtype.
+    As mergekit computes it: torch sums in the work dtype, the ratio rounded to that dtype. DARE
+    and DELLA work in bf16 for bf16, else float32; the magnitude sparsifiers (trim, breadcrumbs) in
+    the tensor's own dtype (pass `work=delta.dtype`).
     """
-    work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
+    work = work or (torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32)
     before, after = delta.to(work).abs().sum(), kept.to(work).abs().sum()
     if before < 1e-7 or after < 1e-7:
         return 1.0
     return (before / after).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# DELLA's magnitude-ranked keep probabilities (MagPrune, Deep et al. 2024)
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float, mergekit: bool = False) -> torch.Tensor:
+    """Keep probability of each element: p = (density − ε) + r/(c − 1)·2·ε, r its rank by |τ| in its row.
+
+    Rows are the tensor viewed as [shape[0], −1] (a 1-D tensor is one row), so row blocks suffice.
+    Default: ranks 0..c−1 by a stable ascending sort (ties lowest index first), p in float64 (a
+    single-column row gets p = density). `mergekit`: mergekit's own arithmetic, bit for bit — its
+    unstable argsort, ranks and p in the work dtype (bf16 for bf16, else float32).
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    if mergekit:
+        work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
+        ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+        lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+        rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+        return ((density - epsilon) + rank_norm * 2 * epsilon).view(delta.shape)
+    cols = rows.shape[1]
+    order = torch.argsort(rows.abs().float(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
+    # p depends on the rank alone: compute it once per rank, then look it up (the same float64 values)
+    rank_norm = torch.arange(cols, dtype=torch.float64, device=rows.device) / (cols - 1) if cols > 1 else \
+        torch.full((1,), 0.5, dtype=torch.float64, device=rows.device)
+    by_rank = (density - epsilon) + rank_norm * 2 * epsilon
+    return by_rank[ranks].view(delta.shape)
+
+
+def keep_thresholds(p: torch.Tensor) -> torch.Tensor:
+    """Per-element mask thresholds floor(p·2³²) as int64 (p in [0, 1]; exact: scaling by 2³² is exact)."""
+    return torch.floor(p.double() * 4294967296.0).to(torch.int64)
+
+
+def della(delta: torch.Tensor, keep: torch.Tensor, p: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """MagPrune in place: τ ⊙ m, each kept element ÷ its p (DELLA), or × a whole-tensor factor (mergekit's L1)."""
+    delta.mul_(keep)
+    if p is not None:
+        delta.div_(p.to(delta.dtype))
+    elif scale != 1.0:
+        delta.mul_(scale)
+    return delta
 
 
 # ---------------------------------------------------------------------------------------------

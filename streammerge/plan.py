@@ -14,7 +14,7 @@ import torch
 
 from .config import DTYPES as CONFIG_DTYPES, MergeConfig, ModelSpec, layer_index
 from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
-from .errors import MismatchError
+from .errors import ConfigError, MismatchError
 from .ops import MergeOptions
 from .sources import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, Checkpoint, itemsize
 
@@ -40,6 +40,8 @@ class TensorPlan:
     trim_densities: tuple[float, ...] = ()  # per fine-tune: dare_ties' trim after the drop
     lam: float = 1.0
     dare: bool = False  # DARE applies to this tensor (method and scope)
+    gammas: tuple[float, ...] = ()  # per fine-tune: breadcrumbs' outlier share
+    epsilons: tuple[float, ...] = ()  # per fine-tune: della's keep-probability spread
 
     @property
     def numel(self) -> int:
@@ -102,7 +104,11 @@ def build_plan(
     names = sorted(reference.tensors, key=lambda n: (reference.tensors[n].file.name, reference.tensors[n].offset))
     layers = [layer_index(n) for n in names]
     n_layers = max((i for i in layers if i is not None), default=-1) + 1
+    if config.layer_range is not None and config.layer_range != (0, n_layers):
+        raise ConfigError(f"slices[0]: layer_range {list(config.layer_range)} does not cover the model's {n_layers} layers; "
+                          f"streammerge merges whole models (layer_range [0, {n_layers}]), not partial or stacked slices")
     out_dtype_override = config.out_dtype or config.dtype
+    problems: list[str] = []
 
     tensors: list[TensorPlan] = []
     for name, layer in zip(names, layers):
@@ -118,6 +124,12 @@ def build_plan(
         def param(key: str, spec: ModelSpec | None) -> float:
             return config.tensor_param(key, spec, name, layer, n_layers)
 
+        densities = tuple(param("density", s) for s in specs)
+        epsilons = tuple(param("epsilon", s) for s in specs) if opts.sparsify == "magprune" else ()
+        for spec, d, e in zip(specs, densities, epsilons):
+            if d < 1 and not 0 < d - e < d + e < 1 and len(problems) < 10:  # mergekit's della_magprune check
+                problems.append(f"{spec.source}: tensor {name!r}: density {d:g} ± epsilon {e:g} must lie in (0, 1) "
+                                "(DELLA's keep probabilities); lower epsilon")
         tensors.append(
             TensorPlan(
                 name,
@@ -125,12 +137,16 @@ def build_plan(
                 out_dtype,
                 merged=True,
                 weights=tuple(param("weight", s) for s in specs),
-                densities=tuple(param("density", s) for s in specs),
+                densities=densities,
                 trim_densities=tuple(param("trim_density", s) for s in specs),
                 lam=param("lambda", None),
                 dare=opts.sparsify == "dare" and (opts.dare_scope == "all" or is_linear_weight(name, info.shape)),
+                gammas=tuple(param("gamma", s) for s in specs) if opts.sparsify == "band" else (),
+                epsilons=epsilons,
             )
         )
+    if problems:
+        raise ConfigError(problems)
 
     distinct = {id(c): c for c in [reference, *finetuned]}.values()
     reads = {t.name: sum(c.tensors[t.name].row_bytes * t.rows for c in (distinct if t.merged else [reference]))
@@ -248,6 +264,8 @@ def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: 
     row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
     if plan.options.whole_tensors and tp.merged:
         return tp.rows  # mergekit's argsort trim and L1 rescale see the whole tensor
+    if plan.options.sparsify == "magprune" and tp.merged and len(tp.shape) < 2:
+        return tp.rows  # DELLA ranks within rows: a 1-D tensor is one row
     out_size = itemsize(tp.out_dtype)
     limit = pool_buffer_bytes(plan) // max(1, row_elems * out_size)
     if not chunked:
@@ -281,7 +299,8 @@ def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) ->
     """The engine's working memory: the output buffer pool, chunk scratch, and where torch computes
     (mergekit's whole tensors, other devices) one block's float32 working set."""
     opts = plan.options
-    torch_path = opts.whole_tensors or opts.fused_linear or (opts.compute_dtype or torch.float32) != torch.float32
+    torch_path = (opts.whole_tensors or opts.fused_linear or (opts.compute_dtype or torch.float32) != torch.float32
+                  or opts.sparsify in ("band", "magprune"))
     rows = [job_rows(t, plan, in_dtypes[t.name], not torch_path) for t in plan.tensors]
     capacity, count = pool_shape(plan, rows)
     work = 0

@@ -17,7 +17,7 @@ from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoi
 
 @pytest.fixture
 def inject_masks(monkeypatch) -> Callable:
-    """Replaces the counter-based DARE mask, in both backends, by `masks(model_index, tensor, start, count)`."""
+    """Replaces the counter-based DARE (and DELLA) mask, in both backends, by `masks(model_index, tensor, start, count)`."""
 
     def install(masks: Callable[[int, str, int, int], torch.Tensor]) -> None:
         monkeypatch.setattr(streammerge.engine, "mask_key", lambda seed, i, name: (i, name))
@@ -28,7 +28,11 @@ def inject_masks(monkeypatch) -> Callable:
         def keep_mask_into(key, start, out, density):
             out.copy_(masks(key[0], key[1], start, out.numel()).bool().view(out.shape))
 
+        def keep_mask_varying(key, start, thresholds):  # DELLA: the injected mask, whatever the probabilities
+            return masks(key[0], key[1], start, thresholds.numel()).bool().view(thresholds.shape)
+
         monkeypatch.setattr(streammerge.engine, "keep_mask", keep_mask)
+        monkeypatch.setattr(streammerge.engine, "keep_mask_varying", keep_mask_varying)
         monkeypatch.setattr(streammerge.kernels, "keep_mask_into", keep_mask_into)
 
     return install

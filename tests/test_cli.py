@@ -309,7 +309,7 @@ def test_shape_mismatch_names_tensor_and_shapes(models, tmp_path):
         (["--method", "ties", "--density", "0"], ["density must be in (0, 1], got 0.0"]),
         (["--method", "ties", "--density", "1.5"], ["density must be in (0, 1], got 1.5"]),
         (["--method", "slerp"], ["merge_method 'slerp'", "not support"]),
-        (["--method", "ties", "--param", "epsilon=0.1"], ["parameters.epsilon", "not supported"]),
+        (["--method", "della", "--param", "epsilon=0.6", "--density", "0.5"], ["parameters.epsilon", "epsilon must be in [0, 0.5)", "got 0.6"]),
         (["--method", "ties", "--param", "normalize"], ["--param 'normalize': expected KEY=VALUE"]),
         (["--method", "ties", "--weight", "1", "--weight", "2", "--weight", "3"], ["--weight given 3 times for 2 models"]),
         (["--method", "ties", "--dtype", "fp8"], ["dtype: unknown dtype 'fp8'"]),

@@ -180,7 +180,7 @@ def test_validate_reports_every_problem_at_once():
 def test_validate_value_checks():
     err = _problems(MergeConfig(
         method="ties", base=None, models=(), semantics="exact", seed=-1, dtype="fp8", out_dtype="int4",
-        parameters={"normalize": "yes", "merge_func": "median", "lambda": "big", "trim_density": 0},
+        parameters={"normalize": "maybe", "merge_func": "median", "lambda": "big", "density": 0},
     ))
     assert err.problems == [
         "semantics: unknown value 'exact'; choose one of default, mergekit, peft, fusionbench",
@@ -189,10 +189,10 @@ def test_validate_value_checks():
         "out_dtype: unknown dtype 'int4'; choose one of bfloat16, float16, float32",
         "models: at least one model to merge is needed",
         "base_model: the ties method needs a base model",
-        "parameters.normalize: must be true or false, got 'yes'",
+        "parameters.normalize: must be true or false, got 'maybe'",
         "parameters.merge_func: must be one of mean, sum, max, got 'median'",
         "parameters.lambda: expected a number, a list of numbers (gradient) or a list of {filter, value}, got 'big'",
-        "parameters.trim_density: density must be in (0, 1], got 0.0",
+        "parameters.density: density must be in (0, 1], got 0.0",
     ]
 
 
@@ -226,19 +226,31 @@ def test_validate_misc_rules():
                      "sign_method": "count", "dare_scope": "all", "trim_scope": "global", "int8_mask": True}).validate()
     _cfg(tokenizer_source="ft1").validate()
     assert _problems(_cfg(tokenizer_source="other")).problems == [
-        "tokenizer_source: 'other' is neither 'base' nor one of the models"
+        "tokenizer_source: 'other' is neither 'base', one of the models, nor a local folder"
     ]
 
 
 # ---- unsupported mergekit features ----------------------------------------------------------
 
 
-def test_slices_is_named():
-    with pytest.raises(ConfigError, match=r"'slices': mergekit slices \(layer-range merges\) is not supported"):
-        MergeConfig.from_dict({"merge_method": "ties", "base_model": "b", "slices": [{"sources": []}]})
+def _slice(model: str, lr=(0, 2), **params) -> dict:
+    return {"model": model, "layer_range": list(lr), **({"parameters": params} if params else {})}
 
 
-def test_slerp_with_slices_names_both():
+def test_layer_stacking_and_partial_slices_are_named():
+    two = [{"sources": [_slice("a", (0, 1))]}, {"sources": [_slice("a", (1, 2))]}]
+    with pytest.raises(ConfigError, match=r"^'slices': 2 output slices \(layer stacking, passthrough\) are not supported"):
+        MergeConfig.from_dict({"merge_method": "ties", "base_model": "b", "slices": two})
+    shifted = [{"sources": [_slice("a", (0, 2)), _slice("b", (2, 4))]}]
+    with pytest.raises(ConfigError, match=r"slices\[0\]: layer ranges \[\[0, 2\], \[2, 4\]\] select or shift layers"):
+        MergeConfig.from_dict({"merge_method": "ties", "base_model": "b", "slices": shifted})
+    with pytest.raises(ConfigError, match="residual_weight is not supported"):
+        MergeConfig.from_dict({"merge_method": "ties", "slices": [{"sources": [_slice("a")], "residual_weight": 0.1}]})
+    with pytest.raises(ConfigError, match="give one of them"):
+        MergeConfig.from_dict({"merge_method": "ties", "models": ["a"], "slices": [{"sources": [_slice("a")]}]})
+
+
+def test_slerp_with_stacked_slices_names_both():
     with pytest.raises(ConfigError) as info:
         MergeConfig.from_dict({"merge_method": "slerp", "base_model": "b", "slices": [], "parameters": {"t": 0.5}})
     assert len(info.value.problems) == 2
@@ -246,15 +258,16 @@ def test_slerp_with_slices_names_both():
     assert "'slices'" in info.value.problems[1]
 
 
-@pytest.mark.parametrize("method", ["slerp", "della", "model_stock", "breadcrumbs_ties"])
+@pytest.mark.parametrize("method", ["slerp", "passthrough", "model_stock", "nuslerp"])
 def test_other_mergekit_methods_are_unsupported(method):
     with pytest.raises(UnsupportedFeatureError) as info:
         _cfg(method).validate()
     assert f"merge_method '{method}' is a mergekit method streammerge does not support yet" in str(info.value)
-    assert "supported: dare_linear, dare_ties, linear, magnitude_prune, task_arithmetic, ties" in str(info.value)
+    assert ("supported: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, linear, "
+            "magnitude_prune, task_arithmetic, ties") in str(info.value)
 
 
-def test_union_tokenizer_lora_and_della_parameter_are_named(tmp_path):
+def test_union_tokenizer_lora_and_misplaced_della_parameter_are_named(tmp_path):
     cfg = MergeConfig.from_yaml(_write(tmp_path, """\
         merge_method: ties
         base_model: base
@@ -269,8 +282,16 @@ def test_union_tokenizer_lora_and_della_parameter_are_named(tmp_path):
         "tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model",
         "parameters.lambda_: mergekit parameter 'lambda_' is not supported by streammerge yet",
         "models[0]: 'model+lora' syntax is not supported yet ('org/ft1+org/lora')",
-        "models[0].parameters.epsilon: mergekit parameter 'epsilon' is not supported by streammerge yet",
     ]
+
+
+def test_parameters_mergekit_ignores_are_warnings_not_errors(caplog):
+    # A config written for mergekit must run as is: parameters it silently ignores are reported, not refused.
+    cfg = _cfg(models=(ModelSpec("ft1", {"weight": 1.0, "density": 0.5, "epsilon": 0.05, "lambda": 0.5}),))
+    with caplog.at_level("WARNING", logger="streammerge.config"):
+        cfg.validate()
+    assert "models[0].parameters.epsilon: ignored" in caplog.text and "the ties method does not use it" in caplog.text
+    assert "models[0].parameters.lambda: ignored, as mergekit does" in caplog.text
 
 
 def test_plus_in_an_existing_folder_name_is_not_lora(tmp_path):
@@ -422,8 +443,10 @@ def test_default_semantics_options():
 def test_mergekit_semantics_options():
     ties = _opts("ties", "mergekit", dtype="bfloat16")
     assert (ties.normalize, ties.merge_func, ties.rescale, ties.dare_scope, ties.trim_scope, ties.compute_dtype) == (
-        True, "mean", "l1", "all", "tensor", torch.bfloat16)
+        True, "mean", "none", "all", "tensor", torch.bfloat16)  # mergekit's ties rescales only when asked
+    assert _opts("ties", "mergekit", rescale=True).rescale == "l1"
     dare = _opts("dare_ties", "mergekit")
+    assert dare.rescale == "l1"
     assert (dare.normalize, dare.merge_func, dare.compute_dtype) == (False, "sum", None)
     assert _opts("dare_ties", "mergekit", normalize=True).merge_func == "mean"
     assert _opts("ties", "mergekit", normalize=False).merge_func == "sum"

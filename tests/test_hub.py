@@ -287,3 +287,11 @@ def test_cli_subprocess_reads_the_environment(tmp_path, models, fakehub):
     local = api.merge(MergeConfig(method="ties", base=str(models[0]), models=tuple(ModelSpec(str(f), {"density": 0.5}) for f in models[1])),
                       tmp_path / "local-out")
     assert (tmp_path / "out" / local.shards[0]["file"]).read_bytes() == (tmp_path / "local-out" / local.shards[0]["file"]).read_bytes()
+
+
+def test_tokenizer_source_from_a_hub_repo(tmp_path, models, fakehub):
+    tokenizer = b'{"version": "1.0", "model": {"type": "BPE"}}'
+    fakehub.commit("org/ft1", {"tokenizer.json": tokenizer, "tokenizer_config.json": b"{}"})
+    api.merge(ties("org/base", "org/ft1", "org/ft2", tokenizer_source="org/ft1"), tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tokenizer
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"  # from the base

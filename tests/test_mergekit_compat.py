@@ -15,7 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from streammerge import MergeConfig, merge
+from streammerge import MergeConfig, merge, ops
+from streammerge.ops import METHODS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 NAMES = sorted(p.stem for p in (FIXTURES / "configs").glob("*.yaml"))
@@ -30,7 +31,7 @@ def _config(name: str) -> MergeConfig:
 @pytest.mark.parametrize("name", NAMES)
 def test_bit_identical_to_mergekit(tmp_path, inject_masks, name):
     cfg = _config(name)
-    if cfg.method_name.startswith("dare"):
+    if cfg.method_name.startswith(("dare", "della")):
         masks = load_file(FIXTURES / "inputs" / "masks.safetensors")
         sources = [m.source for m in cfg.finetunes()]
         inject_masks(lambda i, tensor, start, count: masks[f"{sources[i]}/{tensor}"].reshape(-1)[start:start + count])
@@ -44,9 +45,28 @@ def test_bit_identical_to_mergekit(tmp_path, inject_masks, name):
     assert not mismatched, f"{len(mismatched)} tensors differ from mergekit, e.g. {mismatched[:3]}"
 
 
-def test_fixture_names_cover_the_three_methods():
+def test_fixture_names_cover_every_method():
     methods = {_config(n).method_name for n in NAMES}
-    assert {"ties", "task_arithmetic", "linear", "dare_linear", "dare_ties"} <= methods
+    assert methods == set(METHODS) - {"magnitude_prune"}  # mergekit has no plain magnitude pruning
+
+
+@pytest.mark.parametrize("name", ["della_bf16", "della_linear_fp32"])
+def test_della_keep_probabilities_are_mergekits(name):
+    # mergekit draws its DELLA mask as bernoulli(p); the fixture kept every p it asked for. Ours, under
+    # `semantics: mergekit`, must be the same numbers, so only the uniform draws differ.
+    cfg = _config(name)
+    probs = load_file(FIXTURES / "outputs" / name / "probs.safetensors")
+    base = load_file(FIXTURES / "inputs" / "base" / "model.safetensors")
+    compute = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    for spec in cfg.finetunes():
+        ft = load_file(FIXTURES / "inputs" / spec.source / "model.safetensors")
+        for tensor, b in base.items():
+            delta = ft[tensor].to(compute) - b.to(compute)
+            density = cfg.tensor_param("density", spec, tensor, None, 2)
+            epsilon = cfg.tensor_param("epsilon", spec, tensor, None, 2)
+            ours = ops.della_probabilities(delta, density, epsilon, mergekit=True)
+            expected = probs[f"{spec.source}/{tensor}"]
+            assert ours.dtype == expected.dtype and torch.equal(ours, expected), (spec.source, tensor)
 
 
 def test_linear_averages_an_unlisted_base_like_mergekit(tmp_path):

@@ -235,6 +235,142 @@ CLI_CONFIGS = {
         "task_arithmetic", W_TIES, params={"normalize": True}),
     "ties_nodtype": make_config("ties", W_TIES, D5, dtype=None),
 }
+CLI_CONFIGS.update({
+    # Model Breadcrumbs: per-model gamma, then a global gamma with L1 rescale in float32
+    "breadcrumbs_bf16": make_config("breadcrumbs", W_TIES, DARE_DENSITY) .replace(
+        "      density: 0.5\n", "      density: 0.5\n      gamma: 0.05\n").replace(
+        "      density: 0.3\n", "      density: 0.3\n      gamma: 0.2\n"),
+    "breadcrumbs_ties_fp32": make_config(
+        "breadcrumbs_ties", W_TIES, DARE_DENSITY, dtype="float32",
+        params={"gamma": 0.1, "normalize": True, "rescale": True}),
+    "ties_rescale": make_config("ties", W_TIES, (0.3, 0.6, 0.9), params={"rescale": True}),
+})
+
+# A 5-layer model, so that gradients interpolate (t = 0, .25, .5, .75, 1): the config forms of
+# mergekit's examples/ties.yml and examples/bio-merge.yml, slices equal to models, filters.
+DEEP = ("deep_base", "deep_ft1", "deep_ft2", "deep_ft3")
+DEEP_DIMS = dict(hidden=8, inter=16, layers=5, heads=2, kv_heads=1, vocab=32)
+DEEP_CONFIGS = {
+    # examples/ties.yml: a density gradient, a weight gradient, a weight filter list
+    "deep_ties_yml": """\
+models:
+  - model: deep_ft1
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: deep_ft2
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+  - model: deep_ft3
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: deep_base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+""",
+    # examples/bio-merge.yml: two fine-tunes, normalize false, int8_mask, float16
+    "deep_bio_merge": """\
+models:
+  - model: deep_ft1
+    parameters:
+      density: 0.5
+      weight: 0.5
+  - model: deep_ft2
+    parameters:
+      density: 0.5
+      weight: 0.5
+merge_method: ties
+base_model: deep_base
+parameters:
+  normalize: false
+  int8_mask: true
+dtype: float16
+""",
+    # slices that say the same as models: source > slice > global precedence, a lambda gradient,
+    # a numeric string (YAML reads 9e-1 as a string; mergekit's float accepts it), out_dtype
+    "deep_slices_ties": """\
+slices:
+  - sources:
+      - model: deep_base
+        layer_range: [0, 5]
+      - model: deep_ft1
+        layer_range: [0, 5]
+        parameters:
+          weight: [0.2, 1.0]
+          density: 0.8
+      - model: deep_ft2
+        layer_range: [0, 5]
+        parameters:
+          density:
+            - filter: self_attn
+              value: [0.9, 0.2]
+      - model: deep_ft3
+        layer_range: [0, 5]
+    parameters:
+      density:
+        - filter: mlp
+          value: 0.4
+      weight: 0.6
+merge_method: ties
+base_model: deep_base
+parameters:
+  density: 0.7
+  weight: 0.1
+  lambda: [1.0, 9e-1, 0.5]
+dtype: bfloat16
+out_dtype: float32
+""",
+    # filters: '*', a single {filter, value} entry that falls through, gamma per filter, a gradient
+    "deep_breadcrumbs_filters": """\
+models:
+  - model: deep_ft1
+    parameters:
+      weight: {filter: mlp, value: 0.7}
+      density: [0.9, 0.5]
+  - model: deep_ft2
+    parameters:
+      weight: 1.0
+      gamma:
+        - filter: self_attn
+          value: 0.1
+        - filter: "*"
+          value: 0.02
+  - model: deep_ft3
+    parameters:
+      weight: [1.0, 0.0]
+merge_method: breadcrumbs_ties
+base_model: deep_base
+parameters:
+  weight: 0.4
+  density: 0.6
+  gamma: 0.05
+  normalize: true
+dtype: bfloat16
+""",
+    # linear over slices: mergekit does not add the base to slice sources
+    "deep_linear_slices": """\
+slices:
+  - sources:
+      - model: deep_ft1
+        layer_range: [0, 5]
+        parameters: {weight: [1.0, 3.0]}
+      - model: deep_ft2
+        layer_range: [0, 5]
+        parameters: {weight: 2.0}
+merge_method: linear
+base_model: deep_base
+dtype: bfloat16
+""",
+}
+
 # Run in-process with injected keep-masks (torch.bernoulli replaced).
 DARE_CONFIGS = {
     "dare_linear_bf16": make_config("dare_linear", W_TIES, DARE_DENSITY),
@@ -243,12 +379,54 @@ DARE_CONFIGS = {
                                   dtype="float32"),
     "dare_linear_norescale": make_config(
         "dare_linear", W_TIES, DARE_DENSITY, params={"rescale": False}),
+    # DELLA: the stored mask replaces mergekit's bernoulli(probs); probs are kept (della_probs.safetensors)
+    "della_bf16": make_config("della", W_TIES, DARE_DENSITY, params={"epsilon": 0.1, "lambda": 0.9}),
+    "della_linear_fp32": make_config("della_linear", W_TIES, DARE_DENSITY, dtype="float32").replace(
+        "      density: 0.3\n", "      density: 0.3\n      epsilon: 0.15\n"),
 }
 
 
-def save_model(folder: Path, tensors):
+def deep_config() -> dict:
+    d = DEEP_DIMS
+    return {**LLAMA_CONFIG, "hidden_size": d["hidden"], "intermediate_size": d["inter"], "num_hidden_layers": d["layers"],
+            "num_attention_heads": d["heads"], "num_key_value_heads": d["kv_heads"], "vocab_size": d["vocab"],
+            "head_dim": d["hidden"] // d["heads"]}
+
+
+def build_deep_inputs() -> dict[str, dict[str, torch.Tensor]]:
+    """Base ~ N(0, 0.05); deltas on a 2^-9 grid (many exact |delta| ties), ~10% zeros."""
+    d = DEEP_DIMS
+    hd = d["hidden"] // d["heads"]
+    shapes = {"model.embed_tokens.weight": (d["vocab"], d["hidden"])}
+    for i in range(d["layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d["hidden"],), p + "post_attention_layernorm.weight": (d["hidden"],),
+            p + "self_attn.q_proj.weight": (d["heads"] * hd, d["hidden"]),
+            p + "self_attn.k_proj.weight": (d["kv_heads"] * hd, d["hidden"]),
+            p + "self_attn.v_proj.weight": (d["kv_heads"] * hd, d["hidden"]),
+            p + "self_attn.o_proj.weight": (d["hidden"], d["heads"] * hd),
+            p + "mlp.gate_proj.weight": (d["inter"], d["hidden"]), p + "mlp.up_proj.weight": (d["inter"], d["hidden"]),
+            p + "mlp.down_proj.weight": (d["hidden"], d["inter"]),
+        })
+    shapes["model.norm.weight"] = (d["hidden"],)
+    shapes["lm_head.weight"] = (d["vocab"], d["hidden"])
+    g = torch.Generator().manual_seed(SEED + 7)
+    base = {n: ((1.0 if n.endswith("norm.weight") else 0.0) + 0.05 * torch.randn(s, generator=g)).to(BF16) for n, s in shapes.items()}
+    models = {"deep_base": base}
+    for m in DEEP[1:]:
+        ft = {}
+        for n, s in shapes.items():
+            steps = torch.round(3 * torch.randn(s, generator=g)) * 2.0**-9
+            steps = torch.where(torch.rand(s, generator=g) < 0.10, torch.zeros(s), steps)
+            ft[n] = (base[n].float() + steps).to(BF16).contiguous()
+        models[m] = ft
+    return models
+
+
+def save_model(folder: Path, tensors, config: dict | None = None):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(LLAMA_CONFIG, indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(json.dumps(config or LLAMA_CONFIG, indent=2, sort_keys=True) + "\n")
     save_file(dict(sorted(tensors.items())), str(folder / "model.safetensors"),
               metadata={"format": "pt"})
 
@@ -305,9 +483,10 @@ def injected_masks(masks):
     def bernoulli(probs, *args, **kwargs):
         assert not args and not kwargs
         mask = masks[state["key"]]
-        assert mask.shape == probs.shape, (state["key"], mask.shape, probs.shape)
+        assert mask.numel() == probs.numel(), (state["key"], mask.shape, probs.shape)  # della: 1-D as [1, n]
         state.setdefault("used", set()).add(state["key"])
-        return mask.to(dtype=probs.dtype, device=probs.device)
+        state.setdefault("probs", {})[state["key"]] = probs.reshape(mask.shape).clone()
+        return mask.reshape(probs.shape).to(dtype=probs.dtype, device=probs.device)
 
     gta.GeneralizedTaskArithmeticMerge.merge_group = merge_group
     gta.sparsify = sparsify
@@ -337,6 +516,9 @@ def run_dare(name: str, masks):
         n_expected = len(MODELS) * len(tensor_shapes())
         assert len(state.get("used", ())) == n_expected, len(state.get("used", ()))
         collect_output(out, name)
+        if name.startswith("della"):  # mergekit's keep probabilities, to check ours bit for bit
+            save_file(dict(sorted(state["probs"].items())), str(OUTPUTS / name / "probs.safetensors"),
+                      metadata={"format": "pt"})
 
 
 def sha256(p: Path) -> str:
@@ -357,13 +539,15 @@ def main():
     check_inputs(models)
     for m, tensors in models.items():
         save_model(INPUTS / m, tensors)
+    for m, tensors in build_deep_inputs().items():
+        save_model(INPUTS / m, tensors, deep_config())
     masks = build_masks(models)
     save_file(dict(sorted(masks.items())), str(INPUTS / "masks.safetensors"),
               metadata={"format": "pt"})
 
-    for name, text in {**CLI_CONFIGS, **DARE_CONFIGS}.items():
+    for name, text in {**CLI_CONFIGS, **DEEP_CONFIGS, **DARE_CONFIGS}.items():
         (CONFIGS / f"{name}.yaml").write_text(text)
-    for name in CLI_CONFIGS:
+    for name in {**CLI_CONFIGS, **DEEP_CONFIGS}:
         print("mergekit-yaml", name, flush=True)
         run_cli(name)
     stored_masks = load_file(str(INPUTS / "masks.safetensors"))
@@ -376,7 +560,7 @@ def main():
         "mergekit": version("mergekit"),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cli_outputs": sorted(CLI_CONFIGS),
+        "cli_outputs": sorted({**CLI_CONFIGS, **DEEP_CONFIGS}),
         "dare_outputs_injected_masks": sorted(DARE_CONFIGS),
         "files": {
             str(p.relative_to(FIX)): sha256(p)
@@ -387,7 +571,7 @@ def main():
     (FIX / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     print(f"total fixture size: {total} bytes")
-    assert total < 1_000_000
+    assert total < 1_500_000
 
 
 if __name__ == "__main__":
