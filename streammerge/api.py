@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,7 @@ def merge(
     world_size: int = 1,
     delete_downloaded: bool = False,
     download_budget: int | None = None,
+    on_shard_file: Callable[[Path], None] | None = None,
 ) -> MergeResult:
     """Runs the merge and writes a sharded checkpoint that transformers loads as is.
 
@@ -169,6 +171,7 @@ def merge(
         check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
         device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
         threads: CPU threads for the merge arithmetic (default: torch's).
+        on_shard_file: called with each shard's path as soon as it is final (e.g. `hub.HubUpload.add_shard`).
         rank, world_size: this process's share of a merge split over `world_size` workers: it
             writes the shards `worker_shards` gives it, and `finalize` writes the index once all
             are done. Under torchrun (torch.distributed initialized) both come from the process
@@ -215,6 +218,8 @@ def merge(
                     tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
                     write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
                                       {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
+                    if on_shard_file is not None:
+                        on_shard_file(out / receipt["file"])
 
                 new = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
                                check_finite=check_finite, device=device, threads=threads, on_shard=on_shard,

@@ -166,10 +166,14 @@ def _push_options(f):
     return f
 
 
-def _push(debug: bool, output_dir: Path, repo_id: str, private: bool, branch: str | None, quiet: bool) -> str:
+def _push(debug: bool, output_dir: Path, repo_id: str, private: bool, branch: str | None, quiet: bool, upload=None) -> str:
+    """Pushes a finished merge; with `upload` (a hub.HubUpload), its shards are already on their way."""
     from .hub import push_to_hub
 
-    url = _run(debug, push_to_hub, output_dir, repo_id, private=private, branch=branch)
+    if upload is not None:
+        url = _run(debug, upload.commit, output_dir)
+    else:
+        url = _run(debug, push_to_hub, output_dir, repo_id, private=private, branch=branch)
     if not quiet:
         click.echo(f"pushed {output_dir} to {repo_id}" + (f" (branch {branch})" if branch else "") + f": {url}")
     return url
@@ -224,8 +228,14 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
         slurm = distributed.slurm_array_env() or (0, 1)
         rank = slurm[0] if rank is None else rank
         world_size = slurm[1] if world_size is None else world_size
+    upload = None
+    if push_to_hub and world_size == 1:  # shards upload as each is final; no write access fails here, before the merge
+        from .hub import HubUpload
+
+        upload = _run(debug, HubUpload, push_to_hub, private=private, branch=hub_branch)
     try:
-        result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet or rank != 0, rank, world_size)
+        result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet or rank != 0, rank, world_size,
+                      upload.add_shard if upload is not None else None)
     finally:
         distributed.shutdown()
     if torchrun is not None and rank != 0:  # rank 0 speaks for the job
@@ -235,7 +245,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
         click.echo("streammerge: --push-to-hub skipped: this worker's share is not a finished merge; run "
                    f"streammerge push {result.output_dir} {push_to_hub} after streammerge finalize", err=True)
     if as_json:
-        pushed = _push(debug, result.output_dir, push, private, hub_branch, True) if push else None
+        pushed = _push(debug, result.output_dir, push, private, hub_branch, True, upload) if push else None
         click.echo(json.dumps({"status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})}, indent=2))
         return
     if quiet:
@@ -252,11 +262,11 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
             f"{result.total_size / 1e9:.3f} GB, in {result.seconds:.1f} s -> {result.output_dir}"
         )
     if push:
-        _push(debug, result.output_dir, push, private, hub_branch, quiet)
+        _push(debug, result.output_dir, push, private, hub_branch, quiet, upload)
 
 
 def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, quiet: bool, rank: int = 0,
-                         world_size: int = 1) -> api.MergeResult:
+                         world_size: int = 1, on_shard_file=None) -> api.MergeResult:
     from tqdm.auto import tqdm
 
     if quiet:  # also huggingface_hub's download and upload bars
@@ -269,7 +279,8 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
         return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force,
                          progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False),
                          device=o.get("device", "auto"), threads=o.get("threads"), rank=rank, world_size=world_size,
-                         delete_downloaded=o.get("delete_downloaded", False), download_budget=o.get("download_budget"))
+                         delete_downloaded=o.get("delete_downloaded", False), download_budget=o.get("download_budget"),
+                         on_shard_file=on_shard_file)
 
 
 @main.command()

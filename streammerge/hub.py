@@ -25,6 +25,7 @@ import re
 import shutil
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -503,6 +504,68 @@ def _size(n: int) -> str:
 # ---- pushing the result ------------------------------------------------------------------------
 
 
+class HubUpload:
+    """An upload to a Hub repo: shards go up as each becomes final (`add_shard`, on a thread of its
+    own, overlapping the merge); `commit` uploads whatever is left and makes it all visible at once.
+
+    Creating it creates the repo (and the branch), so a missing write permission fails before the merge.
+    """
+
+    def __init__(self, repo_id: str, *, private: bool = False, branch: str | None = None, token: str | None = None):
+        from huggingface_hub import HfApi
+        from huggingface_hub import constants as hf_constants
+
+        if "@" in repo_id or not _REPO_ID.fullmatch(repo_id):
+            raise HubError(f"{repo_id!r}: not a Hub repo id; use org/name (the branch goes in --hub-branch)")
+        self.repo_id, self.branch, self.ref = repo_id, branch, HubRef(repo_id, branch)
+        self.api = HfApi(endpoint=hf_constants.ENDPOINT, token=token)
+        self.uploads: dict[str, tuple[object, Future]] = {}  # shard name: (its commit operation, its upload)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="streammerge-upload")
+        try:
+            self.api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if branch is not None:
+                self.api.create_branch(repo_id, branch=branch, exist_ok=True)
+        except Exception as e:
+            raise _push_error(e, self.ref) from None
+
+    def add_shard(self, path: Path) -> None:
+        """Starts uploading a final shard (an LFS upload: stored on the Hub, not yet in any commit)."""
+        from huggingface_hub import CommitOperationAdd
+
+        op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        self.uploads[path.name] = (op, self.pool.submit(self.api.preupload_lfs_files, self.repo_id, additions=[op],
+                                                        revision=self.branch))
+
+    def commit(self, output_dir: str | os.PathLike, commit_message: str | None = None) -> str:
+        """Uploads the rest of a finished merge and commits everything, the index included; returns the commit URL."""
+        from huggingface_hub import CommitOperationAdd
+
+        out = Path(output_dir)
+        try:
+            if not (out / SAFETENSORS_INDEX).is_file():
+                raise CheckpointNotFoundError(out, f"no {SAFETENSORS_INDEX}: not a finished merge; merge (or resume) first")
+            files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.endswith(".partial"))
+            shards = [f for f in files if f.endswith(".safetensors")]
+            for name in shards:
+                if name not in self.uploads:  # kept from an earlier run, or pushed after the merge
+                    self.add_shard(out / name)
+            for _, upload in self.uploads.values():
+                upload.result()
+            ops = [self.uploads[name][0] for name in shards]
+            ops += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(out / name))
+                    for name in files if name not in shards and name != SAFETENSORS_INDEX] + \
+                   [CommitOperationAdd(path_in_repo=SAFETENSORS_INDEX, path_or_fileobj=str(out / SAFETENSORS_INDEX))]
+            info = self.api.create_commit(self.repo_id, ops, commit_message=commit_message or "Upload merged model (streammerge)",
+                                          revision=self.branch)
+        except StreammergeError:
+            raise
+        except Exception as e:
+            raise _push_error(e, self.ref) from None
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return str(info.commit_url)
+
+
 def push_to_hub(
     output_dir: str | os.PathLike,
     repo_id: str,
@@ -516,6 +579,7 @@ def push_to_hub(
 
     Creates the repo if needed (and the branch). The shards are uploaded first; the one commit that
     makes them visible also adds the index, so the repo never looks complete while it is not.
+    (`HubUpload` does the same with shards uploaded while the merge runs.)
 
     Returns:
         The URL of the commit.
@@ -523,31 +587,10 @@ def push_to_hub(
     Example:
         >>> push_to_hub("out/", "me/merged-model", private=True)   # doctest: +SKIP
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub import constants as hf_constants
-
     out = Path(output_dir)
     if not (out / SAFETENSORS_INDEX).is_file():
         raise CheckpointNotFoundError(out, f"no {SAFETENSORS_INDEX}: not a finished merge; merge (or resume) first")
-    if "@" in repo_id or not _REPO_ID.fullmatch(repo_id):
-        raise HubError(f"{repo_id!r}: not a Hub repo id; use org/name (the branch goes in --hub-branch)")
-    files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.endswith(".partial"))
-    shards = [f for f in files if f.endswith(".safetensors")]
-    others = [f for f in files if f not in shards and f != SAFETENSORS_INDEX]
-    api = HfApi(endpoint=hf_constants.ENDPOINT, token=token)
-    ref = HubRef(repo_id, branch)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if branch is not None:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(out / name)) for name in shards]
-        api.preupload_lfs_files(repo_id, additions=ops, revision=branch)  # uploaded, not yet visible
-        ops += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(out / name)) for name in others + [SAFETENSORS_INDEX]]
-        info = api.create_commit(repo_id, ops, commit_message=commit_message or "Upload merged model (streammerge)",
-                                 revision=branch)
-    except Exception as e:
-        raise _push_error(e, ref) from None
-    return str(info.commit_url)
+    return HubUpload(repo_id, private=private, branch=branch, token=token).commit(out, commit_message)
 
 
 def _push_error(e: Exception, ref: HubRef) -> StreammergeError:

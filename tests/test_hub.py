@@ -256,6 +256,40 @@ def test_push_uploads_every_file_intact_in_one_commit(tmp_path, models, fakehub,
     assert url.endswith(fakehub.repos["me/merged"].refs["dev"]) and fakehub.files("me/merged", "dev")["README.md"] == (out / "README.md").read_bytes()
 
 
+def test_shards_upload_while_the_merge_runs_and_become_visible_in_one_commit(tmp_path, models, fakehub, monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv("HF_TOKEN", fakehub.token)
+    upload = hub.HubUpload("me/early")
+    out = tmp_path / "out"
+    uploaded_during_merge = []
+
+    def on_shard(path: Path) -> None:
+        upload.add_shard(path)
+        uploaded_during_merge.append(path.name)
+
+    result = api.merge(ties("org/base", "org/ft1", "org/ft2"), out, max_shard_size=40_000, on_shard_file=on_shard)
+    shards = [s["file"] for s in result.shards]
+    assert len(shards) > 1 and uploaded_during_merge == shards
+    for _, future in upload.uploads.values():
+        future.result()
+    # Stored on the Hub before any commit names them: the repo still holds only its creation.
+    assert {hashlib.sha256((out / n).read_bytes()).hexdigest() for n in shards} <= set(fakehub.lfs)
+    assert len(fakehub.repos["me/early"].history) == 1
+    upload.commit(out)
+    pushed = fakehub.files("me/early")
+    assert sorted(n for n in pushed if n != ".gitattributes") == sorted(p.name for p in out.iterdir() if p.is_file())
+    assert all(pushed[n] == (out / n).read_bytes() for n in shards)
+
+
+def test_push_without_write_access_fails_before_merging(tmp_path, models, fakehub):
+    out = tmp_path / "out"
+    line = one_line_error(["merge", "-q", "--base", "org/base", "--model", "org/ft1", "--model", "org/ft2", "--method", "ties",
+                           str(out), "--push-to-hub", "me/merged"])
+    assert "me/merged: cannot push (HTTP 401)" in line
+    assert not out.exists()  # no merge was started
+
+
 def test_push_errors(tmp_path, models, fakehub):
     out = tmp_path / "out"
     api.merge(ties("org/base", "org/ft1", "org/ft2"), out)
