@@ -4,7 +4,6 @@ __version__ = "0.1.0"
 
 from .api import MergeResult, finalize, merge, plan  # noqa: E402
 from .config import MergeConfig, ModelSpec  # noqa: E402
-from .verify import VerifyReport, verify  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     CheckpointNotFoundError,
@@ -15,6 +14,7 @@ from .errors import (  # noqa: E402
     StreammergeError,
     UnsupportedFeatureError,
 )
+from .verify import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "MergeConfig", "ModelSpec", "MergeResult", "merge", "finalize", "plan", "verify", "VerifyReport",

@@ -37,9 +37,15 @@ from .constants import (
 )
 from .distributed import Group, check_worker
 from .engine import Progress, run_plan
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    HubError,
+    OutputError,
+    StreammergeError,
+)
 from .lora import attach_adapters, open_model
 from .lora import fingerprint as adapters_fingerprint
-from .errors import CheckpointError, ConfigError, HubError, OutputError, StreammergeError
 from .plan import Plan, ShardPlan, assign_workers, build_plan
 from .sources import Checkpoint
 from .writer import (

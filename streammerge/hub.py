@@ -31,7 +31,14 @@ from pathlib import Path
 
 from .constants import PICKLE_SUFFIXES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, StreammergeError
-from .sources import Checkpoint, TensorInfo, _read_index, header_length, parse_header, read_header
+from .sources import (
+    Checkpoint,
+    TensorInfo,
+    _read_index,
+    header_length,
+    parse_header,
+    read_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +219,11 @@ class HubCheckpoint(Checkpoint):
     def _read_range(self, file: Path, start: int, end: int) -> bytes:
         """Bytes [start, end) of a file at this commit; never more (a server ignoring Range is cut off)."""
         from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+        from huggingface_hub.utils import (
+            build_hf_headers,
+            get_session,
+            hf_raise_for_status,
+        )
 
         url = hf_hub_url(self.ref.repo_id, self._name(file), revision=self.commit, endpoint=self.endpoint)
         headers = {**build_hf_headers(token=self.token), "Range": f"bytes={start}-{end - 1}"}

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import DTYPES as CONFIG_DTYPES, MergeConfig, ModelSpec, layer_index
+from .config import DTYPES as CONFIG_DTYPES
+from .config import MergeConfig, ModelSpec, layer_index
 from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
 from .errors import ConfigError, MismatchError
 from .ops import MergeOptions

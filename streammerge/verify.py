@@ -24,7 +24,6 @@ from .sources import TensorInfo, _inside, _reject_duplicates, read_header
 from .writer import file_sha256
 
 
-
 @dataclass(frozen=True)
 class VerifyReport:
     """What `verify` found: `ok` when `problems` is empty."""

@@ -18,7 +18,13 @@ from safetensors import safe_open
 from streammerge import ConfigError
 from streammerge.cli import main, parse_size
 from streammerge.constants import MANIFEST, MODEL_CARD, SAFETENSORS_INDEX
-from streammerge.demo import TinyLlama, build_demo_models, finetune_of, random_state, save_checkpoint
+from streammerge.demo import (
+    TinyLlama,
+    build_demo_models,
+    finetune_of,
+    random_state,
+    save_checkpoint,
+)
 from streammerge.sources import Checkpoint
 
 CONFIG = """\

@@ -12,7 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from streammerge import MergeConfig, ModelSpec, merge
-from streammerge.demo import TinyLlama, build_demo_models, finetune_of, random_state, save_checkpoint
+from streammerge.demo import (
+    TinyLlama,
+    build_demo_models,
+    finetune_of,
+    random_state,
+    save_checkpoint,
+)
 from streammerge.mask import keep_mask, mask_key
 from streammerge.plan import is_linear_weight
 

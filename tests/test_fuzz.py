@@ -14,13 +14,13 @@ import struct
 import tempfile
 from pathlib import Path
 
+from conftest import no_hang
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streammerge.constants import SAFETENSORS_INDEX
 from streammerge.errors import StreammergeError
 from streammerge.sources import DTYPES, Checkpoint, itemsize
-from conftest import no_hang
 
 SETTINGS = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow], database=None)
 

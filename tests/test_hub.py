@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from fakehub import FakeHub
+
 from streammerge import MergeConfig, api, hub
 from streammerge.cli import main
 from streammerge.config import ModelSpec
-from streammerge.demo import TinyLlama, build_demo_models, finetune_of, random_state, save_checkpoint
+from streammerge.demo import (
+    TinyLlama,
+    build_demo_models,
+    finetune_of,
+    random_state,
+    save_checkpoint,
+)
 from streammerge.errors import CheckpointNotFoundError, ConfigError, HubError
 
 SHAPE = TinyLlama(hidden=32, intermediate=64, layers=2, vocab=64)

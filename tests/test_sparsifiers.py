@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from streammerge import ConfigError, MergeConfig, ModelSpec, merge
-from streammerge import ops
+from streammerge import ConfigError, MergeConfig, ModelSpec, merge, ops
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.mask import hash32, keep_mask_varying, mask_key
 
