@@ -28,8 +28,15 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .constants import PICKLE_SUFFIXES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from .constants import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+)
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, StreammergeError
 from .sources import (
     Checkpoint,
@@ -39,6 +46,9 @@ from .sources import (
     parse_header,
     read_header,
 )
+
+if TYPE_CHECKING:
+    from .lora import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +84,23 @@ def parse_source(source: str) -> HubRef | None:
     return HubRef(repo_id, revision or None)
 
 
-def open_checkpoint(source: str, *, token: str | None = None) -> Checkpoint:
-    """A local checkpoint, or a Hub one when `source` is a repo id that is not a local path."""
+def open_checkpoint(source: str, *, token: str | None = None) -> Checkpoint | LoraAdapter:
+    """A local checkpoint, or a Hub one when `source` is a repo id that is not a local path (a
+    checkpoint read lazily, or a LoRA adapter)."""
     ref = parse_source(source)
-    return Checkpoint(source) if ref is None else HubCheckpoint(ref, token=token)
+    if ref is None:
+        return Checkpoint(source)
+    remote = HubCheckpoint(ref, token=token)
+    if not remote.adapter_files:
+        return remote
+    # A PEFT LoRA adapter repo: a few MB, fetched whole, then read as a local adapter folder.
+    from .lora import LoraAdapter
+
+    for file in remote.adapter_files:
+        remote.download(file)
+    adapter = LoraAdapter(remote.path)
+    adapter.source_label = remote.label
+    return adapter
 
 
 @dataclass(frozen=True)
@@ -107,6 +130,7 @@ class HubCheckpoint(Checkpoint):
         self.path = self.storage / "snapshots" / self.commit
         self.downloaded: set[Path] = set()  # files this run downloaded: the only ones ever deleted
         self.downloads: Downloads | None = None  # set while a merge schedules this checkpoint's files
+        self.adapter_files: list[Path] = []  # a LoRA adapter repo: its two files
         self._fetch_lock = threading.Lock()
 
         index = None
@@ -119,6 +143,9 @@ class HubCheckpoint(Checkpoint):
         elif any(n.endswith(PICKLE_SUFFIXES) for n in self.remote):
             raise CheckpointError(self.label, "holds only pickle weights (.bin/.pt), which streammerge never loads; "
                                   "use a revision or repo with safetensors weights")
+        elif ADAPTER_CONFIG in self.remote and ADAPTER_WEIGHTS in self.remote:
+            self.adapter_files = [self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS]  # open_checkpoint takes it from here
+            return
         else:
             raise CheckpointNotFoundError(self.label, f"no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE} in this repo")
         for name in names:

@@ -113,6 +113,7 @@ class LoraAdapter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.source_label: str | None = None  # set by hub.open_checkpoint for an adapter repo
         self.config_path = self.path / ADAPTER_CONFIG
         self.config = _read_config(self.config_path)
         self.config_text = json.dumps(self.config, sort_keys=True)
@@ -133,8 +134,8 @@ class LoraAdapter:
 
     @property
     def label(self) -> str:
-        """How messages and plans name this adapter (as `Checkpoint.label`)."""
-        return str(self.path)
+        """How messages and plans name this adapter (as `Checkpoint.label`): `org/name@<commit>` from the Hub."""
+        return self.source_label or str(self.path)
 
     @property
     def folder(self) -> Path:

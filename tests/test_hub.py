@@ -335,3 +335,28 @@ def test_tokenizer_source_from_a_hub_repo(tmp_path, models, fakehub):
     api.merge(ties("org/base", "org/ft1", "org/ft2", tokenizer_source="org/ft1"), tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tokenizer
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"  # from the base
+
+
+def test_a_lora_adapter_repo_merges_like_the_local_adapter(tmp_path, models, fakehub):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(4, 32, generator=gen).bfloat16(), torch.randn(32, 4, generator=gen).bfloat16()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b}, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["q_proj"], "base_model_name_or_path": "org/base"}))
+    fakehub.add_folder("org/lora", adapter)
+    base, (ft1, _) = models
+    local = api.merge(MergeConfig(method="task_arithmetic", base=str(base), models=(ModelSpec(str(adapter), {"weight": 1.0}),)),
+                      tmp_path / "out-local")
+    remote = api.merge(MergeConfig(method="task_arithmetic", base="org/base", models=(ModelSpec("org/lora", {"weight": 1.0}),)),
+                       tmp_path / "out-remote")
+    assert [s["sha256"] for s in remote.shards] == [s["sha256"] for s in local.shards]
+    changed = api.plan(MergeConfig(method="task_arithmetic", base="org/base", models=(ModelSpec("org/lora", {"weight": 1.0}),)))
+    assert changed.sources[0].startswith("org/lora@")
