@@ -231,7 +231,7 @@ class TensorJob:
         self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
         use_numpy = (device.type == "cpu" and kernels.supported(in_dtypes, self.compute)
                      and not self.opts.whole_tensors and not self.opts.fused_linear
-                     and self.opts.sparsify in ("none", "trim", "dare"))  # breadcrumbs, DELLA: torch only
+                     and self.opts.sparsify in ("none", "trim", "dare", "band"))  # DELLA: torch only
         self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device)
 
         n = len(self.finetuned)

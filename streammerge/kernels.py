@@ -128,14 +128,19 @@ def deltas_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], star
             np.multiply(d, keep, out=d)
             if spec.dare_scales[i] != 1.0:
                 np.multiply(d, np.float32(spec.dare_scales[i]), out=d)
-        t = spec.trims[i]
+        t, o = spec.trims[i], (spec.outliers[i] if spec.outliers else None)
         if t is not None:
             _trim_chunk(d, t, start, s)
+        if o is not None:  # breadcrumbs: the top band (outliers) goes too; a mask multiply keeps τ's sign
+            _trim_chunk(d, o, start, s, drop=True)
+        if (t is not None or o is not None) and spec.opts.sparsify == "band" and spec.dare_scales[i] != 1.0:
+            np.multiply(d, np.float32(spec.dare_scales[i]), out=d)
         ds.append(d)
     return b, ds
 
 
-def _trim_chunk(d: np.ndarray, t: TrimThreshold, start: int, s: _Scratch) -> None:
+def _trim_chunk(d: np.ndarray, t: TrimThreshold, start: int, s: _Scratch, drop: bool = False) -> None:
+    """Keeps the elements in the top set `t` describes (ops.trim_keep), or with `drop` removes them."""
     m = len(d)
     a, keep = np.abs(d, out=s.a[:m]), s.keep[:m]
     value = np.float32(t.value)
@@ -147,6 +152,8 @@ def _trim_chunk(d: np.ndarray, t: TrimThreshold, start: int, s: _Scratch) -> Non
         np.greater(a, value, out=keep)
         cut = t.last_tie - start + 1
         keep[:cut] |= a[:cut] == value
+    if drop:
+        np.logical_not(keep, out=keep)
     np.multiply(d, keep, out=d)
 
 

@@ -52,3 +52,11 @@ def test_fused_numpy_and_torch_give_identical_bytes(tmp_path, models, monkeypatc
     monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)  # torch eager ops
     eager = _bytes(tmp_path, models, method, semantics, "torch", **params)
     assert fused == numpy == eager
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_numpy_kernel_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, method):
+    # The band (top trim plus dropped outliers) runs in the numpy chunk kernel; torch eager is the reference.
+    numpy = _bytes(tmp_path, models, method, "default", "numpy", gamma=0.05)
+    monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)
+    assert numpy == _bytes(tmp_path, models, method, "default", "torch", gamma=0.05)
