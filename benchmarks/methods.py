@@ -1,0 +1,62 @@
+"""Wall time of every merge method through the CLI on one small model, to compare the methods.
+
+    python benchmarks/methods.py [--dir /tmp/methods-bench]
+
+Three 5632 x 2048 bf16 tensors (35M parameters, TinyLlama's MLP shape), a base and 2 fine-tunes,
+`--compile off` (the numpy kernels, or torch where a method has no numpy kernel). The times include
+the CLI's start (about 1.5 s here: importing torch); the rate excludes nothing, so it understates
+the steady state of big merges (benchmarks/run.py measures those against the I/O floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+METHODS = ["task_arithmetic", "dare_linear", "dare_ties", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+CONFIG = """merge_method: {method}
+base_model: base
+models:
+  - {{model: ft1, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: ft2, parameters: {{weight: 0.5, density: 0.5}}}}
+"""
+
+
+def make_models(root: Path) -> int:
+    gen = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": (torch.randn(5632, 2048, generator=gen) * 0.02).bfloat16() for i in range(3)}
+    (root / "base").mkdir(parents=True, exist_ok=True)
+    save_file(base, root / "base" / "model.safetensors")
+    for j in (1, 2):
+        (root / f"ft{j}").mkdir(exist_ok=True)
+        ft = {k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).bfloat16() for k, v in base.items()}
+        save_file(ft, root / f"ft{j}" / "model.safetensors")
+    return sum(v.numel() for v in base.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    args = ap.parse_args()
+    root = args.dir or Path(tempfile.mkdtemp(prefix="streammerge-methods-"))
+    params = make_models(root)
+    print("| method | wall (s) | M params/s |\n|---|---|---|")
+    for method in args.methods:
+        (root / f"{method}.yaml").write_text(CONFIG.format(method=method))
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "streammerge", "merge", str(root / f"{method}.yaml"), str(root / "out"),
+                        "-q", "--force", "--compile", "off"], check=True)
+        wall = time.perf_counter() - start
+        print(f"| {method} | {wall:.1f} | {params / wall / 1e6:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
