@@ -54,8 +54,7 @@ from .sources import (
     FLOAT_DTYPES,
     Checkpoint,
     TensorInfo,
-    _open_regular,
-    _reject_duplicates,
+    read_json,
 )
 
 log = logging.getLogger(__name__)
@@ -397,17 +396,7 @@ def open_model(path: str | os.PathLike) -> Checkpoint | LoraAdapter:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        with _open_regular(path) as f:
-            raw = f.read(MAX_ADAPTER_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
-    if len(raw) > MAX_ADAPTER_CONFIG_BYTES:
-        raise CheckpointError(path, f"larger than {MAX_ADAPTER_CONFIG_BYTES} bytes: not an adapter config")
-    try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(path, f"not valid JSON: {e}") from None
+    data = read_json(path, MAX_ADAPTER_CONFIG_BYTES, "not a valid adapter config")
     if not isinstance(data, dict):
         raise CheckpointError(path, "not a JSON object")
     return data

@@ -400,23 +400,29 @@ def _in_hub_cache(folder: Path, resolved: Path) -> bool:
     return folder.parent.name == "snapshots" and resolved.parent == folder.parent.parent / "blobs"
 
 
+def read_json(path: Path, limit: int, what: str) -> object:
+    """A small JSON file of an input (index, adapter config): a regular file, at most `limit` bytes,
+    no duplicate keys; CheckpointError("<what>: ...") otherwise."""
+    try:
+        with _open_regular(path) as f:
+            text = f.read(limit + 1)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    if len(text) > limit:
+        raise CheckpointError(path, f"{what}: larger than {limit} bytes")
+    try:
+        return json.loads(text.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(path, f"{what}: {e}") from None
+    except RecursionError:
+        raise CheckpointError(path, f"{what}: JSON nested too deeply") from None
+
+
 def _read_index(folder: Path) -> dict[str, str] | None:
     index_path = folder / SAFETENSORS_INDEX
     if not index_path.exists() and not index_path.is_symlink():
         return None
-    try:
-        with _open_regular(index_path) as f:
-            text = f.read(MAX_INDEX_BYTES + 1)
-    except OSError as e:
-        raise CheckpointError(index_path, f"cannot read: {e.strerror or e}") from None
-    if len(text) > MAX_INDEX_BYTES:
-        raise CheckpointError(index_path, f"not a valid index: larger than {MAX_INDEX_BYTES} bytes")
-    try:
-        index = json.loads(text.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(index_path, f"not a valid index: {e}") from None
-    except RecursionError:
-        raise CheckpointError(index_path, "not a valid index: JSON nested too deeply") from None
+    index = read_json(index_path, MAX_INDEX_BYTES, "not a valid index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(index_path, "not a valid index: no 'weight_map' object of tensor name -> shard file")
