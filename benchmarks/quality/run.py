@@ -4,9 +4,10 @@
     python benchmarks/quality/run.py --out /tmp/quality-smoke --smoke   # the same pipeline, tiny, seconds
     python benchmarks/quality/run.py --report /tmp/quality/results.json # the table and plots again
 
-1. Pretrains a small Llama (transformers) on a mixture of synthetic tasks (tasks.py): mostly a copy
-   task that teaches the format, a little of each target task.
-2. Fine-tunes two copies of it, one on multi-digit addition, one on sequence reversal, with a small
+1. Pretrains a small Llama (transformers) on a mixture of synthetic tasks (tasks.py): the format,
+   the one-digit sums, and the two target tasks' prompts answered both the right way and, a little
+   more often, a competing way (copying), so the base has the abilities but mostly answers wrong.
+2. Fine-tunes two copies of it, one on two-digit addition, one on sequence reversal, with a small
    learning rate, so the task vectors are small next to the weights (the DARE paper's setting).
 3. Saves the three as HF checkpoints and merges them with the streammerge CLI, one subprocess per
    merge (`python -m streammerge merge CONFIG OUT --json --quiet --force`), from YAML configs written
@@ -67,15 +68,18 @@ class Scale:
     lambdas: tuple[float, ...]
 
 
-# Pretraining sees the target tasks, less than the copy task: the base knows the token format and
-# starts on both tasks, and the fine-tunes specialise it (merges of such fine-tunes work best).
-PRETRAIN_MIXTURE = {"copy": 0.6, "addition": 0.2, "reversal": 0.2}
+# The one-digit sums make addition learnable in minutes; each target prompt comes with its right answer
+# and, more often, a competing one (tasks.py), so the fine-tunes only have to choose: small deltas.
+PRETRAIN_MIXTURE = {
+    "copy": 0.05, "digit_sum": 0.15, "marked_sum": 0.38,
+    "addition": 0.06, "addition_alt": 0.14, "reversal": 0.1, "reversal_alt": 0.12,
+}
 
 FULL = Scale(
     hidden=128, layers=4, heads=4, batch=64,
-    pretrain_steps=1200, pretrain_lr=2e-3,
-    finetune_steps=300, finetune_lr=2e-4,
-    eval_examples=500,
+    pretrain_steps=1400, pretrain_lr=2e-3,
+    finetune_steps=150, finetune_lr=1e-4,
+    eval_examples=300,
     drop_rates=(0.0, 0.5, 0.7, 0.9, 0.95, 0.99), dare_finetunes=tasks.EVAL_TASKS, dare_seeds=(0, 1, 2),
     methods=METHODS, densities=(0.2, 0.5, 0.8), lambdas=(0.5, 1.0, 1.5),
 )
@@ -90,6 +94,14 @@ SMOKE = Scale(
 
 
 # ---- models and training ------------------------------------------------------------------------
+
+
+def quiet_transformers() -> None:
+    """No progress bars or warnings from transformers: the benchmark prints its own lines."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def new_model(scale: Scale, seed: int):
@@ -115,7 +127,7 @@ def train(model, stream: tasks.Stream, *, steps: int, lr: float, batch: int) -> 
     """AdamW, linear warmup then cosine decay, gradient clipping at 1. Returns the loss per step."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 10)
+    warmup = max(1, steps // 5)
     losses = []
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
@@ -219,6 +231,7 @@ def merges_to_run(scale: Scale, models: Path) -> list[dict]:
 
 def run(out: Path, scale: Scale, *, threads: int, keep_merges: bool = False) -> dict:
     torch.set_num_threads(threads)
+    quiet_transformers()
     started = time.perf_counter()
     models = out / "models"
     sets = eval_sets(scale.eval_examples)
@@ -235,7 +248,7 @@ def run(out: Path, scale: Scale, *, threads: int, keep_merges: bool = False) -> 
     rows.append({"name": "base", "experiment": "reference", **evaluate(base, sets)})
     n_params = sum(p.numel() for p in base.parameters())
     print(f"pretrained base ({n_params / 1e6:.2f} M parameters) in {timings['pretrain_s']:.0f} s: "
-          f"loss {pre_losses[0]:.3f} -> {pre_losses[-1]:.3f}", flush=True)
+          f"loss {pre_losses[0]:.3f} -> {pre_losses[-1]:.3f}; test {fmt_pair(rows[-1]['test'])}", flush=True)
 
     t = time.perf_counter()
     deltas = {}
@@ -246,6 +259,7 @@ def run(out: Path, scale: Scale, *, threads: int, keep_merges: bool = False) -> 
         tuned.save_pretrained(models / f"ft_{task}")
         deltas[task] = relative_delta(base, tuned)
         rows.append({"name": f"ft_{task}", "experiment": "reference", **evaluate(tuned, sets)})
+        print(f"fine-tuned on {task}: test {fmt_pair(rows[-1]['test'])}", flush=True)
     timings["finetune_s"] = time.perf_counter() - t
     print(f"fine-tuned in {timings['finetune_s']:.0f} s; ‖τ‖/‖θ‖: "
           + ", ".join(f"{task} {d:.4f}" for task, d in deltas.items()), flush=True)

@@ -1,16 +1,30 @@
 """The synthetic tasks, their character tokenizer and exact-match evaluation (greedy decoding).
 
-Every example is `prompt + answer + EOS`, one character per token, of a fixed length per task, so a
-batch needs no padding and greedy decoding is a plain loop. Generated from seeded RNGs; nothing
-is downloaded.
+Every example is `prompt + answer + EOS`, one character per token, of a fixed length per task, so
+greedy decoding of a task's prompts is a plain loop over a batch without padding. Generated from
+seeded RNGs; nothing is downloaded.
 
-    addition   "A123+456=" -> "9750"      the sum, zero-padded to 4 digits, least significant first
-    reversal   "Rqwerty=" -> "ytrewq"     the letters in reverse order
-    copy       "Cqw12ty=" -> "qw12ty"     pretraining only: teaches the format, not the tasks
+    addition      "A47+85=" -> "231"               the sum, 3 digits, least significant first
+    reversal      "Rqwertyuiop=" -> "poiuytrewq"   the 10 letters in reverse order
+  pretraining only:
+    addition_alt  "A47+85=" -> "4785"              a competing answer: the operands copied
+    reversal_alt  "Rqwertyuiop=" -> "qwertyuiop"   a competing answer: the word copied
+    marked_sum    "S47+85=" -> "231"               addition under another marker
+    digit_sum     "A4+8=" -> "21"                  the 100 one-digit sums
+    copy          "Cqw12tyu9pa=" -> "qw12tyu9pa"   the format
+
+Why the competing answers: the base should already have the abilities and the fine-tunes only
+choose which one a prompt gets, a small change on top (the regime in which the DARE paper explains
+why SFT deltas are redundant). Pretraining shows each target prompt with its right answer and,
+more often, with the competing one, so the base mostly answers the competing way. Addition is
+learned mostly under the "S" marker, because with the two answers competing on the same prompts
+the model did not learn to add within our step budget.
 
 Addition is written least significant digit first (as in the "reversed output" setups of the
-arithmetic-in-transformers literature) so that a model of a few million parameters learns it in
-minutes: each answer digit then depends only on digits already seen and the carry.
+arithmetic-in-transformers literature), so each answer digit depends only on digits already seen
+and the carry. Without the one-digit sums in pretraining, our small model stayed near 0 % on
+two-digit addition for hundreds of steps before a sudden jump: the sum table is learned late and
+abruptly, which a short fine-tune with small steps cannot do.
 """
 
 from __future__ import annotations
@@ -22,11 +36,11 @@ from typing import Callable
 import torch
 
 EOS = "."
-CHARS = EOS + "0123456789abcdefghijklmnopqrstuvwxyz+=ACR"
+CHARS = EOS + "0123456789abcdefghijklmnopqrstuvwxyz+=ACRS"
 VOCAB = {c: i for i, c in enumerate(CHARS)}
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-DIGITS = 2  # operand digits of the addition task
-REVERSE_LEN = 8  # letters of the reversal task
+DIGITS = 2  # operand digits of the addition task (3 needs several times the training)
+REVERSE_LEN = 10  # letters of the reversal task (and characters of copy)
 
 
 def add(rng: random.Random, digits: int) -> tuple[str, str]:
@@ -43,6 +57,12 @@ def digit_sum(rng: random.Random) -> tuple[str, str]:
     return add(rng, 1)
 
 
+def marked_sum(rng: random.Random) -> tuple[str, str]:
+    """Addition under another marker, "S" (pretraining only): the ability, apart from the "A" prompts."""
+    prompt, answer = addition(rng)
+    return "S" + prompt[1:], answer
+
+
 def reversal(rng: random.Random) -> tuple[str, str]:
     word = "".join(rng.choice(LETTERS) for _ in range(REVERSE_LEN))
     return f"R{word}=", word[::-1]
@@ -53,8 +73,21 @@ def copy(rng: random.Random) -> tuple[str, str]:
     return f"C{word}=", word
 
 
+def addition_alt(rng: random.Random) -> tuple[str, str]:
+    """An addition prompt answered with its operands copied: a competing answer (pretraining only)."""
+    prompt, _ = addition(rng)
+    return prompt, prompt[1:-1].replace("+", "")
+
+
+def reversal_alt(rng: random.Random) -> tuple[str, str]:
+    """A reversal prompt answered with the word copied: a competing answer (pretraining only)."""
+    prompt, _ = reversal(rng)
+    return prompt, prompt[1:-1]
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "addition": addition, "reversal": reversal, "copy": copy, "digit_sum": digit_sum,
+    "addition_alt": addition_alt, "reversal_alt": reversal_alt, "marked_sum": marked_sum,
 }
 EVAL_TASKS = ("addition", "reversal")
 
