@@ -10,7 +10,7 @@
 2. Fine-tunes two copies of it, one on two-digit addition, one on sequence reversal, with a small
    learning rate, so the task vectors are small next to the weights (the DARE paper's setting).
 3. Saves the three as HF checkpoints and merges them with the streammerge CLI, one subprocess per
-   merge (`python -m streammerge merge CONFIG OUT --json --quiet --force`), from YAML configs written
+   merge (`python -m streammerge merge CONFIG OUT --json --quiet --force --threads N`), from YAML configs written
    under OUT/configs:
    - DARE alone (the DARE paper's first experiment): base + one fine-tune, dare_linear, weight 1,
      density = 1 - drop rate, for each drop rate and several mask seeds;
