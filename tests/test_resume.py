@@ -87,7 +87,10 @@ def test_interrupt_stops_cleanly_and_resumes(models, tmp_path):
     cmd = lambda out: _cmd(models, out) + ["--max-shard-size", "10KB"]  # noqa: E731
     for attempt in range(10):
         out = tmp_path / f"out{attempt}"
-        proc = subprocess.Popen(cmd(out), stderr=subprocess.PIPE, text=True)
+        # SIGINT at its default in the child even when this run ignores it (a background job in a
+        # non-interactive shell does), so Python turns it into KeyboardInterrupt there.
+        proc = subprocess.Popen(cmd(out), stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         while proc.poll() is None and not ((out / ".streammerge").exists() and list((out / ".streammerge").glob("model-*.json"))):
             time.sleep(0.002)
         proc.send_signal(signal.SIGINT)
