@@ -34,6 +34,9 @@ from .constants import (
     MANIFEST,
     MODEL_CARD,
     SAFETENSORS_INDEX,
+    STATE_DIR,
+    STATE_PLAN,
+    TOKENIZER_MARKERS,
 )
 from .distributed import Group, check_worker
 from .engine import Progress, run_plan
@@ -44,7 +47,7 @@ from .errors import (
     OutputError,
     StreammergeError,
 )
-from .lora import attach_adapters, open_model
+from .lora import attach_adapters
 from .lora import fingerprint as adapters_fingerprint
 from .plan import Plan, ShardPlan, assign_workers, build_plan
 from .sources import Checkpoint
@@ -104,9 +107,8 @@ def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Check
     def get(path: str) -> Checkpoint | None:
         key = os.path.realpath(path) if hub.parse_source(path) is None else path
         if key not in opened:
-            try:
-                model = open_model(path) if hub.parse_source(path) is None else hub.open_checkpoint(path)
-                opened[key] = stack.enter_context(model)  # a checkpoint or a LoRA adapter, or a Hub repo
+            try:  # a checkpoint or a LoRA adapter, local or a Hub repo
+                opened[key] = stack.enter_context(hub.open_checkpoint(path))
             except (CheckpointError, HubError) as e:
                 problems.append(e)
                 opened[key] = None
@@ -157,6 +159,7 @@ def merge(
     delete_downloaded: bool = False,
     download_budget: int | None = None,
     on_shard_file: Callable[[Path], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> MergeResult:
     """Runs the merge and writes a sharded checkpoint that transformers loads as is.
 
@@ -178,6 +181,7 @@ def merge(
         device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
         threads: CPU threads for the merge arithmetic (default: torch's).
         on_shard_file: called with each shard's path as soon as it is final (e.g. `hub.HubUpload.add_shard`).
+        on_total: called once, when planned, with the input bytes `progress` will count to.
         rank, world_size: this process's share of a merge split over `world_size` workers: it
             writes the shards `worker_shards` gives it, and `finalize` writes the index once all
             are done. Under torchrun (torch.distributed initialized) both come from the process
@@ -200,10 +204,12 @@ def merge(
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
         the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory)
-        tokenizer_folder(config, reference)  # a tokenizer_source without a tokenizer fails before any work
+        tokenizer_from = tokenizer_folder(config, reference, finetuned)  # one without a tokenizer fails before any work
         inputs = [reference, *finetuned]
         fingerprint = plan_fingerprint(the_plan, inputs)
         mine = worker_shards(the_plan, rank, world_size)
+        if on_total is not None:
+            on_total(sum(s.input_bytes for s in mine))
 
         def prepare() -> bool:  # under torchrun rank 0 runs this before the others start
             return _prepare_output(out, inputs, force, fingerprint, exclusive=world_size == 1 or (group is not None and rank == 0))
@@ -213,10 +219,10 @@ def merge(
         try:
             complete = group.rank0_first(prepare) if group is not None else prepare()
             if not complete:
-                _write_state(out, the_plan, config, reference, fingerprint)
+                _write_state(out, the_plan, reference, tokenizer_from, fingerprint)
                 done = _resume(out, [s.filename for s in mine])
-                _check_free_space(out, [s for s in mine if s.filename not in done])
                 todo = [s for s in mine if s.filename not in done]
+                _check_free_space(out, todo)
                 remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
                 downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
 
@@ -279,15 +285,15 @@ def finalize(output_dir: str | os.PathLike) -> MergeResult:
     out = Path(output_dir)
     state = out / STATE_DIR
     try:
-        info = json.loads((state / "plan.json").read_text("utf-8"))
+        info = json.loads((state / STATE_PLAN).read_text("utf-8"))
         plan_shards = info["shards"]
     except FileNotFoundError:
         if (out / SAFETENSORS_INDEX).is_file() and (out / MANIFEST).is_file():
             manifest_data = json.loads((out / MANIFEST).read_text("utf-8"))
             return _result_from_state(out, manifest_data["shards"], manifest_data.get("summary", {}), start, complete=True)
-        raise OutputError(f"{out}: no merge in progress here ({STATE_DIR}/plan.json is missing); run `streammerge merge` first") from None
+        raise OutputError(f"{out}: no merge in progress here ({STATE_DIR}/{STATE_PLAN} is missing); run `streammerge merge` first") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise OutputError(f"{out}: {STATE_DIR}/plan.json is unreadable ({e}); rerun the merge with --force") from None
+        raise OutputError(f"{out}: {STATE_DIR}/{STATE_PLAN} is unreadable ({e}); rerun the merge with --force") from None
     receipts, missing = [], []
     for shard in plan_shards:
         receipt = _read_receipt(out, shard)
@@ -338,7 +344,6 @@ def _read_receipt(out: Path, shard: dict) -> dict | None:
 def _owners(missing: list[str], plan_shards: list[dict], receipts: list[dict]) -> str:
     """'model-00002-of-00004.safetensors (rank 1 of 2), ...': owners known from the other workers' receipts."""
     sizes = {r["worker"][1] for r in receipts if isinstance(r.get("worker"), list)}
-    owner: dict[str, int] = {}
     if len(sizes) == 1:
         world_size = sizes.pop()
         shard_plans = tuple(ShardPlan(s["file"], tuple(s["tensors"]), 0, s["input_bytes"]) for s in plan_shards)
@@ -349,24 +354,11 @@ def _owners(missing: list[str], plan_shards: list[dict], receipts: list[dict]) -
     return ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
 
 
-STATE_DIR = ".streammerge"  # while a merge runs: its plan, side files, and a receipt per finished shard
-
-
 def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     """sha256 of everything that decides the output bytes: the plan and the inputs' identity
     (each file's size, modification time and header), so a resume never mixes two merges."""
-    files = sorted({info.file for c in inputs for info in c.tensors.values()})
-    remote = {f: c for c in inputs if isinstance(c, hub.HubCheckpoint) for f in c.files}
-    identity = []
-    for f in files:
-        if f in remote:  # not downloaded yet, maybe never all at once: its commit and etag say what it is
-            identity.append(remote[f].file_identity(f))
-            continue
-        st = f.stat()
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = hashlib.sha256(fh.read(n)).hexdigest()
-        identity.append([str(f.resolve()), st.st_size, st.st_mtime_ns, header])
+    owners = {info.file: c for c in inputs for info in c.tensors.values()}
+    identity = [owners[f].file_identity(f) for f in sorted(owners)]  # a Hub file: repo, commit, etag
     payload = {
         "version": __version__,
         "options": {k: str(v) for k, v in vars(the_plan.options).items()},
@@ -392,35 +384,38 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
             raise OutputError(f"{out}: is (or contains) the input {ckpt.path}; choose another output directory")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return False
     state = out / STATE_DIR
-    if out.exists() and any(out.iterdir()):
-        ours = (out / MANIFEST).exists() or (out / SAFETENSORS_INDEX).exists() or state.is_dir() or any(out.glob("*.partial"))
-        if not ours:
-            raise OutputError(f"{out}: not empty, and holds files that are not a streammerge output; choose an "
-                              "empty directory (they are never overwritten, even with --force)")
-        if not (force and exclusive):
-            if (out / SAFETENSORS_INDEX).exists() and _manifest_fingerprint(out) == fingerprint:
-                return True
-            previous = _state_fingerprint(state)
-            # Another worker is just starting this merge (its state folder is there, the plan not yet).
-            fresh = state.is_dir() and previous is None and not any(state.glob("*.json")) and not (out / SAFETENSORS_INDEX).exists()
-            if previous == fingerprint or fresh:
-                for name in (SAFETENSORS_INDEX, MANIFEST):  # from a finalize that did not finish
-                    (out / name).unlink(missing_ok=True)
-                if exclusive:  # nobody else is writing: partial files are leftovers of a killed run
-                    for stale in out.glob("*.partial"):
-                        stale.unlink(missing_ok=True)
-                return False
-            raise OutputError(f"{out}: holds a different merge; choose an empty directory or pass --force to replace it")
-        for name in (SAFETENSORS_INDEX, MANIFEST):  # the output no longer looks complete from here on
-            (out / name).unlink(missing_ok=True)
+    if not ((out / MANIFEST).exists() or (out / SAFETENSORS_INDEX).exists() or state.is_dir() or any(out.glob("*.partial"))):
+        raise OutputError(f"{out}: not empty, and holds files that are not a streammerge output; choose an "
+                          "empty directory (they are never overwritten, even with --force)")
+    if force and exclusive:
+        _unmark_complete(out)  # the output no longer looks complete from here on
         for stale in list(out.glob("model-*.safetensors")) + list(out.glob("*.partial")):
             stale.unlink()
         shutil.rmtree(state, ignore_errors=True)
+        return False
+    if (out / SAFETENSORS_INDEX).exists() and _fingerprint_in(out / MANIFEST) == fingerprint:
+        return True
+    previous = _fingerprint_in(state / STATE_PLAN)
+    # Another worker is just starting this merge (its state folder is there, the plan not yet).
+    fresh = state.is_dir() and previous is None and not any(state.glob("*.json")) and not (out / SAFETENSORS_INDEX).exists()
+    if previous != fingerprint and not fresh:
+        raise OutputError(f"{out}: holds a different merge; choose an empty directory or pass --force to replace it")
+    _unmark_complete(out)  # from a finalize that did not finish
+    if exclusive:  # nobody else is writing: partial files are leftovers of a killed run
+        for stale in out.glob("*.partial"):
+            stale.unlink(missing_ok=True)
     return False
 
 
-def _write_state(out: Path, the_plan: Plan, config: MergeConfig, reference: Checkpoint, fingerprint: str) -> None:
+def _unmark_complete(out: Path) -> None:
+    for name in (SAFETENSORS_INDEX, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+
+
+def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, tokenizer_from: Path | None, fingerprint: str) -> None:
     """Everything `finalize` needs, so it can run from the output folder alone (on any node).
     Each worker writes the same bytes; atomic renames make concurrent writers safe."""
     state = out / STATE_DIR
@@ -428,8 +423,8 @@ def _write_state(out: Path, the_plan: Plan, config: MergeConfig, reference: Chec
         (state / "files").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out}: cannot create: {e.strerror or e}") from None
-    _copy_side_files(config, reference, state / "files", the_plan)
-    write_json_atomic(state / "plan.json", {
+    _copy_side_files(reference, tokenizer_from, state / "files", the_plan)
+    write_json_atomic(state / STATE_PLAN, {
         "fingerprint": fingerprint,
         "shards": [{"file": s.filename, "tensors": list(s.tensors), "input_bytes": s.input_bytes} for s in the_plan.shards],
         "manifest": manifest(the_plan),
@@ -439,16 +434,10 @@ def _write_state(out: Path, the_plan: Plan, config: MergeConfig, reference: Chec
     })
 
 
-def _manifest_fingerprint(out: Path) -> str | None:
+def _fingerprint_in(path: Path) -> str | None:
+    """The merge fingerprint a manifest or a state plan records, if it is readable."""
     try:
-        return json.loads((out / MANIFEST).read_text("utf-8")).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _state_fingerprint(state: Path) -> str | None:
-    try:
-        return json.loads((state / "plan.json").read_text("utf-8")).get("fingerprint")
+        return json.loads(path.read_text("utf-8")).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -483,23 +472,24 @@ def _check_free_space(out: Path, shards: list[ShardPlan]) -> None:
         )
 
 
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a folder holding one of these has a tokenizer
-
-
-def tokenizer_folder(config: MergeConfig, reference: Checkpoint) -> Path | None:
+def tokenizer_folder(config: MergeConfig, reference: Checkpoint, finetuned: list[Checkpoint]) -> Path | None:
     """Where the tokenizer files come from: the base by default, or the model `tokenizer_source` names
     (`base`, a listed model, or any local folder, as mergekit allows). Raises ConfigError when an
-    explicitly named source holds no tokenizer."""
+    explicitly named source holds no tokenizer. Fetches a Hub source's small files."""
     source = config.tokenizer_source
-    if isinstance(reference, hub.HubCheckpoint):  # small files, at the base's pinned commit
-        reference.fetch_side_files(COPIED_FILES)
+    reference.fetch_side_files(COPIED_FILES)
     if source is None:
         return reference.folder if reference.path.is_dir() else None
     folder = reference.folder if source == "base" else Path(config._path(source))
-    if source != "base" and hub.parse_source(config._path(source)) is not None:  # a Hub repo's tokenizer
-        with hub.open_checkpoint(config._path(source)) as remote:
+    ref = hub.parse_source(config._path(source)) if source != "base" else None
+    if ref is not None:  # a Hub repo: the input already open (config.validate), else opened here
+        remote = next((c for c in [reference, *finetuned] if isinstance(c, hub.HubCheckpoint) and c.ref == ref), None)
+        if remote is None:
+            with hub.open_checkpoint(config._path(source)) as remote:
+                remote.fetch_side_files(COPIED_FILES)
+        else:
             remote.fetch_side_files(COPIED_FILES)
-            folder = remote.folder
+        folder = remote.folder
     if folder.is_file():
         folder = folder.parent
     if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
@@ -508,13 +498,10 @@ def tokenizer_folder(config: MergeConfig, reference: Checkpoint) -> Path | None:
     return folder
 
 
-def _copy_side_files(config: MergeConfig, reference: Checkpoint, out: Path, the_plan: Plan) -> None:
+def _copy_side_files(reference: Checkpoint, tokenizer_from: Path | None, out: Path, the_plan: Plan) -> None:
     """config.json, generation config and tokenizer files from the base (or the tokenizer source)."""
-    if isinstance(reference, hub.HubCheckpoint):
-        reference.fetch_side_files(COPIED_FILES)
     if not reference.path.is_dir():
         return
-    tokenizer_from = tokenizer_folder(config, reference)
     for name in COPIED_FILES:
         folder = reference.folder if name in ("config.json", "generation_config.json") else tokenizer_from
         src = folder / name

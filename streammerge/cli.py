@@ -255,7 +255,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
                    f"worker is done, run: streammerge finalize {result.output_dir}")
     elif result.already_complete:
         click.echo(f"{result.output_dir} already holds this merge, complete ({len(result.shards)} shard(s)); nothing to do")
-    elif not quiet:
+    else:
         resumed = f" ({result.reused_shards} shard(s) kept from an interrupted run)" if result.reused_shards else ""
         click.echo(
             f"merged {result.merged_tensors}/{result.tensors} tensors into {len(result.shards)} shard(s){resumed}, "
@@ -273,14 +273,17 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    the_plan = api.plan(cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
-    total = sum(s.input_bytes for s in api.worker_shards(the_plan, rank, world_size))
-    with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
+    with tqdm(unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
+
+        def set_total(total: int) -> None:  # known once the merge has planned (inputs are opened once)
+            bar.total = total
+            bar.refresh()
+
         return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force,
                          progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False),
                          device=o.get("device", "auto"), threads=o.get("threads"), rank=rank, world_size=world_size,
                          delete_downloaded=o.get("delete_downloaded", False), download_budget=o.get("download_budget"),
-                         on_shard_file=on_shard_file)
+                         on_shard_file=on_shard_file, on_total=set_total)
 
 
 @main.command()

@@ -9,13 +9,17 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 MANIFEST = "streammerge_manifest.json"
 MODEL_CARD = "README.md"
+STATE_DIR = ".streammerge"  # while a merge runs: its plan, side files, and a receipt per finished shard
+STATE_PLAN = "plan.json"  # in STATE_DIR: everything `finalize` needs
+# Files copied from the base (or the tokenizer source) when present; a folder holding one of the
+# TOKENIZER_MARKERS has a tokenizer.
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: this file plus the weights below
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_ADAPTER_CONFIG_BYTES = 1 << 20
 # Where DARE's drop happens for a LoRA adapter: on the rebuilt delta, or on its factors (lora.py).
 LORA_DROP_MODES = ("delta", "rank", "element_a", "element_b")
 
-# Files copied from the base (or the tokenizer source) when present.
 COPIED_FILES = (
     "config.json",
     "generation_config.json",

@@ -16,16 +16,12 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from .errors import ConfigError, StreammergeError
+from .errors import ConfigError, WorkerError
 
 T = TypeVar("T")
 
 # Workers finish their shards at different times; the final exchange waits for the slowest one.
 TIMEOUT = timedelta(hours=48)
-
-
-class WorkerError(StreammergeError, RuntimeError):
-    """Another worker of a split merge failed; names its rank and reason."""
 
 
 def torchrun_env() -> tuple[int, int] | None:

@@ -52,6 +52,10 @@ class OutputError(StreammergeError, OSError):
     """The output directory cannot be written as asked."""
 
 
+class WorkerError(StreammergeError, RuntimeError):
+    """Another worker of a split merge failed; names its rank and reason."""
+
+
 class NonFiniteError(StreammergeError, ValueError):
     """A tensor holds NaN or Inf (found by the optional finite check)."""
 

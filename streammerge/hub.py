@@ -28,7 +28,6 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .constants import (
     ADAPTER_CONFIG,
@@ -38,6 +37,7 @@ from .constants import (
     SAFETENSORS_SINGLE,
 )
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, StreammergeError
+from .lora import LoraAdapter, open_model
 from .sources import (
     Checkpoint,
     TensorInfo,
@@ -46,9 +46,6 @@ from .sources import (
     parse_header,
     read_header,
 )
-
-if TYPE_CHECKING:
-    from .lora import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +86,11 @@ def open_checkpoint(source: str, *, token: str | None = None) -> Checkpoint | Lo
     checkpoint read lazily, or a LoRA adapter)."""
     ref = parse_source(source)
     if ref is None:
-        return Checkpoint(source)
+        return open_model(source)  # a local checkpoint or LoRA adapter
     remote = HubCheckpoint(ref, token=token)
     if not remote.adapter_files:
         return remote
     # A PEFT LoRA adapter repo: a few MB, fetched whole, then read as a local adapter folder.
-    from .lora import LoraAdapter
-
     for file in remote.adapter_files:
         remote.download(file)
     adapter = LoraAdapter(remote.path)
@@ -281,8 +276,6 @@ class HubCheckpoint(Checkpoint):
         try:
             got = Path(hf_hub_download(self.ref.repo_id, name, revision=self.commit, cache_dir=self.cache_dir,
                                        token=self.token, endpoint=self.endpoint))
-        except StreammergeError:
-            raise
         except Exception as e:
             raise hub_error(e, self.ref, name) from None
         if got != file:  # the cache layout is huggingface_hub's; we read where it says the file is
@@ -410,7 +403,6 @@ class Downloads:
         self.stopped = False
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
-        self.peak = 0  # most bytes held at once: what the budget bounded
 
     def start(self, order: list[tuple[str, list[Checkpoint]]], prelude: list[tuple[str, list[Checkpoint]]] = ()) -> None:
         """Plans the downloads from the tensors in the order the merge reads them.
@@ -485,7 +477,6 @@ class Downloads:
                     break
                 if not unit.cached:
                     self.held += unit.size
-                    self.peak = max(self.peak, self.held)
             try:
                 for c, f in unit.copies:
                     c.download(f)
@@ -595,8 +586,6 @@ class HubUpload:
                    [CommitOperationAdd(path_in_repo=SAFETENSORS_INDEX, path_or_fileobj=str(out / SAFETENSORS_INDEX))]
             info = self.api.create_commit(self.repo_id, ops, commit_message=commit_message or "Upload merged model (streammerge)",
                                           revision=self.branch)
-        except StreammergeError:
-            raise
         except Exception as e:
             raise _push_error(e, self.ref) from None
         finally:

@@ -131,6 +131,9 @@ class LoraAdapter:
 
     # ---- the checkpoint interface -----------------------------------------------------------
 
+    def file_identity(self, file: Path) -> list:
+        return self.weights.file_identity(file)
+
     @property
     def label(self) -> str:
         """How messages and plans name this adapter (as `Checkpoint.label`): `org/name@<commit>` from the Hub."""

@@ -12,6 +12,7 @@ released while the kernel copies), for callers that need their own memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -22,7 +23,8 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 import torch
 
@@ -357,6 +359,16 @@ class Checkpoint:
             return
         start = info.offset - info.offset % mmap.PAGESIZE
         self._map(info.file).madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+
+    def file_identity(self, file: Path) -> list:
+        """What identifies a file's bytes for a resume: its path, size, modification time and header."""
+        st = file.stat()
+        with open(file, "rb") as fh:
+            header = hashlib.sha256(fh.read(int.from_bytes(fh.read(8), "little"))).hexdigest()
+        return [str(file.resolve()), st.st_size, st.st_mtime_ns, header]
+
+    def fetch_side_files(self, names: Iterable[str]) -> None:
+        """Makes the small files (config, tokenizer) among `names` local: they are, here."""
 
     def close(self) -> None:
         for mm in self._maps.values():

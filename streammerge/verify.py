@@ -12,15 +12,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .constants import MANIFEST, MAX_INDEX_BYTES, SAFETENSORS_INDEX
 from .errors import CheckpointError
-from .sources import TensorInfo, _inside, _reject_duplicates, read_header
+from .sources import TensorInfo, _inside, read_header, read_json
 from .writer import file_sha256
 
 
@@ -108,24 +106,14 @@ def verify(output_dir: str | os.PathLike) -> VerifyReport:
 
 def _load_json(path: Path, problems: list[str], why: str) -> object | None:
     """A small JSON file, or None with the problem recorded."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         problems.append(f"{path}: missing ({why})")
         return None
-    except OSError as e:
-        problems.append(f"{path}: cannot read: {e.strerror or e}")
-        return None
-    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
-        problems.append(f"{path}: not a regular JSON file of at most {MAX_INDEX_BYTES} bytes")
-        return None
     try:
-        return json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except OSError as e:
-        problems.append(f"{path}: cannot read: {e.strerror or e}")
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        problems.append(f"{path}: not valid JSON: {type(e).__name__ if isinstance(e, RecursionError) else e}")
-    return None
+        return read_json(path, MAX_INDEX_BYTES, "not valid JSON")
+    except CheckpointError as e:
+        problems.append(str(e))
+        return None
 
 
 def _weight_map(out: Path, index: object | None, problems: list[str]) -> dict[str, str]:
