@@ -32,7 +32,7 @@ from . import kernels, lora, ops
 from .errors import NonFiniteError
 from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, keep_mask_varying, mask_key
-from .plan import Plan, ShardPlan, TensorPlan, job_rows, pool_shape
+from .plan import Plan, ShardPlan, TensorPlan, job_rows, pool_shape, uses_chunk_kernel
 from .sources import DTYPES, Checkpoint
 from .writer import ShardWriter
 
@@ -184,7 +184,7 @@ class TorchBackend:
 
     def sign_total(self, block: Block, spec: ops.TensorSpec) -> float:
         _, deltas = self.deltas(block, spec)
-        w = torch.tensor(spec.weights, dtype=deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
+        w = torch.tensor(spec.weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * (deltas.dim() - 1)))
         score = ops.sign_score(deltas * w if spec.opts.weighted_sign else deltas, spec.opts)
         return float(score.sign().sum(dtype=torch.float64))
 
@@ -229,18 +229,17 @@ class TensorJob:
         self.compute = torch.promote_types(compute, promoted) if compute == torch.float32 else compute
         self.out_dtype = DTYPES[tp.out_dtype]
         self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
-        use_numpy = (device.type == "cpu" and kernels.supported(in_dtypes, self.compute)
-                     and not self.opts.whole_tensors and not self.opts.fused_linear
-                     and self.opts.sparsify in ("none", "trim", "dare", "band"))  # DELLA: torch only
+        use_numpy = uses_chunk_kernel(self.opts, in_dtypes, self.compute, device.type)
         self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device)
 
         n = len(self.finetuned)
-        self.row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
+        self.row_elems = tp.row_elems
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough)
         self.blocks = [(r, min(r + self.rows, tp.rows)) for r in range(0, tp.rows, self.rows)]
         self.prepared = False
         # LoRA adapters hand over τ rows (lora.py); one that drops its factors does DARE's drop itself
         self.delta_rows = lora.delta_inputs(tp, plan, self.finetuned) if tp.merged and not self.is_linear else [None] * n
+        self.given_cache: dict[int, torch.Tensor] = {}
         densities = tuple(1.0 if d is not None and d.drops_factors else x for d, x in zip(self.delta_rows, tp.densities))
         self.spec = ops.TensorSpec(
             opts=self.opts,
@@ -263,8 +262,18 @@ class TensorJob:
     def read(self, r0: int, r1: int) -> Block:
         name = self.tp.name
         base = self.reference.view(name, r0, r1) if self.read_base else None
-        fts = [c.view(name, r0, r1) if d is None else d.read(r0, r1) for c, d in zip(self.finetuned, self.delta_rows)]
+        fts = [c.view(name, r0, r1) if d is None else self._given_rows(i, r0, r1) for i, (c, d) in
+               enumerate(zip(self.finetuned, self.delta_rows))]
         return Block(r0, r1, r0 * self.row_elems, base, fts, self.block_bytes(r0, r1))
+
+    def _given_rows(self, i: int, r0: int, r1: int) -> torch.Tensor:
+        """A LoRA adapter's τ rows. A one-block tensor is read by every pass (trim thresholds, ties,
+        the merge): its τ is rebuilt once and kept, as its inputs' bytes stay mapped."""
+        if len(self.blocks) > 1:
+            return self.delta_rows[i].read(r0, r1)
+        if i not in self.given_cache:
+            self.given_cache[i] = self.delta_rows[i].read(r0, r1)
+        return self.given_cache[i]
 
     def advise(self) -> None:
         for c in self.sources:
@@ -402,26 +411,31 @@ def prepare_tensor(job: TensorJob) -> None:
         job.spec = replace(job.spec, dare_scales=job.backend.l1_scales(block, job.spec))
 
 
+def _global_trim(jobs: list[TensorJob]) -> bool:
+    return bool(jobs) and jobs[0].opts.trim_scope == "global" and any(j.radix_trim for j in jobs)
+
+
+def _majority_sign(jobs: list[TensorJob]) -> bool:
+    return bool(jobs) and jobs[0].opts.zero_sign == "majority" and jobs[0].opts.combine == "ties"
+
+
 def global_pass_needed(jobs: list[TensorJob]) -> bool:
     """Whether `prepare_global` reads every tensor before the output pass."""
-    opts = jobs[0].opts if jobs else None
-    if opts is None:
-        return False
-    return (opts.trim_scope == "global" and any(j.radix_trim for j in jobs)) or (opts.zero_sign == "majority" and opts.combine == "ties")
+    return _global_trim(jobs) or _majority_sign(jobs)
 
 
 def prepare_global(jobs: list[TensorJob]) -> None:
     """FusionBench's model-wide quantities: one trim threshold per model over every merged tensor,
     and the majority sign that breaks γ = 0."""
-    opts = jobs[0].opts if jobs else None
-    if opts is None:
+    if not global_pass_needed(jobs):
         return
+    opts = jobs[0].opts
     trimmed = [j for j in jobs if j.radix_trim]
-    if opts.trim_scope == "global" and trimmed:
+    if _global_trim(jobs):
         numel = sum(j.tp.numel for j in trimmed)
         for job, trims in zip(trimmed, select_thresholds(trimmed, numel, trimmed[0].trim_densities(), opts.trim_rule)):
             job.spec = replace(job.spec, trims=tuple(trims))
-    if opts.zero_sign == "majority" and opts.combine == "ties":
+    if _majority_sign(jobs):
         total = 0.0
         for job in (j for j in jobs if j.tp.merged):
             if opts.trim_scope == "tensor":
@@ -629,8 +643,9 @@ def run_plan(
                             _check_finite(job, block, block.base)
                         writer.write(block.base)
                     else:
-                        buf = buffers.get(job.out_bytes(block))
-                        out = buf[: job.out_bytes(block)].view(job.out_dtype)
+                        nbytes = job.out_bytes(block)
+                        buf = buffers.get(nbytes)
+                        out = buf[:nbytes].view(job.out_dtype)
                         job.backend.merge(block, job.spec, out)
                         if check_finite:
                             _check_finite(job, block, out)

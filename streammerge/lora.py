@@ -10,12 +10,10 @@ Rows r0..r1 of τ are s · L[r0:r1] R with (L, R) = (B, A), or (Aᵀ, Bᵀ) wher
 product (fan_in_fan_out, i.e. GPT-2's Conv1D, and embeddings). Only the factors (and one block of
 τ) are ever in memory.
 
-Exactness (docs/lora.md): each element of L R is the exact dot product rounded once to float32
-(to nearest, ties to even), then multiplied by s in float32, zeros written as +0. The product is
-computed in float64 with a certified error bound; elements whose bound straddles a float32
-rounding boundary are redone with error-free transformations (and, if still undecided, rationals).
-So τ is a function of the factors alone: the same bits for any row block, thread count, BLAS
-library or machine.
+Op order (docs/lora.md): each element of L R is Σ_k L_ik R_kj summed in float64 in the fixed order
+k = 0 .. r-1 (every product is exact in float64), rounded once to float32, then multiplied by s in
+float32, zeros written as +0. So τ is a function of the factors alone: the same bits for any row
+block, thread count, BLAS library or machine.
 
 Factor drop (`lora_drop`, the LoRA Dropout paper, arXiv 2404.09610): instead of DARE's drop on τ,
 drop rank components (`rank`: column k of B and row k of A together) or elements of A
@@ -127,7 +125,7 @@ class LoraAdapter:
         self.modules, self.full = _parse_keys(weights, self.weights.tensors)
         self.reference: Checkpoint | None = None
         self.tensors: dict[str, TensorInfo] = {}
-        self._cache: tuple | None = None  # the factors of the last tensor read: (name, drop) -> (L, R, |L|, |R|)
+        self._cache: tuple | None = None  # the factors of the last tensor read: ((name, drop), (L, R))
 
     # ---- the checkpoint interface -----------------------------------------------------------
 
@@ -269,14 +267,15 @@ class LoraAdapter:
             raise ValueError(f"{name!r} is stored whole in {self.weights.path}: read it with view()")
         left, right = self._factors(info, drop)
         out = torch.empty(shape, dtype=torch.float32)
+        scales = [np.float32(info.scaling)] + ([np.float32(1.0 / drop.density)] if drop is not None else [])
         step = max(1, ROW_CHUNK_ELEMENTS // max(1, shape[1]))
-        for r in range(row_start, row_end, step):
-            e = min(r + step, row_end)
-            out[r - row_start : e - row_start] = lora_product(left[r:e], right)
-        out.mul_(torch.tensor(info.scaling, dtype=torch.float32))
-        if drop is not None:
-            out.mul_(torch.tensor(1.0 / drop.density, dtype=torch.float32))
-        return out.add_(0.0)  # −0 → +0: τ's zeros carry no sign
+        for r in range(row_start, row_end, step):  # each chunk finished while it is in cache
+            chunk = out.numpy()[r - row_start : min(r + step, row_end) - row_start]
+            lora_product(left[r : r + len(chunk)], right, out=chunk)
+            for scale in scales:
+                np.multiply(chunk, scale, out=chunk)
+            np.add(chunk, np.float32(0.0), out=chunk)  # −0 → +0: τ's zeros carry no sign
+        return out
 
     def _factors(self, info: LoraTensor, drop: FactorDrop | None) -> tuple[torch.Tensor, ...]:
         """L and R of τ = L @ R (float64, the factor drop applied), cached for the current tensor."""
@@ -300,7 +299,7 @@ class LoraAdapter:
 # ---- the product -------------------------------------------------------------------------------
 
 
-def lora_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def lora_product(left: torch.Tensor, right: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
     """left @ right in one fixed order of operations, rounded once to float32:
     Σ_k left[:, k] · right[k, :] accumulated for k = 0 .. r-1 in float64.
 
@@ -314,7 +313,10 @@ def lora_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     for k in range(lhs.shape[1]):
         np.multiply(lhs[:, k : k + 1], rhs[k : k + 1], out=term)
         acc += term
-    return torch.from_numpy(acc.astype(np.float32))
+    if out is None:
+        out = np.empty(acc.shape, dtype=np.float32)
+    np.copyto(out, acc, casting="same_kind")  # the one rounding to float32
+    return torch.from_numpy(out)
 
 
 # ---- the merge's view of adapters ----------------------------------------------------------------
@@ -347,6 +349,8 @@ def delta_inputs(tp, plan, finetuned: list) -> list[DeltaRows | None]:
     With lora_drop other than "delta", a DARE method's drop (this tensor's density) happens on the
     factors here, and the caller turns the kernel's drop off for that model.
     """
+    if not any(isinstance(source, LoraAdapter) for source in finetuned):
+        return [None] * len(finetuned)
     specs = plan.config.finetunes()
     out: list[DeltaRows | None] = []
     for i, source in enumerate(finetuned):

@@ -212,10 +212,7 @@ def keep_mask_varying(key: int, start: int, thresholds: torch.Tensor) -> torch.T
     if flat.device.type == "cpu":
         _fill_numpy(key, start, out.numpy(), 0, flat.contiguous().numpy())
         return out.view(thresholds.shape)
-    for pos in range(0, flat.numel(), _TORCH_STEP):
-        n = min(_TORCH_STEP, flat.numel() - pos)
-        index = torch.arange(n, dtype=torch.int64, device=flat.device) + (start + pos)
-        torch.lt(_hash32_torch(key, index), flat[pos : pos + n], out=out[pos : pos + n])
+    _fill_torch(key, start, out, flat)
     return out.view(thresholds.shape)
 
 
@@ -339,14 +336,14 @@ def _hash32_torch(key: int, index: torch.Tensor) -> torch.Tensor:
     return _fmix32_torch(h ^ (index >> 32) ^ (key >> 32))
 
 
-def _fill_torch(key: int, start: int, out: torch.Tensor, threshold: int) -> None:
+def _fill_torch(key: int, start: int, out: torch.Tensor, threshold: int | torch.Tensor) -> None:
     """Device path: write (hash32 < threshold) for indices start.. into the 1-D bool tensor out.
 
     Args:
         key: the mask key.
         start: first flat element index.
         out: 1-D bool tensor on any device.
-        threshold: in [0, 2**32].
+        threshold: in [0, 2**32]; or a 1-D int64 tensor of one threshold per element of out.
 
     Returns:
         None; out is written in place.
@@ -356,4 +353,5 @@ def _fill_torch(key: int, start: int, out: torch.Tensor, threshold: int) -> None
         n = min(_TORCH_STEP, count - pos)
         # arange(n) + offset rather than arange(a, b): b may be 2**63, which int64 cannot hold.
         index = torch.arange(n, dtype=torch.int64, device=out.device) + (start + pos)
-        torch.lt(_hash32_torch(key, index), threshold, out=out[pos : pos + n])
+        limit = threshold[pos : pos + n] if isinstance(threshold, torch.Tensor) else threshold
+        torch.lt(_hash32_torch(key, index), limit, out=out[pos : pos + n])

@@ -132,8 +132,8 @@ def task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], given: S
         if given and given[i]:
             out[i].copy_(ft)
             continue
-        narrower = ft.dtype != base.dtype and torch.finfo(ft.dtype).bits > torch.finfo(base.dtype).bits
-        torch.sub(ft.to(base.dtype) if narrower else ft, base, out=out[i])
+        wider = ft.dtype != base.dtype and torch.finfo(ft.dtype).bits > torch.finfo(base.dtype).bits
+        torch.sub(ft.to(base.dtype) if wider else ft, base, out=out[i])
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import kernels
 from .config import DTYPES as CONFIG_DTYPES
 from .config import MergeConfig, ModelSpec, layer_index
 from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
@@ -51,6 +52,10 @@ class TensorPlan:
     @property
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elems(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
 
     @property
     def nbytes(self) -> int:
@@ -262,7 +267,7 @@ SCRATCH_BYTES = 24 << 20  # per-thread chunk buffers of the numpy kernel, histog
 
 def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: bool) -> int:
     """Rows per block: the output block fits a pool buffer, and (torch) its float32 working set the budget."""
-    row_elems = math.prod(tp.shape[1:]) if tp.shape else 1
+    row_elems = tp.row_elems
     if plan.options.whole_tensors and tp.merged:
         return tp.rows  # mergekit's argsort trim and L1 rescale see the whole tensor
     if plan.options.sparsify == "magprune" and tp.merged and len(tp.shape) < 2:
@@ -286,7 +291,7 @@ def pool_shape(plan: Plan, rows: list[int]) -> tuple[int, int]:
     (mergekit) or one row may exceed the target size; 2 to 8 buffers."""
     capacity = pool_buffer_bytes(plan)
     for t, r in zip(plan.tensors, rows):
-        capacity = max(capacity, r * (math.prod(t.shape[1:]) if t.shape else 1) * itemsize(t.out_dtype))
+        capacity = max(capacity, r * t.row_elems * itemsize(t.out_dtype))
     return capacity, min(8, max(2, int(plan.max_memory * POOL_SHARE) // capacity))
 
 
@@ -299,15 +304,18 @@ def bytes_per_element(n_models: int, in_itemsize: int, out_itemsize: int) -> int
 def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) -> int:
     """The engine's working memory: the output buffer pool, chunk scratch, and where torch computes
     (mergekit's whole tensors, other devices) one block's float32 working set."""
-    opts = plan.options
-    torch_path = (opts.whole_tensors or opts.fused_linear or (opts.compute_dtype or torch.float32) != torch.float32
-                  or opts.sparsify in ("band", "magprune"))
-    rows = [job_rows(t, plan, in_dtypes[t.name], not torch_path) for t in plan.tensors]
+    compute = plan.options.compute_dtype or torch.float32
+    chunked = [uses_chunk_kernel(plan.options, in_dtypes[t.name], compute) for t in plan.tensors]
+    rows = [job_rows(t, plan, in_dtypes[t.name], c) for t, c in zip(plan.tensors, chunked)]
     capacity, count = pool_shape(plan, rows)
-    work = 0
-    if torch_path:
-        n = len(plan.sources)
-        for t, r in zip(plan.tensors, rows):
-            size = max(d.itemsize for d in in_dtypes[t.name])
-            work = max(work, r * (math.prod(t.shape[1:]) if t.shape else 1) * bytes_per_element(n, size, itemsize(t.out_dtype)))
+    n = len(plan.sources)
+    work = max((r * t.row_elems * bytes_per_element(n, max(d.itemsize for d in in_dtypes[t.name]), itemsize(t.out_dtype))
+                for t, r, c in zip(plan.tensors, rows, chunked) if not c), default=0)
     return capacity * count + SCRATCH_BYTES + work
+
+
+def uses_chunk_kernel(opts: MergeOptions, in_dtypes: list[torch.dtype], compute: torch.dtype, device: str = "cpu") -> bool:
+    """Whether a tensor merges in the numpy chunk kernel (kernels.py) rather than with torch ops:
+    on the CPU, in float32, for the methods it implements (DELLA ranks rows: torch only)."""
+    return (device == "cpu" and kernels.supported(in_dtypes, compute) and not opts.whole_tensors and not opts.fused_linear
+            and opts.sparsify in ("none", "trim", "dare", "band"))
