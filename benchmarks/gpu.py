@@ -18,21 +18,12 @@ import time
 from dataclasses import replace
 
 import torch
+from kernels import spec  # benchmarks/kernels.py: the same tensor specs
 
-from streammerge import ops
 from streammerge.engine import Block, TorchBackend
-from streammerge.mask import mask_key
 
 ROWS, COLS = 11008, 4096
 N = ROWS * COLS
-
-
-def spec(method: str) -> ops.TensorSpec:
-    dare = method.startswith("dare")
-    trims = (ops.TrimThreshold(0.0015, -1),) * 2 if method.endswith("ties") else (None, None)
-    return ops.TensorSpec(opts=ops.MergeOptions(method=method), weights=(0.5, 0.5), lam=1.0, dare=dare,
-                          keys=tuple(mask_key(0, i, "t") for i in range(2)) if dare else (), densities=(0.5, 0.5),
-                          dare_scales=(2.0, 2.0) if dare else (1.0, 1.0), trims=trims)
 
 
 def timed(fn, device: torch.device, repeat: int) -> float:

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from streammerge.demo import finetune_of, save_checkpoint
 
 METHODS = ["task_arithmetic", "dare_linear", "dare_ties", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
 CONFIG = """merge_method: {method}
@@ -32,12 +33,9 @@ models:
 def make_models(root: Path) -> int:
     gen = torch.Generator().manual_seed(0)
     base = {f"model.layers.{i}.mlp.up_proj.weight": (torch.randn(5632, 2048, generator=gen) * 0.02).bfloat16() for i in range(3)}
-    (root / "base").mkdir(parents=True, exist_ok=True)
-    save_file(base, root / "base" / "model.safetensors")
+    save_checkpoint(base, root / "base", shards=1)
     for j in (1, 2):
-        (root / f"ft{j}").mkdir(exist_ok=True)
-        ft = {k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).bfloat16() for k, v in base.items()}
-        save_file(ft, root / f"ft{j}" / "model.safetensors")
+        save_checkpoint(finetune_of(base, seed=j), root / f"ft{j}", shards=1)
     return sum(v.numel() for v in base.values())
 
 

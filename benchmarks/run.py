@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,7 +183,7 @@ def main() -> None:
         fig.savefig(args.out / f"{name}.png", dpi=110)
     except ImportError:
         print("(matplotlib not installed: no plot)")
-    subprocess.run(["rm", "-rf", str(work)], check=False)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

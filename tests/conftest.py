@@ -12,7 +12,8 @@ import torch
 
 import streammerge.engine
 import streammerge.kernels
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.demo import TinyLlama
+from streammerge.writer import file_sha256
 
 
 @pytest.fixture
@@ -58,9 +59,16 @@ def no_hang(seconds: int = 5):
 SMALL_LLAMA = TinyLlama(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=512)
 
 
-def save_base_and_finetunes(root: Path, shape: TinyLlama = SMALL_LLAMA, finetunes: int = 2) -> None:
-    """base/, ft1/, ft2/... under `root`: two-file sharded checkpoints, the base with its config.json."""
-    base = random_state(shape, seed=0)
-    save_checkpoint(base, root / "base", shards=2, config=shape.config_json(torch.bfloat16))
-    for i in range(1, finetunes + 1):
-        save_checkpoint(finetune_of(base, seed=i), root / f"ft{i}", shards=2)
+def shard_hashes(folder: Path, pattern: str = "model-*.safetensors") -> dict[str, str]:
+    """{file name: sha256} of the files of a merge output matching `pattern` (its shards by default)."""
+    return {p.name: file_sha256(p)[1] for p in sorted(folder.glob(pattern))}
+
+
+def ties_disjoint_mean(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """An independent float32 reference of TIES' elect + disjoint mean (the papers' rule, γ = +1 at 0)."""
+    score = sum(w * t for w, t in zip(weights, taus))
+    gamma = torch.where(score >= 0, 1.0, -1.0)
+    agree = [((t != 0) & (torch.sign(t) == gamma)).float() for t in taus]
+    num = sum(w * t * a for w, t, a in zip(weights, taus, agree))
+    den = sum(w * a for w, a in zip(weights, agree))
+    return torch.where(den != 0, num / torch.where(den == 0, 1.0, den), 0.0)

@@ -13,6 +13,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import shard_hashes
 from safetensors import safe_open
 
 from streammerge import ConfigError
@@ -62,10 +63,6 @@ def model_flags(root: Path) -> list[str]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def shard_hashes(out: Path) -> dict[str, str]:
-    return {p.name: sha256(p) for p in sorted(out.glob("model-*.safetensors"))}
 
 
 def assert_one_line_error(result, code: int, *needles: str) -> str:

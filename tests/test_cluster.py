@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_base_and_finetunes
+from conftest import SMALL_LLAMA, shard_hashes
 
 from streammerge import MergeConfig, OutputError, merge
 from streammerge.api import finalize, worker_shards
 from streammerge.api import plan as make_plan
 from streammerge.cli import main
+from streammerge.demo import build_demo_models
 from streammerge.distributed import slurm_array_env
 from streammerge.errors import ConfigError
 from streammerge.plan import ShardPlan, assign_workers
@@ -32,7 +32,7 @@ SHARD = 60_000  # bytes: about a dozen shards
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cluster")
-    save_base_and_finetunes(root)
+    build_demo_models(root, shape=SMALL_LLAMA)
     (root / "dare_ties.yaml").write_text(
         "merge_method: dare_ties\nbase_model: base\nseed: 7\nmodels:\n"
         "  - {model: ft1, parameters: {weight: 0.6, density: 0.5}}\n"
@@ -51,7 +51,7 @@ def models(tmp_path_factory) -> Path:
 def files(out: Path) -> dict[str, str]:
     """Every file of a finished output, by name: its sha256."""
     assert not (out / ".streammerge").exists() and not list(out.glob("*.partial"))
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+    return shard_hashes(out, "*")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@ against an independent whole-tensor float32 computation written here from the pa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
 import pytest
 import torch
+from conftest import shard_hashes, ties_disjoint_mean
 from safetensors.torch import load_file, save_file
 
 from streammerge import MergeConfig, ModelSpec, merge
@@ -46,10 +46,6 @@ def _load(out_dir) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _shard_hashes(out_dir) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out_dir.glob("model-*.safetensors"))}
-
-
 def _config(root, method, n=2, **params):
     weights, densities = [0.6, 0.4, 0.5][:n], [0.5, 0.7, 0.3][:n]
     models = tuple(ModelSpec(str(root / f"ft{i}"), {"weight": weights[i], "density": densities[i]}) for i in range(n))
@@ -82,12 +78,7 @@ def _reference(method: str, name: str, base, fts, weights, densities, lam=1.0, s
     if method.startswith("dare") and is_linear_weight(name, tuple(base.shape)):
         taus = [_dare(t, seed, i, name, d) for i, (t, d) in enumerate(zip(taus, densities))]
     if method in ("ties", "dare_ties"):
-        score = sum(w * t for w, t in zip(weights, taus))
-        gamma = torch.where(score >= 0, 1.0, -1.0)
-        agree = [((t != 0) & (torch.sign(t) == gamma)).float() for t in taus]
-        num = sum(w * t * a for w, t, a in zip(weights, taus, agree))
-        den = sum(w * a for w, a in zip(weights, agree))
-        merged = torch.where(den != 0, num / torch.where(den == 0, 1.0, den), 0.0)
+        merged = ties_disjoint_mean(taus, weights)
     else:
         merged = sum(w * t for w, t in zip(weights, taus))
     return b + lam * merged
@@ -121,7 +112,7 @@ def test_row_blocks_give_identical_bytes(tmp_path, models, method, semantics):
                          "dtype": "bfloat16" if semantics == "mergekit" else None})
     merge(cfg, tmp_path / "whole")
     merge(cfg, tmp_path / "blocks", max_memory=2000)  # a few rows per block: every tensor split
-    assert _shard_hashes(tmp_path / "whole") == _shard_hashes(tmp_path / "blocks")
+    assert shard_hashes(tmp_path / "whole") == shard_hashes(tmp_path / "blocks")
 
 
 def test_dare_keeps_base_or_rescaled_delta(tmp_path, models):
@@ -153,8 +144,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, models):
     merge(cfg, tmp_path / "a")
     merge(cfg, tmp_path / "b")
     merge(MergeConfig(**{**cfg.__dict__, "seed": 8}), tmp_path / "c")
-    assert _shard_hashes(tmp_path / "a") == _shard_hashes(tmp_path / "b")
-    assert _shard_hashes(tmp_path / "a") != _shard_hashes(tmp_path / "c")
+    assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
+    assert shard_hashes(tmp_path / "a") != shard_hashes(tmp_path / "c")
 
 
 def test_excluded_tensors_are_copied_from_base(tmp_path, models):
@@ -198,8 +189,8 @@ def test_side_files_card_and_manifest(tmp_path):
     assert card.startswith("---\nbase_model:\n- " + str(base_dir)) and "merge_method: ties" in card and "- merge" in card
     manifest = json.loads((out / "streammerge_manifest.json").read_text())
     assert manifest["seed"] == 11 and manifest["config"]["merge_method"] == "ties"
-    assert {s["file"]: s["sha256"] for s in manifest["shards"]} == _shard_hashes(out)
-    assert {s["file"]: s["sha256"] for s in result.shards} == _shard_hashes(out)
+    assert {s["file"]: s["sha256"] for s in manifest["shards"]} == shard_hashes(out)
+    assert {s["file"]: s["sha256"] for s in result.shards} == shard_hashes(out)
     assert not list(out.glob("*.partial"))
     with open(out / manifest["shards"][0]["file"], "rb") as f:  # safetensors metadata {"format": "pt"}
         n = int.from_bytes(f.read(8), "little")

@@ -3,9 +3,8 @@ kernel, and torch eager ops (the path of other devices)."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
+from conftest import shard_hashes
 
 import streammerge.fused
 import streammerge.kernels
@@ -33,7 +32,7 @@ def _bytes(tmp_path, root, method, semantics, mode, **params):
     cfg = MergeConfig(method=method, base=str(root / "base"), models=models, semantics=semantics, parameters=params, seed=5)
     out = tmp_path / f"{method}-{semantics}-{mode}"
     merge(cfg, out, compile="on" if mode == "fused" else "off")
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("model-*.safetensors"))}
+    return shard_hashes(out)
 
 
 CASES = [("dare_ties", "default", {}), ("ties", "default", {"lambda": 0.7})]

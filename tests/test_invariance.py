@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import pytest
 import torch
+from conftest import shard_hashes
 
 from streammerge import MergeConfig, ModelSpec, merge
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
@@ -32,7 +32,7 @@ def _merge(root, out, method, semantics="default", **kwargs) -> dict[str, str]:
     cfg = MergeConfig(method=method, base=str(root / "base"), models=models, seed=3, semantics=semantics, parameters=params,
                       dtype="bfloat16" if semantics == "mergekit" else None)
     merge(cfg, out, max_shard_size=40_000, **kwargs)
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("model-*.safetensors"))}
+    return shard_hashes(out)
 
 
 @pytest.mark.parametrize("semantics", ["default", "mergekit", "fusionbench"])

@@ -3,7 +3,6 @@ whole-tensor computation, the product's fixed order, the factor drop's expectati
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -11,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import shard_hashes
 from safetensors.torch import load_file, save_file
 
 import streammerge.kernels
@@ -74,10 +74,6 @@ def _load(out_dir) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _hashes(out_dir) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out_dir.glob("model-*.safetensors"))}
-
-
 R = 8
 ADAPTED = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj", "model.embed_tokens"]
 
@@ -109,7 +105,7 @@ def test_task_arithmetic_equals_base_plus_scaled_product(models, tmp_path):
                       parameters={"lambda": lam}, out_dtype="float32")
     merge(cfg, tmp_path / "big")
     merge(cfg, tmp_path / "small", max_memory=64 << 10)  # row blocks of a few rows
-    assert _hashes(tmp_path / "big") == _hashes(tmp_path / "small")
+    assert shard_hashes(tmp_path / "big") == shard_hashes(tmp_path / "small")
     out = _load(tmp_path / "big")
     scaling = 16 / R
     for name, theta in base.items():
@@ -148,7 +144,7 @@ def test_numpy_and_torch_paths_and_blocks_agree(models, tmp_path, monkeypatch, m
     merge(cfg, tmp_path / "blocks", compile="off", max_memory=64 << 10)
     monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)
     merge(cfg, tmp_path / "torch", compile="off")
-    assert _hashes(tmp_path / "numpy") == _hashes(tmp_path / "blocks") == _hashes(tmp_path / "torch")
+    assert shard_hashes(tmp_path / "numpy") == shard_hashes(tmp_path / "blocks") == shard_hashes(tmp_path / "torch")
 
 
 def test_fan_in_fan_out_and_rslora(tmp_path):

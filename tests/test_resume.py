@@ -4,7 +4,6 @@ nothing that looks complete; a rerun of a finished merge is a no-op."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import random
 import shutil
@@ -15,17 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save_base_and_finetunes
+from conftest import SMALL_LLAMA, shard_hashes
 
 import streammerge.api
 import streammerge.writer
 from streammerge import MergeConfig, OutputError, merge
+from streammerge.demo import build_demo_models
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume")
-    save_base_and_finetunes(root)
+    build_demo_models(root, shape=SMALL_LLAMA)
     (root / "merge.yaml").write_text(
         "merge_method: ties\nbase_model: base\nmodels:\n"
         "  - {model: ft1, parameters: {weight: 0.5, density: 0.5}}\n"
@@ -41,8 +41,7 @@ def _cmd(models: Path, out: Path) -> list[str]:
 
 
 def _state(out: Path) -> dict[str, str]:
-    files = sorted(out.glob("model-*.safetensors")) + [out / "model.safetensors.index.json"]
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return {**shard_hashes(out), **shard_hashes(out, "model.safetensors.index.json")}
 
 
 def test_killed_at_random_points_resumes_to_the_same_bytes(models, tmp_path):

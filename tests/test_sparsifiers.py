@@ -4,11 +4,11 @@ bytes for any row-block size and thread count. (Bit-exactness with mergekit: tes
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 import torch
+from conftest import shard_hashes, ties_disjoint_mean
 from safetensors.torch import load_file
 
 from streammerge import ConfigError, MergeConfig, ModelSpec, merge, ops
@@ -48,10 +48,6 @@ def _out(folder) -> dict[str, torch.Tensor]:
     return {k: v for shard in set(index["weight_map"].values()) for k, v in load_file(folder / shard).items()}
 
 
-def _hashes(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("model-*.safetensors"))}
-
-
 # ---- independent reference: whole tensors, float32, written from the definitions -------------
 
 
@@ -88,12 +84,7 @@ def _reference(method, name, base, fts) -> torch.Tensor:
     else:
         taus = [_della(t, d, e, mask_key(5, i, name)) for i, (t, d, e) in enumerate(zip(taus, DENSITIES, EPSILONS))]
     if method in ("breadcrumbs_ties", "della"):
-        score = sum(w * t for w, t in zip(WEIGHTS, taus))
-        gamma = torch.where(score >= 0, 1.0, -1.0)
-        agree = [((t != 0) & (torch.sign(t) == gamma)).float() for t in taus]
-        num = sum(w * t * a for w, t, a in zip(WEIGHTS, taus, agree))
-        den = sum(w * a for w, a in zip(WEIGHTS, agree))
-        return b + torch.where(den != 0, num / torch.where(den == 0, 1.0, den), 0.0)
+        return b + ties_disjoint_mean(taus, WEIGHTS)
     return b + sum(w * t for w, t in zip(WEIGHTS, taus))
 
 
@@ -116,7 +107,7 @@ def test_same_bytes_for_any_row_blocks_and_threads(tmp_path, models, method, sem
     cfg = _config(root, method, semantics, rescale=True)
     merge(cfg, tmp_path / "whole", threads=1)
     merge(cfg, tmp_path / "blocks", max_memory=2000, threads=2)  # a few rows per block
-    assert _hashes(tmp_path / "whole") == _hashes(tmp_path / "blocks")
+    assert shard_hashes(tmp_path / "whole") == shard_hashes(tmp_path / "blocks")
 
 
 # ---- DELLA's mask -------------------------------------------------------------------------

@@ -526,8 +526,9 @@ def sha256(p: Path) -> str:
 
 
 def main():
-    import mergekit  # noqa: F401
     from importlib.metadata import version
+
+    import mergekit  # noqa: F401
 
     if FIX.exists():
         for sub in ("inputs", "configs", "outputs"):
