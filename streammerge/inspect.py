@@ -129,6 +129,13 @@ class _Model:
         self.max = max(self.max, float(a.max(initial=0.0)))
         self.hist += np.bincount(a.view(np.int32) >> HIST_SHIFT, minlength=HIST_BINS)
 
+    def __iadd__(self, other: _Model) -> _Model:  # every field adds up: the whole model is the sum of its groups
+        self.n, self.nonzero, self.large = self.n + other.n, self.nonzero + other.nonzero, self.large + other.large
+        self.sum_abs, self.sum_sq = self.sum_abs + other.sum_abs, self.sum_sq + other.sum_sq
+        self.max = max(self.max, other.max)
+        self.hist += other.hist
+        return self
+
     def stats(self) -> DeltaStats:
         n = max(self.n, 1)
         return DeltaStats(self.n, self.nonzero, self.sum_abs / n, math.sqrt(self.sum_sq / n), self.max,
@@ -156,6 +163,11 @@ class _Pair:
         product = sa * sb
         self.both += int(np.count_nonzero(product))
         self.conflicts += int(np.count_nonzero(product < 0))
+
+    def __iadd__(self, other: _Pair) -> _Pair:
+        self.dot, self.sq_a, self.sq_b = self.dot + other.dot, self.sq_a + other.sq_a, self.sq_b + other.sq_b
+        self.both, self.conflicts = self.both + other.both, self.conflicts + other.conflicts
+        return self
 
     def stats(self) -> PairStats:
         norm = math.sqrt(self.sq_a * self.sq_b)
@@ -230,16 +242,20 @@ def _inspect(reference, sources, names, threshold, warn_fraction, block_elements
                 else:
                     d = source.view(info.name, r0, r1).float().reshape(-1).numpy() - theta0
                 deltas[m] = d
-                for g in (group, ALL):
-                    per_model[m].setdefault(g, _Model()).add(np.abs(d), limit)
+                per_model[m].setdefault(group, _Model()).add(np.abs(d), limit)
             wide = {m: d.astype(np.float64) for m, d in deltas.items()}
             signs = {m: np.sign(d) for m, d in deltas.items()}
             for (a, b), by_group in per_pair.items():
                 if a in deltas and b in deltas:
-                    for g in (group, ALL):
-                        by_group.setdefault(g, _Pair()).add(wide[a], wide[b], signs[a], signs[b])
+                    by_group.setdefault(group, _Pair()).add(wide[a], wide[b], signs[a], signs[b])
             if progress is not None:
                 progress((r1 - r0) * row_elems)
+    for acc in [*per_model, *per_pair.values()]:  # the whole model: the sum of its groups
+        parts = [acc[g] for g in _group_order(groups) if g in acc]
+        if parts:
+            acc[ALL] = type(parts[0])()
+            for part in parts:
+                acc[ALL] += part
     order = _group_order(groups) + [ALL]
     deltas_out = {m: {g: acc[g].stats() for g in order if g in acc} for m, acc in enumerate(per_model)}
     pairs_out = {k: {g: acc[g].stats() for g in order if g in acc} for k, acc in per_pair.items()}
