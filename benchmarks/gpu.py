@@ -6,7 +6,8 @@
 One Llama-2-7B MLP tensor (11008 x 4096, bf16) from a base and 2 fine-tunes, as the engine sees it
 (a row block of mapped CPU memory). For each method it times the whole per-block pipeline of
 `engine.TorchBackend.merge`: staging through pinned buffers, host-to-device copies, the arithmetic
-and the copy of the result into the CPU output buffer; and, apart, the host-to-device copy alone
+and the asynchronous copy of the result into the pinned CPU output buffer, repeated blocks
+overlapping as in the engine; and, apart, the host-to-device copy alone
 and the arithmetic alone on resident data. Prints M elements/s and input GB/s; compare the input
 GB/s with the read floor of `benchmarks/run.py --device ...` on the same machine.
 """
@@ -49,7 +50,7 @@ def main() -> None:
     fts = [(base.float() + torch.randn(ROWS, COLS, generator=gen) * 0.002).bfloat16() for _ in range(2)]
     in_bytes = 3 * N * 2
     block = Block(0, ROWS, 0, base, fts, in_bytes)
-    out = torch.empty(N, dtype=torch.bfloat16)
+    out = torch.empty(N, dtype=torch.bfloat16, pin_memory=device.type == "cuda")  # as the engine's output pool
     backend = TorchBackend(torch.float32, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), tensor {ROWS}x{COLS} bf16, base + 2 fine-tunes ({in_bytes / 1e9:.2f} GB in)")

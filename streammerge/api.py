@@ -39,7 +39,7 @@ from .constants import (
     TOKENIZER_MARKERS,
 )
 from .distributed import Group, check_worker
-from .engine import Progress, run_plan
+from .engine import Progress, resolve_device, run_plan
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -77,6 +77,7 @@ class MergeResult:
     rank: int = 0  # this worker, of `world_size`; `shards` are the ones it owns
     world_size: int = 1
     finalized: bool = True  # False: a worker's share is done, `finalize` still has to write the index
+    device: str = "cpu"  # where the merge arithmetic ran ("cpu" when nothing was left to merge)
 
     def summary(self) -> dict:
         return {
@@ -91,6 +92,7 @@ class MergeResult:
             "rank": self.rank,
             "world_size": self.world_size,
             "finalized": self.finalized,
+            "device": self.device,
         }
 
 
@@ -153,6 +155,7 @@ def merge(
     compile: str = "auto",
     check_finite: bool = False,
     device: str = "auto",
+    gpu_memory: int | None = None,
     threads: int | None = None,
     rank: int = 0,
     world_size: int = 1,
@@ -178,7 +181,9 @@ def merge(
         compile: "auto" compiles a fused CPU kernel (torch.compile) for big merges; "on", "off".
             The bytes are the same either way.
         check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
-        device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
+        device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N"; without CUDA, a
+            warning and the CPU (the same bytes).
+        gpu_memory: bytes of GPU memory for one block's working set (default: 80% of the free memory).
         threads: CPU threads for the merge arithmetic (default: torch's).
         on_shard_file: called with each shard's path as soon as it is final (e.g. `hub.HubUpload.add_shard`).
         on_total: called once, when planned, with the input bytes `progress` will count to.
@@ -198,6 +203,9 @@ def merge(
     if group is not None:
         rank, world_size = group.rank, group.world_size
     check_worker(rank, world_size)
+    target = resolve_device(device)
+    if gpu_memory is not None and gpu_memory <= 0:
+        raise ConfigError(f"gpu_memory (--gpu-memory) must be a positive number of bytes, got {gpu_memory}")
     if force and world_size > 1 and group is None:
         raise ConfigError("--force cannot be combined with independent workers (--world-size > 1): they would delete "
                           "each other's shards; empty the output directory first, or launch with torchrun")
@@ -234,7 +242,7 @@ def merge(
                         on_shard_file(out / receipt["file"])
 
                 new = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
-                               check_finite=check_finite, device=device, threads=threads, on_shard=on_shard,
+                               check_finite=check_finite, device=str(target), gpu_memory=gpu_memory, threads=threads, on_shard=on_shard,
                                downloads=downloads)
                 shards = [done.get(s.filename) or new[s.filename] for s in mine]
         except Exception as e:
@@ -264,6 +272,7 @@ def merge(
         rank=rank,
         world_size=world_size,
         finalized=complete or world_size == 1 or group is not None,
+        device=str(target),
     )
 
 

@@ -144,6 +144,7 @@ def _merge_options(f):
                      help="Fused torch.compile'd CPU kernel: auto uses it for big merges. Same bytes either way."),
         click.option("--check-finite", is_flag=True, help="Fail if any input or merged tensor holds NaN or Inf."),
         click.option("--device", default="auto", show_default=True, help="auto (a GPU when there is one), cpu, cuda, cuda:N."),
+        click.option("--gpu-memory", type=Size(), help="GPU memory for a block's working set (default: 80% of the free memory)."),
         click.option("--threads", type=click.IntRange(1), help="CPU threads for the arithmetic (default: all cores)."),
         click.option("--vocab", type=click.Choice(["error", "truncate_to_base", "truncate_to_smallest"]),
                      help="When vocabulary sizes differ (default: error)."),
@@ -281,7 +282,7 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
 
         return api.merge(cfg, output, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], force=force,
                          progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False),
-                         device=o.get("device", "auto"), threads=o.get("threads"), rank=rank, world_size=world_size,
+                         device=o.get("device", "auto"), gpu_memory=o.get("gpu_memory"), threads=o.get("threads"), rank=rank, world_size=world_size,
                          delete_downloaded=o.get("delete_downloaded", False), download_budget=o.get("download_budget"),
                          on_shard_file=on_shard_file, on_total=set_total)
 

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from . import kernels, lora, ops
-from .errors import NonFiniteError
+from .errors import ConfigError, NonFiniteError
 from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, keep_mask_varying, mask_key
-from .plan import Plan, ShardPlan, TensorPlan, job_rows, pool_shape, uses_chunk_kernel
+from .plan import Plan, ShardPlan, TensorPlan, device_rows, job_rows, pool_shape, uses_chunk_kernel, whole_tensor
 from .sources import DTYPES, Checkpoint
 from .writer import ShardWriter
 
@@ -56,17 +56,19 @@ class Block:
 
 
 READAHEAD_BYTES = 1 << 30  # input bytes the reader keeps requested ahead (page cache, reclaimable)
+GPU_SHARE = 0.8  # of the GPU memory free at the start, by default: the rest for the allocator's slack and others
 
 
 class BufferPool:
     """A fixed set of reusable output buffers: bounds the memory of blocks waiting to be written,
-    and reusing them spares the kernel from mapping and zeroing fresh pages for every block."""
+    and reusing them spares the kernel from mapping and zeroing fresh pages for every block.
+    Pinned when a GPU computes, so its results come back with asynchronous copies."""
 
-    def __init__(self, capacity: int, count: int):
+    def __init__(self, capacity: int, count: int, pinned: bool = False):
         self.capacity = capacity
         self.free: queue.Queue = queue.Queue()
         for _ in range(count):
-            self.free.put(torch.empty(capacity, dtype=torch.uint8))
+            self.free.put(torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned))
 
     def get(self, nbytes: int) -> torch.Tensor:
         assert nbytes <= self.capacity, (nbytes, self.capacity)
@@ -74,6 +76,43 @@ class BufferPool:
 
     def put(self, buf: torch.Tensor) -> None:
         self.free.put(buf)
+
+
+class Staging:
+    """Moves input blocks to a GPU through reusable pinned buffers, two sets used in turn: the next
+    block is read from disk into one set while the GPU still copies and merges the other. A set is
+    refilled only once the copies out of it are done (the event recorded after them)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.sets: list[list[torch.Tensor]] = [[], []]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def send(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors on the device; the copies are queued, not waited for."""
+        turn, self.turn = self.turn, 1 - self.turn
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()
+        buffers = self.sets[turn]
+        moved = []
+        for i, t in enumerate(tensors):
+            nbytes = t.numel() * t.element_size()
+            if i == len(buffers):
+                buffers.append(torch.empty(0, dtype=torch.uint8))
+            if buffers[i].numel() < nbytes:
+                buffers[i] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            staged = buffers[i][:nbytes].view(t.dtype).view(t.shape)
+            staged.copy_(t)  # the disk read, when the page cache does not hold the block yet
+            moved.append(staged.to(self.device, non_blocking=True))
+        self.copied[turn] = record_event(self.device)
+        return moved
+
+
+def record_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event marking the work queued so far on `device` (None on the CPU, where work is done when queued)."""
+    return torch.cuda.current_stream(device).record_event() if device.type == "cuda" else None
 
 
 # ---- backends: the same four operations on a block, with numpy chunks or with torch ------------
@@ -104,6 +143,7 @@ class NumpyBackend:
         return kernels.sign_total(spec, base, fts, block.start)
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
+        """Writes the merged block into `out`, done on return."""
         if self.fused is not None and self.fused.supports(spec, block.fts):
             flat = [t.reshape(-1) for t in block.fts]
             if self.fused.merge(spec, block.base.reshape(-1), flat, out, block.start):
@@ -115,28 +155,21 @@ class NumpyBackend:
 class TorchBackend:
     """`ops` on whole blocks with torch: mergekit's reduced-precision arithmetic, and GPUs.
 
-    On a GPU, each input block is copied into a reusable pinned buffer and sent asynchronously; the
-    result's copy back into the (CPU) output buffer waits for the stream, so the staging buffers are
-    free again before the next block reuses them.
+    On a GPU, the inputs go through `Staging`, and the result, converted to the output dtype there,
+    comes back with an asynchronous copy into the (pinned) output buffer: `merge` returns the event
+    that the writer waits for. Nothing in between waits for the GPU, so reading the next block from
+    disk overlaps the GPU's work on this one.
     """
 
     def __init__(self, compute: torch.dtype, device: torch.device = torch.device("cpu")):
         self.compute = compute
         self.device = device
-        self.staging: dict[int, torch.Tensor] = {}
+        self.staging = Staging(device) if device.type != "cpu" else None
 
     def _on_device(self, block: Block) -> Block:
-        if self.device.type == "cpu":
+        if self.staging is None:
             return block
-        moved = []
-        for i, t in enumerate(([block.base] if block.base is not None else []) + block.fts):
-            nbytes = t.numel() * t.element_size()
-            buf = self.staging.get(i)
-            if buf is None or buf.numel() < nbytes:
-                buf = self.staging[i] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            pinned = buf[:nbytes].view(t.dtype).view(t.shape)
-            pinned.copy_(t)
-            moved.append(pinned.to(self.device, non_blocking=True))
+        moved = self.staging.send(([block.base] if block.base is not None else []) + block.fts)
         base = moved.pop(0) if block.base is not None else None
         return replace(block, base=base, fts=moved)
 
@@ -184,7 +217,7 @@ class TorchBackend:
 
     def sign_total(self, block: Block, spec: ops.TensorSpec) -> float:
         _, deltas = self.deltas(block, spec)
-        w = torch.tensor(spec.weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * (deltas.dim() - 1)))
+        w = ops.column(spec.weights, deltas)
         score = ops.sign_score(deltas * w if spec.opts.weighted_sign else deltas, spec.opts)
         return float(score.sign().sum(dtype=torch.float64))
 
@@ -196,15 +229,21 @@ class TorchBackend:
         work = full.dtype if spec.opts.sparsify in ("trim", "band") else None  # mergekit's magnitude sparsifiers
         return tuple(ops.l1_rescale(full[i], kept[i], work) for i in range(len(block.fts)))
 
-    def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
+    def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> torch.cuda.Event | None:
+        """Writes the merged block into `out` (CPU); returns the event to wait for before reading it."""
         opts = spec.opts
         if not spec.merged:
             out.copy_(block.base.reshape(-1))
-        elif opts.combine == "average":
-            out.copy_(ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute).reshape(-1))
+            return None
+        if opts.combine == "average":
+            result = ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute)
         else:
             base, deltas = self.deltas(block, spec)
-            out.copy_(ops.merge_block(base, deltas, spec.weights, spec.lam, opts, spec.majority).reshape(-1))
+            result = ops.merge_block(base, deltas, spec.weights, spec.lam, opts, spec.majority)
+        if self.staging is not None:  # rounded on the GPU (round-to-nearest-even there too): fewer bytes travel back
+            result = result.to(out.dtype)
+        out.copy_(result.reshape(-1), non_blocking=True)
+        return record_event(self.device)
 
 
 # ---- one tensor ------------------------------------------------------------------------------
@@ -214,7 +253,7 @@ class TensorJob:
     """How one tensor is read and merged: its blocks, its parameters, its backend."""
 
     def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, fused=None,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), device_budget: int | None = None):
         self.tp, self.opts = tp, plan.options
         self.reference = reference
         self.is_linear = tp.merged and self.opts.combine == "average"
@@ -235,6 +274,13 @@ class TensorJob:
         n = len(self.finetuned)
         self.row_elems = tp.row_elems
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough)
+        if device_budget is not None and tp.merged and not use_numpy:
+            fits = device_rows(tp, plan, in_dtypes, device_budget)
+            if fits < self.rows and whole_tensor(tp, plan):
+                log.info("%s: the whole tensor's working set exceeds the GPU memory budget; merged on the CPU (the same bytes)", tp.name)
+                self.backend = TorchBackend(self.compute)
+            else:
+                self.rows = max(1, min(self.rows, fits))
         self.blocks = [(r, min(r + self.rows, tp.rows)) for r in range(0, tp.rows, self.rows)]
         self.prepared = False
         # LoRA adapters hand over τ rows (lora.py); one that drops its factors does DARE's drop itself
@@ -514,6 +560,8 @@ class AsyncWriter:
                 if kind == "open":
                     self.writer = ShardWriter(*payload)
                 elif kind == "data":
+                    if payload[2] is not None:  # the GPU's copy into the buffer
+                        payload[2].synchronize()
                     self.writer.write(payload[0])
                 elif kind == "finish":
                     receipt = {"file": self.writer.path.name, "sha256": self.writer.finish(), "bytes": self.writer.file_size}
@@ -541,10 +589,11 @@ class AsyncWriter:
         self._check()
         self.queue.put(("open", (path, entries, metadata)))
 
-    def write(self, tensor: torch.Tensor, buffer: torch.Tensor | None = None) -> None:
-        """Queues a tensor's bytes; `buffer` (from the pool) goes back to the pool once written."""
+    def write(self, tensor: torch.Tensor, buffer: torch.Tensor | None = None, ready: torch.cuda.Event | None = None) -> None:
+        """Queues a tensor's bytes, to be written once `ready` (a copy still arriving) is done;
+        `buffer` (from the pool) goes back to the pool once written."""
         self._check()
-        self.queue.put(("data", (tensor, buffer)))
+        self.queue.put(("data", (tensor, buffer, ready)))
 
     def finish(self) -> Future:
         fut: Future = Future()
@@ -568,11 +617,28 @@ def resolve_device(device: str) -> torch.device:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    target = torch.device(device)
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        target = None
+    if target is None or target.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
     if target.type == "cuda" and not torch.cuda.is_available():
         log.warning("CUDA is not available (torch %s, no GPU found): merging on the CPU, with the same bytes", torch.__version__)
         return torch.device("cpu")
+    if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return target
+
+
+def device_budget(target: torch.device, gpu_memory: int | None) -> int | None:
+    """Bytes of GPU memory for one block's working set: `gpu_memory`, or a share of what is free now."""
+    if target.type != "cuda":
+        return None
+    if gpu_memory is not None:
+        return gpu_memory
+    free, _ = torch.cuda.mem_get_info(target)
+    return int(free * GPU_SHARE)
 
 
 def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
@@ -596,6 +662,7 @@ def run_plan(
     on_shard: Callable[[dict], None] | None = None,
     check_finite: bool = False,
     device: str = "auto",
+    gpu_memory: int | None = None,
     downloads: Downloads | None = None,
 ) -> dict[str, dict]:
     """Writes shards of the plan into `out_dir`; returns {file: {file, sha256, bytes}} per shard written.
@@ -608,6 +675,8 @@ def run_plan(
         on_shard: called with each new shard's receipt as soon as the shard is in place.
         check_finite: fail on NaN or Inf in any input or merged tensor.
         device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
+        gpu_memory: bytes of GPU memory for a block's working set (default: 80% of what is free);
+            a whole tensor that does not fit (mergekit's sorts) merges on the CPU instead.
         downloads: fetches Hub inputs ahead of the merge and releases them after their last tensor.
     """
     todo = list(plan.shards if todo is None else todo)
@@ -617,9 +686,10 @@ def run_plan(
     by_name = {t.name: t for t in plan.tensors}
     merged = sum(t.numel for t in plan.tensors if t.merged)
     fused = FusedMerger() if worth_compiling(merged * len(finetuned), compile) else None
-    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, fused, target) for t in plan.tensors}
+    budget = device_budget(target, gpu_memory)
+    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, fused, target, budget) for t in plan.tensors}
     capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])
-    buffers = BufferPool(capacity, count)
+    buffers = BufferPool(capacity, count, pinned=target.type == "cuda")
     writer = AsyncWriter(buffers, on_shard)
     readahead: Readahead | None = None
     finished = False
@@ -646,10 +716,12 @@ def run_plan(
                         nbytes = job.out_bytes(block)
                         buf = buffers.get(nbytes)
                         out = buf[:nbytes].view(job.out_dtype)
-                        job.backend.merge(block, job.spec, out)
+                        ready = job.backend.merge(block, job.spec, out)
                         if check_finite:
+                            if ready is not None:
+                                ready.synchronize()
                             _check_finite(job, block, out)
-                        writer.write(out, buf)
+                        writer.write(out, buf, ready)
                     if progress is not None:
                         progress(block.nbytes)
                 readahead.done(job)

@@ -222,12 +222,16 @@ def trim_rank(numel: int, density: float, rule: str) -> int | None:
 
 
 def argsort_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """mergekit's trim: the first max(1, int(d·density)) of torch.argsort(|τ|, descending) (unstable)."""
-    flat = delta.abs().reshape(-1).float()
+    """mergekit's trim: the first max(1, int(d·density)) of torch.argsort(|τ|, descending) (unstable).
+
+    Sorted on the CPU whatever the device: an unstable sort orders equal values its own way on each
+    device, and the CPU's order is the one that gives mergekit's bytes (and the same on a GPU).
+    """
+    flat = delta.abs().reshape(-1).float().cpu()
     k = max(1, int(density * flat.numel()))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
     keep[torch.argsort(flat, descending=True)[:k]] = True
-    return keep.view(delta.shape)
+    return keep.view(delta.shape).to(delta.device)
 
 
 def breadcrumbs_ranks(numel: int, density: float, gamma: float) -> tuple[int | None, int]:
@@ -253,19 +257,20 @@ def band_keep(abs_block: torch.Tensor, upper: TrimThreshold | None, outliers: Tr
 
 
 def outliers_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """mergekit's breadcrumbs mask: ascending torch.sort of |τ| (unstable), keep [n_bot, n_bot + t)."""
-    flat = delta.abs().reshape(-1).float()
+    """mergekit's breadcrumbs mask: ascending torch.sort of |τ| (unstable, so on the CPU as in
+    argsort_keep), keep [n_bot, n_bot + t)."""
+    flat = delta.abs().reshape(-1).float().cpu()
     n = flat.numel()
     target = int(density * n)
     n_bot = max(0, n - target - int(gamma * n))
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep = torch.zeros(n, dtype=torch.bool)
     keep[torch.sort(flat, descending=False).indices[n_bot : n_bot + target]] = True
-    return keep.view(delta.shape)
+    return keep.view(delta.shape).to(delta.device)
 
 
 def trim_keep(abs_block: torch.Tensor, t: TrimThreshold, start: int) -> torch.Tensor:
     """Keep-mask of a block whose first element has flat index `start`."""
-    value = torch.tensor(t.value, dtype=abs_block.dtype, device=abs_block.device)
+    value = torch.tensor(t.value, dtype=abs_block.dtype)  # 0-dim on the CPU: a scalar to any device, no sync
     keep = abs_block > value
     end = start + abs_block.numel()
     if t.last_tie < start:
@@ -294,10 +299,11 @@ def l1_rescale(delta: torch.Tensor, kept: torch.Tensor, work: torch.dtype | None
 
     As mergekit computes it: torch sums in the work dtype, the ratio rounded to that dtype. DARE
     and DELLA work in bf16 for bf16, else float32; the magnitude sparsifiers (trim, breadcrumbs) in
-    the tensor's own dtype (pass `work=delta.dtype`).
+    the tensor's own dtype (pass `work=delta.dtype`). Summed on the CPU: a device sums in its own
+    order, and a different last bit of the factor would change every element.
     """
     work = work or (torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32)
-    before, after = delta.to(work).abs().sum(), kept.to(work).abs().sum()
+    before, after = delta.to(work).cpu().abs().sum(), kept.to(work).cpu().abs().sum()
     if before < 1e-7 or after < 1e-7:
         return 1.0
     return (before / after).item()
@@ -318,7 +324,8 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float, mer
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     if mergekit:
         work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
-        ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+        # unstable sorts, on the CPU as in argsort_keep
+        ranks = torch.argsort(rows.abs().cpu(), dim=1, descending=False).argsort(dim=1).to(delta.device, work) + 1
         lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
         rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
         return ((density - epsilon) + rank_norm * 2 * epsilon).view(delta.shape)
@@ -366,7 +373,7 @@ def elect(voters: torch.Tensor, opts: MergeOptions, majority: float) -> torch.Te
     score = sign_score(voters, opts)
     if opts.zero_sign == "majority":
         gamma = score.sign()
-        return torch.where(gamma == 0, torch.tensor(majority, dtype=gamma.dtype, device=gamma.device), gamma)
+        return torch.where(gamma == 0, torch.tensor(majority, dtype=gamma.dtype), gamma)
     return (score >= 0).to(voters.dtype) * 2 - 1
 
 
@@ -379,6 +386,13 @@ def agreement(voters: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # one block
+
+
+def column(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """One weight per model as a [n, 1, ...] tensor in `like`'s dtype and device, to broadcast over
+    `like` [n, ...]. Sent without waiting: a blocking copy would stall a GPU's queued work every block."""
+    w = torch.tensor(weights, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    return w.to(like.device, non_blocking=True)
 
 
 def merge_block(
@@ -394,7 +408,7 @@ def merge_block(
     The op order is mergekit's (weights in the compute dtype, λ a Python scalar), so in bf16 every
     rounding matches it; in float32 this is the formula in the module docstring.
     """
-    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * (deltas.dim() - 1)))
+    w = column(weights, deltas)
     if opts.combine == "ties":
         weighted = deltas * w
         voters = weighted if opts.weighted_sign else deltas
@@ -407,14 +421,12 @@ def merge_block(
             merged = weighted.sum(dim=0)
             if opts.merge_func == "mean":
                 divisor = agree.sum(dim=0) if opts.mean_divisor == "count" else (w * agree).sum(dim=0)
-                divisor[divisor == 0] = 1
-                merged /= divisor
+                merged /= divisor.masked_fill_(divisor == 0, 1)
     else:
         merged = (deltas * w).sum(dim=0)
         if opts.normalize:
             divisor = w.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-            merged /= divisor
+            merged /= divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     if lam != 1:
         merged *= lam
     out = base + merged
@@ -439,7 +451,7 @@ def linear_block(models: Sequence[torch.Tensor], weights: Sequence[float], opts:
             acc /= total
         return acc.to(dtype)
     stacked = torch.stack([m.to(dtype) for m in models])
-    w = torch.tensor(weights, dtype=dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    w = column(weights, stacked)
     out = (stacked * w).sum(dim=0)
     if opts.normalize:
         out /= w.sum(dim=0)

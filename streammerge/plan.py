@@ -268,16 +268,27 @@ SCRATCH_BYTES = 24 << 20  # per-thread chunk buffers of the numpy kernel, histog
 def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: bool) -> int:
     """Rows per block: the output block fits a pool buffer, and (torch) its float32 working set the budget."""
     row_elems = tp.row_elems
-    if plan.options.whole_tensors and tp.merged:
-        return tp.rows  # mergekit's argsort trim and L1 rescale see the whole tensor
-    if plan.options.sparsify == "magprune" and tp.merged and len(tp.shape) < 2:
-        return tp.rows  # DELLA ranks within rows: a 1-D tensor is one row
+    if whole_tensor(tp, plan):
+        return tp.rows
     out_size = itemsize(tp.out_dtype)
     limit = pool_buffer_bytes(plan) // max(1, row_elems * out_size)
     if not chunked:
         per_elem = bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), out_size)
         limit = min(limit, int(plan.max_memory * WORK_SHARE) // max(1, row_elems * per_elem))
     return max(1, min(tp.rows, limit))
+
+
+def whole_tensor(tp: TensorPlan, plan: Plan) -> bool:
+    """Whether a tensor merges as one block: mergekit's argsort trim and L1 rescale see the whole
+    tensor; DELLA ranks within rows, and a 1-D tensor is one row."""
+    opts = plan.options
+    return tp.merged and (opts.whole_tensors or (opts.sparsify == "magprune" and len(tp.shape) < 2))
+
+
+def device_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], budget: int) -> int:
+    """Rows per block whose working set (inputs, float32 work, output) fits `budget` bytes of GPU memory."""
+    per_elem = bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), itemsize(tp.out_dtype))
+    return min(tp.rows, budget // max(1, tp.row_elems * per_elem))
 
 
 def pool_buffer_bytes(plan: Plan) -> int:

@@ -131,6 +131,14 @@ def test_merge_json_summary_matches_files(models, tmp_path):
         assert shard["sha256"] == sha256(path)  # of the whole file
         assert shard["bytes"] == path.stat().st_size  # the whole file, as its sha256
     assert summary["total_size"] == json.loads((out / SAFETENSORS_INDEX).read_text())["metadata"]["total_size"]
+    assert summary["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # where the arithmetic ran
+
+
+@pytest.mark.parametrize(("flags", "needle"), [(["--device", "tpu"], "--device 'tpu': choose auto, cpu, cuda or cuda:N"),
+                                               (["--gpu-memory", "0"], "--gpu-memory")])
+def test_bad_device_settings_are_one_line_errors(models, tmp_path, flags, needle):
+    assert_one_line_error(run("merge", models / "merge.yaml", tmp_path / "out", *flags), 1, needle)
+    assert not (tmp_path / "out").exists()
 
 
 def test_quiet_prints_nothing(models, tmp_path):

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 
 import pytest
 import torch
 from conftest import shard_hashes
 
-from streammerge import MergeConfig, ModelSpec, merge
+from streammerge import ConfigError, MergeConfig, ModelSpec, api, engine, merge
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.plan import build_plan, bytes_per_element
 
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=300)
 METHODS = ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
@@ -54,8 +56,80 @@ def test_cuda_without_cuda_falls_back_to_the_same_cpu_bytes(models, tmp_path, ca
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("semantics", ["default", "mergekit", "fusionbench"])
 @pytest.mark.parametrize("method", METHODS)
-def test_gpu_gives_the_cpu_bytes(models, tmp_path, method):
-    # float32 arithmetic, one IEEE op at a time in the same order, masks from the same integer hash:
-    # the GPU's bytes must equal the CPU's.
-    assert _merge(models, tmp_path / "gpu", method, device="cuda") == _merge(models, tmp_path / "cpu", method, device="cpu")
+def test_gpu_gives_the_cpu_bytes(models, tmp_path, method, semantics):
+    # one IEEE op at a time in the same order (float32, or bf16 under mergekit), masks from the same
+    # integer hash, mergekit's unstable sorts and L1 sums on the CPU: the GPU's bytes are the CPU's.
+    gpu = _merge(models, tmp_path / "gpu", method, semantics, device="cuda", max_memory=200_000)
+    assert gpu == _merge(models, tmp_path / "cpu", method, semantics, device="cpu")
+
+
+# ---- the GPU pipeline's CPU-testable parts: staging, the GPU memory budget ------------------------
+
+
+def _stage_as_on_a_gpu(monkeypatch) -> None:
+    """Every merged tensor through TorchBackend with `Staging`, as on a GPU (on the CPU: no pinning, no events)."""
+    monkeypatch.setattr(engine, "uses_chunk_kernel", lambda *args, **kwargs: False)
+    init = engine.TorchBackend.__init__
+
+    def staged(self, compute, device=torch.device("cpu")):
+        init(self, compute, device)
+        self.staging = engine.Staging(device)
+
+    monkeypatch.setattr(engine.TorchBackend, "__init__", staged)
+
+
+@pytest.mark.parametrize("semantics", ["default", "mergekit"])
+@pytest.mark.parametrize("method", METHODS)
+def test_blocks_staged_as_on_a_gpu_give_the_cpu_bytes(models, tmp_path, method, semantics, monkeypatch):
+    plain = _merge(models, tmp_path / "plain", method, semantics)  # the numpy chunk kernel (default)
+    _stage_as_on_a_gpu(monkeypatch)
+    # a small budget: many blocks of two sizes through the two staging sets, buffers grown and reused
+    assert _merge(models, tmp_path / "staged", method, semantics, max_memory=200_000) == plain
+
+
+def test_staging_refills_each_set_every_other_block():
+    staging = engine.Staging(torch.device("cpu"))
+    blocks = [[torch.full((3, 4), float(i)), torch.full((2,), i, dtype=torch.bfloat16)] for i in range(3)]
+    sent = [staging.send(b) for b in blocks]
+    for block, moved in zip(blocks, sent[2:]):
+        assert all(torch.equal(a, b) for a, b in zip(blocks[2], moved))
+    assert sent[2][0].data_ptr() == sent[0][0].data_ptr() != sent[1][0].data_ptr()  # set 0 again, reused in place
+    bigger = staging.send([torch.ones(5, 4), torch.ones(2, dtype=torch.bfloat16)])  # set 1 grows
+    assert bigger[0].shape == (5, 4) and bool((bigger[0] == 1).all())
+
+
+def _job(models, method, budget, semantics="default"):
+    cfg = MergeConfig(method=method, base=str(models / "base"), semantics=semantics,
+                      models=tuple(ModelSpec(str(models / f"ft{i}"), {"weight": 0.3, "density": 0.5}) for i in range(3)))
+    stack = ExitStack()
+    reference, finetuned = api._open(cfg, stack)
+    plan = build_plan(cfg, reference, finetuned)
+    tp = next(t for t in plan.tensors if t.name.endswith("mlp.down_proj.weight"))
+    return engine.TensorJob(tp, plan, reference, finetuned, None, None, torch.device("cuda"), budget), stack
+
+
+def test_the_gpu_budget_bounds_a_block(models):
+    roomy, stack = _job(models, "dare_ties", 1 << 30)
+    with stack:
+        assert len(roomy.blocks) == 1 and roomy.backend.device.type == "cuda"
+    size = roomy.out_dtype.itemsize  # inputs and output in the base's dtype
+    per_row = roomy.tp.row_elems * bytes_per_element(3, size, size)  # 3 fine-tunes
+    tight, stack = _job(models, "dare_ties", 10 * per_row)
+    with stack:
+        assert tight.rows == 10 and len(tight.blocks) == -(-tight.tp.rows // 10)
+        assert tight.backend.device.type == "cuda"
+
+
+def test_a_whole_tensor_beyond_the_gpu_budget_merges_on_the_cpu(models):
+    # mergekit's sorts need the whole tensor in one block: when it does not fit, the CPU does it
+    job, stack = _job(models, "ties", 1000, semantics="mergekit")
+    with stack:
+        assert len(job.blocks) == 1 and job.backend.device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "cuda:x"])
+def test_an_unknown_device_is_a_config_error(models, tmp_path, device):
+    with pytest.raises(ConfigError, match="--device"):
+        _merge(models, tmp_path / "out", "ties", device=device)
