@@ -8,6 +8,7 @@ from .errors import (  # noqa: E402
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
+    DeviceError,
     MismatchError,
     NonFiniteError,
     OutputError,
@@ -19,5 +20,5 @@ from .verify import VerifyReport, verify  # noqa: E402
 __all__ = [
     "MergeConfig", "ModelSpec", "MergeResult", "merge", "finalize", "plan", "verify", "VerifyReport",
     "StreammergeError", "ConfigError", "UnsupportedFeatureError", "CheckpointError",
-    "CheckpointNotFoundError", "MismatchError", "NonFiniteError", "OutputError",
+    "CheckpointNotFoundError", "DeviceError", "MismatchError", "NonFiniteError", "OutputError",
 ]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from . import kernels, lora, ops
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, DeviceError, NonFiniteError
 from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, keep_mask_varying, mask_key
 from .plan import Plan, ShardPlan, TensorPlan, device_rows, job_rows, pool_shape, uses_chunk_kernel, whole_tensor
@@ -693,6 +693,11 @@ def run_plan(
     writer = AsyncWriter(buffers, on_shard)
     readahead: Readahead | None = None
     finished = False
+    current = "the model-wide pass"  # what the device works on, for an out-of-memory message
+    restore = None
+    if target.type == "cuda":  # pinned buffers, events and the allocator of this GPU, not of GPU 0
+        restore = torch.cuda.current_device()
+        torch.cuda.set_device(target)
     try:
         if downloads is not None:  # everything first when a model-wide pass reads every tensor before the output
             prelude = list(jobs.values()) if global_pass_needed(list(jobs.values())) else []
@@ -705,7 +710,7 @@ def run_plan(
             entries = [(n, by_name[n].out_dtype, by_name[n].shape, by_name[n].nbytes) for n in shard.tensors]
             writer.open(out_dir / shard.filename, entries, {"format": "pt"})
             for name in shard.tensors:
-                job = jobs.pop(name)
+                job, current = jobs.pop(name), f"tensor {name!r}"
                 prepare_tensor(job)
                 for block in job.blocks_read():
                     if job.passthrough:  # same dtype, not merged: the mapped bytes go straight out
@@ -731,7 +736,12 @@ def run_plan(
         new = {r["file"]: r for r in (f.result() for f in futures)}
         finished = True
         return new
+    except torch.cuda.OutOfMemoryError:
+        now = f" (now {budget >> 20} MiB)" if budget else ""
+        raise DeviceError(f"{target} ran out of memory on {current}: lower --gpu-memory{now}, or merge with --device cpu") from None
     finally:
+        if restore is not None:
+            torch.cuda.set_device(restore)
         if readahead is not None:
             readahead.stop()
         if downloads is not None:

@@ -56,6 +56,10 @@ class WorkerError(StreammergeError, RuntimeError):
     """Another worker of a split merge failed; names its rank and reason."""
 
 
+class DeviceError(StreammergeError, RuntimeError):
+    """The GPU failed the merge (out of memory); says which tensor and what to change."""
+
+
 class NonFiniteError(StreammergeError, ValueError):
     """A tensor holds NaN or Inf (found by the optional finite check)."""
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import shard_hashes
 
-from streammerge import ConfigError, MergeConfig, ModelSpec, api, engine, merge
+from streammerge import ConfigError, DeviceError, MergeConfig, ModelSpec, api, engine, merge
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.plan import build_plan, bytes_per_element
 
@@ -133,3 +133,15 @@ def test_a_whole_tensor_beyond_the_gpu_budget_merges_on_the_cpu(models):
 def test_an_unknown_device_is_a_config_error(models, tmp_path, device):
     with pytest.raises(ConfigError, match="--device"):
         _merge(models, tmp_path / "out", "ties", device=device)
+
+
+def test_running_out_of_gpu_memory_names_the_tensor_and_leaves_no_shard(models, tmp_path, monkeypatch):
+    _stage_as_on_a_gpu(monkeypatch)
+
+    def out_of_memory(self, block, spec, out):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.TorchBackend, "merge", out_of_memory)
+    with pytest.raises(DeviceError, match=r"ran out of memory on tensor '[^']+': lower --gpu-memory, or merge with --device cpu"):
+        _merge(models, tmp_path / "out", "ties")
+    assert not list((tmp_path / "out").glob("*.safetensors"))
