@@ -611,12 +611,12 @@ class AsyncWriter:
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto -> the GPU if there is one (under torchrun, the one of this node's worker: LOCAL_RANK);
-    a CUDA device asked for without CUDA -> the CPU, with a warning."""
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
+    """auto -> the GPU if there is one; cuda -> this process's GPU (under torchrun, the one of this
+    node's worker: LOCAL_RANK), always with its index; CUDA asked for without CUDA -> the CPU, with a warning."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if device == "auto":
+        return torch.device("cpu")
     try:
         target = torch.device(device)
     except RuntimeError:

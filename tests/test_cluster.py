@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from conftest import SMALL_LLAMA, shard_hashes
 
-from streammerge import MergeConfig, OutputError, merge
+from streammerge import ConfigError, MergeConfig, OutputError, merge
 from streammerge.api import finalize, worker_shards
 from streammerge.api import plan as make_plan
 from streammerge.cli import main
@@ -259,7 +259,11 @@ def test_each_torchrun_process_on_a_gpu_node_takes_its_local_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # asked for by index: that one
     monkeypatch.delenv("LOCAL_RANK")
-    assert resolve_device("auto") == torch.device("cuda", 0)
+    # always with an index: torch.cuda.set_device and mem_get_info refuse a bare "cuda"
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 0)
     assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="2 GPU"):
+        resolve_device("cuda:2")
