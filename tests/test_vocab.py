@@ -191,3 +191,21 @@ def test_row_gather_reads_runs_and_fills_in_any_block():
         expected = torch.stack([torch.zeros(16, dtype=rows.dtype), rows[0], rows[1], rows[5], rows[4], torch.zeros(16, dtype=rows.dtype)])
         assert torch.equal(gather.rows(ckpt.label, 0, 6), expected)
         assert torch.equal(torch.cat([gather.rows(ckpt.label, r, r + 1) for r in range(6)]), expected)
+
+
+def test_a_lora_adapter_reads_the_bases_ids(tmp_path):
+    from test_lora import bounded_factor, write_adapter
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = bounded_factor((4, 24), gen), bounded_factor((16, 4), gen)  # an embedding's factors: τ = (B A)ᵀ
+    write_adapter(tmp_path / "lora", {"model.embed_tokens": (a, b)}, r=4, alpha=4)  # no tokenizer files: the base's ids
+    cfg = MergeConfig.from_dict({"merge_method": "task_arithmetic", "base_model": "base", "tokenizer_source": "union",
+                                 "models": [{"model": str(tmp_path / "lora"), "parameters": {"weight": 1.0}},
+                                            {"model": "ft2", "parameters": {"weight": 0.0}}]}, base_dir=str(INPUTS))
+    merge(cfg, tmp_path / "out")
+    out = _tensors(tmp_path / "out")[EMBED]
+    base = load_file(INPUTS / "base" / "model.safetensors")[EMBED]
+    tau = (b.double() @ a.double()).T.float()
+    assert out.shape == (24, 16)  # the base's 22 tokens, "x" from ft2 and its <|im_start|>
+    assert torch.allclose(out[:22].float(), (base[:22].float() + tau[:22]), atol=2 ** -8)
+    assert torch.equal(out[22], load_file(INPUTS / "ft2" / "model.safetensors")[EMBED][_ids(INPUTS / "ft2")["x"]])
