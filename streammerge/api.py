@@ -51,6 +51,7 @@ from .lora import attach_adapters
 from .lora import fingerprint as adapters_fingerprint
 from .plan import Plan, ShardPlan, assign_workers, build_plan
 from .sources import Checkpoint
+from .vocab import build_reindex
 from .writer import (
     copy_file_atomic,
     file_sha256,
@@ -141,7 +142,18 @@ def plan(
     """
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
-        return build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory)
+        return _build_plan(config, reference, finetuned, max_shard_size, max_memory)[0]
+
+
+def _build_plan(config: MergeConfig, reference: Checkpoint, finetuned: list[Checkpoint], max_shard_size: int,
+                max_memory: int) -> tuple[Plan, Path | None]:
+    """The plan, and the folder the tokenizer files come from (one without a tokenizer fails here,
+    before any work). A tokenizer source's vocabularies decide the vocabulary tensors' rows."""
+    tokenizer_from = tokenizer_folder(config, reference, finetuned)
+    reindex = build_reindex(config, reference, finetuned, tokenizer_from)
+    the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory,
+                          reindex=reindex)
+    return the_plan, tokenizer_from
 
 
 def merge(
@@ -211,8 +223,7 @@ def merge(
                           "each other's shards; empty the output directory first, or launch with torchrun")
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
-        the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory)
-        tokenizer_from = tokenizer_folder(config, reference, finetuned)  # one without a tokenizer fails before any work
+        the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory)
         inputs = [reference, *finetuned]
         fingerprint = plan_fingerprint(the_plan, inputs)
         mine = worker_shards(the_plan, rank, world_size)
@@ -377,6 +388,7 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
         "shards": [[s.filename, list(s.tensors)] for s in the_plan.shards],
         "inputs": identity,
         "adapters": adapters_fingerprint(the_plan.config, inputs),
+        "reindex": the_plan.reindex.digest if the_plan.reindex is not None else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -482,15 +494,17 @@ def _check_free_space(out: Path, shards: list[ShardPlan]) -> None:
 
 
 def tokenizer_folder(config: MergeConfig, reference: Checkpoint, finetuned: list[Checkpoint]) -> Path | None:
-    """Where the tokenizer files come from: the base by default, or the model `tokenizer_source` names
-    (`base`, a listed model, or any local folder, as mergekit allows). Raises ConfigError when an
-    explicitly named source holds no tokenizer. Fetches a Hub source's small files."""
-    source = config.tokenizer_source
+    """Where the tokenizer files come from: the base by default (and for `union`, which extends the
+    base's), or the model the tokenizer source names (a listed model, or any local folder, as mergekit
+    allows). Raises ConfigError when an explicitly named source holds no tokenizer. Fetches a Hub
+    source's small files."""
+    source = config.tokenizer_settings()[0]
     reference.fetch_side_files(COPIED_FILES)
     if source is None:
         return reference.folder if reference.path.is_dir() else None
-    folder = reference.folder if source == "base" else Path(config._path(source))
-    ref = hub.parse_source(config._path(source)) if source != "base" else None
+    from_base = source in ("base", "union")
+    folder = reference.folder if from_base else Path(config._path(source))
+    ref = hub.parse_source(config._path(source)) if not from_base else None
     if ref is not None:  # a Hub repo: the input already open (config.validate), else opened here
         remote = next((c for c in [reference, *finetuned] if isinstance(c, hub.HubCheckpoint) and c.ref == ref), None)
         if remote is None:
@@ -514,6 +528,9 @@ def _copy_side_files(reference: Checkpoint, tokenizer_from: Path | None, out: Pa
     for name in COPIED_FILES:
         folder = reference.folder if name in ("config.json", "generation_config.json") else tokenizer_from
         src = folder / name
+        if the_plan.reindex is not None and name in the_plan.reindex.files:  # the union's added tokens
+            write_json_atomic(out / name, the_plan.reindex.files[name])
+            continue
         if not src.is_file():
             continue
         if name == "config.json":
@@ -525,7 +542,9 @@ def _copy_side_files(reference: Checkpoint, tokenizer_from: Path | None, out: Pa
 def _output_model_config(src: Path, the_plan: Plan) -> dict:
     data = json.loads(src.read_text("utf-8"))
     embed = next((t for t in the_plan.tensors if t.name.endswith("embed_tokens.weight")), None)
-    if embed is not None and the_plan.config.vocab != "error" and "vocab_size" in data:
+    if the_plan.reindex is not None:
+        data["vocab_size"] = the_plan.reindex.rows  # the output vocabulary's rows, as mergekit writes it
+    elif embed is not None and the_plan.config.vocab != "error" and "vocab_size" in data:
         data["vocab_size"] = embed.shape[0]  # truncated by the vocab option
     dtypes = {t.out_dtype for t in the_plan.tensors if t.out_dtype in ("BF16", "F16", "F32")}
     if len(dtypes) == 1 and ("torch_dtype" in data or "dtype" in data):

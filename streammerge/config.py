@@ -99,7 +99,11 @@ class MergeConfig:
     out_dtype: str | None = None
     include: tuple[str, ...] = ()  # glob patterns of tensors to merge (default: all)
     exclude: tuple[str, ...] = ()  # glob patterns of tensors copied from the base
-    tokenizer_source: str | None = None  # "base" (default) or one model's source
+    # Embedding rows re-indexed by token (vocab.py): "base", "union", a model's source or a folder;
+    # None copies the base's tokenizer files and leaves rows as they are.
+    tokenizer_source: str | None = None
+    # mergekit's `tokenizer:` block: {source (default union), tokens: {token: {source, force}}, pad_to_multiple_of}
+    tokenizer: Mapping[str, Any] | None = None
     vocab: str = "error"  # differing vocabulary sizes: error | truncate_to_base | truncate_to_smallest
     base_dir: str | None = None  # relative model paths resolve against this (the YAML's folder)
     # A mergekit `slices:` config equivalent to `models:` (one slice, every source the same whole
@@ -138,8 +142,6 @@ class MergeConfig:
         for key in data:
             if key not in known and key not in UNSUPPORTED_KEYS:
                 problems.append(f"unknown top-level key '{key}'")
-        if "tokenizer" in data:
-            problems.append("'tokenizer': mergekit tokenizer settings are not supported yet; use tokenizer_source")
         models: list[ModelSpec] = []
         raw_models = data.get("models") or []
         if not isinstance(raw_models, list):
@@ -202,7 +204,8 @@ class MergeConfig:
             out_dtype=data.get("out_dtype"),
             include=patterns("include"),
             exclude=patterns("exclude"),
-            tokenizer_source=data.get("tokenizer_source"),
+            tokenizer_source=None if data.get("tokenizer_source") is None else str(data["tokenizer_source"]),
+            tokenizer=data.get("tokenizer"),
             vocab=str(data.get("vocab", "error")),
             base_dir=base_dir,
             slice_parameters=slice_params,
@@ -226,6 +229,8 @@ class MergeConfig:
         for key in ("dtype", "out_dtype", "tokenizer_source"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None:
+            out["tokenizer"] = dict(self.tokenizer)
         if self.vocab != "error":
             out["vocab"] = self.vocab
         if self.include:
@@ -275,11 +280,7 @@ class MergeConfig:
                             "weight: list the base under models with a weight, or set parameters.weight")
         if self.method_name != "linear" and self.method_name in METHODS and self.base is None:
             problems.append(f"base_model: the {self.method_name} method needs a base model")
-        if self.tokenizer_source == "union":
-            problems.append("tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model")
-        elif (self.tokenizer_source not in (None, "base", self.base) and self.tokenizer_source not in {m.source for m in self.models}
-              and not os.path.isdir(self._path(str(self.tokenizer_source)))):
-            problems.append(f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', one of the models, nor a local folder")
+        problems += self._tokenizer_problems()
         method = self.method_name
         for key, value in self.parameters.items():
             problems += _check_param(f"parameters.{key}", key, value, top_level=True, method=method)
@@ -296,6 +297,54 @@ class MergeConfig:
                             "it needs merge_method dare_linear or dare_ties")
         if problems:
             raise ConfigError(problems)
+
+    def _tokenizer_problems(self) -> list[str]:
+        problems: list[str] = []
+        where = "tokenizer_source"
+        source = self.tokenizer_source
+        if self.tokenizer is not None:
+            where = "tokenizer.source"
+            if self.tokenizer_source is not None:
+                problems.append("'tokenizer' and 'tokenizer_source': give one of them, as mergekit requires")
+            if not isinstance(self.tokenizer, Mapping):
+                return problems + ["tokenizer: must be a mapping with source, tokens and pad_to_multiple_of"]
+            for key in set(self.tokenizer) - {"source", "tokens", "pad_to_multiple_of"}:
+                problems.append(f"tokenizer: unknown key {key!r}; mergekit's keys are source, tokens, pad_to_multiple_of")
+            source = self.tokenizer.get("source", "union")
+            pad = self.tokenizer.get("pad_to_multiple_of")
+            if pad is not None and (type(pad) is not int or pad < 1):
+                problems.append(f"tokenizer.pad_to_multiple_of: must be a positive integer, got {pad!r}")
+            tokens = self.tokenizer.get("tokens") or {}
+            if not isinstance(tokens, Mapping):
+                problems.append("tokenizer.tokens: must map token strings to {source, force}")
+                tokens = {}
+            for token, entry in tokens.items():
+                problems += _token_problems(f"tokenizer.tokens[{token!r}]", entry, self._model_names())
+        if source is None:
+            return problems
+        if self.vocab != "error":
+            problems.append(f"vocab: {self.vocab} and {where}: both say how vocabularies line up; {where} re-indexes "
+                            "embedding rows by token (mergekit's rule): remove one of them")
+        if not isinstance(source, str) or (source not in ("base", "union") and source not in self._model_names()
+                                           and not os.path.isdir(self._path(source))):
+            problems.append(f"{where}: {source!r} is neither 'base', 'union', one of the models, nor a local folder")
+        return problems
+
+    def _model_names(self) -> set[str]:
+        return {m.source for m in self.models} | ({self.base} if self.base else set())
+
+    @property
+    def reindexes(self) -> bool:
+        """Whether embedding rows are re-indexed by token (tokenizer_source or a tokenizer: block)."""
+        return self.tokenizer_source is not None or self.tokenizer is not None
+
+    def tokenizer_settings(self) -> tuple[str | None, Mapping[str, Any], int | None]:
+        """(source, tokens, pad_to_multiple_of): from the tokenizer: block (source defaults to union,
+        as in mergekit), else from tokenizer_source."""
+        if self.tokenizer is None:
+            return self.tokenizer_source, {}, None
+        return (str(self.tokenizer.get("source", "union")), self.tokenizer.get("tokens") or {},
+                self.tokenizer.get("pad_to_multiple_of"))
 
     # ---- resolution ---------------------------------------------------------------------
 
@@ -418,6 +467,34 @@ class MergeConfig:
         if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
             return False
         return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+
+def _token_problems(where: str, entry: Any, models: set[str]) -> list[str]:
+    """One entry of tokenizer.tokens: {source: model | {kind: zero} | {kind: model_token, model,
+    token_id | token}, force: bool}, as mergekit's TokenEmbeddingConfig."""
+    if entry is None:
+        entry = {}
+    if not isinstance(entry, Mapping) or set(entry) - {"source", "force"}:
+        return [f"{where}: expected a mapping with source and force"]
+    problems = []
+    if not isinstance(entry.get("force", False), bool):
+        problems.append(f"{where}.force: must be true or false, got {entry['force']!r}")
+    source = entry.get("source")
+    if isinstance(source, Mapping):
+        kind = source.get("kind")
+        if kind == "zero" and set(source) == {"kind"}:
+            return problems
+        if kind != "model_token" or set(source) - {"kind", "model", "token_id", "token"}:
+            expected = "a model, {kind: zero} or {kind: model_token, model, token_id or token}"
+            return [*problems, f"{where}.source: expected {expected}, got {dict(source)!r}"]
+        if ("token_id" in source) == ("token" in source):
+            problems.append(f"{where}.source: give exactly one of token_id and token")
+        elif "token_id" in source and (type(source["token_id"]) is not int or source["token_id"] < 0):
+            problems.append(f"{where}.source.token_id: must be a non-negative integer, got {source['token_id']!r}")
+        source = source.get("model")
+    if source is not None and str(source) not in models:
+        problems.append(f"{where}.source: {source!r} is not the base nor one of the models")
+    return problems
 
 
 def _check_param(where: str, key: str, value: Any, *, top_level: bool, method: str = "") -> list[str]:

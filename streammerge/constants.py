@@ -17,6 +17,9 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: this file plus the weights below
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+TOKENIZER_JSON = "tokenizer.json"  # where vocabularies are read from when rows are re-indexed by token (vocab.py)
+TOKENIZER_CONFIG = "tokenizer_config.json"
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest tokenizer.json files on the Hub are tens of MB
 # Where DARE's drop happens for a LoRA adapter: on the rebuilt delta, or on its factors (lora.py).
 LORA_DROP_MODES = ("delta", "rank", "element_a", "element_b")
 

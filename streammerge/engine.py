@@ -34,6 +34,7 @@ from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, keep_mask_varying, mask_key
 from .plan import Plan, ShardPlan, TensorPlan, device_rows, job_rows, pool_shape, uses_chunk_kernel, whole_tensor
 from .sources import DTYPES, Checkpoint
+from .vocab import RowGather
 from .writer import ShardWriter
 
 if TYPE_CHECKING:
@@ -261,7 +262,13 @@ class TensorJob:
         self.finetuned = finetuned if tp.merged else []
         self.read_base = not self.is_linear
         self.sources = ([reference] if self.read_base else []) + self.finetuned  # what is read, in Block order
-        in_dtypes = [DTYPES[c.tensors[tp.name].dtype] for c in self.sources]
+        # a vocabulary tensor under a tokenizer source: rows gathered by token, fills read from other models
+        reindex = plan.reindex
+        self.gather = (RowGather(reindex, tp.name, [reference, *finetuned])
+                       if reindex is not None and tp.name in reindex.tensors else None)
+        donors = [c for c in [reference, *finetuned] if self.gather and c.label in reindex.donors()]
+        self.touched = list({id(c): c for c in self.sources + donors}.values())  # what is read ahead and downloaded
+        in_dtypes = [self.gather.dtype if self._gathered(c) else DTYPES[c.tensors[tp.name].dtype] for c in self.sources]
         promoted = functools.reduce(torch.promote_types, in_dtypes)
         compute = self.opts.compute_dtype or promoted
         # float32 by default; float64 inputs stay float64 (no silent loss)
@@ -285,6 +292,8 @@ class TensorJob:
         self.prepared = False
         # LoRA adapters hand over τ rows (lora.py); one that drops its factors does DARE's drop itself
         self.delta_rows = lora.delta_inputs(tp, plan, self.finetuned) if tp.merged and not self.is_linear else [None] * n
+        # an adapter's rows gathered by token are θ rows (its view), not τ
+        self.delta_rows = [None if self._gathered(c) else d for c, d in zip(self.finetuned, self.delta_rows)]
         self.given_cache: dict[int, torch.Tensor] = {}
         densities = tuple(1.0 if d is not None and d.drops_factors else x for d, x in zip(self.delta_rows, tp.densities))
         self.spec = ops.TensorSpec(
@@ -302,13 +311,20 @@ class TensorJob:
             epsilons=tp.epsilons,
         )
 
+    def _gathered(self, ckpt: Checkpoint) -> bool:
+        return self.gather is not None and self.gather.permutes(ckpt.label)
+
     def block_bytes(self, r0: int, r1: int) -> int:
         return sum(c.tensors[self.tp.name].row_bytes for c in self.sources) * (r1 - r0)
 
+    def _rows(self, ckpt: Checkpoint, r0: int, r1: int) -> torch.Tensor:
+        if self._gathered(ckpt):
+            return self.gather.rows(ckpt.label, r0, r1)
+        return ckpt.view(self.tp.name, r0, r1)
+
     def read(self, r0: int, r1: int) -> Block:
-        name = self.tp.name
-        base = self.reference.view(name, r0, r1) if self.read_base else None
-        fts = [c.view(name, r0, r1) if d is None else self._given_rows(i, r0, r1) for i, (c, d) in
+        base = self._rows(self.reference, r0, r1) if self.read_base else None
+        fts = [self._rows(c, r0, r1) if d is None else self._given_rows(i, r0, r1) for i, (c, d) in
                enumerate(zip(self.finetuned, self.delta_rows))]
         return Block(r0, r1, r0 * self.row_elems, base, fts, self.block_bytes(r0, r1))
 
@@ -322,7 +338,7 @@ class TensorJob:
         return self.given_cache[i]
 
     def advise(self) -> None:
-        for c in self.sources:
+        for c in self.touched:
             c.advise(self.tp.name)
 
     def blocks_read(self) -> Iterator[Block]:
@@ -701,8 +717,8 @@ def run_plan(
     try:
         if downloads is not None:  # everything first when a model-wide pass reads every tensor before the output
             prelude = list(jobs.values()) if global_pass_needed(list(jobs.values())) else []
-            downloads.start([(jobs[n].tp.name, jobs[n].sources) for s in todo for n in s.tensors],
-                            [(j.tp.name, j.sources) for j in prelude])
+            downloads.start([(jobs[n].tp.name, jobs[n].touched) for s in todo for n in s.tensors],
+                            [(j.tp.name, j.touched) for j in prelude])
         prepare_global(list(jobs.values()))
         readahead = Readahead([jobs[n] for s in todo for n in s.tensors])
         futures = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
 from .errors import ConfigError, MismatchError
 from .ops import MergeOptions
 from .sources import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, Checkpoint, itemsize
+
+if TYPE_CHECKING:
+    from .vocab import Reindex
 
 # Names of 2-D weights that are embeddings, not linear layers (DARE's "linear weights only" scope).
 EMBEDDING_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "shared.weight")
@@ -83,6 +87,7 @@ class Plan:
     input_bytes: int  # bytes read once over all inputs
     peak_memory: int  # estimated peak working memory for tensor blocks
     max_memory: int
+    reindex: Reindex | None = None  # vocabulary tensors read through a token map (vocab.py)
 
     @property
     def total_size(self) -> int:
@@ -96,16 +101,20 @@ def build_plan(
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    reindex: Reindex | None = None,
 ) -> Plan:
     """Decides the whole merge from headers alone; raises MismatchError listing every incompatibility.
 
     Args:
         reference: the base model (or, for `linear` without a base, the first model).
         finetuned: the models contributing task vectors (for `linear`, all models), in config order.
+        reindex: the token map of the vocabulary tensors (`vocab.build_reindex`), when a tokenizer source is set.
     """
     opts = config.merge_options()
     specs: list[ModelSpec] = config.finetunes()
-    vocab_rows = check_compatible(reference, finetuned, config.vocab)
+    vocab_rows = check_compatible(reference, finetuned, config.vocab, reindexed=reindex.tensors if reindex else frozenset())
+    if reindex is not None:  # every vocabulary tensor takes the output vocabulary's rows
+        vocab_rows = {name: reindex.rows for name in reindex.tensors}
 
     names = sorted(reference.tensors, key=lambda n: (reference.tensors[n].file.name, reference.tensors[n].offset))
     layers = [layer_index(n) for n in names]
@@ -168,6 +177,7 @@ def build_plan(
         input_bytes=sum(c.nbytes for c in distinct),
         peak_memory=0,
         max_memory=max_memory,
+        reindex=reindex,
     )
     in_dtypes = {t.name: [DTYPES[c.tensors[t.name].dtype] for c in distinct] for t in tensors}
     return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
@@ -181,10 +191,12 @@ def is_vocab_tensor(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and (any(m in name for m in EMBEDDING_MARKERS) or "lm_head" in name)
 
 
-def check_compatible(reference: Checkpoint, others: list[Checkpoint], vocab: str = "error") -> dict[str, int]:
+def check_compatible(reference: Checkpoint, others: list[Checkpoint], vocab: str = "error", *,
+                     reindexed: frozenset[str] = frozenset()) -> dict[str, int]:
     """Every model must have the reference's tensors with the same shapes; collects all problems.
 
-    With `vocab` other than "error", embeddings and output heads whose row counts (vocabulary sizes)
+    Tensors in `reindexed` (read through a token map) may differ in their row count only. With
+    `vocab` other than "error", embeddings and output heads whose row counts (vocabulary sizes)
     differ are merged over the base's rows ("truncate_to_base": every model must have at least as
     many) or over the rows all models have ("truncate_to_smallest").
 
@@ -207,13 +219,16 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint], vocab: str
             if other is None:
                 continue
             vocab_only = is_vocab_tensor(name, info.shape) and other.shape[1:] == info.shape[1:] and len(other.shape) == 2
-            if other.shape != info.shape and vocab_only and vocab != "error":
+            # a re-indexed tensor's rows line up by token: only its other dimensions must agree
+            same = other.shape == info.shape or (name in reindexed and len(other.shape) == len(info.shape)
+                                                 and other.shape[1:] == info.shape[1:])
+            if not same and vocab_only and vocab != "error":
                 if vocab == "truncate_to_base" and other.shape[0] < info.shape[0]:
                     problems.append(f"tensor {name!r}: {other.shape[0]} rows in {ckpt.path}, fewer than the base's "
                                     f"{info.shape[0]}; use vocab: truncate_to_smallest")
                 rows = info.shape[0] if vocab == "truncate_to_base" else min(other.shape[0], vocab_rows.get(name, info.shape[0]))
                 vocab_rows[name] = rows
-            elif other.shape != info.shape:
+            elif not same:
                 hint = " (vocabulary sizes differ: set vocab: truncate_to_base or truncate_to_smallest)" if vocab_only else ""
                 problems.append(
                     f"tensor {name!r}: shape {list(other.shape)} in {ckpt.path} but {list(info.shape)} in {reference.path}{hint}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 from pathlib import Path
 from typing import Callable
@@ -72,3 +73,22 @@ def ties_disjoint_mean(taus: list[torch.Tensor], weights: list[float]) -> torch.
     num = sum(w * t * a for w, t, a in zip(weights, taus, agree))
     den = sum(w * a for w, a in zip(weights, agree))
     return torch.where(den != 0, num / torch.where(den == 0, 1.0, den), 0.0)
+
+
+def tokenizer_json(tokens: list[str], added: list[str] = ()) -> dict:
+    """A minimal WordLevel tokenizer.json that transformers loads: `tokens` take ids 0.. in order
+    (the first is the unknown token), `added` follow as special added tokens."""
+    entries = [{"id": len(tokens) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True} for i, t in enumerate(added)]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": entries, "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)}, "unk_token": tokens[0]}}
+
+
+def write_tokenizer(folder: Path, tokens: list[str], added: list[str] = ()) -> None:
+    """tokenizer.json (see tokenizer_json) and a tokenizer_config.json naming the fast tokenizer class."""
+    data = tokenizer_json(tokens, added)
+    decoder = {str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in data["added_tokens"]}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "unk_token": tokens[0], "added_tokens_decoder": decoder}))

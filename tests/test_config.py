@@ -146,17 +146,15 @@ def test_from_dict_collects_structural_problems():
             "models": [{"parameters": {}}, {"model": "a", "weights": 1}, {"model": "b", "parameters": [1]}],
             "parameters": [1, 2],
             "frobnicate": 1,
-            "tokenizer": {"source": "base"},
         })
     assert info.value.problems == [
         "unknown top-level key 'frobnicate'",
-        "'tokenizer': mergekit tokenizer settings are not supported yet; use tokenizer_source",
         "models[0]: expected a mapping with a 'model' key",
         "models[1]: unknown key(s) ['weights']",
         "models[2].parameters must be a mapping",
         "'parameters' must be a mapping",
     ]
-    assert str(info.value).startswith("6 problems: unknown top-level key 'frobnicate'; ")
+    assert str(info.value).startswith("5 problems: unknown top-level key 'frobnicate'; ")
 
 
 # ---- validation ---------------------------------------------------------------------------
@@ -226,8 +224,9 @@ def test_validate_misc_rules():
                      "sign_method": "count", "dare_scope": "all", "trim_scope": "global", "int8_mask": True}).validate()
     _cfg(tokenizer_source="ft1").validate()
     assert _problems(_cfg(tokenizer_source="other")).problems == [
-        "tokenizer_source: 'other' is neither 'base', one of the models, nor a local folder"
+        "tokenizer_source: 'other' is neither 'base', 'union', one of the models, nor a local folder"
     ]
+    _cfg(tokenizer_source="union").validate()
 
 
 # ---- unsupported mergekit features ----------------------------------------------------------
@@ -267,11 +266,10 @@ def test_other_mergekit_methods_are_unsupported(method):
             "magnitude_prune, task_arithmetic, ties") in str(info.value)
 
 
-def test_union_tokenizer_lora_and_misplaced_della_parameter_are_named(tmp_path):
+def test_lora_syntax_and_misplaced_della_parameter_are_named(tmp_path):
     cfg = MergeConfig.from_yaml(_write(tmp_path, """\
         merge_method: ties
         base_model: base
-        tokenizer_source: union
         models:
           - model: org/ft1+org/lora
             parameters: {weight: 1.0, density: 0.5, epsilon: 0.05}
@@ -279,7 +277,6 @@ def test_union_tokenizer_lora_and_misplaced_della_parameter_are_named(tmp_path):
         """))
     err = _problems(cfg)
     assert err.problems == [
-        "tokenizer_source: 'union' (merged vocabularies) is not supported yet; use 'base' or a model",
         "parameters.lambda_: mergekit parameter 'lambda_' is not supported by streammerge yet",
         "models[0]: 'model+lora' syntax is not supported yet ('org/ft1+org/lora')",
     ]

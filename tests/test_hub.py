@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+from conftest import tokenizer_json
 from fakehub import FakeHub
+from safetensors.torch import load_file
 
 from streammerge import MergeConfig, api, hub
 from streammerge.cli import main
@@ -330,10 +333,18 @@ def test_cli_subprocess_reads_the_environment(tmp_path, models, fakehub):
 
 
 def test_tokenizer_source_from_a_hub_repo(tmp_path, models, fakehub):
-    tokenizer = b'{"version": "1.0", "model": {"type": "BPE"}}'
+    tokens = [f"t{i}" for i in range(SHAPE.vocab)]
+    swapped = [tokens[1], tokens[0], *tokens[2:]]  # ft1 numbers two tokens the other way round
+    tokenizer = json.dumps(tokenizer_json(swapped)).encode()
+    fakehub.commit("org/base", {"tokenizer.json": json.dumps(tokenizer_json(tokens)).encode()})
     fakehub.commit("org/ft1", {"tokenizer.json": tokenizer, "tokenizer_config.json": b"{}"})
     api.merge(ties("org/base", "org/ft1", "org/ft2", tokenizer_source="org/ft1"), tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tokenizer
+    # ft1's rows 0 and 1 trade places (its ids); ft2, without a tokenizer, has the base's ids; the rest is as without
+    api.merge(ties("org/base", "org/ft1", "org/ft2"), tmp_path / "plain")
+    merged, plain = (load_file(next((tmp_path / d).glob("model-*.safetensors")))["model.embed_tokens.weight"]
+                     for d in ("out", "plain"))
+    assert torch.equal(merged[2:], plain[2:]) and not torch.equal(merged[:2], plain[:2])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"  # from the base
 
 

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 import yaml
+from conftest import write_tokenizer
 from safetensors.torch import load_file
 
 from streammerge import MergeConfig, merge
@@ -233,27 +234,29 @@ def test_a_partial_layer_range_is_named(tmp_path, folder):
 
 
 def test_tokenizer_source_base_a_model_or_a_folder(tmp_path, folder):
-    (folder / "llama2" / "tokenizer.json").write_text('{"from": "base"}')
-    (folder / "platypus" / "tokenizer.json").write_text('{"from": "platypus"}')
-    (folder / "platypus" / "tokenizer_config.json").write_text('{"model_max_length": 8}')
+    tokens = [f"t{i}" for i in range(SHAPE.vocab)]
+    write_tokenizer(folder / "llama2", tokens)
+    write_tokenizer(folder / "platypus", tokens[::-1])  # the same tokens, ids reversed
     only_tok = folder / "tok_only"
     only_tok.mkdir(exist_ok=True)
-    (only_tok / "tokenizer.model").write_bytes(b"spm")
+    write_tokenizer(only_tok, tokens[:-1])
+    (only_tok / "tokenizer_config.json").unlink()
     text = BIO_MERGE_YML.replace("instruct #", "platypus #").replace("merge_method: ties", "merge_method: task_arithmetic")
-    for source, expected in [("base", '{"from": "base"}'), ("platypus", '{"from": "platypus"}'), ("llama2", '{"from": "base"}')]:
+    embeds = {}
+    for source, expected in [("base", "llama2"), ("platypus", "platypus"), ("llama2", "llama2"), ("tok_only", "tok_only"),
+                             ("union", "llama2")]:
         (folder / "tok.yml").write_text(text + f"tokenizer_source: {source}\n")
         out = tmp_path / source
         merge(MergeConfig.from_yaml(folder / "tok.yml"), out)
-        assert (out / "tokenizer.json").read_text() == expected
-        assert (out / "tokenizer_config.json").exists() == (source == "platypus")
-    (folder / "tok.yml").write_text(text + "tokenizer_source: tok_only\n")
-    merge(MergeConfig.from_yaml(folder / "tok.yml"), tmp_path / "folder")
-    assert (tmp_path / "folder" / "tokenizer.model").read_bytes() == b"spm"
+        assert (out / "tokenizer.json").read_bytes() == (folder / expected / "tokenizer.json").read_bytes()
+        assert (out / "tokenizer_config.json").exists() == (expected != "tok_only")
+        embeds[source] = load_file(next(out.glob("model-*.safetensors")))["model.embed_tokens.weight"]
+    # rows follow the source's ids: platypus' reverse the base's; a folder of 39 tokens keeps 39 rows
+    assert torch.equal(embeds["platypus"], embeds["base"].flip(0)) and torch.equal(embeds["union"], embeds["base"])
+    assert torch.equal(embeds["tok_only"], embeds["base"][:-1])
+    assert json.loads((tmp_path / "tok_only" / "config.json").read_text())["vocab_size"] == SHAPE.vocab - 1
     # a named source without a tokenizer: one line, before any work
     (folder / "tok.yml").write_text(text + "tokenizer_source: biomistral\n")
     with pytest.raises(Exception, match=r"^tokenizer_source: 'biomistral' \(.*biomistral\) holds no tokenizer"):
         merge(MergeConfig.from_yaml(folder / "tok.yml"), tmp_path / "none")
     assert not (tmp_path / "none").exists()
-    (folder / "tok.yml").write_text(text + "tokenizer_source: union\n")
-    with pytest.raises(Exception, match=r"^tokenizer_source: 'union' \(merged vocabularies\) is not supported yet"):
-        merge(MergeConfig.from_yaml(folder / "tok.yml"), tmp_path / "union")
