@@ -38,8 +38,9 @@ from .constants import (
     STATE_PLAN,
     TOKENIZER_MARKERS,
 )
+from .device import resolve_device
 from .distributed import Group, check_worker
-from .engine import Progress, resolve_device, run_plan
+from .engine import Progress, run_plan
 from .errors import (
     CheckpointError,
     ConfigError,

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from conftest import SMALL_LLAMA, shard_hashes
 
-from streammerge import ConfigError, MergeConfig, OutputError, merge
+from streammerge import MergeConfig, OutputError, merge
 from streammerge.api import finalize, worker_shards
 from streammerge.api import plan as make_plan
 from streammerge.cli import main
@@ -254,7 +254,7 @@ def test_plan_shows_each_workers_shards(models):
 
 
 def test_each_torchrun_process_on_a_gpu_node_takes_its_local_gpu(monkeypatch):
-    from streammerge.engine import resolve_device
+    from streammerge.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -12,6 +12,7 @@ from conftest import shard_hashes
 
 from streammerge import ConfigError, DeviceError, MergeConfig, ModelSpec, api, engine, merge
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.device import Staging
 from streammerge.plan import build_plan, bytes_per_element
 
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=300)
@@ -75,7 +76,7 @@ def _stage_as_on_a_gpu(monkeypatch) -> None:
 
     def staged(self, compute, device=torch.device("cpu")):
         init(self, compute, device)
-        self.staging = engine.Staging(device)
+        self.staging = Staging(device)
 
     monkeypatch.setattr(engine.TorchBackend, "__init__", staged)
 
@@ -90,7 +91,7 @@ def test_blocks_staged_as_on_a_gpu_give_the_cpu_bytes(models, tmp_path, method, 
 
 
 def test_staging_refills_each_set_every_other_block():
-    staging = engine.Staging(torch.device("cpu"))
+    staging = Staging(torch.device("cpu"))
     blocks = [[torch.full((3, 4), float(i)), torch.full((2,), i, dtype=torch.bfloat16)] for i in range(3)]
     sent = [staging.send(b) for b in blocks]
     for block, moved in zip(blocks, sent[2:]):
