@@ -229,7 +229,7 @@ class TensorJob:
         self.compute = torch.promote_types(compute, promoted) if compute == torch.float32 else compute
         self.out_dtype = DTYPES[tp.out_dtype]
         self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
-        use_numpy = uses_chunk_kernel(self.opts, in_dtypes, self.compute, device.type)
+        use_numpy = uses_chunk_kernel(self.opts, tp, in_dtypes, self.compute, device.type)
         self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device)
 
         n = len(self.finetuned)
@@ -254,6 +254,7 @@ class TensorJob:
             given=tuple(d is not None for d in self.delta_rows),
             gammas=tp.gammas,
             epsilons=tp.epsilons,
+            della_row=tp.della_row if tp.epsilons else 0,
         )
 
     def block_bytes(self, r0: int, r1: int) -> int:
