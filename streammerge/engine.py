@@ -124,6 +124,7 @@ class TorchBackend:
         self.compute = compute
         self.device = device
         self.staging: dict[int, torch.Tensor] = {}
+        self.sparsified: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # see l1_scales
 
     def _on_device(self, block: Block) -> Block:
         if self.device.type == "cpu":
@@ -189,12 +190,31 @@ class TorchBackend:
         return float(score.sign().sum(dtype=torch.float64))
 
     def l1_scales(self, block: Block, spec: ops.TensorSpec) -> tuple[float, ...]:
-        """mergekit's DARE rescale per model, from the whole tensor (a single block)."""
+        """mergekit's DARE rescale per model, from the whole tensor (a single block).
+
+        The sparsified deltas stay for `merge` of the same block, which then only applies the factors
+        instead of sorting and masking the tensor a second time.
+        """
         moved = self._on_device(block)  # staged once: a second staging could overwrite buffers still in flight
-        _, kept = self.deltas(moved, replace(spec, dare_scales=(1.0,) * len(block.fts)), staged=True)
-        full = ops.task_vectors(moved.base.to(self.compute), moved.fts, spec.given)
+        base, kept = self.deltas(moved, replace(spec, dare_scales=(1.0,) * len(block.fts)), staged=True)
+        full = ops.task_vectors(base, moved.fts, spec.given)
         work = full.dtype if spec.opts.sparsify in ("trim", "band") else None  # mergekit's magnitude sparsifiers
-        return tuple(ops.l1_rescale(full[i], kept[i], work) for i in range(len(block.fts)))
+        scales = tuple(ops.l1_rescale(full[i], kept[i], work) for i in range(len(block.fts)))
+        self.sparsified = ((block.r0, block.r1), base, kept)
+        return scales
+
+    def _deltas_once(self, block: Block, spec: ops.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """`deltas`, from l1_scales' unscaled ones when it left this block's. The same bits: every
+        sparsifier in `deltas` ends with τ̂·scale when scale != 1 (ops.dare, ops.della without p, the
+        band), and a tensor none of them touches has scale ‖τ‖₁/‖τ‖₁ = 1."""
+        if self.sparsified is None or self.sparsified[0] != (block.r0, block.r1):
+            return self.deltas(block, spec)
+        _, base, deltas = self.sparsified
+        self.sparsified = None
+        for d, scale in zip(deltas, spec.dare_scales):
+            if scale != 1.0:
+                d.mul_(scale)
+        return base, deltas
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
         opts = spec.opts
@@ -203,7 +223,7 @@ class TorchBackend:
         elif opts.combine == "average":
             out.copy_(ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute).reshape(-1))
         else:
-            base, deltas = self.deltas(block, spec)
+            base, deltas = self._deltas_once(block, spec)
             out.copy_(ops.merge_block(base, deltas, spec.weights, spec.lam, opts, spec.majority).reshape(-1))
 
 
