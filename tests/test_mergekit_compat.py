@@ -49,8 +49,12 @@ def test_bit_identical_to_mergekit(tmp_path, inject_masks, name):
 def test_l1_rescale_sparsifies_each_tensor_once(tmp_path, monkeypatch, name):
     # The L1 factor needs the sparsified tensor; the merge reuses it rather than sorting and masking again.
     calls = []
+
+    def counted(real):
+        return lambda *a, **k: calls.append(1) or real(*a, **k)
+
     for fn in ("della_probabilities", "dare"):
-        monkeypatch.setattr(ops, fn, lambda *a, real=getattr(ops, fn), **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(ops, fn, counted(getattr(ops, fn)))
     merge(_config(name), tmp_path / "out")
     tensors = load_file(FIXTURES / "inputs" / "base" / "model.safetensors")
     assert len(calls) == len(_config(name).finetunes()) * len(tensors)
