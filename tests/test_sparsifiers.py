@@ -12,7 +12,7 @@ import torch
 from conftest import shard_hashes, ties_disjoint_mean
 from safetensors.torch import load_file
 
-from streammerge import ConfigError, MergeConfig, ModelSpec, merge, ops
+from streammerge import ConfigError, MergeConfig, ModelSpec, kernels, merge, ops, plan
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.engine import Block, NumpyBackend, TorchBackend
 from streammerge.mask import hash32, keep_mask_varying, mask_key
@@ -244,3 +244,26 @@ def test_della_numpy_kernel_gives_the_torch_paths_bytes(shape, base_dtype, ft_dt
                 with ThreadPoolExecutor(threads) as pool:
                     NumpyBackend(pool if threads > 1 else None).merge(block, spec, got)
                 assert torch.equal(got.view(bits), expected.view(bits)), (params, r0, threads)
+
+
+def test_della_rows_longer_than_a_chunk_stay_on_torch_in_the_plan_and_the_engine(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(40, 64, generator=gen).bfloat16(), "long": torch.randn(kernels.CHUNK + 1, generator=gen).bfloat16()}
+    save_checkpoint(base, tmp_path / "base", shards=1)
+    for i in (1, 2):
+        save_checkpoint({n: (t.float() + torch.randn(t.shape, generator=gen) * 0.01).bfloat16() for n, t in base.items()}, tmp_path / f"ft{i}", shards=1)
+
+    def config(method, include=("*",)):
+        models = tuple(ModelSpec(str(tmp_path / f"ft{i}"), {"weight": 0.5, "density": 0.5}) for i in (1, 2))
+        return MergeConfig(method=method, base=str(tmp_path / "base"), models=models, include=include, seed=1)
+
+    # the kernel's scratch only, as for ties, unless the 1-D tensor's one row needs torch's working set
+    assert plan(config("della", ("w",))).peak_memory == plan(config("ties", ("w",))).peak_memory
+    assert plan(config("della")).peak_memory > plan(config("ties")).peak_memory
+    ranked = []
+    monkeypatch.setattr(TorchBackend, "deltas", lambda self, block, *a, real=TorchBackend.deltas, **k: ranked.append(block.fts[0].shape) or real(self, block, *a, **k))
+    merge(config("della"), tmp_path / "out")
+    assert ranked == [(kernels.CHUNK + 1,)]
+    monkeypatch.setattr(kernels, "supported", lambda dtypes, compute: False)
+    merge(config("della"), tmp_path / "torch")
+    assert shard_hashes(tmp_path / "out") == shard_hashes(tmp_path / "torch")
