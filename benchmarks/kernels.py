@@ -3,8 +3,8 @@
     python benchmarks/kernels.py
 
 Prints M elements/s for: the DARE mask, the numpy chunk kernel (1 and all threads), the
-torch.compile'd kernel (after its compile, which is printed separately), and the radix passes
-that find the exact TIES threshold.
+torch.compile'd kernel (after its compile, which is printed separately), DELLA in the numpy kernel
+against the torch eager path (rows of 2048), and the radix passes that find the exact TIES threshold.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from streammerge import kernels, ops
+from streammerge.engine import Block, TorchBackend
 from streammerge.fused import FusedMerger
 from streammerge.mask import keep_mask_into, mask_key
 
@@ -30,11 +31,12 @@ def rate(fn, repeat: int = 3) -> float:
 
 
 def spec(method: str) -> ops.TensorSpec:
-    dare = method.startswith("dare")
+    dare, della = method.startswith("dare"), method.startswith("della")
     trims = (ops.TrimThreshold(0.0015, -1),) * 2 if method == "ties" else (None, None)
     return ops.TensorSpec(opts=ops.MergeOptions(method=method), weights=(0.5, 0.5), lam=1.0, dare=dare,
-                          keys=tuple(mask_key(0, i, "t") for i in range(2)) if dare else (), densities=(0.5, 0.5),
-                          dare_scales=(2.0, 2.0) if dare else (1.0, 1.0), trims=trims)
+                          keys=tuple(mask_key(0, i, "t") for i in range(2)) if dare or della else (), densities=(0.5, 0.5),
+                          dare_scales=(2.0, 2.0) if dare else (1.0, 1.0), trims=trims,
+                          epsilons=(0.15, 0.15) if della else (), della_row=2048 if della else 0)
 
 
 def main() -> None:
@@ -57,6 +59,13 @@ def main() -> None:
         comp = rate(lambda: fused.merge(sp, base, fts, out, 0))
         print(f"{method:16s} numpy 1 thread {one:5.0f}, numpy {pool._max_workers} threads {many:5.0f}, "
               f"compiled {comp:5.0f} M elem/s (first call incl. compile {compile_s:.1f} s)")
+    for method in ("della", "della_linear"):
+        sp = spec(method)
+        one = rate(lambda: kernels.merge_block(sp, b, f, o, 0, None))
+        many = rate(lambda: kernels.merge_block(sp, b, f, o, 0, pool))
+        block = Block(0, N // 2048, 0, base.view(-1, 2048), [x.view(-1, 2048) for x in fts], 0)
+        eager = rate(lambda: TorchBackend(torch.float32).merge(block, sp, out), repeat=1)
+        print(f"{method:16s} numpy 1 thread {one:5.0f}, numpy {pool._max_workers} threads {many:5.0f}, torch eager {eager:5.0f} M elem/s")
     sp = spec("dare_ties")
     print(f"radix pass 1 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [None, None], [True, True], pool)):.0f} M elem/s")
     print(f"radix pass 2 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [15300, 15300], [True, True], pool)):.0f} M elem/s")

@@ -128,6 +128,7 @@ class TorchBackend:
         self.compute = compute
         self.device = device
         self.staging = Staging(device) if device.type != "cpu" else None
+        self.sparsified: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # see l1_scales
 
     def _on_device(self, block: Block) -> Block:
         if self.staging is None:
@@ -185,12 +186,31 @@ class TorchBackend:
         return float(score.sign().sum(dtype=torch.float64))
 
     def l1_scales(self, block: Block, spec: ops.TensorSpec) -> tuple[float, ...]:
-        """mergekit's DARE rescale per model, from the whole tensor (a single block)."""
+        """mergekit's DARE rescale per model, from the whole tensor (a single block).
+
+        The sparsified deltas stay for `merge` of the same block, which then only applies the factors
+        instead of sorting and masking the tensor a second time.
+        """
         moved = self._on_device(block)  # staged once: a second staging could overwrite buffers still in flight
-        _, kept = self.deltas(moved, replace(spec, dare_scales=(1.0,) * len(block.fts)), staged=True)
-        full = ops.task_vectors(moved.base.to(self.compute), moved.fts, spec.given)
+        base, kept = self.deltas(moved, replace(spec, dare_scales=(1.0,) * len(block.fts)), staged=True)
+        full = ops.task_vectors(base, moved.fts, spec.given)
         work = full.dtype if spec.opts.sparsify in ("trim", "band") else None  # mergekit's magnitude sparsifiers
-        return tuple(ops.l1_rescale(full[i], kept[i], work) for i in range(len(block.fts)))
+        scales = tuple(ops.l1_rescale(full[i], kept[i], work) for i in range(len(block.fts)))
+        self.sparsified = ((block.r0, block.r1), base, kept)
+        return scales
+
+    def _deltas_once(self, block: Block, spec: ops.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """`deltas`, from l1_scales' unscaled ones when it left this block's. The same bits: every
+        sparsifier in `deltas` ends with τ̂·scale when scale != 1 (ops.dare, ops.della without p, the
+        band), and a tensor none of them touches has scale ‖τ‖₁/‖τ‖₁ = 1."""
+        if self.sparsified is None or self.sparsified[0] != (block.r0, block.r1):
+            return self.deltas(block, spec)
+        _, base, deltas = self.sparsified
+        self.sparsified = None
+        for d, scale in zip(deltas, spec.dare_scales):
+            if scale != 1.0:
+                d.mul_(scale)
+        return base, deltas
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> torch.cuda.Event | None:
         """Writes the merged block into `out` (CPU); returns the event to wait for before reading it."""
@@ -201,7 +221,7 @@ class TorchBackend:
         if opts.combine == "average":
             result = ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute)
         else:
-            base, deltas = self.deltas(block, spec)
+            base, deltas = self._deltas_once(block, spec)
             result = ops.merge_block(base, deltas, spec.weights, spec.lam, opts, spec.majority)
         if self.staging is not None:  # rounded on the GPU (round-to-nearest-even there too): fewer bytes travel back
             result = result.to(out.dtype)
@@ -237,7 +257,7 @@ class TensorJob:
         self.compute = torch.promote_types(compute, promoted) if compute == torch.float32 else compute
         self.out_dtype = DTYPES[tp.out_dtype]
         self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
-        use_numpy = uses_chunk_kernel(self.opts, in_dtypes, self.compute, device.type)
+        use_numpy = uses_chunk_kernel(self.opts, tp, in_dtypes, self.compute, device.type)
         self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device)
 
         n = len(self.finetuned)
@@ -271,6 +291,7 @@ class TensorJob:
             given=tuple(d is not None for d in self.delta_rows),
             gammas=tp.gammas,
             epsilons=tp.epsilons,
+            della_row=tp.della_row if tp.epsilons else 0,
         )
 
     def _gathered(self, ckpt: Checkpoint) -> bool:

@@ -142,7 +142,7 @@ class FusedMerger:
 
     def supports(self, spec: TensorSpec, fts: list[torch.Tensor]) -> bool:
         return (not self.broken and spec.merged and spec.opts.combine in ("sum", "ties") and spec.opts.positive_zeros
-                and len({f.dtype for f in fts}) == 1 and not any(spec.given) and spec.opts.sparsify != "band")
+                and len({f.dtype for f in fts}) == 1 and not any(spec.given) and spec.opts.sparsify not in ("band", "magprune"))
 
     def merge(self, spec: TensorSpec, base: torch.Tensor, fts: list[torch.Tensor], out: torch.Tensor, start: int) -> bool:
         """Merges flat `base`/`fts` into flat `out`; False if compiling failed (use the fallback)."""

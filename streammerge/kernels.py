@@ -1,30 +1,39 @@
 """The CPU hot path: `ops`' float32 arithmetic, op for op, over cache-sized chunks with numpy.
 
 Eager torch makes one pass over memory per operation, so a TIES merge of a tensor costs dozens of
-passes. Here each chunk of 32K elements is read once from the input buffers, goes through every
+passes. Here each chunk of 64K elements is read once from the input buffers, goes through every
 operation while it sits in L2 cache, and is written once to the output buffer. numpy ufuncs on
 preallocated scratch arrays have little per-call overhead and release the GIL, so chunks run on all
 cores. Every step is the same IEEE float32 operation, in the same order, as in `ops.merge_block`
 (including torch's sum over models, which starts from +0), so both paths give the same bits; the
 tests check it. Only float32 compute goes through here; mergekit's bf16 arithmetic stays in `ops`.
+
+DELLA ranks |τ| within rows, so its chunks hold whole rows (as many as fit in a chunk; a tensor with
+longer rows stays on torch, see `plan.uses_chunk_kernel`), and a row's ranks come from one sort of
+distinct integer keys that orders exactly as the torch path's stable sort.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .mask import keep_mask_into
-from .ops import TensorSpec, TrimThreshold
+from .mask import keep_mask_into, keep_mask_varying
+from .ops import TensorSpec, TrimThreshold, della_rank_probabilities, keep_thresholds
 
 CHUNK = 1 << 16  # elements per chunk; measured best on this 2-core machine (2^15..2^18 tried)
 STAT_CHUNK = 1 << 18  # elements per histogram call: 64K bins cost per call, but np.bincount copies its input to int64
 
 _STORAGE = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}
 _F32_ZERO = np.float32(0.0)
+# DELLA's sort keys: |τ|'s bits above, the element's position in its chunk (< CHUNK) below
+_POS_BITS = (CHUNK - 1).bit_length()
+_POS = np.arange(CHUNK, dtype=np.int64)
+_POS.flags.writeable = False
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -84,6 +93,9 @@ class _Scratch:
         self.b1 = np.empty(CHUNK, np.bool_)
         self.b2 = np.empty(CHUNK, np.bool_)
         self.agree = np.empty((n, CHUNK), np.float32)
+        self.order = np.empty(CHUNK, np.int64)  # DELLA: sort keys, then each rank's position
+        self.thr = np.empty(CHUNK, np.int64)  # DELLA: per-element mask thresholds
+        self.p = np.empty(CHUNK, np.float32)  # DELLA: per-element keep probabilities
 
 
 _local = threading.local()
@@ -128,6 +140,8 @@ def deltas_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], star
             np.multiply(d, keep, out=d)
             if spec.dare_scales[i] != 1.0:
                 np.multiply(d, np.float32(spec.dare_scales[i]), out=d)
+        if spec.opts.sparsify == "magprune" and spec.densities[i] < 1:
+            _magprune_chunk(d, spec, i, start, s)
         t, o = spec.trims[i], (spec.outliers[i] if spec.outliers else None)
         if t is not None:
             _trim_chunk(d, t, start, s)
@@ -155,6 +169,43 @@ def _trim_chunk(d: np.ndarray, t: TrimThreshold, start: int, s: _Scratch, drop: 
     if drop:
         np.logical_not(keep, out=keep)
     np.multiply(d, keep, out=d)
+
+
+@functools.lru_cache(maxsize=256)
+def _della_tables(cols: int, density: float, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank 0..cols−1: the mask threshold floor(p·2³²) (int64) and p in float32, from ops' float64 p."""
+    p = della_rank_probabilities(cols, density, epsilon)
+    thr, p32 = keep_thresholds(p).numpy(), p.float().numpy()
+    thr.flags.writeable = p32.flags.writeable = False  # shared by every thread
+    return thr, p32
+
+
+def _magprune_chunk(d: np.ndarray, spec: TensorSpec, i: int, start: int, s: _Scratch) -> None:
+    """DELLA's MagPrune of whole rows in place, as TorchBackend.deltas does it with ops.della_probabilities,
+    keep_mask_varying and ops.della: rank |τ| within each row (ties lower index first), keep each element
+    with its rank's p, divide the kept ones by p in float32 (rescale: inverse)."""
+    m, cols = len(d), spec.della_row
+    thr_by_rank, p_by_rank = _della_tables(cols, spec.densities[i], spec.epsilons[i])
+    # Non-negative floats: integer order is float order. NaNs rank above everything, as in torch;
+    # their order among themselves differs from torch's but shows nowhere: NaN·0 and NaN/p stay NaN.
+    bits = np.abs(d, out=s.a[:m]).view(np.int32)
+    # Keys (|τ| bits, position) are distinct and order as the stable sort's (|τ|, index), so numpy's
+    # fast unstable sort of int64 (over 15x its stable argsort of the floats here) gives exactly that order.
+    order = s.order[:m]
+    order[...] = bits
+    np.left_shift(order, _POS_BITS, out=order)
+    np.bitwise_or(order, _POS[:m], out=order)
+    rows = order.reshape(m // cols, cols)
+    rows.sort(axis=1)
+    np.bitwise_and(rows, CHUNK - 1, out=rows)  # row r, rank k -> the element's position in the chunk
+    thr = s.thr[:m]
+    thr[rows] = thr_by_rank
+    keep = keep_mask_varying(spec.keys[i], start, torch.from_numpy(thr)).numpy()
+    np.multiply(d, keep, out=d)
+    if spec.opts.rescale == "inverse":
+        p = s.p[:m]
+        p[rows] = p_by_rank
+        np.divide(d, p, out=d)
 
 
 def merge_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: np.ndarray, start: int) -> None:
@@ -240,30 +291,40 @@ def merge_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: 
     store(merged, out, s.tmp[:m], s.b1[:m])
 
 
-def _chunks(total: int, parts: int) -> list[tuple[int, int]]:
-    """Splits [0, total) into about `parts` ranges aligned to CHUNK."""
-    per = max(CHUNK, -(-total // parts) // CHUNK * CHUNK)
+def chunk_step(spec: TensorSpec) -> int:
+    """Elements per chunk: CHUNK, or for DELLA the most whole rows that fit in it (it ranks within rows;
+    `plan.uses_chunk_kernel` sends longer rows to torch)."""
+    if spec.opts.sparsify != "magprune" or not spec.merged:
+        return CHUNK
+    assert 0 < spec.della_row <= CHUNK, spec.della_row
+    return CHUNK // spec.della_row * spec.della_row
+
+
+def _chunks(total: int, parts: int, step: int) -> list[tuple[int, int]]:
+    """Splits [0, total) into about `parts` ranges aligned to `step`."""
+    per = max(step, -(-total // parts) // step * step)
     return [(c, min(c + per, total)) for c in range(0, total, per)]
 
 
-def run_parallel(fn, total: int, pool: ThreadPoolExecutor | None) -> None:
-    """Calls fn(c0, c1) over chunk-aligned ranges covering [0, total), on the pool's threads."""
+def run_parallel(fn, total: int, pool: ThreadPoolExecutor | None, step: int = CHUNK) -> None:
+    """Calls fn(c0, c1) over `step`-aligned ranges covering [0, total), on the pool's threads."""
     if pool is None or total <= 4 * CHUNK:
         fn(0, total)
         return
-    for f in [pool.submit(fn, c0, c1) for c0, c1 in _chunks(total, 4 * pool._max_workers)]:
+    for f in [pool.submit(fn, c0, c1) for c0, c1 in _chunks(total, 4 * pool._max_workers, step)]:
         f.result()
 
 
 def merge_block(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], out: np.ndarray, start: int, pool=None) -> None:
     """Merges a whole block (flat arrays) chunk by chunk; `start` is its first flat element index."""
+    step = chunk_step(spec)
 
     def work(c0: int, c1: int) -> None:
-        for c in range(c0, c1, CHUNK):
-            e = min(c + CHUNK, c1)
+        for c in range(c0, c1, step):
+            e = min(c + step, c1)
             merge_chunk(spec, base[c:e], [f[c:e] for f in fts], out[c:e], start + c)
 
-    run_parallel(work, len(base), pool)
+    run_parallel(work, len(base), pool, step)
 
 
 # ---- stats passes: radix histograms and the last kept tie ---------------------------------
@@ -280,14 +341,15 @@ def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], 
     n = len(fts)
     lock = threading.Lock()
     hists = [np.zeros(65536, np.int64) for _ in range(n)]
+    step = chunk_step(spec)
 
     def work(c0: int, c1: int) -> None:
         s = _scratch(n)
         local = [np.zeros(65536, np.int64) for _ in range(n)]
         keys = [np.empty(STAT_CHUNK, np.int32) for _ in range(n)]
         fill = [0] * n
-        for c in range(c0, c1, CHUNK):
-            e = min(c + CHUNK, c1)
+        for c in range(c0, c1, step):
+            e = min(c + step, c1)
             _, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
             for i, d in enumerate(ds):
                 if not wanted[i]:
@@ -311,7 +373,7 @@ def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], 
             for i in range(n):
                 hists[i] += local[i]
 
-    run_parallel(work, len(base), pool)
+    run_parallel(work, len(base), pool, step)
     return hists
 
 
@@ -322,9 +384,9 @@ def find_tie(spec: TensorSpec, base, fts, start: int, i: int, value: float, need
     """
     s = _scratch(len(fts))
     v = np.float32(value)
-    seen = 0
-    for c in range(0, len(base), CHUNK):
-        e = min(c + CHUNK, len(base))
+    seen, step = 0, chunk_step(spec)
+    for c in range(0, len(base), step):
+        e = min(c + step, len(base))
         bits = _abs_bits(spec, base, fts, c, e, start, s, i)
         hits = np.flatnonzero(bits.view(np.float32) == v)
         if seen + len(hits) >= needed:
@@ -336,9 +398,9 @@ def find_tie(spec: TensorSpec, base, fts, start: int, i: int, value: float, need
 def sign_total(spec: TensorSpec, base, fts, start: int) -> float:
     """Σ of the raw elected signs over a block (FusionBench's majority sign)."""
     s = _scratch(len(fts))
-    total = 0.0
-    for c in range(0, len(base), CHUNK):
-        e = min(c + CHUNK, len(base))
+    total, step = 0.0, chunk_step(spec)
+    for c in range(0, len(base), step):
+        e = min(c + step, len(base))
         m = e - c
         _, ds = deltas_chunk(spec, base[c:e], [f[c:e] for f in fts], start + c, s)
         voters = [np.multiply(d, np.float32(spec.weights[i]), out=s.v[i, :m]) for i, d in enumerate(ds)] if spec.opts.weighted_sign else ds

@@ -115,6 +115,7 @@ class TensorSpec:
     outliers: tuple[TrimThreshold | None, ...] = ()  # breadcrumbs: per model, the top-|τ| band dropped
     gammas: tuple[float, ...] = ()  # breadcrumbs: outlier share per model
     epsilons: tuple[float, ...] = ()  # della: keep-probability spread per model
+    della_row: int = 0  # della: elements per ranked row (the numpy kernel chunks by whole rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,11 +334,18 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float, mer
     order = torch.argsort(rows.abs().float(), dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(cols, device=rows.device).expand_as(order))
-    # p depends on the rank alone: compute it once per rank, then look it up (the same float64 values)
-    rank_norm = torch.arange(cols, dtype=torch.float64, device=rows.device) / (cols - 1) if cols > 1 else \
-        torch.full((1,), 0.5, dtype=torch.float64, device=rows.device)
-    by_rank = (density - epsilon) + rank_norm * 2 * epsilon
-    return by_rank[ranks].view(delta.shape)
+    return della_rank_probabilities(cols, density, epsilon, rows.device)[ranks].view(delta.shape)
+
+
+def della_rank_probabilities(cols: int, density: float, epsilon: float, device: torch.device | None = None) -> torch.Tensor:
+    """p of the ranks 0..cols−1 of a row of `cols` elements, float64 (the default rule; one column: density).
+
+    p depends on the rank alone, so it is computed once per rank and looked up: by the torch path
+    above and by the numpy kernel (kernels.py), which must give the same float64 values.
+    """
+    rank_norm = torch.arange(cols, dtype=torch.float64, device=device) / (cols - 1) if cols > 1 else \
+        torch.full((1,), 0.5, dtype=torch.float64, device=device)
+    return (density - epsilon) + rank_norm * 2 * epsilon
 
 
 def keep_thresholds(p: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,11 @@ class TensorPlan:
         return math.prod(self.shape[1:]) if self.shape else 1
 
     @property
+    def della_row(self) -> int:
+        """Elements per row that DELLA ranks within: a 2-D (or wider) tensor's rows; a 1-D tensor is one row."""
+        return self.numel if len(self.shape) < 2 else self.row_elems
+
+    @property
     def nbytes(self) -> int:
         return self.numel * itemsize(self.out_dtype)
 
@@ -331,7 +336,7 @@ def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) ->
     """The engine's working memory: the output buffer pool, chunk scratch, and where torch computes
     (mergekit's whole tensors, other devices) one block's float32 working set."""
     compute = plan.options.compute_dtype or torch.float32
-    chunked = [uses_chunk_kernel(plan.options, in_dtypes[t.name], compute) for t in plan.tensors]
+    chunked = [uses_chunk_kernel(plan.options, t, in_dtypes[t.name], compute) for t in plan.tensors]
     rows = [job_rows(t, plan, in_dtypes[t.name], c) for t, c in zip(plan.tensors, chunked)]
     capacity, count = pool_shape(plan, rows)
     n = len(plan.sources)
@@ -340,8 +345,12 @@ def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) ->
     return capacity * count + SCRATCH_BYTES + work
 
 
-def uses_chunk_kernel(opts: MergeOptions, in_dtypes: list[torch.dtype], compute: torch.dtype, device: str = "cpu") -> bool:
-    """Whether a tensor merges in the numpy chunk kernel (kernels.py) rather than with torch ops:
-    on the CPU, in float32, for the methods it implements (DELLA ranks rows: torch only)."""
+def uses_chunk_kernel(opts: MergeOptions, tp: TensorPlan, in_dtypes: list[torch.dtype], compute: torch.dtype,
+                      device: str = "cpu") -> bool:
+    """Whether a tensor merges in the numpy chunk kernel (kernels.py) rather than with torch ops: on the
+    CPU, in float32, for the methods it implements. DELLA ranks within rows and the kernel's chunks hold
+    whole rows, so a merged tensor whose rows are longer than a chunk (a huge 1-D tensor, a 3-D expert
+    stack) goes to torch, which holds one row block whatever its size."""
+    rows_fit = opts.sparsify != "magprune" or not tp.merged or tp.della_row <= kernels.CHUNK
     return (device == "cpu" and kernels.supported(in_dtypes, compute) and not opts.whole_tensors and not opts.fused_linear
-            and opts.sparsify in ("none", "trim", "dare", "band"))
+            and rows_fit)

@@ -35,6 +35,7 @@ def inject_masks(monkeypatch) -> Callable:
 
         monkeypatch.setattr(streammerge.engine, "keep_mask", keep_mask)
         monkeypatch.setattr(streammerge.engine, "keep_mask_varying", keep_mask_varying)
+        monkeypatch.setattr(streammerge.kernels, "keep_mask_varying", keep_mask_varying)
         monkeypatch.setattr(streammerge.kernels, "keep_mask_into", keep_mask_into)
 
     return install

@@ -27,11 +27,11 @@ def models(tmp_path_factory):
     return root
 
 
-def _bytes(tmp_path, root, method, semantics, mode, **params):
+def _bytes(tmp_path, root, method, semantics, mode, options=None, **params):
     models = tuple(ModelSpec(str(root / f"ft{i}"), {"weight": [0.5, -0.3, 0.4][i], "density": [0.5, 0.3, 0.8][i]}) for i in range(3))
     cfg = MergeConfig(method=method, base=str(root / "base"), models=models, semantics=semantics, parameters=params, seed=5)
     out = tmp_path / f"{method}-{semantics}-{mode}"
-    merge(cfg, out, compile="on" if mode == "fused" else "off")
+    merge(cfg, out, compile="on" if mode == "fused" else "off", **(options or {}))
     return shard_hashes(out)
 
 
@@ -59,3 +59,16 @@ def test_breadcrumbs_numpy_kernel_and_torch_give_identical_bytes(tmp_path, model
     numpy = _bytes(tmp_path, models, method, "default", "numpy", gamma=0.05)
     monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)
     assert numpy == _bytes(tmp_path, models, method, "default", "torch", gamma=0.05)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_numpy_kernel_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, method, rescale):
+    # DELLA ranks within rows in the numpy kernel; torch eager is the reference. A small budget splits
+    # tensors into row blocks, and two threads split the blocks; the fused kernel never takes DELLA.
+    ranked = []
+    monkeypatch.setattr(streammerge.kernels, "_magprune_chunk", lambda *a, real=streammerge.kernels._magprune_chunk: ranked.append(1) or real(*a))
+    numpy = _bytes(tmp_path, models, method, "default", "fused", rescale=rescale, epsilon=0.1, options={"max_memory": 20_000, "threads": 2})
+    assert ranked  # the kernel really ran
+    monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)
+    assert numpy == _bytes(tmp_path, models, method, "default", "torch", rescale=rescale, epsilon=0.1)

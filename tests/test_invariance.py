@@ -57,8 +57,8 @@ def test_cuda_without_cuda_falls_back_to_the_same_cpu_bytes(models, tmp_path, ca
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("semantics", ["default", "mergekit", "fusionbench"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("method", "semantics"), [(m, s) for s in ("default", "mergekit", "fusionbench") for m in METHODS]
+                         + [(m, s) for s in ("default", "mergekit") for m in ("breadcrumbs_ties", "della", "della_linear")])
 def test_gpu_gives_the_cpu_bytes(models, tmp_path, method, semantics):
     # one IEEE op at a time in the same order (float32, or bf16 under mergekit), masks from the same
     # integer hash, mergekit's unstable sorts and L1 sums on the CPU: the GPU's bytes are the CPU's.
@@ -82,7 +82,7 @@ def _stage_as_on_a_gpu(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("semantics", ["default", "mergekit"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ["breadcrumbs_ties", "della", "della_linear"])
 def test_blocks_staged_as_on_a_gpu_give_the_cpu_bytes(models, tmp_path, method, semantics, monkeypatch):
     plain = _merge(models, tmp_path / "plain", method, semantics)  # the numpy chunk kernel (default)
     _stage_as_on_a_gpu(monkeypatch)

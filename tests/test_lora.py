@@ -135,7 +135,7 @@ def test_bf16_output_rounds_once(models, tmp_path):
     assert out["model.layers.0.mlp.up_proj.weight"].equal(base["model.layers.0.mlp.up_proj.weight"])  # not adapted: τ = 0
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
 def test_numpy_and_torch_paths_and_blocks_agree(models, tmp_path, monkeypatch, method):
     root = models[0]
     specs = (ModelSpec(str(root / "lora"), {"weight": 0.6, "density": 0.5}), ModelSpec(str(root / "ft"), {"weight": 0.4, "density": 0.7}))

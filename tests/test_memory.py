@@ -56,7 +56,7 @@ def _run(root, method, budget, out):
     return json.loads(done.stdout.strip().splitlines()[-1])["growth"], hashlib.sha256(shard.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear"])
 def test_a_tensor_four_times_the_budget_stays_within_it(big, tmp_path, method):
     growth, small = _run(big, method, BUDGET, tmp_path / "small")
     tensor_bytes = ROWS * COLS * 2

@@ -45,6 +45,21 @@ def test_bit_identical_to_mergekit(tmp_path, inject_masks, name):
     assert not mismatched, f"{len(mismatched)} tensors differ from mergekit, e.g. {mismatched[:3]}"
 
 
+@pytest.mark.parametrize("name", ["della_bf16", "dare_ties_bf16"])
+def test_l1_rescale_sparsifies_each_tensor_once(tmp_path, monkeypatch, name):
+    # The L1 factor needs the sparsified tensor; the merge reuses it rather than sorting and masking again.
+    calls = []
+
+    def counted(real):
+        return lambda *a, **k: calls.append(1) or real(*a, **k)
+
+    for fn in ("della_probabilities", "dare"):
+        monkeypatch.setattr(ops, fn, counted(getattr(ops, fn)))
+    merge(_config(name), tmp_path / "out")
+    tensors = load_file(FIXTURES / "inputs" / "base" / "model.safetensors")
+    assert len(calls) == len(_config(name).finetunes()) * len(tensors)
+
+
 def test_fixture_names_cover_every_method():
     methods = {_config(n).method_name for n in NAMES}
     assert methods == set(METHODS) - {"magnitude_prune"}  # mergekit has no plain magnitude pruning

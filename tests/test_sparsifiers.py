@@ -5,14 +5,16 @@ bytes for any row-block size and thread count. (Bit-exactness with mergekit: tes
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import shard_hashes, ties_disjoint_mean
 from safetensors.torch import load_file
 
-from streammerge import ConfigError, MergeConfig, ModelSpec, merge, ops
+from streammerge import ConfigError, MergeConfig, ModelSpec, kernels, merge, ops, plan
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.engine import Block, NumpyBackend, TorchBackend
 from streammerge.mask import hash32, keep_mask_varying, mask_key
 
 SHAPE = TinyLlama(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=40)
@@ -188,3 +190,80 @@ def test_epsilon_must_keep_probabilities_inside_0_1(tmp_path, models):
         MergeConfig(**{**_config(root, "breadcrumbs").__dict__, "parameters": {"gamma": -0.1}}).validate()
     with pytest.raises(ConfigError, match="semantics: peft has no della method"):
         MergeConfig(**{**cfg.__dict__, "semantics": "peft"}).validate()
+
+
+# ---- DELLA in the numpy chunk kernel: the torch path's bytes --------------------------------
+
+# shape, base dtype, fine-tunes' dtype. The kernel's chunks hold the most whole rows that fit in
+# 65536 elements: 32 rows of 2048 (140 rows leave a partial chunk), 21 of 3000, one of 65536. Two
+# threads split tensors above 4 chunks (the 2048- and 65536-wide ones) into row-aligned ranges.
+KERNEL_SHAPES = [
+    ((5000,), torch.bfloat16, torch.bfloat16),  # 1-D: one row
+    ((), torch.float32, torch.float32),  # a scalar: one row of one element, p = density
+    ((7, 33), torch.float32, torch.float32),
+    ((140, 2048), torch.bfloat16, torch.bfloat16),
+    ((50, 3000), torch.float16, torch.float16),
+    ((5, 65536), torch.bfloat16, torch.bfloat16),
+    ((4, 6, 5), torch.bfloat16, torch.float32),  # 3-D: rows of 30; mixed input dtypes
+]
+# per model: (density, epsilon); density 1 leaves a model's τ as it is, epsilon 0 gives every rank p = density
+KERNEL_PARAMS = [((0.5, 0.1), (0.3, 0.2), (0.9, 0.05)), ((0.7, 0.0), (1.0, 0.15), (0.2, 0.15))]
+
+
+def _quantized_models(shape, base_dtype, ft_dtype, seed):
+    """A base and 3 fine-tunes whose τ are multiples of 2^-9 in a narrow range: many exact |τ| ties,
+    of equal and of opposite signs, and zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=gen) * 0.02).to(base_dtype)
+    fts = [(base.float() + torch.randint(-6, 7, shape, generator=gen) / 512).to(ft_dtype) for _ in range(3)]
+    return base, fts
+
+
+@pytest.mark.parametrize("rescale", ["inverse", "none"])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize(("shape", "base_dtype", "ft_dtype"), KERNEL_SHAPES, ids=lambda v: str(v))
+def test_della_numpy_kernel_gives_the_torch_paths_bytes(shape, base_dtype, ft_dtype, method, rescale):
+    base, fts = _quantized_models(shape, base_dtype, ft_dtype, seed=7)
+    row = base.numel() if len(shape) < 2 else base[0].numel()
+    bits = torch.int32 if base_dtype == torch.float32 else torch.int16
+    n_rows = shape[0] if shape else 1
+    for params in KERNEL_PARAMS:
+        opts = ops.MergeOptions(method=method, rescale=rescale)
+        spec = ops.TensorSpec(opts=opts, weights=(0.6, -0.3, 0.5), lam=0.8, dare=False, keys=tuple(mask_key(5, i, "t") for i in range(3)),
+                              densities=tuple(d for d, _ in params), dare_scales=(1.0,) * 3, trims=(None,) * 3,
+                              epsilons=tuple(e for _, e in params), della_row=row)
+        # the whole tensor, and a block of rows from the middle (its mask starts at its flat index)
+        for r0, r1 in [(0, n_rows)] + ([(n_rows // 3, n_rows)] if len(shape) >= 2 else []):
+            rows = [t[r0:r1] if shape else t for t in (base, *fts)]
+            block = Block(r0, r1, r0 * row, rows[0], rows[1:], 0)
+            numel = rows[0].numel()
+            expected = torch.empty(numel, dtype=base_dtype)
+            TorchBackend(torch.float32).merge(block, spec, expected)
+            for threads in (1, 2):
+                got = torch.empty(numel, dtype=base_dtype)
+                with ThreadPoolExecutor(threads) as pool:
+                    NumpyBackend(pool if threads > 1 else None).merge(block, spec, got)
+                assert torch.equal(got.view(bits), expected.view(bits)), (params, r0, threads)
+
+
+def test_della_rows_longer_than_a_chunk_stay_on_torch_in_the_plan_and_the_engine(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(40, 64, generator=gen).bfloat16(), "long": torch.randn(kernels.CHUNK + 1, generator=gen).bfloat16()}
+    save_checkpoint(base, tmp_path / "base", shards=1)
+    for i in (1, 2):
+        save_checkpoint({n: (t.float() + torch.randn(t.shape, generator=gen) * 0.01).bfloat16() for n, t in base.items()}, tmp_path / f"ft{i}", shards=1)
+
+    def config(method, include=("*",)):
+        models = tuple(ModelSpec(str(tmp_path / f"ft{i}"), {"weight": 0.5, "density": 0.5}) for i in (1, 2))
+        return MergeConfig(method=method, base=str(tmp_path / "base"), models=models, include=include, seed=1)
+
+    # the kernel's scratch only, as for ties, unless the 1-D tensor's one row needs torch's working set
+    assert plan(config("della", ("w",))).peak_memory == plan(config("ties", ("w",))).peak_memory
+    assert plan(config("della")).peak_memory > plan(config("ties")).peak_memory
+    ranked = []
+    monkeypatch.setattr(TorchBackend, "deltas", lambda self, block, *a, real=TorchBackend.deltas, **k: ranked.append(block.fts[0].shape) or real(self, block, *a, **k))
+    merge(config("della"), tmp_path / "out")
+    assert ranked == [(kernels.CHUNK + 1,)]
+    monkeypatch.setattr(kernels, "supported", lambda dtypes, compute: False)
+    merge(config("della"), tmp_path / "torch")
+    assert shard_hashes(tmp_path / "out") == shard_hashes(tmp_path / "torch")
