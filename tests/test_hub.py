@@ -348,6 +348,25 @@ def test_tokenizer_source_from_a_hub_repo(tmp_path, models, fakehub):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"  # from the base
 
 
+def test_a_union_of_hub_vocabularies_gives_the_bytes_of_the_local_union(tmp_path, models, fakehub):
+    # ft1 numbers two tokens the other way round and has a token the others lack: the union appends it
+    tokens = [f"t{i}" for i in range(SHAPE.vocab)]
+    theirs = [tokens[1], tokens[0], *tokens[2:5], "<|new|>", *tokens[6:]]
+    tokenizers = {"base": tokenizer_json(tokens), "ft1": tokenizer_json(theirs), "ft2": tokenizer_json(tokens)}
+    for name, data in tokenizers.items():
+        fakehub.commit(f"org/{name}", {"tokenizer.json": json.dumps(data).encode()})
+    base, fts = models
+    for folder, name in ((base, "base"), (fts[0], "ft1"), (fts[1], "ft2")):
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizers[name]))
+    hub = api.merge(ties("org/base", "org/ft1", "org/ft2", tokenizer_source="union"), tmp_path / "hub")
+    local = api.merge(ties(str(base), str(fts[0]), str(fts[1]), tokenizer_source="union"), tmp_path / "local-out")
+    assert [s["sha256"] for s in hub.shards] == [s["sha256"] for s in local.shards]
+    union = json.loads((tmp_path / "hub" / "tokenizer.json").read_text())
+    assert union["model"]["vocab"] == tokenizers["base"]["model"]["vocab"]
+    assert [(t["id"], t["content"]) for t in union["added_tokens"]] == [(SHAPE.vocab, "<|new|>")]
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["vocab_size"] == SHAPE.vocab + 1
+
+
 def test_a_lora_adapter_repo_merges_like_the_local_adapter(tmp_path, models, fakehub):
     import json
 
