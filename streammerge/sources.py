@@ -247,8 +247,8 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.files = _resolve_files(self.path)
-        self._load(_read_index(self.path) if self.path.is_dir() else None, read_header)
+        self.files, index = _resolve_files(self.path)
+        self._load(index, read_header)
 
     def _load(self, index: dict[str, str] | None, read: Callable[[Path], tuple[dict[str, TensorInfo], dict]]) -> None:
         """Builds the tensor table from each file's header (`read(file)`), keeping what the index maps there."""
@@ -446,7 +446,8 @@ def _read_index(folder: Path) -> dict[str, str] | None:
     return weight_map
 
 
-def _resolve_files(path: Path) -> list[Path]:
+def _resolve_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of a checkpoint path, and its index's weight map when it has one."""
     if not path.exists():
         raise CheckpointNotFoundError(path, "no such file or folder")
     if path.is_file():
@@ -454,7 +455,7 @@ def _resolve_files(path: Path) -> list[Path]:
             raise CheckpointError(path, "pickle checkpoints are never loaded (they can run code); convert to safetensors")
         if path.suffix != ".safetensors":
             raise CheckpointError(path, "not a .safetensors file")
-        return [path]
+        return [path], None
     if not path.is_dir():
         raise CheckpointError(path, f"not a .safetensors file or a model folder but {_file_kind(path.stat().st_mode)}")
     index = _read_index(path)
@@ -465,13 +466,13 @@ def _resolve_files(path: Path) -> list[Path]:
                 raise CheckpointNotFoundError(file, f"shard listed in {SAFETENSORS_INDEX} is missing")
             if not file.is_file():
                 raise CheckpointError(file, f"shard listed in {SAFETENSORS_INDEX} is not a regular file")
-        return files
+        return files, index
     single = path / SAFETENSORS_SINGLE
     if single.exists() or single.is_symlink():
         _inside(path, SAFETENSORS_SINGLE, listed_in="")
         if not single.is_file():
             raise CheckpointError(single, "not a regular file")
-        return [single]
+        return [single], None
     if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
         raise CheckpointError(
             path, "holds only pickle weights (.bin/.pt), which streammerge never loads; convert the model "
