@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import shard_hashes
 
-from streammerge import ConfigError, DeviceError, MergeConfig, ModelSpec, api, engine, merge
+from streammerge import ConfigError, DeviceError, MergeConfig, ModelSpec, api, engine, finalize, merge
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.device import Staging
 from streammerge.plan import build_plan, bytes_per_element
@@ -45,6 +45,20 @@ def test_thread_count_changes_nothing(models, tmp_path, method, semantics):
     two = _merge(models, tmp_path / "t2", method, semantics, threads=2, compile="off")
     again = _merge(models, tmp_path / "t2b", method, semantics, threads=2, compile="off")
     assert one == two == again
+
+
+# every method, and mergekit's whole-tensor paths (sorts, L1 factors) for the sparsifying ones
+EVERY_METHOD = ([(m, "default") for m in METHODS + ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]]
+                + [(m, "mergekit") for m in ("ties", "dare_ties", "breadcrumbs_ties", "della")])
+
+
+@pytest.mark.parametrize(("method", "semantics"), EVERY_METHOD)
+def test_any_split_over_workers_gives_the_same_bytes(models, tmp_path, method, semantics):
+    one = _merge(models, tmp_path / "one", method, semantics)
+    for rank in (1, 0):  # any order
+        _merge(models, tmp_path / "split", method, semantics, rank=rank, world_size=2)
+    finalize(tmp_path / "split")
+    assert shard_hashes(tmp_path / "split") == one
 
 
 def test_cuda_without_cuda_falls_back_to_the_same_cpu_bytes(models, tmp_path, caplog, monkeypatch):
