@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a merge/input/config error (one line on stderr), 2 bad 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -41,6 +42,29 @@ class Size(click.ParamType):
 def _one_line(message: str) -> str:
     """Keeps an error on one line even when a file or tensor name holds a line break."""
     return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class _EchoHandler(logging.Handler):
+    """The library's log records as the CLI's own stderr lines: `streammerge: warning: ...`.
+    Echoed at emit time, so the line goes to whatever stderr is then."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"streammerge: {record.levelname.lower()}: {_one_line(record.getMessage())}", err=True)
+
+
+def _show_logs(level: int) -> None:
+    logger = logging.getLogger("streammerge")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+    logger.setLevel(level)
+
+
+def _quiet() -> None:
+    """--quiet: no progress bars (huggingface_hub's download and upload bars too), warnings only."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    logging.getLogger("streammerge").setLevel(logging.WARNING)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -196,6 +220,7 @@ def _positional(args: tuple[str, ...], needs_output: bool) -> tuple[str | None, 
 @click.version_option(package_name="streammerge")
 def main() -> None:
     """Merge LLM checkpoints (DARE, TIES, task arithmetic) tensor by tensor, in bounded memory."""
+    _show_logs(logging.INFO)  # warnings, and what a run decided (resuming, a fallback); --quiet keeps warnings only
 
 
 @main.command()
@@ -270,10 +295,8 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
                          world_size: int = 1, on_shard_file=None) -> api.MergeResult:
     from tqdm.auto import tqdm
 
-    if quiet:  # also huggingface_hub's download and upload bars
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+    if quiet:
+        _quiet()
     with tqdm(unit="B", unit_scale=True, desc="merging", disable=True if quiet else None, file=sys.stderr) as bar:
 
         def set_total(total: int) -> None:  # known once the merge has planned (inputs are opened once)
@@ -346,9 +369,7 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
 def push(output_dir: str, repo_id: str, private: bool, hub_branch: str | None, quiet: bool, debug: bool) -> None:
     """Upload a finished merge in OUTPUT_DIR to the Hub repo ORG/NAME (shards first, the index in the last commit)."""
     if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+        _quiet()
     _push(debug, Path(output_dir), repo_id, private, hub_branch, quiet)
 
 

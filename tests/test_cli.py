@@ -134,6 +134,14 @@ def test_merge_json_summary_matches_files(models, tmp_path):
     assert summary["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # where the arithmetic ran
 
 
+def test_library_warnings_are_cli_lines_even_when_quiet(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = run("merge", models / "merge.yaml", tmp_path / "out", "--device", "cuda", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == ["streammerge: warning: CUDA is not available (torch %s, no GPU found): merging on "
+                                          "the CPU, with the same bytes" % torch.__version__]
+
+
 @pytest.mark.parametrize(("flags", "needle"), [(["--device", "tpu"], "--device 'tpu': choose auto, cpu, cuda or cuda:N"),
                                                (["--gpu-memory", "0"], "--gpu-memory")])
 def test_bad_device_settings_are_one_line_errors(models, tmp_path, flags, needle):
