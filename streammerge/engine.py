@@ -262,7 +262,14 @@ class TensorJob:
 
         n = len(self.finetuned)
         self.row_elems = tp.row_elems
-        self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough)
+        # LoRA adapters hand over τ rows (lora.py); one that drops its factors does DARE's drop itself
+        self.delta_rows = lora.delta_inputs(tp, plan, self.finetuned) if tp.merged and not self.is_linear else [None] * n
+        # an adapter's rows gathered by token are θ rows (its view), not τ
+        self.delta_rows = [None if self._gathered(c) else d for c, d in zip(self.finetuned, self.delta_rows)]
+        # inputs built per block (gathered rows, a LoRA's float32 τ) are memory of their own, unlike mapped views
+        given = sum(d is not None for d in self.delta_rows)
+        held = sum(self.gather.dtype.itemsize for c in self.sources if self._gathered(c)) + 4 * given + (lora.PRODUCT_SCRATCH if given else 0)
+        self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough, held)
         if device_budget is not None and tp.merged and not use_numpy:
             fits = device_rows(tp, plan, in_dtypes, device_budget)
             if fits < self.rows and whole_tensor(tp, plan):
@@ -272,10 +279,6 @@ class TensorJob:
                 self.rows = max(1, min(self.rows, fits))
         self.blocks = [(r, min(r + self.rows, tp.rows)) for r in range(0, tp.rows, self.rows)]
         self.prepared = False
-        # LoRA adapters hand over τ rows (lora.py); one that drops its factors does DARE's drop itself
-        self.delta_rows = lora.delta_inputs(tp, plan, self.finetuned) if tp.merged and not self.is_linear else [None] * n
-        # an adapter's rows gathered by token are θ rows (its view), not τ
-        self.delta_rows = [None if self._gathered(c) else d for c, d in zip(self.finetuned, self.delta_rows)]
         self.given_cache: dict[int, torch.Tensor] = {}
         densities = tuple(1.0 if d is not None and d.drops_factors else x for d, x in zip(self.delta_rows, tp.densities))
         self.spec = ops.TensorSpec(

@@ -299,6 +299,9 @@ class LoraAdapter:
 # ---- the product -------------------------------------------------------------------------------
 
 
+PRODUCT_SCRATCH = 16  # bytes per element while lora_product builds a block: its float64 sum and term
+
+
 def lora_product(left: torch.Tensor, right: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
     """left @ right in one fixed order of operations, rounded once to float32:
     Σ_k left[:, k] · right[k, :] accumulated for k = 0 .. r-1 in float64.

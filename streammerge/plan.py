@@ -285,15 +285,17 @@ POOL_SHARE, WORK_SHARE = 0.5, 0.3
 SCRATCH_BYTES = 24 << 20  # per-thread chunk buffers of the numpy kernel, histograms, masks
 
 
-def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: bool) -> int:
-    """Rows per block: the output block fits a pool buffer, and (torch) its float32 working set the budget."""
+def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: bool, held: int = 0) -> int:
+    """Rows per block: the output block fits a pool buffer, and the block's working set the budget:
+    (torch) its float32 working set; (chunks) the inputs built per block rather than mapped, `held`
+    bytes per element (a LoRA adapter's τ, rows gathered by token)."""
     row_elems = tp.row_elems
     if whole_tensor(tp, plan):
         return tp.rows
     out_size = itemsize(tp.out_dtype)
     limit = pool_buffer_bytes(plan) // max(1, row_elems * out_size)
-    if not chunked:
-        per_elem = bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), out_size)
+    per_elem = held if chunked else bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), out_size)
+    if per_elem:
         limit = min(limit, int(plan.max_memory * WORK_SHARE) // max(1, row_elems * per_elem))
     return max(1, min(tp.rows, limit))
 
