@@ -244,12 +244,14 @@ class MergeConfig:
         out: dict[str, Any] = {"merge_method": self.method}
         if self.base is not None:
             out["base_model"] = self.base
-        out["models"] = [
-            {"model": m.source, **({"parameters": dict(m.parameters)} if m.parameters else {})} for m in self.models
-        ]
+        stacked = bool(self.slices) and self.layer_range is None  # only the slices say where each layer comes from
+        if not stacked:
+            out["models"] = [
+                {"model": m.source, **({"parameters": dict(m.parameters)} if m.parameters else {})} for m in self.models
+            ]
         if self.layer_range is not None:
             out["layer_range"] = list(self.layer_range)
-        if self.slices and self.layer_range is None:  # stacked layers: only the slices say where each comes from
+        if stacked:
             out["slices"] = [{"sources": [{"model": s.source, **({"layer_range": list(s.layer_range)} if s.layer_range else {}),
                                            **({"parameters": dict(s.parameters)} if s.parameters else {})} for s in sl.sources],
                               **({"parameters": dict(sl.parameters)} if sl.parameters else {}),

@@ -17,7 +17,7 @@ import yaml
 from conftest import split_run_hashes
 from safetensors.torch import load_file
 
-from streammerge import ConfigError, MergeConfig, merge
+from streammerge import ConfigError, MergeConfig, engine, merge
 from streammerge import plan as plan_merge
 from streammerge.errors import MismatchError, OutputError, StreammergeError
 
@@ -97,6 +97,17 @@ def test_transformers_loads_and_runs_the_stacked_model(tmp_path):
     logits = ours(ids).logits
     assert logits.shape == (1, 5, 32) and torch.isfinite(logits).all()
     assert torch.equal(logits, theirs(ids).logits)
+
+
+def test_passthrough_copies_stream_straight_through(tmp_path, monkeypatch):
+    # no scale, the inputs' dtype: every tensor's mapped bytes go to the writer, no merge arithmetic
+    calls = []
+    for backend in (engine.NumpyBackend, engine.TorchBackend):
+        monkeypatch.setattr(backend, "merge", lambda self, *a, real=backend.merge: calls.append(1) or real(self, *a))
+    merge(_config(_data("stack_two")), tmp_path / "out", max_memory=1 << 20)
+    assert len(_tensors(tmp_path / "out")) == 3 + 7 * 9 and not calls
+    merge(_config(_data("stack_repeat")), tmp_path / "f16", max_memory=1 << 20)  # through mergekit's dtype: merged
+    assert len(calls) == 3 + 9 * 9
 
 
 def test_passthrough_of_one_whole_model_copies_it(tmp_path):
