@@ -26,11 +26,12 @@ import torch
 import yaml
 
 from . import __version__, hub
-from .config import MergeConfig
+from .config import MergeConfig, layer_index
 from .constants import (
     COPIED_FILES,
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_SHARD_SIZE,
+    LAYER_COUNT_KEYS,
     MANIFEST,
     MODEL_CARD,
     SAFETENSORS_INDEX,
@@ -385,12 +386,14 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
         "options": {k: str(v) for k, v in vars(the_plan.options).items()},
         "seed": the_plan.config.seed,
         "tensors": [[t.name, list(t.shape), t.out_dtype, t.merged, t.weights, t.densities, t.trim_densities, t.lam, t.dare,
-                     t.gammas, t.epsilons] for t in the_plan.tensors],
+                     t.gammas, t.epsilons] + ([t.inputs, t.scale] if t.inputs else []) for t in the_plan.tensors],
         "shards": [[s.filename, list(s.tensors)] for s in the_plan.shards],
         "inputs": identity,
         "adapters": adapters_fingerprint(the_plan.config, inputs),
         "reindex": the_plan.reindex.digest if the_plan.reindex is not None else None,
     }
+    if the_plan.layers is not None:  # stacked layers (their map is in "tensors"): config.json's layer count
+        payload["layers"] = the_plan.layers
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -547,11 +550,30 @@ def _output_model_config(src: Path, the_plan: Plan) -> dict:
         data["vocab_size"] = the_plan.reindex.rows  # the output vocabulary's rows, as mergekit writes it
     elif embed is not None and the_plan.config.vocab != "error" and "vocab_size" in data:
         data["vocab_size"] = embed.shape[0]  # truncated by the vocab option
+    if the_plan.layers is not None:  # stacked slices: the output's layer count, as mergekit writes it
+        _set_layer_count(data, the_plan)
     dtypes = {t.out_dtype for t in the_plan.tensors if t.out_dtype in ("BF16", "F16", "F32")}
     if len(dtypes) == 1 and ("torch_dtype" in data or "dtype" in data):
         name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtypes.pop()]
         data["torch_dtype" if "torch_dtype" in data else "dtype"] = name
     return data
+
+
+def _set_layer_count(data: dict, the_plan: Plan) -> None:
+    """Sets the layer count key of config.json (mergekit: the architecture's num_layers_config_key).
+    A per-layer list (`layer_types`, which transformers checks against the count) follows each
+    output layer's input layer."""
+    key = next((k for k in LAYER_COUNT_KEYS if k in data), "num_hidden_layers")
+    old = data.get(key)
+    data[key] = the_plan.layers
+    types = data.get("layer_types")
+    if isinstance(types, list) and len(types) == old:
+        sources = {}  # output layer -> input layer of the tensor the output layer starts with
+        for t in the_plan.tensors:
+            out, src = layer_index(t.name), layer_index(t.inputs[0][1]) if t.inputs else None
+            if out is not None and src is not None:
+                sources.setdefault(out, src)
+        data["layer_types"] = [types[min(sources.get(j, j), len(types) - 1)] for j in range(the_plan.layers)]
 
 
 def manifest(the_plan: Plan) -> dict:

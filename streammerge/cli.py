@@ -320,9 +320,11 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     config_path, _ = _positional(args, needs_output=False)
     cfg = _run(debug, _build_config, config_path, o)
     p = _run(debug, api.plan, cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
+    labels = [p.reference, *p.sources]
     tensors = [
         {"name": t.name, "shape": list(t.shape), "dtype": t.out_dtype, "merged": t.merged, "dare": t.dare,
-         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam}
+         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam,
+         **({"reads": [[labels[i], n] for i, n in t.inputs], "scale": t.scale} if t.inputs else {})}
         for t in p.tensors
     ]
     summary = {
@@ -338,6 +340,8 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
         "estimated_peak_memory": p.peak_memory,
         "options": {k: str(v) for k, v in vars(p.options).items()},
     }
+    if p.layers is not None:
+        summary["layers"] = p.layers
     if world_size > 1:
         shares = [api.worker_shards(p, r, world_size) for r in range(world_size)]
         summary["workers"] = [{"rank": r, "shards": [s.filename for s in share], "input_bytes": sum(s.input_bytes for s in share)}
@@ -348,7 +352,10 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     click.echo(f"method {summary['method']} ({summary['semantics']} semantics), reference {p.reference}")
     for path in p.sources:
         click.echo(f"  model {path}")
-    click.echo(f"{summary['merged_tensors']} of {summary['tensors']} tensors merged, the rest copied from the reference")
+    if p.layers is not None:
+        click.echo(f"{p.layers} output layers stacked from {len(cfg.output_slices())} slice(s)")
+    copied_from = "their slice's model" if p.layers is not None else "the reference"
+    click.echo(f"{summary['merged_tensors']} of {summary['tensors']} tensors merged, the rest copied from {copied_from}")
     click.echo(f"reads {p.input_bytes / 1e9:.3f} GB, writes {p.total_size / 1e9:.3f} GB in {len(p.shards)} shard(s)")
     click.echo(f"estimated peak working memory {p.peak_memory / 2**20:.1f} MiB (budget {p.max_memory / 2**20:.0f} MiB)")
     for w in summary.get("workers", []):
@@ -356,7 +363,9 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     if show_tensors:
         for t in tensors:
             what = ("dare " if t["dare"] else "") + ("merge" if t["merged"] else "copy")
-            click.echo(f"  {t['name']} {t['shape']} {t['dtype']} {what} w={t['weights']} d={t['densities']} λ={t['lambda']}")
+            reads = (f" scale={t['scale']:g}" if t.get("scale", 1.0) != 1.0 else "") + "".join(
+                f" <- {Path(m).name}:{n}" for m, n in t.get("reads", []))
+            click.echo(f"  {t['name']} {t['shape']} {t['dtype']} {what} w={t['weights']} d={t['densities']} λ={t['lambda']}{reads}")
 
 
 @main.command("push")

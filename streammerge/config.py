@@ -40,10 +40,12 @@ DTYPES = {
 }
 
 # Parameters that may vary per model and per tensor (gradients and filters allowed).
-TENSOR_PARAMS = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "trim_density": 1.0, "gamma": 0.01, "epsilon": 0.15}
-# Tensor parameters that only some methods read (mergekit's defaults above).
+TENSOR_PARAMS = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "trim_density": 1.0, "gamma": 0.01, "epsilon": 0.15,
+                 "scale": 1.0}
+# Tensor parameters that only some methods read (mergekit's defaults above; its passthrough `scale`
+# defaults to none, which multiplies by nothing: the same bytes as 1.0).
 METHOD_PARAMS = {"gamma": ("breadcrumbs", "breadcrumbs_ties"), "epsilon": ("della", "della_linear"),
-                 "trim_density": ("dare_ties",)}
+                 "trim_density": ("dare_ties",), "scale": ("passthrough",)}
 # Parameters mergekit resolves once per tensor for the whole merge: a model's own value is never read.
 SHARED_TENSOR_PARAMS = {"lambda"}
 # Options of the whole merge: scalars, top-level `parameters` only.
@@ -62,7 +64,7 @@ KNOWN_UNSUPPORTED_PARAMS = {"lambda_", "t", "k", "select_topk", "filter_wise", "
 UNSUPPORTED_KEYS = {"chat_template": "chat_template", "modules": "modules"}
 KNOWN_METHOD_ALIASES = {"average": "linear", "dare_average": "dare_linear"}
 OTHER_MERGEKIT_METHODS = {
-    "slerp", "passthrough", "model_stock", "nearswap", "nuslerp", "karcher", "sce", "arcee_fusion", "multislerp",
+    "slerp", "model_stock", "nearswap", "nuslerp", "karcher", "sce", "arcee_fusion", "multislerp",
     "task_arithmetic_sce", "ram", "ramplus_tl",
 }
 # Methods whose mergekit arithmetic only the default and mergekit presets define.
@@ -77,6 +79,25 @@ class ModelSpec:
 
     source: str
     parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One input of a mergekit output slice: layers [start, end) of a model (None: all its layers)."""
+
+    source: str
+    layer_range: tuple[int, int] | None
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """A mergekit output slice: its output layers merge (or, for passthrough, copy) its sources'
+    corresponding layers, in order; the slices stack (plan.py, `stacked_tensors`)."""
+
+    sources: tuple[SliceSource, ...]
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+    base: str | None = None  # the slice's base_model, which replaces the top-level one
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,9 @@ class MergeConfig:
     # layer range): that slice's own `parameters`, and its layer range, checked against the models.
     slice_parameters: Mapping[str, ParamValue] = field(default_factory=dict)
     layer_range: tuple[int, int] | None = None
+    # Every mergekit `slices:` config, as written. Unless it is a whole-model slice (above) that
+    # covers the models' layers, the output layers are stacked from these (plan.py).
+    slices: tuple[OutputSlice, ...] = ()
 
     # ---- construction -------------------------------------------------------------------
 
@@ -173,11 +197,13 @@ class MergeConfig:
         slice_params: dict[str, Any] = {}
         layer_range = None
         slice_base = None
+        slices: tuple[OutputSlice, ...] = ()
         if data.get("slices") is not None:
             if raw_models:
                 problems.append("'models' and 'slices': give one of them, as mergekit requires")
             else:
-                models, slice_params, layer_range, slice_base = _models_from_slices(data["slices"], problems)
+                slices = _parse_slices(data["slices"], problems)
+                models, slice_params, layer_range, slice_base = _models_from_slices(slices)
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             problems.append("'parameters' must be a mapping")
@@ -210,6 +236,7 @@ class MergeConfig:
             base_dir=base_dir,
             slice_parameters=slice_params,
             layer_range=layer_range,
+            slices=slices,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,11 +244,18 @@ class MergeConfig:
         out: dict[str, Any] = {"merge_method": self.method}
         if self.base is not None:
             out["base_model"] = self.base
-        out["models"] = [
-            {"model": m.source, **({"parameters": dict(m.parameters)} if m.parameters else {})} for m in self.models
-        ]
+        stacked = bool(self.slices) and self.layer_range is None  # only the slices say where each layer comes from
+        if not stacked:
+            out["models"] = [
+                {"model": m.source, **({"parameters": dict(m.parameters)} if m.parameters else {})} for m in self.models
+            ]
         if self.layer_range is not None:
             out["layer_range"] = list(self.layer_range)
+        if stacked:
+            out["slices"] = [{"sources": [{"model": s.source, **({"layer_range": list(s.layer_range)} if s.layer_range else {}),
+                                           **({"parameters": dict(s.parameters)} if s.parameters else {})} for s in sl.sources],
+                              **({"parameters": dict(sl.parameters)} if sl.parameters else {}),
+                              **({"base_model": sl.base} if sl.base else {})} for sl in self.slices]
         if self.slice_parameters:
             out["slice_parameters"] = dict(self.slice_parameters)
         if self.parameters:
@@ -278,8 +312,10 @@ class MergeConfig:
                 and self.finetunes()[-1] not in self.models):
             problems.append("base_model: mergekit's linear averages the base in as one more model and needs its "
                             "weight: list the base under models with a weight, or set parameters.weight")
-        if self.method_name != "linear" and self.method_name in METHODS and self.base is None:
+        slice_bases = bool(self.slices) and all(s.base for s in self.slices)
+        if self.method_name not in ("linear", "passthrough") and self.method_name in METHODS and self.base is None and not slice_bases:
             problems.append(f"base_model: the {self.method_name} method needs a base model")
+        problems += self._slice_problems()
         problems += self._tokenizer_problems()
         method = self.method_name
         for key, value in self.parameters.items():
@@ -297,6 +333,36 @@ class MergeConfig:
                             "it needs merge_method dare_linear or dare_ties")
         if problems:
             raise ConfigError(problems)
+
+    def _slice_problems(self) -> list[str]:
+        """Passthrough copies one model per slice (mergekit allows one input); several slices keep
+        their parameters in the slices (one slice's are models[i] and slices[0] above)."""
+        problems: list[str] = []
+        if self.method_name == "passthrough":
+            for i, out_slice in enumerate(self.slices):
+                if len(out_slice.sources) != 1:
+                    problems.append(f"slices[{i}].sources: passthrough copies one model per slice, got {len(out_slice.sources)}; "
+                                    "merge them with another method, or give each its own slice")
+            if not self.slices and len(self.models) != 1:
+                problems.append(f"models: passthrough copies one model, got {len(self.models)}; use slices: to stack layers")
+            elif not self.slices and self.base is not None and self.finetunes():  # mergekit adds the base as a second input
+                problems.append("base_model: passthrough over models: copies one model; remove base_model or list only it")
+        if self.reindexes and (self.method_name == "passthrough" or (self.slices and self.layer_range is None)):
+            problems.append("tokenizer_source: not supported with layer stacking (partial or several slices, passthrough) yet")
+        if len(self.slices) < 2:
+            return problems
+        method = self.method_name
+        for i, out_slice in enumerate(self.slices):
+            for key, value in out_slice.parameters.items():
+                if key in OPTION_PARAMS:  # resolved once for the whole merge
+                    problems.append(f"slices[{i}].parameters.{key}: an option of the whole merge; set it in the top-level parameters")
+                else:
+                    problems += _check_param(f"slices[{i}].parameters.{key}", key, value, top_level=True, method=method)
+            for j, src in enumerate(out_slice.sources):
+                for key, value in src.parameters.items():
+                    problems += _check_param(f"slices[{i}].sources[{j}].parameters.{key}", key, value, top_level=False,
+                                             method=method)
+        return problems
 
     def _tokenizer_problems(self) -> list[str]:
         problems: list[str] = []
@@ -371,9 +437,19 @@ class MergeConfig:
         if self.method_name == "linear":
             listed = any(os.path.realpath(self._path(m.source)) == base for m in self.models)
             # mergekit appends the base to `models:`, not to the sources of a `slices:` config
-            append_base = self.semantics == "mergekit" and not listed and self.layer_range is None
+            append_base = self.semantics == "mergekit" and not listed and not self.slices
             return list(self.models) + ([ModelSpec(self.base)] if append_base else [])
         return [m for m in self.models if os.path.realpath(self._path(m.source)) != base]
+
+    def output_slices(self) -> tuple[OutputSlice, ...]:
+        """The slices, or for passthrough over `models:` one slice of its model's every layer."""
+        if self.slices or not self.models:
+            return self.slices
+        return (OutputSlice((SliceSource(self.models[0].source, None, self.models[0].parameters),)),)
+
+    def model_key(self, source: str) -> str:
+        """One name per model however it is written (`./base` and `base`), as finetunes() compares them."""
+        return os.path.realpath(self._path(source))
 
     def model_path(self, spec: ModelSpec) -> str:
         return self._path(spec.source)
@@ -449,13 +525,16 @@ class MergeConfig:
             trim_scope=self.option("trim_scope", "tensor"),
         )
 
-    def tensor_param(self, key: str, spec: ModelSpec | None, name: str, layer: int | None, n_layers: int) -> float:
+    def tensor_param(self, key: str, spec: ModelSpec | None, name: str, layer: int | None, n_layers: int, *,
+                     slice_parameters: Mapping[str, ParamValue] | None = None) -> float:
         """A numeric parameter for one tensor of one model: model level, else slice level, else top level,
-        else the default (mergekit's `ConfigReader.parameter_sources` order)."""
+        else the default (mergekit's `ConfigReader.parameter_sources` order). `slice_parameters`: the
+        parameters of the output slice the tensor belongs to (default: the single slice's)."""
         own = spec.parameters if spec is not None and key not in SHARED_TENSOR_PARAMS else {}
         glob = self.semantics != "mergekit"
+        in_slice = self.slice_parameters if slice_parameters is None else slice_parameters
         # As mergekit: a filter list that matches nothing falls through to the next level.
-        for params in (own, self.slice_parameters, self.parameters):
+        for params in (own, in_slice, self.parameters):
             if params.get(key) is not None:
                 value = resolve_value(params[key], name, layer, n_layers, default=None, glob=glob)
                 if value is not None:
@@ -642,50 +721,79 @@ def resolve_value(
     return _number(value)
 
 
-def _models_from_slices(slices: Any, problems: list[str]) -> tuple[list[ModelSpec], dict, tuple[int, int] | None, str | None]:
-    """A mergekit `slices:` list that says the same as `models:`: one output slice whose sources all
-    take the same whole layer range [0, n). Layer stacking and partial ranges are named, not run."""
-    whole = "streammerge merges whole models: one slice whose sources all cover layers [0, n_layers)"
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        count = len(slices) if isinstance(slices, list) else "malformed"
-        problems.append(f"'slices': {count} output slices (layer stacking, passthrough) are not supported; {whole}, or use models:")
-        return [], {}, None, None
-    out_slice = slices[0]
-    for key in set(out_slice) - {"sources", "parameters", "base_model"}:
-        what = "residual_weight" if key == "residual_weight" else f"unknown key '{key}'"
-        problems.append(f"slices[0]: {what} is not supported")
-    sources = out_slice.get("sources")
-    if not isinstance(sources, list) or not sources:
-        problems.append("slices[0].sources: expected a list of {model, layer_range, parameters}")
-        return [], {}, None, None
-    models, ranges = [], set()
-    for i, src in enumerate(sources):
-        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
-            problems.append(f"slices[0].sources[{i}]: expected a mapping with 'model' and 'layer_range'")
+def _parse_slices(slices: Any, problems: list[str]) -> tuple[OutputSlice, ...]:
+    """mergekit's `slices:`: a list of output slices, each a list of sources {model, layer_range
+    [start, end), parameters}; every source of a slice gives the same number of layers, as mergekit
+    requires. Layer counts are checked against the models in plan.py."""
+    if not isinstance(slices, list) or not slices:
+        problems.append("'slices': expected a list of output slices, each {sources: [{model, layer_range}, ...]}")
+        return ()
+    out: list[OutputSlice] = []
+    for i, out_slice in enumerate(slices):
+        where = f"slices[{i}]"
+        if not isinstance(out_slice, dict):
+            problems.append(f"{where}: expected a mapping with 'sources'")
             continue
-        for key in set(src) - {"model", "layer_range", "parameters"}:
-            problems.append(f"slices[0].sources[{i}]: unknown key '{key}'")
-        lr = src["layer_range"]
-        if not (isinstance(lr, list) and len(lr) == 2 and all(type(v) is int for v in lr)):
-            problems.append(f"slices[0].sources[{i}].layer_range: expected [start, end], got {lr!r}")
+        for key in sorted(set(out_slice) - {"sources", "parameters", "base_model"}):
+            what = "residual_weight" if key == "residual_weight" else f"unknown key '{key}'"
+            problems.append(f"{where}: {what} is not supported")
+        raw = out_slice.get("sources")
+        if not isinstance(raw, list) or not raw:
+            problems.append(f"{where}.sources: expected a list of {{model, layer_range, parameters}}")
             continue
-        ranges.add(tuple(lr))
-        params = src.get("parameters") or {}
+        sources: list[SliceSource] = []
+        for j, src in enumerate(raw):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                problems.append(f"{at}: expected a mapping with 'model' and 'layer_range'")
+                continue
+            for key in sorted(set(src) - {"model", "layer_range", "parameters"}):
+                problems.append(f"{at}: unknown key '{key}'")
+            lr = src["layer_range"]
+            if not (isinstance(lr, list) and len(lr) == 2 and all(type(v) is int for v in lr)):
+                problems.append(f"{at}.layer_range: expected [start, end], got {lr!r}")
+                continue
+            if not 0 <= lr[0] < lr[1]:
+                problems.append(f"{at}.layer_range: {lr} is empty or reversed; layers [start, end) need 0 <= start < end")
+                continue
+            if any(s.source == str(src["model"]) for s in sources):  # mergekit: "Duplicate merge inputs"
+                problems.append(f"{at}: model {str(src['model'])!r} is already a source of this slice; list each model once per slice")
+                continue
+            params = src.get("parameters") or {}
+            if not isinstance(params, dict):
+                problems.append(f"{at}.parameters must be a mapping")
+                params = {}
+            sources.append(SliceSource(str(src["model"]), (lr[0], lr[1]), dict(params)))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+        if len(lengths) > 1:
+            ranges = [list(s.layer_range) for s in sources]
+            problems.append(f"{where}: layer ranges {ranges} differ in length; each output layer merges one layer of every "
+                            "source, so all sources of a slice need as many layers")
+        params = out_slice.get("parameters") or {}
         if not isinstance(params, dict):
-            problems.append(f"slices[0].sources[{i}].parameters must be a mapping")
+            problems.append(f"{where}.parameters must be a mapping")
             params = {}
-        models.append(ModelSpec(str(src["model"]), dict(params)))
-    layer_range = None
-    if len(ranges) > 1 or any(r[0] != 0 for r in ranges):
-        problems.append(f"slices[0]: layer ranges {sorted(list(r) for r in ranges)} select or shift layers; {whole}")
-    elif ranges:
-        layer_range = ranges.pop()
-    params = out_slice.get("parameters") or {}
-    if not isinstance(params, dict):
-        problems.append("slices[0].parameters must be a mapping")
-        params = {}
-    base = out_slice.get("base_model")
-    return models, dict(params), layer_range, None if base is None else str(base)
+        base = out_slice.get("base_model")
+        out.append(OutputSlice(tuple(sources), dict(params), None if base is None else str(base)))
+    return tuple(out)
+
+
+def _models_from_slices(slices: tuple[OutputSlice, ...]) -> tuple[list[ModelSpec], dict, tuple[int, int] | None, str | None]:
+    """The `models:` view of a slices config. One slice: its sources with their parameters, its own
+    parameters and base, and its layer range when every source takes the same [0, n) (a candidate
+    for the whole-model merge, if n is the models' layer count). Several slices: every model they
+    read, once, for opening; their parameters stay in the slices."""
+    if len(slices) != 1:
+        seen: dict[str, ModelSpec] = {}
+        for out_slice in slices:
+            for name in [s.source for s in out_slice.sources] + ([out_slice.base] if out_slice.base else []):
+                seen.setdefault(name, ModelSpec(name))
+        return list(seen.values()), {}, None, None
+    (only,) = slices
+    ranges = {s.layer_range for s in only.sources}
+    layer_range = ranges.pop() if len(ranges) == 1 and next(iter(ranges))[0] == 0 else None
+    models = [ModelSpec(s.source, dict(s.parameters)) for s in only.sources]
+    return models, dict(only.parameters), layer_range, only.base
 
 
 LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")

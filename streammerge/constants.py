@@ -36,6 +36,9 @@ COPIED_FILES = (
     "chat_template.jinja",
 )
 
+# config.json keys holding the layer count (Llama-likes, GPT-2, others): set when slices stack layers.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
 # Pickle-based weight files: never unpickled (they can run arbitrary code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

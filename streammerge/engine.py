@@ -216,7 +216,10 @@ class TorchBackend:
         """Writes the merged block into `out` (CPU); returns the event to wait for before reading it."""
         opts = spec.opts
         if not spec.merged:
-            out.copy_(block.base.reshape(-1))
+            base = block.base.reshape(-1)
+            if opts.combine == "copy" and base.is_floating_point():  # passthrough: as mergekit, in its dtype, times scale
+                base = base.to(self.compute) if spec.scale == 1.0 else base.to(self.compute) * spec.scale
+            out.copy_(base)
             return None
         if opts.combine == "average":
             result = ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute)
@@ -238,25 +241,38 @@ class TensorJob:
     def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, fused=None,
                  device: torch.device = torch.device("cpu"), device_budget: int | None = None):
         self.tp, self.opts = tp, plan.options
+        base_name, ft_names = tp.name, [tp.name] * len(finetuned)
+        if tp.inputs:  # stacked layers: this tensor's own inputs and their names (plan.stacked_tensors)
+            every = [reference, *finetuned]
+            (b, base_name), *fts = tp.inputs
+            reference, finetuned, ft_names = every[b], [every[i] for i, _ in fts], [n for _, n in fts]
         self.reference = reference
         self.is_linear = tp.merged and self.opts.combine == "average"
         # linear needs no θ₀; a copied tensor needs nothing but θ₀
         self.finetuned = finetuned if tp.merged else []
         self.read_base = not self.is_linear
+        self.base_name = base_name
+        self.ft_names = ft_names if tp.merged else []
         self.sources = ([reference] if self.read_base else []) + self.finetuned  # what is read, in Block order
+        self.names = ([base_name] if self.read_base else []) + self.ft_names  # each source's tensor
         # a vocabulary tensor under a tokenizer source: rows gathered by token, fills read from other models
         reindex = plan.reindex
         self.gather = (RowGather(reindex, tp.name, [reference, *finetuned])
                        if reindex is not None and tp.name in reindex.tensors else None)
-        donors = [c for c in [reference, *finetuned] if self.gather and c.label in reindex.donors()]
-        self.touched = list({id(c): c for c in self.sources + donors}.values())  # what is read ahead and downloaded
-        in_dtypes = [self.gather.dtype if self._gathered(c) else DTYPES[c.tensors[tp.name].dtype] for c in self.sources]
+        donors = [(c, tp.name) for c in [reference, *finetuned] if self.gather and c.label in reindex.donors()]
+        # what is read ahead and downloaded: (checkpoint, tensor name)
+        self.touched = list({(id(c), n): (c, n) for c, n in [*zip(self.sources, self.names), *donors]}.values())
+        in_dtypes = [self.gather.dtype if self._gathered(c) else DTYPES[c.tensors[n].dtype] for c, n in zip(self.sources, self.names)]
         promoted = functools.reduce(torch.promote_types, in_dtypes)
         compute = self.opts.compute_dtype or promoted
         # float32 by default; float64 inputs stay float64 (no silent loss)
         self.compute = torch.promote_types(compute, promoted) if compute == torch.float32 else compute
         self.out_dtype = DTYPES[tp.out_dtype]
-        self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype
+        # passthrough's copies go through the compute dtype (mergekit's `dtype`) and the scale, as
+        # mergekit loads, multiplies and saves them; a copy that neither changes goes straight out
+        rounds = self.opts.combine == "copy" and in_dtypes[0].is_floating_point and (
+            tp.scale != 1.0 or torch.promote_types(in_dtypes[0], self.compute) != self.compute)
+        self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype and not rounds
         use_numpy = uses_chunk_kernel(self.opts, tp, in_dtypes, self.compute, device.type)
         self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device)
 
@@ -295,23 +311,24 @@ class TensorJob:
             gammas=tp.gammas,
             epsilons=tp.epsilons,
             della_row=tp.della_row if tp.epsilons else 0,
+            scale=tp.scale,
         )
 
     def _gathered(self, ckpt: Checkpoint) -> bool:
         return self.gather is not None and self.gather.permutes(ckpt.label)
 
     def block_bytes(self, r0: int, r1: int) -> int:
-        return sum(c.tensors[self.tp.name].row_bytes for c in self.sources) * (r1 - r0)
+        return sum(c.tensors[n].row_bytes for c, n in zip(self.sources, self.names)) * (r1 - r0)
 
-    def _rows(self, ckpt: Checkpoint, r0: int, r1: int) -> torch.Tensor:
+    def _rows(self, ckpt: Checkpoint, name: str, r0: int, r1: int) -> torch.Tensor:
         if self._gathered(ckpt):
             return self.gather.rows(ckpt.label, r0, r1)
-        return ckpt.view(self.tp.name, r0, r1)
+        return ckpt.view(name, r0, r1)
 
     def read(self, r0: int, r1: int) -> Block:
-        base = self._rows(self.reference, r0, r1) if self.read_base else None
-        fts = [self._rows(c, r0, r1) if d is None else self._given_rows(i, r0, r1) for i, (c, d) in
-               enumerate(zip(self.finetuned, self.delta_rows))]
+        base = self._rows(self.reference, self.base_name, r0, r1) if self.read_base else None
+        fts = [self._rows(c, n, r0, r1) if d is None else self._given_rows(i, r0, r1) for i, (c, n, d) in
+               enumerate(zip(self.finetuned, self.ft_names, self.delta_rows))]
         return Block(r0, r1, r0 * self.row_elems, base, fts, self.block_bytes(r0, r1))
 
     def _given_rows(self, i: int, r0: int, r1: int) -> torch.Tensor:
@@ -324,8 +341,8 @@ class TensorJob:
         return self.given_cache[i]
 
     def advise(self) -> None:
-        for c in self.touched:
-            c.advise(self.tp.name)
+        for c, name in self.touched:
+            c.advise(name)
 
     def blocks_read(self) -> Iterator[Block]:
         for r0, r1 in self.blocks:
@@ -613,9 +630,9 @@ class AsyncWriter:
 
 
 def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
-    for ckpt, tensor in zip(job.sources, ([block.base] if job.read_base else []) + block.fts):
+    for ckpt, name, tensor in zip(job.sources, job.names, ([block.base] if job.read_base else []) + block.fts):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"{ckpt.tensors[job.tp.name].file}: tensor {job.tp.name!r} holds NaN or Inf")
+            raise NonFiniteError(f"{ckpt.tensors[name].file}: tensor {name!r} holds NaN or Inf")
     if not bool(torch.isfinite(out).all()):
         raise NonFiniteError(f"merged tensor {job.tp.name!r} holds NaN or Inf (check the weights and lambda)")
 

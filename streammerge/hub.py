@@ -404,11 +404,13 @@ class Downloads:
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
 
-    def start(self, order: list[tuple[str, list[Checkpoint]]], prelude: list[tuple[str, list[Checkpoint]]] = ()) -> None:
+    def start(self, order: list[tuple[str, list[tuple[Checkpoint, str]]]],
+              prelude: list[tuple[str, list[tuple[Checkpoint, str]]]] = ()) -> None:
         """Plans the downloads from the tensors in the order the merge reads them.
 
         Args:
-            order: (tensor name, the checkpoints read for it) in output-pass order.
+            order: (output tensor name, the (checkpoint, its tensor name) pairs read for it) in
+                output-pass order; stacked layers read another layer's name.
             prelude: tensors read before the output pass (a model-wide statistics pass): their files
                 are all needed at once, from the start.
         """
@@ -417,10 +419,10 @@ class Downloads:
             t = max(0, position - len(prelude))
             if position >= len(prelude):
                 self.position[name] = t
-            for c in sources:
+            for c, read in sources:
                 if id(c) not in hub:
                     continue
-                file = c.tensors[name].file
+                file = c.tensors[read].file
                 unit = self.by_file.get((id(c), file))
                 if unit is None:
                     key = (c.storage, c.remote[c._name(file)].etag)

@@ -41,7 +41,7 @@ from typing import Literal, Sequence
 import torch
 
 Sparsify = Literal["none", "trim", "dare", "dare_trim", "band", "magprune"]
-Combine = Literal["sum", "ties", "average"]
+Combine = Literal["sum", "ties", "average", "copy"]
 
 # method -> (how each task vector is sparsified, how they are combined)
 METHODS: dict[str, tuple[Sparsify, Combine]] = {
@@ -55,6 +55,7 @@ METHODS: dict[str, tuple[Sparsify, Combine]] = {
     "della": ("magprune", "ties"),
     "della_linear": ("magprune", "sum"),
     "linear": ("none", "average"),
+    "passthrough": ("none", "copy"),  # mergekit's layer stacking: every tensor copied (times `scale`), never merged
 }
 
 
@@ -116,6 +117,7 @@ class TensorSpec:
     gammas: tuple[float, ...] = ()  # breadcrumbs: outlier share per model
     epsilons: tuple[float, ...] = ()  # della: keep-probability spread per model
     della_row: int = 0  # della: elements per ranked row (the numpy kernel chunks by whole rows)
+    scale: float = 1.0  # an unmerged tensor's factor (passthrough's `scale`)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import kernels
 from .config import DTYPES as CONFIG_DTYPES
-from .config import MergeConfig, ModelSpec, layer_index
+from .config import LAYER_RE, MergeConfig, ModelSpec, layer_index
 from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
 from .errors import ConfigError, MismatchError
+from .lora import LoraAdapter
 from .ops import MergeOptions
 from .sources import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, Checkpoint, itemsize
 
 if TYPE_CHECKING:
+    from .config import OutputSlice, SliceSource
     from .vocab import Reindex
 
 # Names of 2-D weights that are embeddings, not linear layers (DARE's "linear weights only" scope).
@@ -48,6 +50,11 @@ class TensorPlan:
     dare: bool = False  # DARE applies to this tensor (method and scope)
     gammas: tuple[float, ...] = ()  # per fine-tune: breadcrumbs' outlier share
     epsilons: tuple[float, ...] = ()  # per fine-tune: della's keep-probability spread
+    # Layer stacking (`stacked_tensors`): what is read, as (input, tensor name) pairs, input 0 the
+    # reference and i the (i-1)-th fine-tune: the base (or, unmerged, the copied tensor) first, then
+    # each fine-tune. Empty: `name` in the reference and in every fine-tune.
+    inputs: tuple[tuple[int, str], ...] = ()
+    scale: float = 1.0  # an unmerged tensor's factor (passthrough's `scale`)
 
     @property
     def numel(self) -> int:
@@ -93,6 +100,7 @@ class Plan:
     peak_memory: int  # estimated peak working memory for tensor blocks
     max_memory: int
     reindex: Reindex | None = None  # vocabulary tensors read through a token map (vocab.py)
+    layers: int | None = None  # the output's layer count when slices stack layers (else the reference's)
 
     @property
     def total_size(self) -> int:
@@ -117,16 +125,15 @@ def build_plan(
     """
     opts = config.merge_options()
     specs: list[ModelSpec] = config.finetunes()
+    if stacks_layers(config, reference):
+        return _stacked_plan(config, opts, [reference, *finetuned], max_shard_size, max_memory, reindex)
     vocab_rows = check_compatible(reference, finetuned, config.vocab, reindexed=reindex.tensors if reindex else frozenset())
     if reindex is not None:  # every vocabulary tensor takes the output vocabulary's rows
         vocab_rows = {name: reindex.rows for name in reindex.tensors}
 
-    names = sorted(reference.tensors, key=lambda n: (reference.tensors[n].file.name, reference.tensors[n].offset))
+    names = _file_order(reference)
     layers = [layer_index(n) for n in names]
-    n_layers = max((i for i in layers if i is not None), default=-1) + 1
-    if config.layer_range is not None and config.layer_range != (0, n_layers):
-        raise ConfigError(f"slices[0]: layer_range {list(config.layer_range)} does not cover the model's {n_layers} layers; "
-                          f"streammerge merges whole models (layer_range [0, {n_layers}]), not partial or stacked slices")
+    n_layers = count_layers(reference)
     out_dtype_override = config.out_dtype or config.dtype
     problems: list[str] = []
 
@@ -141,30 +148,10 @@ def build_plan(
             tensors.append(TensorPlan(name, info.shape, out_dtype, merged=False))
             continue
 
-        def param(key: str, spec: ModelSpec | None) -> float:
-            return config.tensor_param(key, spec, name, layer, n_layers)
+        def param(key: str, i: int | None) -> float:
+            return config.tensor_param(key, None if i is None else specs[i], name, layer, n_layers)
 
-        densities = tuple(param("density", s) for s in specs)
-        epsilons = tuple(param("epsilon", s) for s in specs) if opts.sparsify == "magprune" else ()
-        for spec, d, e in zip(specs, densities, epsilons):
-            if d < 1 and not 0 < d - e < d + e < 1 and len(problems) < 10:  # mergekit's della_magprune check
-                problems.append(f"{spec.source}: tensor {name!r}: density {d:g} ± epsilon {e:g} must lie in (0, 1) "
-                                "(DELLA's keep probabilities); lower epsilon")
-        tensors.append(
-            TensorPlan(
-                name,
-                info.shape,
-                out_dtype,
-                merged=True,
-                weights=tuple(param("weight", s) for s in specs),
-                densities=densities,
-                trim_densities=tuple(param("trim_density", s) for s in specs),
-                lam=param("lambda", None),
-                dare=opts.sparsify == "dare" and (opts.dare_scope == "all" or is_linear_weight(name, info.shape)),
-                gammas=tuple(param("gamma", s) for s in specs) if opts.sparsify == "band" else (),
-                epsilons=epsilons,
-            )
-        )
+        tensors.append(_merged(opts, name, info.shape, out_dtype, [s.source for s in specs], param, problems))
     if problems:
         raise ConfigError(problems)
 
@@ -185,6 +172,197 @@ def build_plan(
         reindex=reindex,
     )
     in_dtypes = {t.name: [DTYPES[c.tensors[t.name].dtype] for c in distinct] for t in tensors}
+    return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
+
+
+def _merged(opts: MergeOptions, name: str, shape: tuple[int, ...], out_dtype: str, sources: list[str],
+            param: Callable[[str, int | None], float], problems: list[str], **more) -> TensorPlan:
+    """A merged tensor's plan; `param(key, i)` resolves a parameter for fine-tune i (None: the whole merge)."""
+    n = range(len(sources))
+    densities = tuple(param("density", i) for i in n)
+    epsilons = tuple(param("epsilon", i) for i in n) if opts.sparsify == "magprune" else ()
+    for source, d, e in zip(sources, densities, epsilons):
+        if d < 1 and not 0 < d - e < d + e < 1 and len(problems) < 10:  # mergekit's della_magprune check
+            problems.append(f"{source}: tensor {name!r}: density {d:g} ± epsilon {e:g} must lie in (0, 1) "
+                            "(DELLA's keep probabilities); lower epsilon")
+    return TensorPlan(
+        name,
+        shape,
+        out_dtype,
+        merged=True,
+        weights=tuple(param("weight", i) for i in n),
+        densities=densities,
+        trim_densities=tuple(param("trim_density", i) for i in n),
+        lam=param("lambda", None),
+        dare=opts.sparsify == "dare" and (opts.dare_scope == "all" or is_linear_weight(name, shape)),
+        gammas=tuple(param("gamma", i) for i in n) if opts.sparsify == "band" else (),
+        epsilons=epsilons,
+        **more,
+    )
+
+
+def _file_order(ckpt: Checkpoint) -> list[str]:
+    return sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file.name, ckpt.tensors[n].offset))
+
+
+def count_layers(ckpt: Checkpoint) -> int:
+    """The number of numbered layers (`model.layers.N.`...) of a checkpoint."""
+    return max((i for i in map(layer_index, ckpt.tensors) if i is not None), default=-1) + 1
+
+
+# ---- layer stacking: mergekit's slices ---------------------------------------------------------
+
+
+def stacks_layers(config: MergeConfig, reference: Checkpoint) -> bool:
+    """Whether the output's layers come from slices (partial, shifted or several ranges, or
+    passthrough) rather than from merging whole models tensor by tensor."""
+    if config.method_name == "passthrough":
+        return True
+    return bool(config.slices) and config.layer_range != (0, count_layers(reference))
+
+
+def _with_layer(name: str, layer: int) -> str:
+    """`name` with its layer number replaced: model.layers.3.mlp... -> model.layers.<layer>.mlp..."""
+    m = LAYER_RE.search(name)
+    return name[: m.start(1)] + str(layer) + name[m.end(1):]
+
+
+def _is_pre_layer(name: str) -> bool:
+    """mergekit plans input embeddings before the layers (from the first slice's models) and every
+    other tensor outside them (final norm, lm_head) after (from the last slice's)."""
+    return any(m in name for m in EMBEDDING_MARKERS) and "embed_out" not in name
+
+
+def stacked_tensors(config: MergeConfig, opts: MergeOptions, inputs: list[Checkpoint]) -> tuple[list[TensorPlan], int]:
+    """The output tensors of a slices config, each with the inputs it reads, and the output's layer count.
+
+    As mergekit 0.1.5 plans it (plan.py): output layers are numbered 0.. across the slices in order;
+    output layer j of a slice holds, from each source, layer start + j of that source's range, merged
+    (or copied, for passthrough) with the slice's parameters at t = j / (length - 1) within the slice.
+    Input embeddings merge the first slice's sources, the other non-layer tensors the last slice's
+    (as many of them as the first slice has), at t = 0. Per-model parameters match their filters
+    against the input tensor's name, `lambda` against the output's. Which layer tensors exist is the
+    first source's; every other source must have each with the same shape.
+    """
+    specs = config.finetunes()
+    index: dict[str, int] = {}  # model -> position in inputs
+    for i, spec in enumerate(specs):
+        index.setdefault(config.model_key(spec.source), i + 1)
+    if config.base is not None:
+        index[config.model_key(config.base)] = 0
+    slices = config.output_slices()
+    problems: list[str] = []
+    needs_base = config.method_name not in ("linear", "passthrough")
+
+    def plan_group(where: str, out_slice: OutputSlice, entries: list[tuple[SliceSource, str]], out_name: str,
+                   pos: int | None, length: int) -> TensorPlan | None:
+        """One output tensor from (source, its input tensor name) entries of one slice."""
+        reads = [(index[config.model_key(s.source)], n) for s, n in entries]
+        missing = [f"{s.source} has no {n!r}" for (s, n), (i, _) in zip(entries, reads) if n not in inputs[i].tensors]
+        if missing:
+            problems.append(f"{where}: {missing[0]} (for output tensor {out_name!r})")
+            return None
+        infos = [inputs[i].tensors[n] for i, n in reads]
+        base = out_slice.base or config.base
+        at = next((k for k, (s, _) in enumerate(entries) if base is not None and config.model_key(s.source) == config.model_key(base)), None)
+        if needs_base and at is None:
+            problems.append(f"{where}: base_model {base!r} is not one of the slice's sources; list it with a layer_range "
+                            "like the others (mergekit merges a slice's task vectors against a base among its sources)")
+            return None
+        first = 0 if at is None else at
+        fts = [k for k in range(len(entries)) if k != at or not needs_base]
+        out_override = config.out_dtype or config.dtype
+        info = infos[first]
+        is_float = info.dtype in FLOAT_DTYPES
+        out_dtype = DTYPE_NAMES[CONFIG_DTYPES[out_override]] if (out_override and is_float) else info.dtype
+        if config.method_name == "passthrough" or not is_float or not config.selected(out_name):
+            source, name = entries[first]
+            scale = 1.0
+            if config.method_name == "passthrough" and is_float:
+                scale = config.tensor_param("scale", _spec(source), name, pos, length, slice_parameters=out_slice.parameters)
+            return TensorPlan(out_name, info.shape, out_dtype, merged=False, inputs=(reads[first],), scale=scale)
+        for (s, n), other in zip(entries, infos):
+            if other.shape != info.shape or other.dtype not in FLOAT_DTYPES:
+                what = f"shape {list(other.shape)}" if other.shape != info.shape else f"dtype {other.dtype}"
+                problems.append(f"{where}: {s.source}'s {n!r} has {what}, but {entries[first][0].source}'s "
+                                f"{entries[first][1]!r} has {list(info.shape)} {info.dtype}")
+                return None
+
+        def param(key: str, i: int | None) -> float:
+            if i is None:  # shared by the whole merge: resolved on the output name
+                return config.tensor_param(key, None, out_name, pos, length, slice_parameters=out_slice.parameters)
+            source, name = entries[fts[i]]
+            return config.tensor_param(key, _spec(source), name, pos, length, slice_parameters=out_slice.parameters)
+
+        return _merged(opts, out_name, info.shape, out_dtype, [entries[k][0].source for k in fts], param, problems,
+                       inputs=(reads[first], *(reads[k] for k in fts)))
+
+    def non_layer(out_slice: OutputSlice, pre: bool, where: str) -> list[TensorPlan]:
+        model = inputs[index[config.model_key(slices[0].sources[0].source)]]
+        sources = out_slice.sources[: len(slices[0].sources)]  # as mergekit, which zips with the first slice's
+        names = [n for n in _file_order(model) if layer_index(n) is None and _is_pre_layer(n) == pre]
+        return [t for n in names if (t := plan_group(where, out_slice, [(s, n) for s in sources], n, None, 1))]
+
+    tensors = non_layer(slices[0], True, "slices[0]")
+    out_layer = 0
+    for i, out_slice in enumerate(slices):
+        counts = []
+        for j, s in enumerate(out_slice.sources):
+            have = count_layers(inputs[index[config.model_key(s.source)]])
+            start, end = s.layer_range or (0, have)
+            counts.append(end - start)
+            if end > have:
+                problems.append(f"slices[{i}].sources[{j}].layer_range: [{start}, {end}] goes past {s.source}'s {have} layers")
+        if problems or len(set(counts)) != 1:
+            continue
+        first = out_slice.sources[0]
+        model = inputs[index[config.model_key(first.source)]]
+        start = first.layer_range[0] if first.layer_range else 0
+        for pos in range(counts[0]):
+            template = [n for n in _file_order(model) if layer_index(n) == start + pos]
+            for name in template:
+                entries = [(s, _with_layer(name, (s.layer_range or (0, 0))[0] + pos)) for s in out_slice.sources]
+                plan = plan_group(f"slices[{i}]", out_slice, entries, _with_layer(name, out_layer), pos, counts[0])
+                if plan is not None:
+                    tensors.append(plan)
+            out_layer += 1
+    tensors += non_layer(slices[-1], False, f"slices[{len(slices) - 1}]")
+    if problems:  # a slice's problem repeats for each of its tensors: once each
+        raise MismatchError(list(dict.fromkeys(problems))[:10])
+    return tensors, out_layer
+
+
+def _spec(source: SliceSource) -> ModelSpec:
+    return ModelSpec(source.source, source.parameters)
+
+
+def _stacked_plan(config: MergeConfig, opts: MergeOptions, inputs: list[Checkpoint], max_shard_size: int,
+                  max_memory: int, reindex: Reindex | None) -> Plan:
+    """The plan of a slices config that stacks layers (see `stacked_tensors`)."""
+    refused = [what for what, on in (
+        ("tokenizer_source / tokenizer", reindex is not None or config.reindexes),
+        (f"vocab: {config.vocab}", config.vocab != "error"),
+        ("trim_scope: global (one threshold per whole model)", opts.trim_scope == "global"),
+        ("LoRA adapters", any(isinstance(c, LoraAdapter) for c in inputs)),
+    ) if on]
+    if refused:
+        raise ConfigError(f"slices: layer stacking (partial or several slices, passthrough) does not support {refused[0]} yet")
+    tensors, layers = stacked_tensors(config, opts, inputs)
+    reads = {t.name: sum(inputs[i].tensors[n].row_bytes * t.rows for i, n in (t.inputs if t.merged else t.inputs[:1]))
+             for t in tensors}
+    plan = Plan(
+        config=config,
+        options=opts,
+        reference=inputs[0].label,
+        sources=tuple(c.label for c in inputs[1:]),
+        tensors=tuple(tensors),
+        shards=tuple(_assign_shards(tensors, reads, max_shard_size)),
+        input_bytes=sum(reads.values()),
+        peak_memory=0,
+        max_memory=max_memory,
+        layers=layers,
+    )
+    in_dtypes = {t.name: [DTYPES[inputs[i].tensors[n].dtype] for i, n in t.inputs] for t in tensors}
     return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
 
 
@@ -355,4 +533,4 @@ def uses_chunk_kernel(opts: MergeOptions, tp: TensorPlan, in_dtypes: list[torch.
     stack) goes to torch, which holds one row block whatever its size."""
     rows_fit = opts.sparsify != "magprune" or not tp.merged or tp.della_row <= kernels.CHUNK
     return (device == "cpu" and kernels.supported(in_dtypes, compute) and not opts.whole_tensors and not opts.fused_linear
-            and rows_fit)
+            and rows_fit and tp.scale == 1.0)  # the kernel copies; passthrough's scale multiplies in torch

@@ -66,6 +66,19 @@ def shard_hashes(folder: Path, pattern: str = "model-*.safetensors") -> dict[str
     return {p.name: file_sha256(p)[1] for p in sorted(folder.glob(pattern))}
 
 
+def split_run_hashes(config, folder: Path, max_shard_size: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Shard hashes of `config` merged by one process (folder/one) and split over two workers, rank 1
+    first, then finalized (folder/split): any split must give the single run's bytes."""
+    from streammerge import merge
+    from streammerge.api import finalize
+
+    merge(config, folder / "one", max_shard_size=max_shard_size)
+    for rank in (1, 0):
+        merge(config, folder / "split", max_shard_size=max_shard_size, rank=rank, world_size=2)
+    finalize(folder / "split")
+    return shard_hashes(folder / "one"), shard_hashes(folder / "split")
+
+
 def ties_disjoint_mean(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """An independent float32 reference of TIES' elect + disjoint mean (the papers' rule, γ = +1 at 0)."""
     score = sum(w * t for w, t in zip(weights, taus))

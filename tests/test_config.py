@@ -236,13 +236,14 @@ def _slice(model: str, lr=(0, 2), **params) -> dict:
     return {"model": model, "layer_range": list(lr), **({"parameters": params} if params else {})}
 
 
-def test_layer_stacking_and_partial_slices_are_named():
+def test_stacked_slices_parse_and_bad_ones_are_named():
     two = [{"sources": [_slice("a", (0, 1))]}, {"sources": [_slice("a", (1, 2))]}]
-    with pytest.raises(ConfigError, match=r"^'slices': 2 output slices \(layer stacking, passthrough\) are not supported"):
-        MergeConfig.from_dict({"merge_method": "ties", "base_model": "b", "slices": two})
-    shifted = [{"sources": [_slice("a", (0, 2)), _slice("b", (2, 4))]}]
-    with pytest.raises(ConfigError, match=r"slices\[0\]: layer ranges \[\[0, 2\], \[2, 4\]\] select or shift layers"):
-        MergeConfig.from_dict({"merge_method": "ties", "base_model": "b", "slices": shifted})
+    cfg = MergeConfig.from_dict({"merge_method": "passthrough", "slices": two})
+    assert [s.sources[0].layer_range for s in cfg.slices] == [(0, 1), (1, 2)] and cfg.layer_range is None
+    assert [m.source for m in cfg.models] == ["a"]
+    uneven = [{"sources": [_slice("a", (0, 2)), _slice("b", (2, 5))]}]
+    with pytest.raises(ConfigError, match=r"slices\[0\]: layer ranges \[\[0, 2\], \[2, 5\]\] differ in length"):
+        MergeConfig.from_dict({"merge_method": "ties", "base_model": "b", "slices": uneven})
     with pytest.raises(ConfigError, match="residual_weight is not supported"):
         MergeConfig.from_dict({"merge_method": "ties", "slices": [{"sources": [_slice("a")], "residual_weight": 0.1}]})
     with pytest.raises(ConfigError, match="give one of them"):
@@ -257,13 +258,13 @@ def test_slerp_with_stacked_slices_names_both():
     assert "'slices'" in info.value.problems[1]
 
 
-@pytest.mark.parametrize("method", ["slerp", "passthrough", "model_stock", "nuslerp"])
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "nuslerp"])
 def test_other_mergekit_methods_are_unsupported(method):
     with pytest.raises(UnsupportedFeatureError) as info:
         _cfg(method).validate()
     assert f"merge_method '{method}' is a mergekit method streammerge does not support yet" in str(info.value)
     assert ("supported: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, linear, "
-            "magnitude_prune, task_arithmetic, ties") in str(info.value)
+            "magnitude_prune, passthrough, task_arithmetic, ties") in str(info.value)
 
 
 def test_lora_syntax_and_misplaced_della_parameter_are_named(tmp_path):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from streammerge import MergeConfig, merge
 from streammerge import plan as plan_merge
+from streammerge.config import layer_index
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 
 SHAPE = TinyLlama(hidden=32, intermediate=48, layers=5, heads=4, kv_heads=2, vocab=40)
@@ -227,10 +228,10 @@ def test_slices_form_gives_the_models_form_bytes(tmp_path, folder):
     assert shards and all((tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes() for s in shards)
 
 
-def test_a_partial_layer_range_is_named(tmp_path, folder):
+def test_a_partial_layer_range_stacks_those_layers(tmp_path, folder):
     (folder / "partial.yml").write_text(SLICES_YML.replace("[0, 5]", "[0, 4]"))
-    with pytest.raises(Exception, match=r"slices\[0\]: layer_range \[0, 4\] does not cover the model's 5 layers"):
-        plan_merge(MergeConfig.from_yaml(folder / "partial.yml"))
+    the_plan = plan_merge(MergeConfig.from_yaml(folder / "partial.yml"))
+    assert the_plan.layers == 4 and {layer_index(t.name) for t in the_plan.tensors} == {None, 0, 1, 2, 3}
 
 
 def test_tokenizer_source_base_a_model_or_a_folder(tmp_path, folder):

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import shard_hashes
+from conftest import shard_hashes, split_run_hashes
 from safetensors.torch import load_file
 
 from streammerge import MergeConfig, merge
-from streammerge.api import finalize
 from streammerge.errors import CheckpointError, ConfigError, OutputError
 from streammerge.vocab import read_vocabulary
 
@@ -102,13 +101,8 @@ def test_default_semantics_padding_rows(tmp_path):
 
 def test_split_and_resumed_union_merges_give_the_same_bytes(tmp_path):
     cfg = _config("union_ties")
-    merge(cfg, tmp_path / "one", max_shard_size=2000)
-    expected = shard_hashes(tmp_path / "one")
-    assert len(expected) > 2
-    for rank in (1, 0):
-        merge(cfg, tmp_path / "split", max_shard_size=2000, rank=rank, world_size=2)
-    finalize(tmp_path / "split")
-    assert shard_hashes(tmp_path / "split") == expected
+    expected, split = split_run_hashes(cfg, tmp_path, 2000)
+    assert len(expected) > 2 and split == expected
     # half done by a worker, the rest by a single process: kept shards, the same bytes
     merge(cfg, tmp_path / "resumed", max_shard_size=2000, rank=0, world_size=2)
     result = merge(cfg, tmp_path / "resumed", max_shard_size=2000)
