@@ -127,7 +127,7 @@ def _merge_options(f):
     options = [
         click.option("--base", help="Base model: a folder, a .safetensors file or a Hub repo id org/name[@revision]."),
         click.option("--model", multiple=True, help="A fine-tuned model, local or org/name[@revision] (repeat for each)."),
-        click.option("--method", help="task_arithmetic, linear, ties, dare_linear, dare_ties, magnitude_prune."),
+        click.option("--method", help="ties, dare_ties, task_arithmetic, linear, della, slerp (with --param t=0.5), ..."),
         click.option("--weight", type=float, multiple=True, help="Weight: once for all models, or once per --model."),
         click.option("--density", type=float, multiple=True, help="Density: once for all models, or once per --model."),
         click.option("--lambda", "lambda_", type=float, help="Global scale λ of the merged task vector."),
@@ -299,7 +299,7 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     p = _run(debug, api.plan, cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
     tensors = [
         {"name": t.name, "shape": list(t.shape), "dtype": t.out_dtype, "merged": t.merged, "dare": t.dare,
-         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam}
+         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam, **({"t": t.t} if t.t is not None else {})}
         for t in p.tensors
     ]
     summary = {
@@ -333,7 +333,8 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     if show_tensors:
         for t in tensors:
             what = ("dare " if t["dare"] else "") + ("merge" if t["merged"] else "copy")
-            click.echo(f"  {t['name']} {t['shape']} {t['dtype']} {what} w={t['weights']} d={t['densities']} λ={t['lambda']}")
+            params = f"t={t['t']}" if "t" in t else f"w={t['weights']} d={t['densities']} λ={t['lambda']}"
+            click.echo(f"  {t['name']} {t['shape']} {t['dtype']} {what} {params}")
 
 
 @main.command("push")

@@ -48,6 +48,7 @@ class TensorPlan:
     dare: bool = False  # DARE applies to this tensor (method and scope)
     gammas: tuple[float, ...] = ()  # per fine-tune: breadcrumbs' outlier share
     epsilons: tuple[float, ...] = ()  # per fine-tune: della's keep-probability spread
+    t: float | None = None  # slerp: the interpolation factor (0: the base, 1: the other model)
 
     @property
     def numel(self) -> int:
@@ -144,6 +145,10 @@ def build_plan(
         def param(key: str, spec: ModelSpec | None) -> float:
             return config.tensor_param(key, spec, name, layer, n_layers)
 
+        t = param("t", None) if opts.combine == "slerp" else None
+        if opts.combine == "slerp" and t is None and len(problems) < 10:  # mergekit: "Missing required parameter t"
+            problems.append(f"parameters.t: no value for tensor {name!r}: no filter entry matches it; "
+                            "add an entry without a filter (e.g. {value: 0.5}) as the fallback")
         densities = tuple(param("density", s) for s in specs)
         epsilons = tuple(param("epsilon", s) for s in specs) if opts.sparsify == "magprune" else ()
         for spec, d, e in zip(specs, densities, epsilons):
@@ -163,6 +168,7 @@ def build_plan(
                 dare=opts.sparsify == "dare" and (opts.dare_scope == "all" or is_linear_weight(name, info.shape)),
                 gammas=tuple(param("gamma", s) for s in specs) if opts.sparsify == "band" else (),
                 epsilons=epsilons,
+                t=t,
             )
         )
     if problems:
@@ -348,9 +354,10 @@ def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) ->
 def uses_chunk_kernel(opts: MergeOptions, tp: TensorPlan, in_dtypes: list[torch.dtype], compute: torch.dtype,
                       device: str = "cpu") -> bool:
     """Whether a tensor merges in the numpy chunk kernel (kernels.py) rather than with torch ops: on the
-    CPU, in float32, for the methods it implements. DELLA ranks within rows and the kernel's chunks hold
-    whole rows, so a merged tensor whose rows are longer than a chunk (a huge 1-D tensor, a 3-D expert
-    stack) goes to torch, which holds one row block whatever its size."""
+    CPU, in float32, for the methods it implements (all but slerp). DELLA ranks within rows and the
+    kernel's chunks hold whole rows, so a merged tensor whose rows are longer than a chunk (a huge 1-D
+    tensor, a 3-D expert stack) goes to torch, which holds one row block whatever its size."""
     rows_fit = opts.sparsify != "magprune" or not tp.merged or tp.della_row <= kernels.CHUNK
+    slerp = tp.merged and opts.combine == "slerp"  # two elementwise passes in float64: torch's ops suffice
     return (device == "cpu" and kernels.supported(in_dtypes, compute) and not opts.whole_tensors and not opts.fused_linear
-            and rows_fit)
+            and rows_fit and not slerp)

@@ -23,8 +23,9 @@ def anon():
     return int(re.search(r"RssAnon:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 root, method, budget, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-cfg = MergeConfig(method=method, base=f"{root}/base.safetensors", seed=1,
-                  models=tuple(ModelSpec(f"{root}/ft{i}.safetensors", {"weight": 0.5, "density": 0.4}) for i in (1, 2)))
+models = (1,) if method == "slerp" else (1, 2)  # slerp: the base and one other model
+cfg = MergeConfig(method=method, base=f"{root}/base.safetensors", seed=1, parameters={"t": 0.3} if method == "slerp" else {},
+                  models=tuple(ModelSpec(f"{root}/ft{i}.safetensors", {"weight": 0.5, "density": 0.4}) for i in models))
 before, peak, running = anon(), [0], [True]
 def sample():
     while running[0]:
@@ -56,7 +57,7 @@ def _run(root, method, budget, out):
     return json.loads(done.stdout.strip().splitlines()[-1])["growth"], hashlib.sha256(shard.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "slerp"])
 def test_a_tensor_four_times_the_budget_stays_within_it(big, tmp_path, method):
     growth, small = _run(big, method, BUDGET, tmp_path / "small")
     tensor_bytes = ROWS * COLS * 2
