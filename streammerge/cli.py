@@ -151,7 +151,7 @@ def _merge_options(f):
     options = [
         click.option("--base", help="Base model: a folder, a .safetensors file or a Hub repo id org/name[@revision]."),
         click.option("--model", multiple=True, help="A fine-tuned model, local or org/name[@revision] (repeat for each)."),
-        click.option("--method", help="task_arithmetic, linear, ties, dare_linear, dare_ties, magnitude_prune."),
+        click.option("--method", help="ties, dare_ties, task_arithmetic, linear, della, slerp (with --param t=0.5), ..."),
         click.option("--weight", type=float, multiple=True, help="Weight: once for all models, or once per --model."),
         click.option("--density", type=float, multiple=True, help="Density: once for all models, or once per --model."),
         click.option("--lambda", "lambda_", type=float, help="Global scale λ of the merged task vector."),
@@ -323,7 +323,7 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     labels = [p.reference, *p.sources]
     tensors = [
         {"name": t.name, "shape": list(t.shape), "dtype": t.out_dtype, "merged": t.merged, "dare": t.dare,
-         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam,
+         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam, **({"t": t.t} if t.t is not None else {}),
          **({"reads": [[labels[i], n] for i, n in t.inputs], "scale": t.scale} if t.inputs else {})}
         for t in p.tensors
     ]
@@ -363,9 +363,10 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     if show_tensors:
         for t in tensors:
             what = ("dare " if t["dare"] else "") + ("merge" if t["merged"] else "copy")
+            params = f"t={t['t']}" if "t" in t else f"w={t['weights']} d={t['densities']} λ={t['lambda']}"
             reads = (f" scale={t['scale']:g}" if t.get("scale", 1.0) != 1.0 else "") + "".join(
                 f" <- {Path(m).name}:{n}" for m, n in t.get("reads", []))
-            click.echo(f"  {t['name']} {t['shape']} {t['dtype']} {what} w={t['weights']} d={t['densities']} λ={t['lambda']}{reads}")
+            click.echo(f"  {t['name']} {t['shape']} {t['dtype']} {what} {params}{reads}")
 
 
 @main.command("push")

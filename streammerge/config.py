@@ -41,13 +41,13 @@ DTYPES = {
 
 # Parameters that may vary per model and per tensor (gradients and filters allowed).
 TENSOR_PARAMS = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "trim_density": 1.0, "gamma": 0.01, "epsilon": 0.15,
-                 "scale": 1.0}
+                 "scale": 1.0, "t": None}  # slerp's t has no default: mergekit requires it
 # Tensor parameters that only some methods read (mergekit's defaults above; its passthrough `scale`
 # defaults to none, which multiplies by nothing: the same bytes as 1.0).
 METHOD_PARAMS = {"gamma": ("breadcrumbs", "breadcrumbs_ties"), "epsilon": ("della", "della_linear"),
-                 "trim_density": ("dare_ties",), "scale": ("passthrough",)}
+                 "trim_density": ("dare_ties",), "scale": ("passthrough",), "t": ("slerp",)}
 # Parameters mergekit resolves once per tensor for the whole merge: a model's own value is never read.
-SHARED_TENSOR_PARAMS = {"lambda"}
+SHARED_TENSOR_PARAMS = {"lambda", "t"}
 # Options of the whole merge: scalars, top-level `parameters` only.
 OPTION_PARAMS = {
     "normalize": (bool,),
@@ -59,16 +59,16 @@ OPTION_PARAMS = {
     "int8_mask": (bool,),  # accepted for mergekit configs; it changes nothing in the result
 }
 # mergekit parameters of methods we don't have yet: named in the error.
-KNOWN_UNSUPPORTED_PARAMS = {"lambda_", "t", "k", "select_topk", "filter_wise", "rescale_norm"}
+KNOWN_UNSUPPORTED_PARAMS = {"lambda_", "k", "select_topk", "filter_wise", "rescale_norm"}
 # Top-level mergekit keys we don't support yet.
 UNSUPPORTED_KEYS = {"chat_template": "chat_template", "modules": "modules"}
 KNOWN_METHOD_ALIASES = {"average": "linear", "dare_average": "dare_linear"}
 OTHER_MERGEKIT_METHODS = {
-    "slerp", "model_stock", "nearswap", "nuslerp", "karcher", "sce", "arcee_fusion", "multislerp",
+    "model_stock", "nearswap", "nuslerp", "karcher", "sce", "arcee_fusion", "multislerp",
     "task_arithmetic_sce", "ram", "ramplus_tl",
 }
 # Methods whose mergekit arithmetic only the default and mergekit presets define.
-MERGEKIT_ONLY_METHODS = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+MERGEKIT_ONLY_METHODS = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp"}
 
 ParamValue = Any  # float | bool | str | list[float] | list[{filter, value}]
 
@@ -293,7 +293,7 @@ class MergeConfig:
             problems.append(f"merge_method: unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
         if self.method_name in MERGEKIT_ONLY_METHODS and self.semantics not in ("default", "mergekit"):
             problems.append(f"semantics: {self.semantics} has no {self.method_name} method; use default or mergekit")
-        if self.method_name in MERGEKIT_ONLY_METHODS and self.option("trim_scope", "tensor") != "tensor":
+        if self.method_name in MERGEKIT_ONLY_METHODS - {"slerp"} and self.option("trim_scope", "tensor") != "tensor":
             problems.append(f"parameters.trim_scope: {self.method_name} sparsifies each tensor on its own; remove trim_scope")
         if self.vocab not in ("error", "truncate_to_base", "truncate_to_smallest"):
             problems.append(f"vocab: unknown value {self.vocab!r}; choose error, truncate_to_base or truncate_to_smallest")
@@ -316,6 +316,8 @@ class MergeConfig:
         if self.method_name not in ("linear", "passthrough") and self.method_name in METHODS and self.base is None and not slice_bases:
             problems.append(f"base_model: the {self.method_name} method needs a base model")
         problems += self._slice_problems()
+        if self.method_name == "slerp":
+            problems += self._slerp_problems()
         problems += self._tokenizer_problems()
         method = self.method_name
         for key, value in self.parameters.items():
@@ -362,6 +364,21 @@ class MergeConfig:
                 for key, value in src.parameters.items():
                     problems += _check_param(f"slices[{i}].sources[{j}].parameters.{key}", key, value, top_level=False,
                                              method=method)
+        return problems
+
+    def _slerp_problems(self) -> list[str]:
+        """slerp interpolates from base_model (t = 0) to exactly one other model (t = 1), as mergekit requires."""
+        problems = []
+        others = self.finetunes() if self.base is not None else list(self.models)
+        if len(others) != 1:
+            problems.append(f"models: slerp interpolates between base_model and exactly one other model; got {len(others)} "
+                            "besides the base (for more models use multislerp in mergekit, or a task-vector method)")
+        base = None if self.base is None else os.path.realpath(self._path(self.base))
+        if self.layer_range is not None and base not in {os.path.realpath(self._path(m.source)) for m in self.models}:
+            problems.append("slices[0].sources: slerp's base_model must be one of the sources, as mergekit requires")
+        if self.parameters.get("t") is None and self.slice_parameters.get("t") is None:
+            problems.append("parameters.t: slerp needs t, the interpolation factor (0 gives the base, 1 the other model), "
+                            "e.g. t: 0.5, in the top-level (or slice) parameters")
         return problems
 
     def _tokenizer_problems(self) -> list[str]:
@@ -482,6 +499,7 @@ class MergeConfig:
                 compute_dtype=DTYPES[self.dtype] if self.dtype else None,
                 fused_linear=True,
                 positive_zeros=False,
+                slerp_sums="mergekit",
             )
             return opts
         if preset == "peft":
@@ -598,6 +616,10 @@ def _check_param(where: str, key: str, value: Any, *, top_level: bool, method: s
             bad = [v for v in samples if not 0 <= v <= 1]
             if bad:
                 return [f"{where}: gamma (the share of largest |delta| dropped) must be in [0, 1], got {bad[0]}"]
+        if key == "t":
+            bad = [v for v in samples if not 0 <= v <= 1]
+            if bad:
+                return [f"{where}: t must be in [0, 1] (0 gives the base, 1 the other model), got {bad[0]}"]
         if key == "epsilon":
             bad = [v for v in samples if not 0 <= v < 0.5]
             if bad:

@@ -8,8 +8,8 @@ working set of a block; a tensor too big for it is processed in row blocks.
 
 A method that needs whole-tensor quantities first makes stats passes over the tensor's blocks (the
 exact top-k threshold by radix selection, the position of the last kept tie, mergekit's L1
-rescale), then one output pass; each pass reads the tensor's mapped pages again, from the page cache
-when they are still there. FusionBench's global trim domain adds passes over every tensor first.
+rescale, slerp's norms and dot product), then one output pass; each pass reads the tensor's mapped
+pages again, from the page cache when they are still there. FusionBench's global trim domain adds passes over every tensor first.
 Nothing depends on the block size: the DARE mask is counter-based and ties go by flat index.
 """
 
@@ -199,6 +199,11 @@ class TorchBackend:
         self.sparsified = ((block.r0, block.r1), base, kept)
         return scales
 
+    def slerp_sums(self, block: Block) -> torch.Tensor:
+        """Σθ₀², Σθ₁², Σθ₀θ₁ of each row of the block (float64 [3, rows], on the CPU), summed on the device."""
+        moved = self._on_device(block)
+        return ops.slerp_row_sums(moved.base, moved.fts[0], block.r1 - block.r0).cpu()
+
     def _deltas_once(self, block: Block, spec: ops.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """`deltas`, from l1_scales' unscaled ones when it left this block's. The same bits: every
         sparsifier in `deltas` ends with τ̂·scale when scale != 1 (ops.dare, ops.della without p, the
@@ -223,6 +228,9 @@ class TorchBackend:
             return None
         if opts.combine == "average":
             result = ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute)
+        elif opts.combine == "slerp":
+            moved = self._on_device(block)
+            result = ops.slerp_block(moved.base, moved.fts[0], spec.slerp, opts, self.compute)
         else:
             base, deltas = self._deltas_once(block, spec)
             result = ops.merge_block(base, deltas, spec.weights, spec.lam, opts, spec.majority)
@@ -279,7 +287,9 @@ class TensorJob:
         n = len(self.finetuned)
         self.row_elems = tp.row_elems
         # LoRA adapters hand over τ rows (lora.py); one that drops its factors does DARE's drop itself
-        self.delta_rows = lora.delta_inputs(tp, plan, self.finetuned) if tp.merged and not self.is_linear else [None] * n
+        # (linear and slerp read θ: an adapter's rows then come as θ₀ + τ)
+        uses_deltas = tp.merged and self.opts.combine in ("sum", "ties")
+        self.delta_rows = lora.delta_inputs(tp, plan, self.finetuned) if uses_deltas else [None] * n
         # an adapter's rows gathered by token are θ rows (its view), not τ
         self.delta_rows = [None if self._gathered(c) else d for c, d in zip(self.finetuned, self.delta_rows)]
         # inputs built per block (gathered rows, a LoRA's float32 τ) are memory of their own, unlike mapped views
@@ -453,12 +463,34 @@ def _last_tie(jobs: list[TensorJob], i: int, value: float, keep: int, total: int
     return out
 
 
+def slerp_coefficients(job: TensorJob) -> tuple[float, float]:
+    """slerp's (s0, s1) for one tensor: a stats pass for the norms and the dot product. Default: per-row
+    float64 sums (ops.slerp_row_sums), added exactly with math.fsum, so no block size, thread count
+    or device changes a bit. mergekit: its own float32 sums over the whole tensor, on the CPU."""
+    t = job.tp.t
+    if job.opts.slerp_sums == "mergekit":
+        if not job.blocks:
+            return 1.0 - t, t
+        (block,) = job.blocks_read()
+        return ops.slerp_coefficients_mergekit(block.base, block.fts[0], t, job.compute)
+    # one buffer for every row's sums, made before the blocks: small tensors kept across blocks would
+    # pin the allocator's heap between the blocks' big temporaries, and it would grow with each block
+    sums = torch.zeros((3, job.tp.rows), dtype=torch.float64)
+    for block in job.blocks_read():
+        sums[:, block.r0 : block.r1] = job.backend.slerp_sums(block)
+    aa, bb, ab = (math.fsum(row.tolist()) for row in sums)
+    return ops.slerp_coefficients(t, aa, bb, ab)
+
+
 def prepare_tensor(job: TensorJob) -> None:
-    """Whole-tensor quantities of one tensor (per-tensor trim domain)."""
+    """Whole-tensor quantities of one tensor (per-tensor trim domain, slerp's coefficients)."""
     if job.prepared:
         return
     job.prepared = True
     opts = job.opts
+    if opts.combine == "slerp" and job.tp.merged:
+        job.spec = replace(job.spec, slerp=slerp_coefficients(job))
+        return
     l1 = opts.rescale == "l1" and (job.tp.dare or (job.tp.merged and opts.sparsify in ("trim", "band", "magprune")))
     if l1 and opts.sparsify != "band":
         (block,) = job.blocks_read()

@@ -17,6 +17,7 @@ merged in one block or in many gives the same bits.
 | della           | magprune                   | θ₀ + λ disjoint_merge(elect(τ̂))    (Deep 2024)   |
 | della_linear    | magprune                   | θ₀ + λ Σ w_t τ̂_t                                |
 | linear          | -                          | Σ w_t θ_t / Σ w_t                                |
+| slerp           | -                          | s0 θ₀ + s1 θ₁, one other model     (Shoemake 1985) |
 
 - top_k (TIES "trim"): keep the k = int(d · density) largest |τ|; ties at the threshold are kept
   lowest flat index first, so the result never depends on chunking, device or threads.
@@ -28,6 +29,8 @@ merged in one block or in many gives the same bits.
   p = (density − ε) + r/(c−1)·2·ε, the counter-based mask at a per-element threshold; kept ÷ p.
 - elect: γ = sign(Σ_t w_t τ̂_t) ("sum") or sign(Σ_t sign(τ̂_t)) ("count"); γ = 0 → +1.
 - disjoint_merge over models whose τ̂_t is non-zero with sign γ: mean Σwτ̂/Σw, sum Σwτ̂, max γ·max|τ̂|.
+- slerp: the whole tensors as vectors, Ω their angle, s0 = sin((1−t)Ω)/sin Ω, s1 = sin(tΩ)/sin Ω
+  (lerp's 1−t, t when nearly parallel); the norms and the dot product come from a stats pass.
 
 The presets (`mergekit`, `peft`, `fusionbench`) only change the options below; the op order is
 mergekit's, so that with its compute dtype (e.g. bf16) every rounding step falls where its does.
@@ -35,13 +38,14 @@ mergekit's, so that with its compute dtype (e.g. bf16) every rounding step falls
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
 
 Sparsify = Literal["none", "trim", "dare", "dare_trim", "band", "magprune"]
-Combine = Literal["sum", "ties", "average", "copy"]
+Combine = Literal["sum", "ties", "average", "copy", "slerp"]
 
 # method -> (how each task vector is sparsified, how they are combined)
 METHODS: dict[str, tuple[Sparsify, Combine]] = {
@@ -56,6 +60,7 @@ METHODS: dict[str, tuple[Sparsify, Combine]] = {
     "della_linear": ("magprune", "sum"),
     "linear": ("none", "average"),
     "passthrough": ("none", "copy"),  # mergekit's layer stacking: every tensor copied (times `scale`), never merged
+    "slerp": ("none", "slerp"),
 }
 
 
@@ -81,12 +86,16 @@ class MergeOptions:
     # Merged zeros are written as +0 so every float32 path (numpy, compiled, torch) gives the same
     # bytes; the compiled kernel may not keep a zero's sign. mergekit's own bits keep theirs.
     positive_zeros: bool = True
+    # slerp's norms and dot product: float64 sums in a fixed order (any block size), or mergekit's
+    # float32 torch reductions over the whole tensor
+    slerp_sums: Literal["float64", "mergekit"] = "float64"
 
     @property
     def whole_tensors(self) -> bool:
-        """mergekit's sorts and L1 rescale see a whole tensor at once; so must we, to match it."""
+        """mergekit's sorts, L1 rescale and slerp sums see a whole tensor at once; so must we, to match it."""
         sorted_whole = self.sparsify in ("trim", "band", "magprune") and self.trim_rule == "argsort"
-        return sorted_whole or (self.sparsify != "none" and self.rescale == "l1")
+        slerp_whole = self.combine == "slerp" and self.slerp_sums == "mergekit"
+        return sorted_whole or slerp_whole or (self.sparsify != "none" and self.rescale == "l1")
 
     @property
     def sparsify(self) -> Sparsify:
@@ -118,6 +127,7 @@ class TensorSpec:
     epsilons: tuple[float, ...] = ()  # della: keep-probability spread per model
     della_row: int = 0  # della: elements per ranked row (the numpy kernel chunks by whole rows)
     scale: float = 1.0  # an unmerged tensor's factor (passthrough's `scale`)
+    slerp: tuple[float, float] = ()  # slerp: (s0, s1), the coefficients of θ₀ and θ₁
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,3 +478,93 @@ def linear_block(models: Sequence[torch.Tensor], weights: Sequence[float], opts:
     if opts.positive_zeros:
         out += 0.0
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SLERP (Shoemake 1985): θ₀ and θ₁ as two vectors, interpolated along the great circle between them
+
+SLERP_EPS = 1e-8  # a norm at or below this is taken as 1 (mergekit's guard against ÷0)
+SLERP_DOT_THRESHOLD = 0.9995  # |cos Ω| above this: (anti)parallel, sin Ω ~ 0, so lerp instead
+MERGEKIT_SLERP_CHUNK = 1 << 20  # mergekit sums its norms and dot product over chunks of this many elements
+
+
+def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
+    """(s0, s1) with slerp(θ₀, θ₁; t) = s0·θ₀ + s1·θ₁, from ‖θ₀‖², ‖θ₁‖² and ⟨θ₀, θ₁⟩, in float64.
+
+    cos Ω = ⟨θ₀, θ₁⟩ / (‖θ₀‖ ‖θ₁‖) clamped to [−1, 1] (a norm ≤ 1e-8 counts as 1), then
+    s0 = sin((1 − t)Ω) / sin Ω and s1 = sin(tΩ) / sin Ω; when |cos Ω| > 0.9995, s0 = 1 − t, s1 = t.
+    t = 0 gives (1, 0) and t = 1 gives (0, 1) exactly.
+    """
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    na, nb = (na if na > SLERP_EPS else 1.0), (nb if nb > SLERP_EPS else 1.0)
+    dot = min(1.0, max(-1.0, ab / na / nb))
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    omega = math.acos(dot)
+    return math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+
+
+def slerp_row_sums(base: torch.Tensor, other: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per row of a block, float64 [3, rows]: Σθ₀², Σθ₁², Σθ₀θ₁.
+
+    Each row is summed by a tree fixed by the row length alone (its first half plus its last half,
+    again and again until one element is left), in elementwise float64 ops: the same bits on any
+    device and thread count, and rows are whole in every block. The caller adds the rows exactly
+    (math.fsum), so the block size changes nothing either.
+    """
+    a, b = base.reshape(rows, -1).double(), other.reshape(rows, -1).double()
+    out = torch.empty((3, rows), dtype=torch.float64, device=a.device)
+    work = torch.empty_like(a)
+    for k, (x, y) in enumerate(((a, a), (b, b), (a, b))):
+        torch.mul(x, y, out=work)
+        cols = work.shape[1]
+        while cols > 1:
+            half = cols // 2
+            work[:, :half] += work[:, cols - half : cols]
+            cols -= half
+        out[k] = work[:, 0] if work.shape[1] else 0.0
+    return out
+
+
+def slerp_coefficients_mergekit(base: torch.Tensor, other: torch.Tensor, t: float, dtype: torch.dtype) -> tuple[float, float]:
+    """mergekit 0.1.5's (s0, s1) for one whole tensor, bit for bit: the inputs in its dtype, then
+    float32 torch ops (float64 for float64): each norm the norm of the norms of 2²⁰-element chunks,
+    the dot product of the normalized chunks summed chunk by chunk, and the coefficients from
+    float32 acos/sin. Returned as Python floats (exactly the float32 values)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b = base.to(dtype).reshape(1, -1), other.to(dtype).reshape(1, -1)
+    spans = [(s, s + MERGEKIT_SLERP_CHUNK) for s in range(0, a.shape[1], MERGEKIT_SLERP_CHUNK)]
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        parts = torch.stack([torch.linalg.vector_norm(x[:, s:e].to(work), dim=1, keepdim=True) for s, e in spans])
+        n = torch.linalg.vector_norm(parts, dim=0)
+        return torch.where(n > SLERP_EPS, n, 1)
+
+    tt = torch.tensor([[t]], dtype=work)
+    if not spans:  # an empty tensor: nothing to interpolate
+        return (1 - tt).item(), tt.item()
+    na, nb = norm(a), norm(b)
+    dot = torch.stack([(a[:, s:e].to(work) / na * (b[:, s:e].to(work) / nb)).sum(dim=1, keepdim=True) for s, e in spans])
+    dot = dot.sum(dim=0).clamp(-1, 1)
+    lerp = dot.abs() > SLERP_DOT_THRESHOLD
+    omega = torch.acos(torch.where(lerp, 0, dot))
+    s0 = torch.where(lerp, 1 - tt, torch.sin((1 - tt) * omega) / torch.sin(omega))
+    s1 = torch.where(lerp, tt, torch.sin(tt * omega) / torch.sin(omega))
+    return s0.item(), s1.item()
+
+
+def slerp_block(base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float], opts: MergeOptions,
+                dtype: torch.dtype) -> torch.Tensor:
+    """s0·θ₀ + s1·θ₁ over a block, elementwise. Default: in float64 (products and sum each rounded
+    once), then float32 (or float64 for float64 inputs). mergekit: its float32 ops on the inputs
+    in its dtype `dtype`, the result rounded to that dtype."""
+    s0, s1 = coefficients
+    if opts.slerp_sums == "mergekit":
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        return (base.to(dtype).to(work) * s0 + other.to(dtype).to(work) * s1).to(dtype)
+    out = base.to(torch.float64, copy=True).mul_(s0)
+    out += other.to(torch.float64, copy=True).mul_(s1)
+    if opts.positive_zeros:
+        out += 0.0
+    # to float32 explicitly: torch converts float64 to bf16/f16 through float32 anyway, on every device
+    return out if dtype == torch.float64 else out.float()

@@ -55,6 +55,7 @@ class TensorPlan:
     # each fine-tune. Empty: `name` in the reference and in every fine-tune.
     inputs: tuple[tuple[int, str], ...] = ()
     scale: float = 1.0  # an unmerged tensor's factor (passthrough's `scale`)
+    t: float | None = None  # slerp: the interpolation factor (0: the base, 1: the other model)
 
     @property
     def numel(self) -> int:
@@ -185,6 +186,10 @@ def _merged(opts: MergeOptions, name: str, shape: tuple[int, ...], out_dtype: st
         if d < 1 and not 0 < d - e < d + e < 1 and len(problems) < 10:  # mergekit's della_magprune check
             problems.append(f"{source}: tensor {name!r}: density {d:g} ± epsilon {e:g} must lie in (0, 1) "
                             "(DELLA's keep probabilities); lower epsilon")
+    t = param("t", None) if opts.combine == "slerp" else None
+    if opts.combine == "slerp" and t is None and len(problems) < 10:  # mergekit: "Missing required parameter t"
+        problems.append(f"parameters.t: no value for tensor {name!r}: no filter entry matches it; "
+                        "add an entry without a filter (e.g. {value: 0.5}) as the fallback")
     return TensorPlan(
         name,
         shape,
@@ -197,6 +202,7 @@ def _merged(opts: MergeOptions, name: str, shape: tuple[int, ...], out_dtype: st
         dare=opts.sparsify == "dare" and (opts.dare_scope == "all" or is_linear_weight(name, shape)),
         gammas=tuple(param("gamma", i) for i in n) if opts.sparsify == "band" else (),
         epsilons=epsilons,
+        t=t,
         **more,
     )
 
@@ -528,9 +534,10 @@ def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) ->
 def uses_chunk_kernel(opts: MergeOptions, tp: TensorPlan, in_dtypes: list[torch.dtype], compute: torch.dtype,
                       device: str = "cpu") -> bool:
     """Whether a tensor merges in the numpy chunk kernel (kernels.py) rather than with torch ops: on the
-    CPU, in float32, for the methods it implements. DELLA ranks within rows and the kernel's chunks hold
-    whole rows, so a merged tensor whose rows are longer than a chunk (a huge 1-D tensor, a 3-D expert
-    stack) goes to torch, which holds one row block whatever its size."""
+    CPU, in float32, for the methods it implements (all but slerp). DELLA ranks within rows and the
+    kernel's chunks hold whole rows, so a merged tensor whose rows are longer than a chunk (a huge 1-D
+    tensor, a 3-D expert stack) goes to torch, which holds one row block whatever its size."""
     rows_fit = opts.sparsify != "magprune" or not tp.merged or tp.della_row <= kernels.CHUNK
+    slerp = tp.merged and opts.combine == "slerp"  # two elementwise passes in float64: torch's ops suffice
     return (device == "cpu" and kernels.supported(in_dtypes, compute) and not opts.whole_tensors and not opts.fused_linear
-            and rows_fit and tp.scale == 1.0)  # the kernel copies; passthrough's scale multiplies in torch
+            and rows_fit and tp.scale == 1.0 and not slerp)  # the kernel copies; passthrough's scale multiplies in torch

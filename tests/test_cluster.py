@@ -45,6 +45,10 @@ def models(tmp_path_factory) -> Path:
         "  - {model: ft1, parameters: {weight: 1.0, density: 0.2}}\n  - {model: ft2, parameters: {weight: 1.0, density: 0.2}}\n"
         "parameters: {lambda: 0.7}\n"
     )
+    (root / "slerp.yaml").write_text(
+        "merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft1\n"
+        "parameters:\n  t: [{filter: mlp, value: [0.2, 0.8]}, {value: 0.5}]\n"
+    )
     return root
 
 
@@ -59,7 +63,7 @@ def single(models, tmp_path_factory) -> dict[str, dict[str, str]]:
     """The single-process outputs to compare with."""
     root = tmp_path_factory.mktemp("single")
     expected = {}
-    for name in ("dare_ties", "ties_global"):
+    for name in ("dare_ties", "ties_global", "slerp"):
         merge(MergeConfig.from_yaml(models / f"{name}.yaml"), root / name, max_shard_size=SHARD)
         expected[name] = files(root / name)
     return expected
@@ -80,7 +84,8 @@ def test_assign_workers_balances_bytes_and_covers_every_shard_once():
 
 # 40 workers: more than shards, some get none. (Each worker of ties_global reads every tensor
 # for the model-wide threshold, so it stays at small world sizes here.)
-@pytest.mark.parametrize("name, world", [("dare_ties", 2), ("dare_ties", 3), ("dare_ties", 40), ("ties_global", 2), ("ties_global", 3)])
+@pytest.mark.parametrize("name, world", [("dare_ties", 2), ("dare_ties", 3), ("dare_ties", 40), ("ties_global", 2), ("ties_global", 3),
+                                         ("slerp", 3)])
 def test_any_split_gives_the_single_process_bytes(models, single, tmp_path, name, world):
     config = MergeConfig.from_yaml(models / f"{name}.yaml")
     out = tmp_path / "out"

@@ -250,21 +250,21 @@ def test_stacked_slices_parse_and_bad_ones_are_named():
         MergeConfig.from_dict({"merge_method": "ties", "models": ["a"], "slices": [{"sources": [_slice("a")]}]})
 
 
-def test_slerp_with_stacked_slices_names_both():
+def test_nuslerp_with_stacked_slices_names_both():
     with pytest.raises(ConfigError) as info:
-        MergeConfig.from_dict({"merge_method": "slerp", "base_model": "b", "slices": [], "parameters": {"t": 0.5}})
+        MergeConfig.from_dict({"merge_method": "nuslerp", "base_model": "b", "slices": [], "parameters": {"t": 0.5}})
     assert len(info.value.problems) == 2
-    assert "merge_method 'slerp' is a mergekit method" in info.value.problems[0]
+    assert "merge_method 'nuslerp' is a mergekit method" in info.value.problems[0]
     assert "'slices'" in info.value.problems[1]
 
 
-@pytest.mark.parametrize("method", ["slerp", "model_stock", "nuslerp"])
+@pytest.mark.parametrize("method", ["model_stock", "nuslerp"])
 def test_other_mergekit_methods_are_unsupported(method):
     with pytest.raises(UnsupportedFeatureError) as info:
         _cfg(method).validate()
     assert f"merge_method '{method}' is a mergekit method streammerge does not support yet" in str(info.value)
     assert ("supported: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, linear, "
-            "magnitude_prune, passthrough, task_arithmetic, ties") in str(info.value)
+            "magnitude_prune, passthrough, slerp, task_arithmetic, ties") in str(info.value)
 
 
 def test_lora_syntax_and_misplaced_della_parameter_are_named(tmp_path):

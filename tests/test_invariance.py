@@ -9,12 +9,14 @@ from contextlib import ExitStack
 import pytest
 import torch
 from conftest import shard_hashes
+from safetensors import safe_open
 
-from streammerge import ConfigError, DeviceError, MergeConfig, ModelSpec, api, engine, finalize, merge
+from streammerge import ConfigError, DeviceError, MergeConfig, ModelSpec, api, engine, finalize, merge, ops
 from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.device import Staging
 from streammerge.plan import build_plan, bytes_per_element
 
+row_sums = ops.slerp_row_sums
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=300)
 METHODS = ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 
@@ -102,6 +104,41 @@ def test_blocks_staged_as_on_a_gpu_give_the_cpu_bytes(models, tmp_path, method, 
     _stage_as_on_a_gpu(monkeypatch)
     # a small budget: many blocks of two sizes through the two staging sets, buffers grown and reused
     assert _merge(models, tmp_path / "staged", method, semantics, max_memory=200_000) == plain
+
+
+def _merge_slerp(root, out, semantics, **kwargs) -> dict[str, str]:
+    t = [{"filter": "self_attn", "value": [0.1, 0.9]}, {"value": 0.35}]
+    cfg = MergeConfig(method="slerp", base=str(root / "base"), models=(ModelSpec(str(root / "ft0")),), parameters={"t": t},
+                      semantics=semantics, dtype="bfloat16" if semantics == "mergekit" else None)
+    merge(cfg, out, max_shard_size=40_000, **kwargs)
+    return shard_hashes(out)
+
+
+@pytest.mark.parametrize("semantics", ["default", "mergekit"])
+def test_slerp_bytes_depend_on_no_block_size_thread_count_or_staging(models, tmp_path, semantics, monkeypatch):
+    # default: per-row float64 sums by a fixed pairwise tree, added with math.fsum; mergekit: whole tensors
+    sums = []
+    monkeypatch.setattr(ops, "slerp_row_sums", lambda *a: sums.append(1) or row_sums(*a))
+    whole = _merge_slerp(models, tmp_path / "whole", semantics, threads=1)
+    blocks_before = len(sums)
+    small = _merge_slerp(models, tmp_path / "small", semantics, threads=2, max_memory=200_000)
+    if semantics == "default":  # many row blocks: more stats calls than tensors
+        assert len(sums) - blocks_before > blocks_before == len(_tensor_names(tmp_path / "whole"))
+    _stage_as_on_a_gpu(monkeypatch)
+    staged = _merge_slerp(models, tmp_path / "staged", semantics, max_memory=200_000)
+    assert whole == small == staged
+
+
+def _tensor_names(out) -> list[str]:
+    return [n for shard in out.glob("model-*.safetensors") for n in safe_open(shard, "pt").keys()]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("semantics", ["default", "mergekit"])
+def test_slerp_on_a_gpu_gives_the_cpu_bytes(models, tmp_path, semantics):
+    gpu = _merge_slerp(models, tmp_path / "gpu", semantics, device="cuda", max_memory=200_000)
+    assert gpu == _merge_slerp(models, tmp_path / "cpu", semantics, device="cpu")
 
 
 def test_staging_refills_each_set_every_other_block():

@@ -135,6 +135,29 @@ def test_bf16_output_rounds_once(models, tmp_path):
     assert out["model.layers.0.mlp.up_proj.weight"].equal(base["model.layers.0.mlp.up_proj.weight"])  # not adapted: τ = 0
 
 
+def test_slerp_reads_an_adapter_as_base_plus_its_product(models, tmp_path):
+    # slerp needs θ₁ itself: the adapter's rows come as θ₀ + B A (float32), the same as a full
+    # float32 checkpoint holding that sum, in one block or many
+    root, base, factors, head = models
+    theta = {}
+    for name, t in base.items():
+        module = name.removesuffix(".weight")
+        if module in factors:
+            a, b = factors[module]
+            theta[name] = (lora_delta(a, b, 16 / R, transposed="embed_tokens" in module) + t.float()).contiguous()
+        else:
+            theta[name] = head.float() if name == "lm_head.weight" else t.float()
+    save_checkpoint(theta, tmp_path / "full", shards=1)
+
+    def slerp(model: str, out: str, **kw) -> dict[str, str]:
+        cfg = MergeConfig(method="slerp", base=str(root / "base"), models=(ModelSpec(model),), parameters={"t": 0.4})
+        merge(cfg, tmp_path / out, **kw)
+        return shard_hashes(tmp_path / out)
+
+    assert slerp(str(root / "lora"), "lora") == slerp(str(root / "lora"), "blocks", max_memory=64 << 10) \
+        == slerp(str(tmp_path / "full"), "from_full")
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
 def test_numpy_and_torch_paths_and_blocks_agree(models, tmp_path, monkeypatch, method):
     root = models[0]

@@ -55,14 +55,16 @@ def _config(base, models, method, **extra) -> dict:
 
 
 def _run(root, method, budget, out, config=None, env=None):
-    config = config or _config(root / "base.safetensors", [root / f"ft{i}.safetensors" for i in (1, 2)], method)
+    if config is None:  # slerp: the base and one other model, at t = 0.3
+        models = [root / f"ft{i}.safetensors" for i in ((1,) if method == "slerp" else (1, 2))]
+        config = _config(root / "base.safetensors", models, method, **({"parameters": {"t": 0.3}} if method == "slerp" else {}))
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(config), str(budget), str(out)], env=env,
                           capture_output=True, text=True, check=True)
     shard = next(out.glob("model-*.safetensors"))
     return json.loads(done.stdout.strip().splitlines()[-1])["growth"], hashlib.sha256(shard.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "slerp"])
 def test_a_tensor_four_times_the_budget_stays_within_it(big, tmp_path, method):
     growth, small = _run(big, method, BUDGET, tmp_path / "small")
     tensor_bytes = ROWS * COLS * 2

@@ -8,6 +8,7 @@ same masks replace our counter-based mask.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,25 @@ from streammerge.ops import METHODS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 NAMES = sorted(p.stem for p in (FIXTURES / "configs").glob("*.yaml"))
+# slerp: a 5-layer model and one fine-tune in bf16, fp16 and fp32 (benchmarks/mergekit/make_slerp_fixtures.py)
+SLERP_FIXTURES = Path(__file__).parent / "fixtures" / "mergekit_slerp"
+SLERP_NAMES = sorted(p.stem for p in (SLERP_FIXTURES / "configs").glob("*.yaml"))
 
 
-def _config(name: str) -> MergeConfig:
-    data = yaml.safe_load((FIXTURES / "configs" / f"{name}.yaml").read_text())
+def _config(name: str, fixtures: Path = FIXTURES) -> MergeConfig:
+    data = yaml.safe_load((fixtures / "configs" / f"{name}.yaml").read_text())
     data["semantics"] = "mergekit"
-    return MergeConfig.from_dict(data, base_dir=str(FIXTURES / "inputs"))
+    return MergeConfig.from_dict(data, base_dir=str(fixtures / "inputs"))
+
+
+def _assert_mergekits_bytes(out: Path, expected_file: Path) -> None:
+    expected = load_file(expected_file)
+    actual = {}
+    for shard in out.glob("model-*.safetensors"):
+        actual.update(load_file(shard))
+    assert set(actual) == set(expected)
+    mismatched = [n for n in expected if actual[n].dtype != expected[n].dtype or not torch.equal(actual[n], expected[n])]
+    assert not mismatched, f"{len(mismatched)} tensors differ from mergekit, e.g. {mismatched[:3]}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -36,13 +50,32 @@ def test_bit_identical_to_mergekit(tmp_path, inject_masks, name):
         sources = [m.source for m in cfg.finetunes()]
         inject_masks(lambda i, tensor, start, count: masks[f"{sources[i]}/{tensor}"].reshape(-1)[start:start + count])
     merge(cfg, tmp_path / "out")
-    expected = load_file(FIXTURES / "outputs" / name / "model.safetensors")
-    actual = {}
-    for shard in (tmp_path / "out").glob("model-*.safetensors"):
-        actual.update(load_file(shard))
-    assert set(actual) == set(expected)
-    mismatched = [n for n in expected if actual[n].dtype != expected[n].dtype or not torch.equal(actual[n], expected[n])]
-    assert not mismatched, f"{len(mismatched)} tensors differ from mergekit, e.g. {mismatched[:3]}"
+    _assert_mergekits_bytes(tmp_path / "out", FIXTURES / "outputs" / name / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", SLERP_NAMES)
+def test_slerp_bit_identical_to_mergekit(tmp_path, name):
+    merge(_config(name, SLERP_FIXTURES), tmp_path / "out")
+    _assert_mergekits_bytes(tmp_path / "out", SLERP_FIXTURES / "outputs" / name / "model.safetensors")
+
+
+def test_slerp_fixtures_take_every_branch():
+    # The generator's special tensors reach each branch of slerp: the lerp fallback at cos Ω = ±1 and
+    # nearly parallel, a small angle just below the threshold, zero norms (taken as 1); the norms take
+    # the lerp fallback too, every other tensor a wide angle.
+    special = json.loads((SLERP_FIXTURES / "manifest.json").read_text())["special_tensors"]
+    base = load_file(SLERP_FIXTURES / "inputs" / "base" / "model.safetensors")
+    ft = load_file(SLERP_FIXTURES / "inputs" / "ft" / "model.safetensors")
+    cosine = {}
+    for name in base:
+        a, b = base[name].double().reshape(-1), ft[name].double().reshape(-1)
+        cosine[name] = float(a @ b / (a.norm() * b.norm())) if a.norm() and b.norm() else 0.0
+    kind = {k: cosine[n] for n, k in special.items()}
+    assert kind["equal"] == pytest.approx(1) and kind["opposite"] == pytest.approx(-1)
+    assert 0.9995 < kind["near"] < 0.99999 and 0.998 < kind["below"] < 0.9995
+    assert kind["zero_base"] == kind["zero_ft"] == 0.0
+    assert all(cosine[n] > 0.9995 for n in base if n.endswith("norm.weight") and n not in special)
+    assert all(abs(cosine[n]) < 0.9 for n in base if not n.endswith("norm.weight") and n not in special)
 
 
 @pytest.mark.parametrize("name", ["della_bf16", "dare_ties_bf16"])
@@ -61,7 +94,7 @@ def test_l1_rescale_sparsifies_each_tensor_once(tmp_path, monkeypatch, name):
 
 
 def test_fixture_names_cover_every_method():
-    methods = {_config(n).method_name for n in NAMES}
+    methods = {_config(n).method_name for n in NAMES} | {_config(n, SLERP_FIXTURES).method_name for n in SLERP_NAMES}
     # mergekit has no plain magnitude pruning; passthrough's fixtures stack layers (test_mergekit_slices.py)
     assert methods == set(METHODS) - {"magnitude_prune", "passthrough"}
 
