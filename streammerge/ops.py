@@ -532,7 +532,8 @@ def slerp_coefficients_mergekit(base: torch.Tensor, other: torch.Tensor, t: floa
     the dot product of the normalized chunks summed chunk by chunk, and the coefficients from
     float32 acos/sin. Returned as Python floats (exactly the float32 values)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    a, b = base.to(dtype).reshape(1, -1), other.to(dtype).reshape(1, -1)
+    # on the CPU whatever the device: whole-tensor reductions sum in each device's own order (as ops.l1_rescale)
+    a, b = base.to(dtype).cpu().reshape(1, -1), other.to(dtype).cpu().reshape(1, -1)
     spans = [(s, s + MERGEKIT_SLERP_CHUNK) for s in range(0, a.shape[1], MERGEKIT_SLERP_CHUNK)]
 
     def norm(x: torch.Tensor) -> torch.Tensor:
