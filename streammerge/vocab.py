@@ -50,6 +50,7 @@ from .constants import (
     MAX_TOKENIZER_BYTES,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
+    TOKENIZER_MARKERS,
 )
 from .errors import CheckpointError, ConfigError, MismatchError
 from .sources import DTYPES, Checkpoint, read_json
@@ -174,6 +175,11 @@ def build_reindex(config: MergeConfig, reference: Checkpoint, finetuned: list[Ch
                           f"lm_head, ...) whose rows are tokens; leave {setting} out")
     for ckpt in models.values():
         getattr(ckpt, "fetch_side_files", lambda names: None)(COPIED_FILES)  # a Hub repo's tokenizer files
+    if not (reference.folder / TOKENIZER_JSON).is_file() and not token_cfg and not pad_to and \
+            _one_tokenizer(reference, models.values(), tokenizer_from if source not in ("base", "union") else None, names):
+        # e.g. sentencepiece-only repos (tokenizer.model) sharing one tokenizer: the rows already line up
+        log.info("%s: every model has the base's tokenizer files (or none): no rows to re-index", setting)
+        return None
     base = read_vocabulary(reference.folder, needed_for=setting)
     base_limit = _token_limit(reference, names)
     usable = {reference.label: _below(base.ids, base_limit)}
@@ -210,6 +216,19 @@ def build_reindex(config: MergeConfig, reference: Checkpoint, finetuned: list[Ch
     files = {name: d for name, d in ((TOKENIZER_JSON, data), (TOKENIZER_CONFIG, config_data)) if d is not None}
     return Reindex(rows=rows, tokens=len(order), tensors=names, maps=maps, fills=tuple(fills), files=files,
                    mergekit=config.semantics == "mergekit", compute_dtype=config.dtype)
+
+
+def _one_tokenizer(reference: Checkpoint, models, source: Path | None, names: frozenset[str]) -> bool:
+    """Whether every model (and a named source folder) has the base's tokenizer files, byte for byte,
+    or none, and the base's vocabulary rows: then token ids already number the same rows everywhere."""
+    def files(folder: Path) -> list[bytes | None]:
+        return [(folder / n).read_bytes() if (folder / n).is_file() else None for n in TOKENIZER_MARKERS]
+
+    base = files(reference.folder)
+    folders = [c.folder for c in models] + ([source] if source is not None else [])
+    if any(files(f) not in (base, [None] * len(base)) for f in folders):
+        return False
+    return all(n in c.tensors and c.tensors[n].shape == reference.tensors[n].shape for c in models for n in names)
 
 
 def _merge_inputs(config: MergeConfig, reference: Checkpoint, finetuned: list[Checkpoint]) -> dict[str, Checkpoint]:

@@ -203,3 +203,23 @@ def test_a_lora_adapter_reads_the_bases_ids(tmp_path):
     assert out.shape == (24, 16)  # the base's 22 tokens, "x" from ft2 and its <|im_start|>
     assert torch.allclose(out[:22].float(), (base[:22].float() + tau[:22]), atol=2 ** -8)
     assert torch.equal(out[22], load_file(INPUTS / "ft2" / "model.safetensors")[EMBED][_ids(INPUTS / "ft2")["x"]])
+
+
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_models_sharing_a_sentencepiece_tokenizer_need_no_tokenizer_json(tmp_path, source):
+    # older repos ship only tokenizer.model: when every model has the base's (or none), rows already line up
+    from streammerge.demo import build_demo_models
+
+    base, fts = build_demo_models(tmp_path / "models")
+    for folder in (base, *fts[:1]):
+        (folder / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    def config(**extra) -> MergeConfig:
+        return MergeConfig.from_dict({"merge_method": "ties", "base_model": str(base), **extra,
+                                      "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in fts]})
+    merge(config(tokenizer_source=source), tmp_path / "out")
+    merge(config(), tmp_path / "plain")
+    assert shard_hashes(tmp_path / "out") == shard_hashes(tmp_path / "plain")
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    (fts[1] / "tokenizer.model").write_bytes(b"another tokenizer")  # now they differ: ids must be read, from tokenizer.json
+    with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
+        merge(config(tokenizer_source=source), tmp_path / "differ")
