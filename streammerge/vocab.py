@@ -266,14 +266,19 @@ def _below(ids: dict[str, int], limit: int) -> dict[str, int]:
 
 def _model_vocabulary(ckpt: Checkpoint, reference: Checkpoint, names: frozenset[str], base: Vocabulary,
                       setting: str) -> Vocabulary:
-    """A model's vocabulary. A model folder with no tokenizer files at all whose vocabulary tensors have
-    the base's rows (a fine-tune saved without its tokenizer, a LoRA adapter) has the base's, as
-    mergekit assumes; any other model needs its tokenizer.json."""
+    """A model's vocabulary. A model folder whose vocabulary tensors have the base's rows and that has
+    no tokenizer files at all (a fine-tune saved without its tokenizer, a LoRA adapter), as mergekit
+    assumes, or no tokenizer.json but the base's very files (an older repo's tokenizer.model), has
+    the base's; any other model needs its tokenizer.json."""
     folder = ckpt.folder
     has_tokenizer = any((folder / name).is_file() for name in COPIED_FILES if name.startswith(("tokenizer", "vocab")))
     same_rows = all(ckpt.tensors[n].rows == reference.tensors[n].rows for n in names if n in ckpt.tensors)
-    if not has_tokenizer and same_rows:
-        log.info("%s: no tokenizer files; its rows are taken to follow the base's vocabulary", ckpt.label)
+    own = [n for n in TOKENIZER_MARKERS if (folder / n).is_file()]
+    base_files = own and TOKENIZER_JSON not in own and all(
+        (reference.folder / n).is_file() and (folder / n).read_bytes() == (reference.folder / n).read_bytes() for n in own)
+    if same_rows and (not has_tokenizer or base_files):
+        log.info("%s: %s; its rows are taken to follow the base's vocabulary", ckpt.label,
+                 "the base's tokenizer files" if has_tokenizer else "no tokenizer files")
         return base
     return read_vocabulary(folder, needed_for=setting)
 

@@ -223,3 +223,27 @@ def test_models_sharing_a_sentencepiece_tokenizer_need_no_tokenizer_json(tmp_pat
     (fts[1] / "tokenizer.model").write_bytes(b"another tokenizer")  # now they differ: ids must be read, from tokenizer.json
     with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
         merge(config(tokenizer_source=source), tmp_path / "differ")
+
+
+def test_a_model_with_only_the_bases_tokenizer_model_follows_the_bases_ids(tmp_path):
+    # the base has tokenizer.json and tokenizer.model; a fine-tune only the same tokenizer.model
+    from conftest import write_tokenizer
+
+    from streammerge.demo import build_demo_models
+    from streammerge.sources import Checkpoint
+
+    base, fts = build_demo_models(tmp_path / "models")
+    tokens = [f"t{i}" for i in range(Checkpoint(base).tensors["model.embed_tokens.weight"].shape[0])]
+    write_tokenizer(base, tokens)
+    write_tokenizer(fts[1], tokens)
+    for folder in (base, fts[0]):
+        (folder / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    cfg = MergeConfig.from_dict({"merge_method": "ties", "base_model": str(base), "tokenizer_source": "union",
+                                 "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in fts]})
+    merge(cfg, tmp_path / "out")
+    plain = MergeConfig.from_dict({**cfg.to_dict(), "tokenizer_source": None})
+    merge(plain, tmp_path / "plain")
+    assert shard_hashes(tmp_path / "out") == shard_hashes(tmp_path / "plain")
+    (fts[0] / "tokenizer.model").write_bytes(b"another tokenizer")
+    with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
+        merge(cfg, tmp_path / "differ")
