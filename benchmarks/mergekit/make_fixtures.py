@@ -23,17 +23,16 @@ Layout written (FIX = tests/fixtures/mergekit):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mergekit_run import mergekit_yaml, write_manifest  # beside this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -441,15 +440,7 @@ def collect_output(tmp_out: Path, name: str):
 
 
 def run_cli(name: str):
-    exe = Path(sys.executable).with_name("mergekit-yaml")
-    with tempfile.TemporaryDirectory() as td:
-        out = Path(td) / "out"
-        subprocess.run(
-            [str(exe), str(CONFIGS / f"{name}.yaml"), str(out),
-             "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
-            cwd=INPUTS, check=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
+    with mergekit_yaml(CONFIGS / f"{name}.yaml", INPUTS) as out:
         collect_output(out, name)
 
 
@@ -521,10 +512,6 @@ def run_dare(name: str, masks):
                       metadata={"format": "pt"})
 
 
-def sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def main():
     from importlib.metadata import version
 
@@ -556,23 +543,14 @@ def main():
         print("mergekit (injected masks)", name, flush=True)
         run_dare(name, stored_masks)
 
-    manifest = {
+    write_manifest(FIX, {
         "generator": "benchmarks/mergekit/make_fixtures.py",
         "mergekit": version("mergekit"),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cli_outputs": sorted({**CLI_CONFIGS, **DEEP_CONFIGS}),
         "dare_outputs_injected_masks": sorted(DARE_CONFIGS),
-        "files": {
-            str(p.relative_to(FIX)): sha256(p)
-            for p in sorted(FIX.rglob("*"))
-            if p.is_file() and p.name not in ("manifest.json", "README.md")
-        },
-    }
-    (FIX / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
-    print(f"total fixture size: {total} bytes")
-    assert total < 1_500_000
+    }, limit=1_500_000)
 
 
 if __name__ == "__main__":

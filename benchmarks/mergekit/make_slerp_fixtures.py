@@ -20,17 +20,14 @@ Layout (FIX = tests/fixtures/mergekit_slerp):
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from mergekit_run import mergekit_yaml, write_manifest  # beside this script
 
 HERE = Path(__file__).resolve().parent
 FIX = HERE.parent.parent / "tests" / "fixtures" / "mergekit_slerp"
@@ -233,12 +230,7 @@ def save_model(folder: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
 
 
 def run_cli(name: str) -> None:
-    exe = Path(sys.executable).with_name("mergekit-yaml")
-    with tempfile.TemporaryDirectory() as td:
-        out = Path(td) / "out"
-        subprocess.run([str(exe), str(FIX / "configs" / f"{name}.yaml"), str(out), "--no-copy-tokenizer",
-                        "--no-write-model-card", "--quiet"], cwd=FIX / "inputs", check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with mergekit_yaml(FIX / "configs" / f"{name}.yaml", FIX / "inputs") as out:
         (shard,) = out.glob("*.safetensors")
         (FIX / "outputs" / name).mkdir(parents=True)
         shutil.copyfile(shard, FIX / "outputs" / name / "model.safetensors")
@@ -258,19 +250,13 @@ def main() -> None:
         (FIX / "configs" / f"{name}.yaml").write_text(text)
         print("mergekit-yaml", name, flush=True)
         run_cli(name)
-    manifest = {
+    write_manifest(FIX, {
         "generator": "benchmarks/mergekit/make_slerp_fixtures.py",
         "mergekit": version("mergekit"),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "special_tensors": SPECIAL,
-        "files": {str(p.relative_to(FIX)): hashlib.sha256(p.read_bytes()).hexdigest()
-                  for p in sorted(FIX.rglob("*")) if p.is_file() and p.name not in ("manifest.json", "README.md")},
-    }
-    (FIX / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
-    print(f"total fixture size: {total} bytes")
-    assert total < 400_000
+    }, limit=400_000)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,10 @@ Layout (FIX = tests/fixtures/mergekit_slices):
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
+
+from mergekit_run import mergekit_yaml, write_manifest  # beside this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -151,12 +147,7 @@ dtype: bfloat16
 
 
 def run_cli(name: str) -> None:
-    exe = Path(sys.executable).with_name("mergekit-yaml")
-    with tempfile.TemporaryDirectory() as td:
-        out = Path(td) / "out"
-        subprocess.run([str(exe), str(FIX / "configs" / f"{name}.yaml"), str(out),
-                        "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
-                       cwd=INPUTS, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with mergekit_yaml(FIX / "configs" / f"{name}.yaml", INPUTS) as out:
         (shard,) = sorted(out.glob("*.safetensors"))
         dest = FIX / "outputs" / name
         dest.mkdir(parents=True, exist_ok=True)
@@ -177,17 +168,12 @@ def main() -> None:
         (FIX / "configs" / f"{name}.yaml").write_text(text)
         print("mergekit-yaml", name, flush=True)
         run_cli(name)
-    manifest = {
+    write_manifest(FIX, {
         "generator": "benchmarks/mergekit/make_slice_fixtures.py",
         "inputs": "tests/fixtures/mergekit/inputs (deep_*)",
         "mergekit": version("mergekit"),
         "torch": torch.__version__,
-        "files": {str(p.relative_to(FIX)): hashlib.sha256(p.read_bytes()).hexdigest()
-                  for p in sorted(FIX.rglob("*")) if p.is_file() and p.name not in ("manifest.json", "README.md")},
-    }
-    (FIX / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
-    print(f"total fixture size: {total} bytes")
+    })
 
 
 if __name__ == "__main__":

@@ -24,15 +24,13 @@ Layout (FIX = tests/fixtures/mergekit_tokenizer):
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from mergekit_run import mergekit_yaml  # beside this script
 
 HERE = Path(__file__).resolve().parent
 FIX = HERE.parent.parent / "tests" / "fixtures" / "mergekit_tokenizer"
@@ -149,7 +147,8 @@ tokenizer:
 
 
 def main():
-    shutil.rmtree(FIX, ignore_errors=True)
+    for sub in ("inputs", "configs", "outputs"):  # README.md stays
+        shutil.rmtree(FIX / sub, ignore_errors=True)
     for name, tensors in build_models().items():
         folder = FIX / "inputs" / name
         folder.mkdir(parents=True)
@@ -160,14 +159,10 @@ def main():
         (folder / "config.json").write_text(json.dumps(llama_config(rows), indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (FIX / "configs").mkdir()
-    exe = Path(sys.executable).with_name("mergekit-yaml")
     for name, text in CONFIGS.items():
         (FIX / "configs" / f"{name}.yaml").write_text(text)
-        with tempfile.TemporaryDirectory() as td:
-            out = Path(td) / "out"
-            print("mergekit-yaml", name, flush=True)
-            subprocess.run([str(exe), str(FIX / "configs" / f"{name}.yaml"), str(out), "--no-write-model-card",
-                            "--quiet"], cwd=FIX / "inputs", check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        print("mergekit-yaml", name, flush=True)
+        with mergekit_yaml(FIX / "configs" / f"{name}.yaml", FIX / "inputs", copy_tokenizer=True) as out:
             dest = FIX / "outputs" / name
             dest.mkdir(parents=True)
             (shard,) = out.glob("*.safetensors")
