@@ -373,8 +373,8 @@ class MergeConfig:
         if len(others) != 1:
             problems.append(f"models: slerp interpolates between base_model and exactly one other model; got {len(others)} "
                             "besides the base (for more models use multislerp in mergekit, or a task-vector method)")
-        base = None if self.base is None else os.path.realpath(self._path(self.base))
-        if self.layer_range is not None and base not in {os.path.realpath(self._path(m.source)) for m in self.models}:
+        base = None if self.base is None else self.model_key(self.base)
+        if self.layer_range is not None and base not in {self.model_key(m.source) for m in self.models}:
             problems.append("slices[0].sources: slerp's base_model must be one of the sources, as mergekit requires")
         if self.parameters.get("t") is None and self.slice_parameters.get("t") is None:
             problems.append("parameters.t: slerp needs t, the interpolation factor (0 gives the base, 1 the other model), "
@@ -450,13 +450,13 @@ class MergeConfig:
         """
         if self.base is None:
             return list(self.models)
-        base = os.path.realpath(self._path(self.base))  # `./base` and `base` are the same model
+        base = self.model_key(self.base)  # `./base` and `base` are the same model
         if self.method_name == "linear":
-            listed = any(os.path.realpath(self._path(m.source)) == base for m in self.models)
+            listed = any(self.model_key(m.source) == base for m in self.models)
             # mergekit appends the base to `models:`, not to the sources of a `slices:` config
             append_base = self.semantics == "mergekit" and not listed and not self.slices
             return list(self.models) + ([ModelSpec(self.base)] if append_base else [])
-        return [m for m in self.models if os.path.realpath(self._path(m.source)) != base]
+        return [m for m in self.models if self.model_key(m.source) != base]
 
     def output_slices(self) -> tuple[OutputSlice, ...]:
         """The slices, or for passthrough over `models:` one slice of its model's every layer."""

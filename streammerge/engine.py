@@ -223,7 +223,10 @@ class TorchBackend:
         if not spec.merged:
             base = block.base.reshape(-1)
             if opts.combine == "copy" and base.is_floating_point():  # passthrough: as mergekit, in its dtype, times scale
-                base = base.to(self.compute) if spec.scale == 1.0 else base.to(self.compute) * spec.scale
+                if spec.scale != 1.0:
+                    base = base.to(self.compute) * spec.scale
+                elif torch.promote_types(base.dtype, self.compute) != self.compute:  # a narrower dtype rounds first
+                    base = base.to(self.compute)
             out.copy_(base)
             return None
         if opts.combine == "average":
@@ -429,8 +432,8 @@ def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> li
         if not k:
             out.append(None if k is None else ops.TrimThreshold(math.inf, -1))
             continue
-        flat = deltas[i].abs().reshape(-1).float()
-        value = torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values.to(flat.device)  # the k-th largest
+        flat = deltas[i].abs().reshape(-1).float().cpu()  # one copy from a GPU, then no round trips
+        value = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest
         ties = torch.nonzero(flat == value).reshape(-1)
         keep = len(ties) if rule == "inclusive" else k - int((flat > value).sum())
         last = ops.ALL_TIES if keep == len(ties) else -1 if keep == 0 else int(ties[keep - 1])
@@ -491,10 +494,6 @@ def prepare_tensor(job: TensorJob) -> None:
     if opts.combine == "slerp" and job.tp.merged:
         job.spec = replace(job.spec, slerp=slerp_coefficients(job))
         return
-    l1 = opts.rescale == "l1" and (job.tp.dare or (job.tp.merged and opts.sparsify in ("trim", "band", "magprune")))
-    if l1 and opts.sparsify != "band":
-        (block,) = job.blocks_read()
-        job.spec = replace(job.spec, dare_scales=job.backend.l1_scales(block, job.spec))
     if job.radix_trim and opts.sparsify == "band":
         ranks = [ops.breadcrumbs_ranks(job.tp.numel, d, g) for d, g in zip(job.tp.densities, job.tp.gammas)]
         (upper,) = select_rank_thresholds([job], [r[0] for r in ranks], opts.trim_rule)
@@ -503,7 +502,8 @@ def prepare_tensor(job: TensorJob) -> None:
     elif job.radix_trim and opts.trim_scope == "tensor":
         (trims,) = select_thresholds([job], job.tp.numel, job.trim_densities(), opts.trim_rule)
         job.spec = replace(job.spec, trims=tuple(trims))
-    if l1 and opts.sparsify == "band":  # the factor of the band actually kept
+    # mergekit's L1 factor, of what the sparsifier actually keeps (after any thresholds above)
+    if opts.rescale == "l1" and (job.tp.dare or (job.tp.merged and opts.sparsify in ("trim", "band", "magprune"))):
         (block,) = job.blocks_read()
         job.spec = replace(job.spec, dare_scales=job.backend.l1_scales(block, job.spec))
 

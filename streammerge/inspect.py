@@ -156,10 +156,10 @@ class _Pair:
         self.dot = self.sq_a = self.sq_b = 0.0
         self.both = self.conflicts = 0
 
-    def add(self, a: np.ndarray, b: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> None:
+    def add(self, a: np.ndarray, b: np.ndarray, sq_a: float, sq_b: float, sa: np.ndarray, sb: np.ndarray) -> None:
         self.dot += float(np.dot(a, b))
-        self.sq_a += float(np.dot(a, a))
-        self.sq_b += float(np.dot(b, b))
+        self.sq_a += sq_a
+        self.sq_b += sq_b
         product = sa * sb
         self.both += int(np.count_nonzero(product))
         self.conflicts += int(np.count_nonzero(product < 0))
@@ -244,19 +244,21 @@ def _inspect(reference, sources, names, threshold, warn_fraction, block_elements
                 deltas[m] = d
                 per_model[m].setdefault(group, _Model()).add(np.abs(d), limit)
             wide = {m: d.astype(np.float64) for m, d in deltas.items()}
+            squares = {m: float(np.dot(w, w)) for m, w in wide.items()} if per_pair else {}  # once per model, not per pair
             signs = {m: np.sign(d) for m, d in deltas.items()}
             for (a, b), by_group in per_pair.items():
                 if a in deltas and b in deltas:
-                    by_group.setdefault(group, _Pair()).add(wide[a], wide[b], signs[a], signs[b])
+                    by_group.setdefault(group, _Pair()).add(wide[a], wide[b], squares[a], squares[b], signs[a], signs[b])
             if progress is not None:
                 progress((r1 - r0) * row_elems)
+    order = _group_order(groups)
     for acc in [*per_model, *per_pair.values()]:  # the whole model: the sum of its groups
-        parts = [acc[g] for g in _group_order(groups) if g in acc]
+        parts = [acc[g] for g in order if g in acc]
         if parts:
             acc[ALL] = type(parts[0])()
             for part in parts:
                 acc[ALL] += part
-    order = _group_order(groups) + [ALL]
+    order += [ALL]
     deltas_out = {m: {g: acc[g].stats() for g in order if g in acc} for m, acc in enumerate(per_model)}
     pairs_out = {k: {g: acc[g].stats() for g in order if g in acc} for k, acc in per_pair.items()}
     warnings = []

@@ -132,6 +132,9 @@ class LoraAdapter:
     def file_identity(self, file: Path) -> list:
         return self.weights.file_identity(file)
 
+    def fetch_side_files(self, names) -> None:
+        """An adapter's vocabulary is its base's: no tokenizer or config files to fetch."""
+
     @property
     def label(self) -> str:
         """How messages and plans name this adapter (as `Checkpoint.label`): `org/name@<commit>` from the Hub."""

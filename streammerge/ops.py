@@ -247,18 +247,19 @@ def argsort_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
     return keep.view(delta.shape).to(delta.device)
 
 
-def breadcrumbs_ranks(numel: int, density: float, gamma: float) -> tuple[int | None, int]:
+def breadcrumbs_ranks(numel: int, density: float, gamma: float) -> tuple[int | None, int | None]:
     """Model Breadcrumbs' band as two top-k ranks: keep top_k(upper) minus top_k(outliers).
 
     mergekit: t = int(density·d) kept, o = int(gamma·d) outliers, fewer outliers when t + o > d.
-    `upper` None keeps everything above the band (no small values dropped).
+    `upper` None keeps everything above the band (no small values dropped); `outliers` None drops
+    nothing at the top (no mask to apply).
     """
     if density >= 1:
-        return None, 0
+        return None, None
     target, n_top = int(density * numel), int(gamma * numel)
     n_top = numel - target - max(0, numel - target - n_top)
     upper = n_top + target
-    return (None if upper >= numel else upper), n_top
+    return (None if upper >= numel else upper), (n_top or None)
 
 
 def band_keep(abs_block: torch.Tensor, upper: TrimThreshold | None, outliers: TrimThreshold | None, start: int) -> torch.Tensor:

@@ -174,7 +174,7 @@ def build_reindex(config: MergeConfig, reference: Checkpoint, finetuned: list[Ch
         raise ConfigError(f"{setting}: {reference.label} has no embedding or output-head tensor (embed_tokens, "
                           f"lm_head, ...) whose rows are tokens; leave {setting} out")
     for ckpt in models.values():
-        getattr(ckpt, "fetch_side_files", lambda names: None)(COPIED_FILES)  # a Hub repo's tokenizer files
+        ckpt.fetch_side_files(COPIED_FILES)  # a Hub repo's tokenizer files
     if not (reference.folder / TOKENIZER_JSON).is_file() and not token_cfg and not pad_to and \
             _one_tokenizer(reference, models.values(), tokenizer_from if source not in ("base", "union") else None, names):
         # e.g. sentencepiece-only repos (tokenizer.model) sharing one tokenizer: the rows already line up
