@@ -386,7 +386,8 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
         "options": {k: str(v) for k, v in vars(the_plan.options).items()},
         "seed": the_plan.config.seed,
         "tensors": [[t.name, list(t.shape), t.out_dtype, t.merged, t.weights, t.densities, t.trim_densities, t.lam, t.dare,
-                     t.gammas, t.epsilons] + ([t.inputs, t.scale] if t.inputs else []) for t in the_plan.tensors],
+                     t.gammas, t.epsilons] + ([t.inputs, t.scale] if t.inputs else []) + ([t.params] if t.params else [])
+                    for t in the_plan.tensors],
         "shards": [[s.filename, list(s.tensors)] for s in the_plan.shards],
         "inputs": identity,
         "adapters": adapters_fingerprint(the_plan.config, inputs),

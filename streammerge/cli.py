@@ -323,7 +323,7 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     labels = [p.reference, *p.sources]
     tensors = [
         {"name": t.name, "shape": list(t.shape), "dtype": t.out_dtype, "merged": t.merged, "dare": t.dare,
-         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam, **({"t": t.t} if t.t is not None else {}),
+         "weights": list(t.weights), "densities": list(t.densities), "lambda": t.lam, **dict(t.params),
          **({"reads": [[labels[i], n] for i, n in t.inputs], "scale": t.scale} if t.inputs else {})}
         for t in p.tensors
     ]
@@ -481,6 +481,36 @@ def verify_command(output_dir: str, as_json: bool, debug: bool) -> None:
         for problem in report.problems:
             click.echo(f"streammerge: error: {_one_line(problem)}", err=True)
     sys.exit(0 if report.ok else 1)
+
+
+@main.command("methods")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print every method's declaration as JSON on stdout.")
+def methods_command(name: str | None, as_json: bool) -> None:
+    """List the merge methods (what `merge_method:` takes): parameters, defaults, paper, where each runs.
+
+    With NAME, that method alone.
+    """
+    from .methods.registry import describe
+
+    methods = [m for m in describe() if name is None or m["name"] == name]
+    if name is not None and not methods:
+        _fail(f"no merge method {name!r}; `streammerge methods` lists them")
+    if as_json:
+        click.echo(json.dumps(methods, indent=2, ensure_ascii=False))
+        return
+    for m in methods:
+        most = "any number of" if m["models"][1] is None else f"at most {m['models'][1]}"
+        click.echo(f"{m['name']}: {m['summary']}")
+        click.echo(f"  reference: {m['reference']}")
+        click.echo(f"  inputs: base_model {m['base']}; at least {m['models'][0]}, {most} model(s) besides it")
+        click.echo(f"  semantics: {', '.join(m['semantics'])}; stats passes: {m['stats']}; runs on: {', '.join(m['paths'])}")
+        for p in m["params"]:
+            default = p["default"] if p["default"] is not None else "required" if p["per_tensor"] else "by method and preset"
+            presets = "".join(f", {k}: {v}" for k, v in p.get("preset_defaults", {}).items())
+            where = ("per model" if p["per_model"] else "whole merge") + (", filters/gradients" if p["per_tensor"] else "")
+            click.echo(f"    {p['name']} = {default}{presets} ({where}) {p['doc']}")
+        click.echo("")
 
 
 if __name__ == "__main__":

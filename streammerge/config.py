@@ -26,8 +26,10 @@ from typing import Any, Mapping
 import torch
 
 from .constants import LORA_DROP_MODES
-from .errors import ConfigError, UnsupportedFeatureError
-from .ops import METHODS, MergeOptions
+from .errors import ConfigError
+from .methods import Param, registry
+from .methods.task_vectors import TaskVectorMethod
+from .ops import MergeOptions
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +41,27 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
-# Parameters that may vary per model and per tensor (gradients and filters allowed).
-TENSOR_PARAMS = {"weight": 1.0, "density": 1.0, "lambda": 1.0, "trim_density": 1.0, "gamma": 0.01, "epsilon": 0.15,
-                 "scale": 1.0, "t": None}  # slerp's t has no default: mergekit requires it
-# Tensor parameters that only some methods read (mergekit's defaults above; its passthrough `scale`
-# defaults to none, which multiplies by nothing: the same bytes as 1.0).
-METHOD_PARAMS = {"gamma": ("breadcrumbs", "breadcrumbs_ties"), "epsilon": ("della", "della_linear"),
-                 "trim_density": ("dare_ties",), "scale": ("passthrough",), "t": ("slerp",)}
+# What every method reads, from the registry (methods/): numeric per-tensor parameters with their
+# defaults (filters and gradients allowed), and the options of a whole merge (top level only).
+_DECLARED = [p for m in registry.all_methods() for p in m.params]
+TENSOR_PARAMS = {p.name: p.default for p in _DECLARED if p.per_tensor}
+OPTION_PARAMS = {p.name: p for p in _DECLARED if not p.per_tensor}
+# Which methods read each parameter: one given to another method is ignored with a warning. mergekit
+# configs carry weight/density/lambda for every method, which it ignores without a word, as we do.
+METHOD_PARAMS = {name: tuple(m.name for m in registry.all_methods() if any(p.name == name for p in m.params))
+                 for name in {p.name for p in _DECLARED} - {"weight", "density", "lambda"}}
 # Parameters mergekit resolves once per tensor for the whole merge: a model's own value is never read.
-SHARED_TENSOR_PARAMS = {"lambda", "t"}
-# Options of the whole merge: scalars, top-level `parameters` only.
-OPTION_PARAMS = {
-    "normalize": (bool,),
-    "rescale": (bool,),
-    "merge_func": ("mean", "sum", "max"),
-    "sign_method": ("sum", "count"),
-    "dare_scope": ("all", "linear"),
-    "trim_scope": ("tensor", "global"),
-    "int8_mask": (bool,),  # accepted for mergekit configs; it changes nothing in the result
-}
-# mergekit parameters of methods we don't have yet: named in the error.
-KNOWN_UNSUPPORTED_PARAMS = {"lambda_", "k", "select_topk", "filter_wise", "rescale_norm"}
+SHARED_TENSOR_PARAMS = {p.name for p in _DECLARED if p.per_tensor and not p.per_model}
+# mergekit parameters no registered method reads: named as such in the error.
+MERGEKIT_PARAMS = {"lambda_", "k", "select_topk", "filter_wise", "rescale_norm"}
 # Top-level mergekit keys we don't support yet.
 UNSUPPORTED_KEYS = {"chat_template": "chat_template", "modules": "modules"}
 KNOWN_METHOD_ALIASES = {"average": "linear", "dare_average": "dare_linear"}
-OTHER_MERGEKIT_METHODS = {
-    "model_stock", "nearswap", "nuslerp", "karcher", "sce", "arcee_fusion", "multislerp",
-    "task_arithmetic_sce", "ram", "ramplus_tl",
-}
-# Methods whose mergekit arithmetic only the default and mergekit presets define.
-MERGEKIT_ONLY_METHODS = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp"}
+
+
+def _param(name: str) -> Param:
+    return next(p for p in _DECLARED if p.name == name)
+
 
 ParamValue = Any  # float | bool | str | list[float] | list[{filter, value}]
 
@@ -209,8 +202,6 @@ class MergeConfig:
             problems.append("'parameters' must be a mapping")
             params = {}
         method = str(data.get("merge_method", ""))
-        if problems and KNOWN_METHOD_ALIASES.get(method, method) in OTHER_MERGEKIT_METHODS:  # e.g. slerp + slices
-            problems.insert(0, f"merge_method '{method}' is a mergekit method streammerge does not support yet")
         if problems:
             raise ConfigError(problems)
 
@@ -284,16 +275,15 @@ class MergeConfig:
     def validate(self) -> None:
         """Checks every key and value; raises one ConfigError listing all problems."""
         problems: list[str] = []
-        if self.method_name in OTHER_MERGEKIT_METHODS:
-            raise UnsupportedFeatureError(
-                f"merge_method '{self.method}' is a mergekit method streammerge does not support yet; "
-                f"supported: {', '.join(sorted(METHODS))}"
-            )
-        if self.method_name not in METHODS:
-            problems.append(f"merge_method: unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
-        if self.method_name in MERGEKIT_ONLY_METHODS and self.semantics not in ("default", "mergekit"):
-            problems.append(f"semantics: {self.semantics} has no {self.method_name} method; use default or mergekit")
-        if self.method_name in MERGEKIT_ONLY_METHODS - {"slerp"} and self.option("trim_scope", "tensor") != "tensor":
+        method = registry.get(self.method_name)
+        if method is None:
+            problems.append(f"merge_method: unknown method {self.method!r}; choose one of {', '.join(registry.names())} "
+                            "(`streammerge methods` lists them)")
+        elif self.semantics in SEMANTICS and self.semantics not in method.semantics:
+            problems.append(f"semantics: {self.semantics} has no {self.method_name} method; use "
+                            f"{' or '.join(method.semantics)}")
+        if (method is not None and all(p.name != "trim_scope" for p in method.params)
+                and self.option("trim_scope", "tensor") != "tensor"):
             problems.append(f"parameters.trim_scope: {self.method_name} sparsifies each tensor on its own; remove trim_scope")
         if self.vocab not in ("error", "truncate_to_base", "truncate_to_smallest"):
             problems.append(f"vocab: unknown value {self.vocab!r}; choose error, truncate_to_base or truncate_to_smallest")
@@ -313,8 +303,10 @@ class MergeConfig:
             problems.append("base_model: mergekit's linear averages the base in as one more model and needs its "
                             "weight: list the base under models with a weight, or set parameters.weight")
         slice_bases = bool(self.slices) and all(s.base for s in self.slices)
-        if self.method_name not in ("linear", "passthrough") and self.method_name in METHODS and self.base is None and not slice_bases:
+        if method is not None and method.base == "required" and self.base is None and not slice_bases:
             problems.append(f"base_model: the {self.method_name} method needs a base model")
+        elif method is not None and not isinstance(method, TaskVectorMethod) and self.method_name != "slerp":
+            problems += method.check(len(self.finetunes()), self.base is not None)
         problems += self._slice_problems()
         if self.method_name == "slerp":
             problems += self._slerp_problems()
@@ -330,7 +322,7 @@ class MergeConfig:
             for key, value in model.parameters.items():
                 problems += _check_param(f"models[{i}].parameters.{key}", key, value, top_level=False, method=method)
         drops = [m.parameters.get("lora_drop") for m in self.models] + [self.parameters.get("lora_drop")]
-        if any(d not in (None, "delta") for d in drops) and METHODS.get(self.method_name, ("",))[0] != "dare":
+        if any(d not in (None, "delta") for d in drops) and getattr(registry.get(self.method_name), "sparsify", None) != "dare":
             problems.append("lora_drop: drops a LoRA adapter's factors in place of DARE's drop on its delta; "
                             "it needs merge_method dare_linear or dare_ties")
         if problems:
@@ -476,7 +468,8 @@ class MergeConfig:
         for params in (self.slice_parameters, self.parameters):
             if params.get(key) is not None:
                 value = params[key]
-                return _as_bool(value) if OPTION_PARAMS.get(key) == (bool,) else value
+                kind = OPTION_PARAMS[key].kind if key in OPTION_PARAMS else None
+                return _as_bool(value) if kind is bool else kind(_number(value)) if kind in (int, float) else value
         return default
 
     def merge_options(self) -> MergeOptions:
@@ -485,8 +478,9 @@ class MergeConfig:
         rescale = self.option("rescale", True)
         if preset == "mergekit":
             # mergekit's registered defaults (merge_methods/registry.py)
-            normalize = self.option("normalize", method in ("ties", "della", "linear"))
-            rescale = self.option("rescale", method in ("dare_linear", "dare_ties", "della", "della_linear"))
+            declared = registry.get(method)
+            normalize = self.option("normalize", getattr(declared, "mergekit_normalize", False))
+            rescale = self.option("rescale", getattr(declared, "mergekit_rescale", False))
             opts = MergeOptions(
                 method=method,
                 merge_func="mean" if normalize else "sum",
@@ -499,7 +493,6 @@ class MergeConfig:
                 compute_dtype=DTYPES[self.dtype] if self.dtype else None,
                 fused_linear=True,
                 positive_zeros=False,
-                slerp_sums="mergekit",
             )
             return opts
         if preset == "peft":
@@ -529,7 +522,7 @@ class MergeConfig:
         merge_func = self.option("merge_func", None)
         if merge_func is None:
             merge_func = "sum" if self.option("normalize", True) is False else "mean"
-        if method in ("breadcrumbs", "breadcrumbs_ties"):  # no rescale unless asked; then mergekit's L1 ratio
+        if getattr(registry.get(method), "sparsify", None) == "band":  # breadcrumbs: no rescale unless asked; then mergekit's L1 ratio
             rescale_rule = "l1" if self.option("rescale", False) else "none"
         else:  # DARE and DELLA: each kept element ÷ its keep probability
             rescale_rule = "inverse" if rescale else "none"
@@ -548,6 +541,8 @@ class MergeConfig:
         """A numeric parameter for one tensor of one model: model level, else slice level, else top level,
         else the default (mergekit's `ConfigReader.parameter_sources` order). `slice_parameters`: the
         parameters of the output slice the tensor belongs to (default: the single slice's)."""
+        if key in OPTION_PARAMS:  # a whole-merge option a method reads per tensor
+            return self.option(key, _param(key).default_for(self.semantics))
         own = spec.parameters if spec is not None and key not in SHARED_TENSOR_PARAMS else {}
         glob = self.semantics != "mergekit"
         in_slice = self.slice_parameters if slice_parameters is None else slice_parameters
@@ -557,7 +552,7 @@ class MergeConfig:
                 value = resolve_value(params[key], name, layer, n_layers, default=None, glob=glob)
                 if value is not None:
                     return value
-        return TENSOR_PARAMS[key]
+        return _param(key).default_for(self.semantics)
 
     def selected(self, name: str) -> bool:
         """Whether a tensor is merged (else copied from the base), by the include/exclude globs."""
@@ -608,37 +603,35 @@ def _check_param(where: str, key: str, value: Any, *, top_level: bool, method: s
             samples = _numbers_in(value)
         except (TypeError, ValueError) as e:
             return [f"{where}: {e}"]
-        if key == "density" or key == "trim_density":
-            bad = [v for v in samples if not 0 < v <= 1]
-            if bad:
-                return [f"{where}: density must be in (0, 1], got {bad[0]}"]
-        if key == "gamma":
-            bad = [v for v in samples if not 0 <= v <= 1]
-            if bad:
-                return [f"{where}: gamma (the share of largest |delta| dropped) must be in [0, 1], got {bad[0]}"]
-        if key == "t":
-            bad = [v for v in samples if not 0 <= v <= 1]
-            if bad:
-                return [f"{where}: t must be in [0, 1] (0 gives the base, 1 the other model), got {bad[0]}"]
-        if key == "epsilon":
-            bad = [v for v in samples if not 0 <= v < 0.5]
-            if bad:
-                return [f"{where}: epsilon must be in [0, 0.5) (keep probabilities density ± epsilon), got {bad[0]}"]
-        return []
+        declared = _param(key)
+        bad = next((p for p in map(declared.problem, samples) if p), None)
+        return [f"{where}: {bad}"] if bad else []
     if key in OPTION_PARAMS:
         if not top_level:
             return [f"{where}: '{key}' is an option of the whole merge; set it in the top-level parameters"]
-        allowed = OPTION_PARAMS[key]
-        if allowed == (bool,):
+        if key in METHOD_PARAMS and method not in METHOD_PARAMS[key]:
+            log.warning("%s: ignored: '%s' is an option of %s; the %s method does not use it",
+                        where, key, " and ".join(METHOD_PARAMS[key]), method)
+        declared = OPTION_PARAMS[key]
+        if declared.kind is bool:
             try:
                 _as_bool(value)
                 return []
             except ValueError:
                 return [f"{where}: must be true or false, got {value!r}"]
-        return [] if value in allowed else [f"{where}: must be one of {', '.join(allowed)}, got {value!r}"]
+        if declared.kind is str:
+            return [] if value in declared.choices else [f"{where}: must be one of {', '.join(declared.choices)}, got {value!r}"]
+        try:
+            number = _number(value)
+        except ValueError as e:
+            return [f"{where}: {e}"]
+        if declared.kind is int and number != int(number):
+            return [f"{where}: must be an integer, got {value!r}"]
+        bad = declared.problem(number)
+        return [f"{where}: {bad}"] if bad else []
     if key == "lora_drop":  # LoRA adapters only (lora.py): where DARE's drop happens
         return [] if value in LORA_DROP_MODES else [f"{where}: must be one of {', '.join(LORA_DROP_MODES)}, got {value!r}"]
-    if key in KNOWN_UNSUPPORTED_PARAMS:
+    if key in MERGEKIT_PARAMS:
         return [f"{where}: mergekit parameter '{key}' is not supported by streammerge yet"]
     return [f"{where}: unknown parameter '{key}'"]
 

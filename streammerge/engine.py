@@ -8,7 +8,7 @@ working set of a block; a tensor too big for it is processed in row blocks.
 
 A method that needs whole-tensor quantities first makes stats passes over the tensor's blocks (the
 exact top-k threshold by radix selection, the position of the last kept tie, mergekit's L1
-rescale, slerp's norms and dot product), then one output pass; each pass reads the tensor's mapped
+rescale, or the passes a method of its own declares: methods/base.py), then one output pass; each pass reads the tensor's mapped
 pages again, from the page cache when they are still there. FusionBench's global trim domain adds passes over every tensor first.
 Nothing depends on the block size: the DARE mask is counter-based and ties go by flat index.
 """
@@ -32,7 +32,9 @@ from .device import Staging, device_budget, record_event, resolve_device
 from .errors import DeviceError, NonFiniteError
 from .fused import FusedMerger, worth_compiling
 from .mask import keep_mask, keep_mask_varying, mask_key
-from .plan import Plan, ShardPlan, TensorPlan, device_rows, job_rows, pool_shape, uses_chunk_kernel, whole_tensor
+from .methods import Method, Rows, registry
+from .methods.task_vectors import TaskVectorMethod
+from .plan import Plan, ShardPlan, TensorPlan, device_rows, job_rows, pool_shape, tensor_ctx, uses_chunk_kernel, whole_tensor
 from .sources import DTYPES, Checkpoint
 from .vocab import RowGather
 from .writer import ShardWriter
@@ -199,11 +201,6 @@ class TorchBackend:
         self.sparsified = ((block.r0, block.r1), base, kept)
         return scales
 
-    def slerp_sums(self, block: Block) -> torch.Tensor:
-        """Σθ₀², Σθ₁², Σθ₀θ₁ of each row of the block (float64 [3, rows], on the CPU), summed on the device."""
-        moved = self._on_device(block)
-        return ops.slerp_row_sums(moved.base, moved.fts[0], block.r1 - block.r0).cpu()
-
     def _deltas_once(self, block: Block, spec: ops.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """`deltas`, from l1_scales' unscaled ones when it left this block's. The same bits: every
         sparsifier in `deltas` ends with τ̂·scale when scale != 1 (ops.dare, ops.della without p, the
@@ -231,13 +228,38 @@ class TorchBackend:
             return None
         if opts.combine == "average":
             result = ops.linear_block(self._on_device(block).fts, spec.weights, opts, self.compute)
-        elif opts.combine == "slerp":
-            moved = self._on_device(block)
-            result = ops.slerp_block(moved.base, moved.fts[0], spec.slerp, opts, self.compute)
         else:
             base, deltas = self._deltas_once(block, spec)
             result = ops.merge_block(base, deltas, spec.weights, spec.lam, opts, spec.majority)
         if self.staging is not None:  # rounded on the GPU (round-to-nearest-even there too): fewer bytes travel back
+            result = result.to(out.dtype)
+        out.copy_(result.reshape(-1), non_blocking=True)
+        return record_event(self.device)
+
+
+class HooksBackend(TorchBackend):
+    """A method of its own (methods/base.py): its stats passes and its merge over row blocks, with torch,
+    on the CPU or a GPU. The state its passes build goes into the TensorSpec, as every whole-tensor
+    quantity does."""
+
+    def __init__(self, method: Method, compute: torch.dtype, device: torch.device = torch.device("cpu")):
+        super().__init__(compute, device)
+        self.method = method
+
+    def rows(self, block: Block) -> Rows:
+        moved = self._on_device(block)
+        cols = (block.base if block.base is not None else block.fts[0]).reshape(block.r1 - block.r0, -1).shape[1]
+
+        def view(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(block.r1 - block.r0, cols)
+
+        return Rows(block.r0, block.r1, None if moved.base is None else view(moved.base), [view(t) for t in moved.fts])
+
+    def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> torch.cuda.Event | None:
+        if not spec.merged:
+            return super().merge(block, spec, out)
+        result = self.method.merge(spec.ctx, self.rows(block), spec.state)
+        if self.staging is not None:  # rounded on the GPU: fewer bytes travel back
             result = result.to(out.dtype)
         out.copy_(result.reshape(-1), non_blocking=True)
         return record_event(self.device)
@@ -258,10 +280,12 @@ class TensorJob:
             (b, base_name), *fts = tp.inputs
             reference, finetuned, ft_names = every[b], [every[i] for i, _ in fts], [n for _, n in fts]
         self.reference = reference
+        self.method = registry.get(self.opts.method)
+        self.hooks = tp.merged and not isinstance(self.method, TaskVectorMethod)  # a method of its own (methods/base.py)
         self.is_linear = tp.merged and self.opts.combine == "average"
-        # linear needs no θ₀; a copied tensor needs nothing but θ₀
+        # linear (and a method of its own without base_model) needs no θ₀; a copied tensor nothing but θ₀
         self.finetuned = finetuned if tp.merged else []
-        self.read_base = not self.is_linear
+        self.read_base = not self.is_linear and not (self.hooks and plan.config.base is None)
         self.base_name = base_name
         self.ft_names = ft_names if tp.merged else []
         self.sources = ([reference] if self.read_base else []) + self.finetuned  # what is read, in Block order
@@ -285,7 +309,10 @@ class TensorJob:
             tp.scale != 1.0 or torch.promote_types(in_dtypes[0], self.compute) != self.compute)
         self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype and not rounds
         use_numpy = uses_chunk_kernel(self.opts, tp, in_dtypes, self.compute, device.type)
-        self.backend = NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device)
+        if tp.merged and "gpu" not in self.method.paths:
+            device = torch.device("cpu")
+        self.backend = (HooksBackend(self.method, self.compute, device) if self.hooks else
+                        NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device))
 
         n = len(self.finetuned)
         self.row_elems = tp.row_elems
@@ -303,7 +330,7 @@ class TensorJob:
             fits = device_rows(tp, plan, in_dtypes, device_budget)
             if fits < self.rows and whole_tensor(tp, plan):
                 log.info("%s: the whole tensor's working set exceeds the GPU memory budget; merged on the CPU (the same bytes)", tp.name)
-                self.backend = TorchBackend(self.compute)
+                self.backend = HooksBackend(self.method, self.compute) if self.hooks else TorchBackend(self.compute)
             else:
                 self.rows = max(1, min(self.rows, fits))
         self.blocks = [(r, min(r + self.rows, tp.rows)) for r in range(0, tp.rows, self.rows)]
@@ -325,6 +352,8 @@ class TensorJob:
             epsilons=tp.epsilons,
             della_row=tp.della_row if tp.epsilons else 0,
             scale=tp.scale,
+            ctx=tensor_ctx(tp, plan, self.compute, tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n)))
+            if self.hooks else None,
         )
 
     def _gathered(self, ckpt: Checkpoint) -> bool:
@@ -466,33 +495,24 @@ def _last_tie(jobs: list[TensorJob], i: int, value: float, keep: int, total: int
     return out
 
 
-def slerp_coefficients(job: TensorJob) -> tuple[float, float]:
-    """slerp's (s0, s1) for one tensor: a stats pass for the norms and the dot product. Default: per-row
-    float64 sums (ops.slerp_row_sums), added exactly with math.fsum, so no block size, thread count
-    or device changes a bit. mergekit: its own float32 sums over the whole tensor, on the CPU."""
-    t = job.tp.t
-    if job.opts.slerp_sums == "mergekit":
-        if not job.blocks:
-            return 1.0 - t, t
-        (block,) = job.blocks_read()
-        return ops.slerp_coefficients_mergekit(block.base, block.fts[0], t, job.compute)
-    # one buffer for every row's sums, made before the blocks: small tensors kept across blocks would
-    # pin the allocator's heap between the blocks' big temporaries, and it would grow with each block
-    sums = torch.zeros((3, job.tp.rows), dtype=torch.float64)
-    for block in job.blocks_read():
-        sums[:, block.r0 : block.r1] = job.backend.slerp_sums(block)
-    aa, bb, ab = (math.fsum(row.tolist()) for row in sums)
-    return ops.slerp_coefficients(t, aa, bb, ab)
+def run_passes(job: TensorJob) -> object:
+    """The stats passes a method of its own declares (methods/base.py), each over every block of the
+    tensor in order; returns the state the last one leaves for the merge pass."""
+    method, ctx, state = job.method, job.spec.ctx, None
+    for p in range(method.passes(ctx)):
+        partials = [method.stats(ctx, p, job.backend.rows(block), state) for block in job.blocks_read()]
+        state = method.reduce(ctx, p, partials, state)
+    return state
 
 
 def prepare_tensor(job: TensorJob) -> None:
-    """Whole-tensor quantities of one tensor (per-tensor trim domain, slerp's coefficients)."""
+    """Whole-tensor quantities of one tensor (per-tensor trim domain, L1 factors, a method's own passes)."""
     if job.prepared:
         return
     job.prepared = True
     opts = job.opts
-    if opts.combine == "slerp" and job.tp.merged:
-        job.spec = replace(job.spec, slerp=slerp_coefficients(job))
+    if job.hooks:
+        job.spec = replace(job.spec, state=run_passes(job))
         return
     if job.radix_trim and opts.sparsify == "band":
         ranks = [ops.breadcrumbs_ranks(job.tp.numel, d, g) for d, g in zip(job.tp.densities, job.tp.gammas)]

@@ -40,28 +40,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
-Sparsify = Literal["none", "trim", "dare", "dare_trim", "band", "magprune"]
-Combine = Literal["sum", "ties", "average", "copy", "slerp"]
-
-# method -> (how each task vector is sparsified, how they are combined)
-METHODS: dict[str, tuple[Sparsify, Combine]] = {
-    "task_arithmetic": ("none", "sum"),
-    "magnitude_prune": ("trim", "sum"),
-    "ties": ("trim", "ties"),
-    "dare_linear": ("dare", "sum"),
-    "dare_ties": ("dare", "ties"),
-    "breadcrumbs": ("band", "sum"),
-    "breadcrumbs_ties": ("band", "ties"),
-    "della": ("magprune", "ties"),
-    "della_linear": ("magprune", "sum"),
-    "linear": ("none", "average"),
-    "passthrough": ("none", "copy"),  # mergekit's layer stacking: every tensor copied (times `scale`), never merged
-    "slerp": ("none", "slerp"),
-}
+Sparsify = Literal["none", "trim", "dare", "band", "magprune"]
+Combine = Literal["sum", "ties", "average", "copy"]
 
 
 @dataclass(frozen=True)
@@ -86,24 +70,28 @@ class MergeOptions:
     # Merged zeros are written as +0 so every float32 path (numpy, compiled, torch) gives the same
     # bytes; the compiled kernel may not keep a zero's sign. mergekit's own bits keep theirs.
     positive_zeros: bool = True
-    # slerp's norms and dot product: float64 sums in a fixed order (any block size), or mergekit's
-    # float32 torch reductions over the whole tensor
-    slerp_sums: Literal["float64", "mergekit"] = "float64"
 
     @property
     def whole_tensors(self) -> bool:
-        """mergekit's sorts, L1 rescale and slerp sums see a whole tensor at once; so must we, to match it."""
+        """mergekit's sorts and L1 rescale see a whole tensor at once; so must we, to match it."""
         sorted_whole = self.sparsify in ("trim", "band", "magprune") and self.trim_rule == "argsort"
-        slerp_whole = self.combine == "slerp" and self.slerp_sums == "mergekit"
-        return sorted_whole or slerp_whole or (self.sparsify != "none" and self.rescale == "l1")
+        return sorted_whole or (self.sparsify != "none" and self.rescale == "l1")
 
     @property
     def sparsify(self) -> Sparsify:
-        return METHODS[self.method][0]
+        """The method's sparsifier (methods/task_vectors.py); "none" for a method of its own (hooks)."""
+        return getattr(_method(self.method), "sparsify", "none")
 
     @property
-    def combine(self) -> Combine:
-        return METHODS[self.method][1]
+    def combine(self) -> Combine | None:
+        """The method's combiner; None for a method that merges through its own hooks (methods/base.py)."""
+        return getattr(_method(self.method), "combine", None)
+
+
+def _method(name: str):
+    from .methods import registry  # methods import ops: resolved at call time
+
+    return registry.get(name)
 
 
 @dataclass(frozen=True)
@@ -127,7 +115,8 @@ class TensorSpec:
     epsilons: tuple[float, ...] = ()  # della: keep-probability spread per model
     della_row: int = 0  # della: elements per ranked row (the numpy kernel chunks by whole rows)
     scale: float = 1.0  # an unmerged tensor's factor (passthrough's `scale`)
-    slerp: tuple[float, float] = ()  # slerp: (s0, s1), the coefficients of θ₀ and θ₁
+    ctx: Any = None  # a method of its own (methods/base.py): its TensorCtx
+    state: Any = None  # ... and what its stats passes found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,18 +544,17 @@ def slerp_coefficients_mergekit(base: torch.Tensor, other: torch.Tensor, t: floa
     return s0.item(), s1.item()
 
 
-def slerp_block(base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float], opts: MergeOptions,
+def slerp_block(base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float], mergekit: bool,
                 dtype: torch.dtype) -> torch.Tensor:
     """s0·θ₀ + s1·θ₁ over a block, elementwise. Default: in float64 (products and sum each rounded
     once), then float32 (or float64 for float64 inputs). mergekit: its float32 ops on the inputs
     in its dtype `dtype`, the result rounded to that dtype."""
     s0, s1 = coefficients
-    if opts.slerp_sums == "mergekit":
+    if mergekit:
         work = torch.float64 if dtype == torch.float64 else torch.float32
         return (base.to(dtype).to(work) * s0 + other.to(dtype).to(work) * s1).to(dtype)
     out = base.to(torch.float64, copy=True).mul_(s0)
     out += other.to(torch.float64, copy=True).mul_(s1)
-    if opts.positive_zeros:
-        out += 0.0
+    out += 0.0  # −0 + 0 = +0, as every default path writes its zeros
     # to float32 explicitly: torch converts float64 to bf16/f16 through float32 anyway, on every device
     return out if dtype == torch.float64 else out.float()

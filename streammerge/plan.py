@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -19,6 +19,8 @@ from .config import LAYER_RE, MergeConfig, ModelSpec, layer_index
 from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
 from .errors import ConfigError, MismatchError
 from .lora import LoraAdapter
+from .methods import TensorCtx, registry
+from .methods.task_vectors import TaskVectorMethod
 from .ops import MergeOptions
 from .sources import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, Checkpoint, itemsize
 
@@ -55,7 +57,9 @@ class TensorPlan:
     # each fine-tune. Empty: `name` in the reference and in every fine-tune.
     inputs: tuple[tuple[int, str], ...] = ()
     scale: float = 1.0  # an unmerged tensor's factor (passthrough's `scale`)
-    t: float | None = None  # slerp: the interpolation factor (0: the base, 1: the other model)
+    # a method merging through its own hooks (methods/base.py): its parameters resolved for this
+    # tensor, (name, value) pairs; a per-model one's value is a tuple, one per fine-tune
+    params: tuple[tuple[str, Any], ...] = ()
 
     @property
     def numel(self) -> int:
@@ -180,16 +184,16 @@ def _merged(opts: MergeOptions, name: str, shape: tuple[int, ...], out_dtype: st
             param: Callable[[str, int | None], float], problems: list[str], **more) -> TensorPlan:
     """A merged tensor's plan; `param(key, i)` resolves a parameter for fine-tune i (None: the whole merge)."""
     n = range(len(sources))
+    method = registry.get(opts.method)
+    if not isinstance(method, TaskVectorMethod):  # a method of its own: every declared parameter, resolved
+        return TensorPlan(name, shape, out_dtype, merged=True, weights=tuple(param("weight", i) for i in n),
+                          params=_hook_params(method, name, len(sources), param, problems), **more)
     densities = tuple(param("density", i) for i in n)
     epsilons = tuple(param("epsilon", i) for i in n) if opts.sparsify == "magprune" else ()
     for source, d, e in zip(sources, densities, epsilons):
         if d < 1 and not 0 < d - e < d + e < 1 and len(problems) < 10:  # mergekit's della_magprune check
             problems.append(f"{source}: tensor {name!r}: density {d:g} ± epsilon {e:g} must lie in (0, 1) "
                             "(DELLA's keep probabilities); lower epsilon")
-    t = param("t", None) if opts.combine == "slerp" else None
-    if opts.combine == "slerp" and t is None and len(problems) < 10:  # mergekit: "Missing required parameter t"
-        problems.append(f"parameters.t: no value for tensor {name!r}: no filter entry matches it; "
-                        "add an entry without a filter (e.g. {value: 0.5}) as the fallback")
     return TensorPlan(
         name,
         shape,
@@ -202,9 +206,31 @@ def _merged(opts: MergeOptions, name: str, shape: tuple[int, ...], out_dtype: st
         dare=opts.sparsify == "dare" and (opts.dare_scope == "all" or is_linear_weight(name, shape)),
         gammas=tuple(param("gamma", i) for i in n) if opts.sparsify == "band" else (),
         epsilons=epsilons,
-        t=t,
         **more,
     )
+
+
+def _hook_params(method, name: str, n: int, param: Callable[[str, int | None], Any],
+                 problems: list[str]) -> tuple[tuple[str, Any], ...]:
+    """A hooks method's parameters for one tensor: per-model ones as tuples, the others as scalars;
+    a required one that no filter entry gives this tensor is a problem, as in mergekit."""
+    out = []
+    for p in method.params:
+        value = tuple(param(p.name, i) for i in range(n)) if p.per_model else param(p.name, None)
+        if p.default is None and (value is None or (p.per_model and None in value)):
+            if len(problems) < 10:
+                problems.append(f"parameters.{p.name}: no value for tensor {name!r}: no filter entry matches it; "
+                                "add an entry without a filter (e.g. {value: 0.5}) as the fallback")
+            continue
+        out.append((p.name, value))
+    return tuple(out)
+
+
+def tensor_ctx(tp: TensorPlan, plan: Plan, compute: torch.dtype | None, keys: tuple[int, ...] = ()) -> TensorCtx:
+    """What a hooks method knows of one tensor (methods/base.py)."""
+    return TensorCtx(name=tp.name, shape=tp.shape, semantics=plan.config.semantics, params=dict(tp.params),
+                     dtype=compute, out_dtype=DTYPES[tp.out_dtype], has_base=plan.config.base is not None,
+                     seed=plan.config.seed, keys=keys)
 
 
 def _file_order(ckpt: Checkpoint) -> list[str]:
@@ -258,7 +284,7 @@ def stacked_tensors(config: MergeConfig, opts: MergeOptions, inputs: list[Checkp
         index[config.model_key(config.base)] = 0
     slices = config.output_slices()
     problems: list[str] = []
-    needs_base = config.method_name not in ("linear", "passthrough")
+    needs_base = registry.get(config.method_name).base == "required"
 
     def plan_group(where: str, out_slice: OutputSlice, entries: list[tuple[SliceSource, str]], out_name: str,
                    pos: int | None, length: int) -> TensorPlan | None:
@@ -488,6 +514,9 @@ def whole_tensor(tp: TensorPlan, plan: Plan) -> bool:
     """Whether a tensor merges as one block: mergekit's argsort trim and L1 rescale see the whole
     tensor; DELLA ranks within rows, and a 1-D tensor is one row."""
     opts = plan.options
+    method = registry.get(opts.method)
+    if tp.merged and not isinstance(method, TaskVectorMethod):
+        return method.whole_tensor(tensor_ctx(tp, plan, opts.compute_dtype))
     return tp.merged and (opts.whole_tensors or (opts.sparsify == "magprune" and len(tp.shape) < 2))
 
 
@@ -534,10 +563,10 @@ def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) ->
 def uses_chunk_kernel(opts: MergeOptions, tp: TensorPlan, in_dtypes: list[torch.dtype], compute: torch.dtype,
                       device: str = "cpu") -> bool:
     """Whether a tensor merges in the numpy chunk kernel (kernels.py) rather than with torch ops: on the
-    CPU, in float32, for the methods it implements (all but slerp). DELLA ranks within rows and the
+    CPU, in float32, for the methods that declare it (methods/task_vectors.py: `paths`). DELLA ranks within rows and the
     kernel's chunks hold whole rows, so a merged tensor whose rows are longer than a chunk (a huge 1-D
     tensor, a 3-D expert stack) goes to torch, which holds one row block whatever its size."""
     rows_fit = opts.sparsify != "magprune" or not tp.merged or tp.della_row <= kernels.CHUNK
-    slerp = tp.merged and opts.combine == "slerp"  # two elementwise passes in float64: torch's ops suffice
-    return (device == "cpu" and kernels.supported(in_dtypes, compute) and not opts.whole_tensors and not opts.fused_linear
-            and rows_fit and tp.scale == 1.0 and not slerp)  # the kernel copies; passthrough's scale multiplies in torch
+    declared = "numpy" in registry.get(opts.method).paths or not tp.merged  # a copied tensor is the kernel's too
+    return (device == "cpu" and declared and kernels.supported(in_dtypes, compute) and not opts.whole_tensors
+            and not opts.fused_linear and rows_fit and tp.scale == 1.0)  # the kernel copies; passthrough's scale multiplies in torch

@@ -8,3 +8,5 @@ from .base import Method, Param, Rows, TensorCtx, row_sums, run_tensor, total  #
 from .registry import all_methods, get, names, register  # noqa: F401
 
 # One line per method file: the import registers its methods.
+from . import task_vectors  # noqa: E402,F401  task_arithmetic, ties, dare_*, breadcrumbs*, della*, linear, passthrough
+from . import slerp  # noqa: E402,F401

@@ -10,7 +10,8 @@ blocks, the memory budget, writing); a method owns only its arithmetic.
 Determinism: under the default semantics a tensor's bytes may not depend on how it was split into
 blocks. Partial results must therefore combine exactly: integer counts and histograms, or float64
 per-row sums (each row reduced in a fixed order, `row_sums`), which `reduce` adds with math.fsum
-(`total`). A method that needs the whole tensor at once (to reproduce mergekit's own float32
+(`total`). Keep partials small and prefer Python numbers/lists to tensors: small tensors kept
+across blocks pin the allocator's heap between the blocks' big temporaries. A method that needs the whole tensor at once (to reproduce mergekit's own float32
 reductions bit for bit) says so with `whole_tensor`, and the engine hands it one block.
 """
 
@@ -48,6 +49,8 @@ class Param:
     choices: tuple[str, ...] = ()  # for kind str
     presets: Mapping[str, Any] = field(default_factory=dict)
     doc: str = ""
+    # the out-of-range message; {name}, {range} and {value} are filled in
+    error: str = "{name} must be in {range}, got {value}"
 
     def default_for(self, semantics: str) -> Any:
         return self.presets.get(semantics, self.default)
@@ -61,9 +64,9 @@ class Param:
         lo_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         hi_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if lo_bad or hi_bad:
-            lo = "" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
-            hi = "" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
-            return f"{self.name} must be in {lo or '(-inf'}, {hi or 'inf)'}, got {value:g}"
+            lo = "(-inf" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
+            hi = "inf)" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
+            return self.error.format(name=self.name, range=f"{lo}, {hi}", value=value)
         return None
 
 

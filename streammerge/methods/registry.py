@@ -26,3 +26,24 @@ def names() -> list[str]:
 
 def all_methods() -> list[Method]:
     return [_REGISTRY[n] for n in names()]
+
+
+def describe() -> list[dict]:
+    """Every method as plain data: what `streammerge methods --json` prints."""
+    out = []
+    for m in all_methods():
+        params = []
+        for p in m.params:
+            entry = {"name": p.name, "kind": p.kind.__name__, "default": p.default, "per_model": p.per_model,
+                     "per_tensor": p.per_tensor, "doc": p.doc}
+            if p.presets:
+                entry["preset_defaults"] = dict(p.presets)
+            if p.low is not None or p.high is not None:
+                entry["range"] = [p.low, p.high, "open" if p.low_open else "closed", "open" if p.high_open else "closed"]
+            if p.choices:
+                entry["choices"] = list(p.choices)
+            params.append(entry)
+        out.append({"name": m.name, "summary": m.summary, "reference": m.reference, "base": m.base,
+                    "models": [m.min_models, m.max_models], "semantics": list(m.semantics), "stats": m.stats_kind,
+                    "paths": sorted(m.paths), "params": params})
+    return out
