@@ -5,7 +5,7 @@
 
 One Llama-2-7B MLP tensor (11008 x 4096, bf16) from a base and 2 fine-tunes, as the engine sees it
 (a row block of mapped CPU memory). For each method it times the whole per-block pipeline of
-`engine.TorchBackend.merge`: staging through pinned buffers, host-to-device copies, the arithmetic
+`passes.TorchBackend.merge`: staging through pinned buffers, host-to-device copies, the arithmetic
 and the asynchronous copy of the result into the pinned CPU output buffer, repeated blocks
 overlapping as in the engine; and, apart, the host-to-device copy alone
 and the arithmetic alone on resident data. Prints M elements/s and input GB/s; compare the input
@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from kernels import spec  # benchmarks/kernels.py: the same tensor specs
 
-from streammerge.engine import Block, TorchBackend
+from streammerge.pipeline.passes import Block, TorchBackend
 
 ROWS, COLS = 11008, 4096
 N = ROWS * COLS

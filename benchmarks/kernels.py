@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from streammerge import kernels, ops
-from streammerge.engine import Block, TorchBackend
-from streammerge.fused import FusedMerger
-from streammerge.mask import keep_mask_into, mask_key
+from streammerge.methods import kernels, ops
+from streammerge.methods.fused import FusedMerger
+from streammerge.methods.mask import keep_mask_into, mask_key
+from streammerge.pipeline.passes import Block, TorchBackend
 
 N = 5632 * 2048
 

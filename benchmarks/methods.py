@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from streammerge.demo import finetune_of, save_checkpoint
+from streammerge.front.demo import finetune_of, save_checkpoint
 
 METHODS = ["task_arithmetic", "dare_linear", "dare_ties", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
 CONFIG = """merge_method: {method}

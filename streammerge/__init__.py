@@ -2,9 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import MergeResult, finalize, merge, plan  # noqa: E402
-from .config import MergeConfig, ModelSpec  # noqa: E402
-from .errors import (  # noqa: E402
+from streammerge.errors import (  # noqa: E402
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
@@ -15,7 +13,9 @@ from .errors import (  # noqa: E402
     StreammergeError,
     UnsupportedFeatureError,
 )
-from .verify import VerifyReport, verify  # noqa: E402
+from streammerge.front.api import MergeResult, finalize, merge, plan  # noqa: E402
+from streammerge.front.config import MergeConfig, ModelSpec  # noqa: E402
+from streammerge.io.verify import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "MergeConfig", "ModelSpec", "MergeResult", "merge", "finalize", "plan", "verify", "VerifyReport",

@@ -11,10 +11,10 @@ from typing import Callable
 import pytest
 import torch
 
-import streammerge.engine
-import streammerge.kernels
-from streammerge.demo import TinyLlama
-from streammerge.writer import file_sha256
+import streammerge.methods.kernels
+import streammerge.pipeline.passes
+from streammerge.front.demo import TinyLlama
+from streammerge.io.writer import file_sha256
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def inject_masks(monkeypatch) -> Callable:
     """Replaces the counter-based DARE (and DELLA) mask, in both backends, by `masks(model_index, tensor, start, count)`."""
 
     def install(masks: Callable[[int, str, int, int], torch.Tensor]) -> None:
-        monkeypatch.setattr(streammerge.engine, "mask_key", lambda seed, i, name: (i, name))
+        monkeypatch.setattr(streammerge.pipeline.passes, "mask_key", lambda seed, i, name: (i, name))
 
         def keep_mask(key, start, count, density, device=None):
             return masks(key[0], key[1], start, count).bool()
@@ -33,10 +33,10 @@ def inject_masks(monkeypatch) -> Callable:
         def keep_mask_varying(key, start, thresholds):  # DELLA: the injected mask, whatever the probabilities
             return masks(key[0], key[1], start, thresholds.numel()).bool().view(thresholds.shape)
 
-        monkeypatch.setattr(streammerge.engine, "keep_mask", keep_mask)
-        monkeypatch.setattr(streammerge.engine, "keep_mask_varying", keep_mask_varying)
-        monkeypatch.setattr(streammerge.kernels, "keep_mask_varying", keep_mask_varying)
-        monkeypatch.setattr(streammerge.kernels, "keep_mask_into", keep_mask_into)
+        monkeypatch.setattr(streammerge.pipeline.passes, "keep_mask", keep_mask)
+        monkeypatch.setattr(streammerge.pipeline.passes, "keep_mask_varying", keep_mask_varying)
+        monkeypatch.setattr(streammerge.methods.kernels, "keep_mask_varying", keep_mask_varying)
+        monkeypatch.setattr(streammerge.methods.kernels, "keep_mask_into", keep_mask_into)
 
     return install
 
@@ -70,7 +70,7 @@ def split_run_hashes(config, folder: Path, max_shard_size: int) -> tuple[dict[st
     """Shard hashes of `config` merged by one process (folder/one) and split over two workers, rank 1
     first, then finalized (folder/split): any split must give the single run's bytes."""
     from streammerge import merge
-    from streammerge.api import finalize
+    from streammerge.front.api import finalize
 
     merge(config, folder / "one", max_shard_size=max_shard_size)
     for rank in (1, 0):

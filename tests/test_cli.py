@@ -17,16 +17,16 @@ from conftest import shard_hashes
 from safetensors import safe_open
 
 from streammerge import ConfigError
-from streammerge.cli import main, parse_size
 from streammerge.constants import MANIFEST, MODEL_CARD, SAFETENSORS_INDEX
-from streammerge.demo import (
+from streammerge.front.cli import main, parse_size
+from streammerge.front.demo import (
     TinyLlama,
     build_demo_models,
     finetune_of,
     random_state,
     save_checkpoint,
 )
-from streammerge.sources import Checkpoint
+from streammerge.io.sources import Checkpoint
 
 CONFIG = """\
 merge_method: dare_ties
@@ -392,12 +392,12 @@ def test_debug_raises_the_library_error(models, tmp_path):
 
 
 def test_internal_error_is_one_line_exit_3(models, tmp_path, monkeypatch):
-    import streammerge.api
+    import streammerge.front.api
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(streammerge.api, "merge", broken)
+    monkeypatch.setattr(streammerge.front.api, "merge", broken)
     assert_one_line_error(run("merge", models / "merge.yaml", tmp_path / "out"), 3,
                           "internal error: RuntimeError: boom (rerun with --debug")
 

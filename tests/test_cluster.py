@@ -18,13 +18,13 @@ from click.testing import CliRunner
 from conftest import SMALL_LLAMA, shard_hashes
 
 from streammerge import MergeConfig, OutputError, merge
-from streammerge.api import finalize, worker_shards
-from streammerge.api import plan as make_plan
-from streammerge.cli import main
-from streammerge.demo import build_demo_models
-from streammerge.distributed import slurm_array_env
 from streammerge.errors import ConfigError
-from streammerge.plan import ShardPlan, assign_workers
+from streammerge.front.api import finalize, worker_shards
+from streammerge.front.api import plan as make_plan
+from streammerge.front.cli import main
+from streammerge.front.demo import build_demo_models
+from streammerge.pipeline.distributed import slurm_array_env
+from streammerge.pipeline.plan import ShardPlan, assign_workers
 
 SHARD = 60_000  # bytes: about a dozen shards
 
@@ -259,7 +259,7 @@ def test_plan_shows_each_workers_shards(models):
 
 
 def test_each_torchrun_process_on_a_gpu_node_takes_its_local_gpu(monkeypatch):
-    from streammerge.device import resolve_device
+    from streammerge.pipeline.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from streammerge import ConfigError, MergeConfig, ModelSpec, UnsupportedFeatureError
+from streammerge import ConfigError, MergeConfig, ModelSpec
 from streammerge import plan as plan_merge
-from streammerge.config import layer_index, resolve_value
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.front.config import layer_index, resolve_value
+from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.methods import registry
 
 UP0 = "model.layers.0.mlp.up_proj.weight"
@@ -284,7 +284,7 @@ def test_lora_syntax_and_misplaced_della_parameter_are_named(tmp_path):
 def test_parameters_mergekit_ignores_are_warnings_not_errors(caplog):
     # A config written for mergekit must run as is: parameters it silently ignores are reported, not refused.
     cfg = _cfg(models=(ModelSpec("ft1", {"weight": 1.0, "density": 0.5, "epsilon": 0.05, "lambda": 0.5}),))
-    with caplog.at_level("WARNING", logger="streammerge.config"):
+    with caplog.at_level("WARNING", logger="streammerge.front.config"):
         cfg.validate()
     assert "models[0].parameters.epsilon: ignored" in caplog.text and "the ties method does not use it" in caplog.text
     assert "models[0].parameters.lambda: ignored, as mergekit does" in caplog.text

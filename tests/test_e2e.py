@@ -12,15 +12,15 @@ from conftest import shard_hashes, ties_disjoint_mean
 from safetensors.torch import load_file, save_file
 
 from streammerge import MergeConfig, ModelSpec, merge
-from streammerge.demo import (
+from streammerge.front.demo import (
     TinyLlama,
     build_demo_models,
     finetune_of,
     random_state,
     save_checkpoint,
 )
-from streammerge.mask import keep_mask, mask_key
-from streammerge.plan import is_linear_weight
+from streammerge.methods.mask import keep_mask, mask_key
+from streammerge.pipeline.plan import is_linear_weight
 
 SHAPE = TinyLlama(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=40)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from conftest import shard_hashes
 
-import streammerge.fused
-import streammerge.kernels
+import streammerge.methods.fused
+import streammerge.methods.kernels
 from streammerge import MergeConfig, ModelSpec, merge
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=2, vocab=50)
 
@@ -44,11 +44,11 @@ SLOW_CASES = [("task_arithmetic", "default", {"normalize": True}), ("dare_linear
 @pytest.mark.parametrize(("method", "semantics", "params"), CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES])
 def test_fused_numpy_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, caplog, method, semantics, params):
     calls = []
-    monkeypatch.setattr(streammerge.fused, "_kernel", lambda shape, real=streammerge.fused._kernel: calls.append(shape) or real(shape))
+    monkeypatch.setattr(streammerge.methods.fused, "_kernel", lambda shape, real=streammerge.methods.fused._kernel: calls.append(shape) or real(shape))
     fused = _bytes(tmp_path, models, method, semantics, "fused", **params)
     assert calls and "torch.compile failed" not in caplog.text  # the compiled kernel really ran
     numpy = _bytes(tmp_path, models, method, semantics, "numpy", **params)
-    monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)  # torch eager ops
+    monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)  # torch eager ops
     eager = _bytes(tmp_path, models, method, semantics, "torch", **params)
     assert fused == numpy == eager
 
@@ -57,7 +57,7 @@ def test_fused_numpy_and_torch_give_identical_bytes(tmp_path, models, monkeypatc
 def test_breadcrumbs_numpy_kernel_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, method):
     # The band (top trim plus dropped outliers) runs in the numpy chunk kernel; torch eager is the reference.
     numpy = _bytes(tmp_path, models, method, "default", "numpy", gamma=0.05)
-    monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)
+    monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)
     assert numpy == _bytes(tmp_path, models, method, "default", "torch", gamma=0.05)
 
 
@@ -67,8 +67,8 @@ def test_della_numpy_kernel_and_torch_give_identical_bytes(tmp_path, models, mon
     # DELLA ranks within rows in the numpy kernel; torch eager is the reference. A small budget splits
     # tensors into row blocks, and two threads split the blocks; the fused kernel never takes DELLA.
     ranked = []
-    monkeypatch.setattr(streammerge.kernels, "_magprune_chunk", lambda *a, real=streammerge.kernels._magprune_chunk: ranked.append(1) or real(*a))
+    monkeypatch.setattr(streammerge.methods.kernels, "_magprune_chunk", lambda *a, real=streammerge.methods.kernels._magprune_chunk: ranked.append(1) or real(*a))
     numpy = _bytes(tmp_path, models, method, "default", "fused", rescale=rescale, epsilon=0.1, options={"max_memory": 20_000, "threads": 2})
     assert ranked  # the kernel really ran
-    monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)
+    monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)
     assert numpy == _bytes(tmp_path, models, method, "default", "torch", rescale=rescale, epsilon=0.1)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from streammerge.constants import SAFETENSORS_INDEX
 from streammerge.errors import StreammergeError
-from streammerge.sources import DTYPES, Checkpoint, itemsize
+from streammerge.io.sources import DTYPES, Checkpoint, itemsize
 
 SETTINGS = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow], database=None)
 

@@ -18,11 +18,11 @@ import torch
 from click.testing import CliRunner
 from conftest import no_hang
 
-from streammerge.cli import main
 from streammerge.constants import SAFETENSORS_INDEX
-from streammerge.demo import build_demo_models
 from streammerge.errors import CheckpointError, CheckpointNotFoundError
-from streammerge.sources import Checkpoint, _inside, read_header
+from streammerge.front.cli import main
+from streammerge.front.demo import build_demo_models
+from streammerge.io.sources import Checkpoint, _inside, read_header
 
 GOOD = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
 DATA = bytes(range(16))

@@ -15,17 +15,19 @@ from conftest import tokenizer_json
 from fakehub import FakeHub
 from safetensors.torch import load_file
 
-from streammerge import MergeConfig, api, hub
-from streammerge.cli import main
-from streammerge.config import ModelSpec
-from streammerge.demo import (
+from streammerge import MergeConfig
+from streammerge.errors import CheckpointNotFoundError, ConfigError, HubError
+from streammerge.front import api
+from streammerge.front.cli import main
+from streammerge.front.config import ModelSpec
+from streammerge.front.demo import (
     TinyLlama,
     build_demo_models,
     finetune_of,
     random_state,
     save_checkpoint,
 )
-from streammerge.errors import CheckpointNotFoundError, ConfigError, HubError
+from streammerge.io import hub
 
 SHAPE = TinyLlama(hidden=32, intermediate=64, layers=2, vocab=64)
 
@@ -312,7 +314,7 @@ def test_local_cache_snapshot_folder_is_a_local_input(tmp_path, models, fakehub)
     """A huggingface_hub snapshot folder (files linked to ../../blobs) reads as a local checkpoint."""
     api.merge(ties("org/base", "org/ft1", "org/ft2"), tmp_path / "a")
     snapshot = next((hf_cache() / "models--org--ft1" / "snapshots").iterdir())
-    from streammerge.sources import Checkpoint
+    from streammerge.io.sources import Checkpoint
 
     assert len(Checkpoint(snapshot).tensors) == len(SHAPE.shapes())
 

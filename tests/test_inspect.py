@@ -13,9 +13,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from streammerge.cli import main
 from streammerge.errors import MissingDependencyError
-from streammerge.inspect import HIST_SHIFT, inspect_deltas, layer_group, plot_report
+from streammerge.front.cli import main
+from streammerge.front.inspect import (
+    HIST_SHIFT,
+    inspect_deltas,
+    layer_group,
+    plot_report,
+)
 
 HIDDEN, LAYERS, R = 24, 2, 4
 PREFIX = "base_model.model."

@@ -11,10 +11,20 @@ import torch
 from conftest import shard_hashes
 from safetensors import safe_open
 
-from streammerge import ConfigError, DeviceError, MergeConfig, ModelSpec, api, engine, finalize, merge, ops
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
-from streammerge.device import Staging
-from streammerge.plan import build_plan, bytes_per_element
+from streammerge import (
+    ConfigError,
+    DeviceError,
+    MergeConfig,
+    ModelSpec,
+    finalize,
+    merge,
+)
+from streammerge.front import api
+from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.methods import ops
+from streammerge.pipeline import passes as engine
+from streammerge.pipeline.device import Staging
+from streammerge.pipeline.plan import build_plan, bytes_per_element
 
 row_sums = ops.slerp_row_sums
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=300)

@@ -13,12 +13,12 @@ import torch
 from conftest import shard_hashes
 from safetensors.torch import load_file, save_file
 
-import streammerge.kernels
+import streammerge.methods.kernels
 from streammerge import CheckpointError, ConfigError, MergeConfig, ModelSpec, merge
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
-from streammerge.lora import FactorDrop, LoraAdapter, lora_product
-from streammerge.mask import keep_mask, mask_key
-from streammerge.sources import Checkpoint
+from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.io.lora import FactorDrop, LoraAdapter, lora_product
+from streammerge.io.sources import Checkpoint
+from streammerge.methods.mask import keep_mask, mask_key
 
 SHAPE = TinyLlama(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=40)
 PREFIX = "base_model.model."
@@ -165,7 +165,7 @@ def test_numpy_and_torch_paths_and_blocks_agree(models, tmp_path, monkeypatch, m
     cfg = MergeConfig(method=method, base=str(root / "base"), models=specs, seed=2)
     merge(cfg, tmp_path / "numpy", compile="off")
     merge(cfg, tmp_path / "blocks", compile="off", max_memory=64 << 10)
-    monkeypatch.setattr(streammerge.kernels, "supported", lambda dtypes, compute: False)
+    monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)
     merge(cfg, tmp_path / "torch", compile="off")
     assert shard_hashes(tmp_path / "numpy") == shard_hashes(tmp_path / "blocks") == shard_hashes(tmp_path / "torch")
 

@@ -11,8 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from streammerge import mask as m
-from streammerge.mask import hash32, keep_mask, keep_mask_into, keep_threshold, mask_key
+from streammerge.methods import mask as m
+from streammerge.methods.mask import (
+    hash32,
+    keep_mask,
+    keep_mask_into,
+    keep_threshold,
+    mask_key,
+)
 
 DOWN = "model.layers.0.mlp.down_proj.weight"
 UP = "model.layers.0.mlp.up_proj.weight"

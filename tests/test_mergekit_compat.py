@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from streammerge import MergeConfig, merge, ops
-from streammerge.methods import registry
+from streammerge import MergeConfig, merge
+from streammerge.methods import ops, registry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 NAMES = sorted(p.stem for p in (FIXTURES / "configs").glob("*.yaml"))

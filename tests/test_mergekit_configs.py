@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from streammerge import MergeConfig, merge
 from streammerge import plan as plan_merge
-from streammerge.config import layer_index
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.front.config import layer_index
+from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 
 SHAPE = TinyLlama(hidden=32, intermediate=48, layers=5, heads=4, kv_heads=2, vocab=40)
 N_LAYERS = SHAPE.layers

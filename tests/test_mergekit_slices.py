@@ -17,9 +17,10 @@ import yaml
 from conftest import split_run_hashes
 from safetensors.torch import load_file
 
-from streammerge import ConfigError, MergeConfig, engine, merge
+from streammerge import ConfigError, MergeConfig, merge
 from streammerge import plan as plan_merge
 from streammerge.errors import MismatchError, OutputError, StreammergeError
+from streammerge.pipeline import passes as engine
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit_slices"
 INPUTS = Path(__file__).parent / "fixtures" / "mergekit" / "inputs"

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_LLAMA, shard_hashes
 
-import streammerge.api
-import streammerge.writer
+import streammerge.front.api
+import streammerge.io.writer
 from streammerge import MergeConfig, OutputError, merge
-from streammerge.demo import build_demo_models
+from streammerge.front.demo import build_demo_models
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_rerun_of_a_finished_merge_is_a_no_op_and_a_changed_input_is_refused(mod
 
 def test_disk_full_gives_a_clear_error_and_no_complete_looking_output(models, tmp_path, monkeypatch):
     calls = []
-    real = streammerge.writer.ShardWriter._write
+    real = streammerge.io.writer.ShardWriter._write
 
     def full(self, data):
         calls.append(len(data))
@@ -128,14 +128,14 @@ def test_disk_full_gives_a_clear_error_and_no_complete_looking_output(models, tm
             raise OutputError(f"{self.path}: write failed: {errno.errorcode[errno.ENOSPC]} (disk full?)")
         real(self, data)
 
-    monkeypatch.setattr(streammerge.writer.ShardWriter, "_write", full)
+    monkeypatch.setattr(streammerge.io.writer.ShardWriter, "_write", full)
     with pytest.raises(OutputError, match="disk full"):
         merge(_config(models), tmp_path / "out", max_shard_size=60_000)
     out = tmp_path / "out"
     assert not (out / "model.safetensors.index.json").exists() and not (out / "streammerge_manifest.json").exists()
     assert not list(out.glob("*.partial"))
     # Space freed: the same merge resumes, keeping the shard that was finished before the disk filled.
-    monkeypatch.setattr(streammerge.writer.ShardWriter, "_write", real)
+    monkeypatch.setattr(streammerge.io.writer.ShardWriter, "_write", real)
     resumed = merge(_config(models), tmp_path / "out", max_shard_size=60_000)
     assert resumed.reused_shards >= 1 and not resumed.already_complete
     assert resumed.shards == merge(_config(models), tmp_path / "fresh", max_shard_size=60_000).shards
@@ -165,14 +165,14 @@ def test_real_enospc_from_the_os_is_reported(models, tmp_path, monkeypatch):
     def fake_open(path, mode="r", *args, **kwargs):
         return Full() if str(path).endswith(".safetensors.partial") else open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(streammerge.writer, "open", fake_open, raising=False)
+    monkeypatch.setattr(streammerge.io.writer, "open", fake_open, raising=False)
     with pytest.raises(OutputError, match="No space left on device"):
         merge(_config(models), tmp_path / "out", max_shard_size=60_000)
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
 def test_too_little_free_space_is_refused_before_any_work(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(streammerge.api.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(streammerge.front.api.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(OutputError, match="GB free but the merge writes"):
         merge(_config(models), tmp_path / "out")
     assert not list((tmp_path / "out").glob("model-*"))
@@ -180,13 +180,13 @@ def test_too_little_free_space_is_refused_before_any_work(models, tmp_path, monk
 
 def test_receipts_are_written_as_shards_finish(models, tmp_path, monkeypatch):
     seen = []
-    real = streammerge.api.write_json_atomic
+    real = streammerge.front.api.write_json_atomic
 
     def spy(path, obj):
         seen.append(path.name)
         real(path, obj)
 
-    monkeypatch.setattr(streammerge.api, "write_json_atomic", spy)
+    monkeypatch.setattr(streammerge.front.api, "write_json_atomic", spy)
     merge(_config(models), tmp_path / "out", max_shard_size=60_000)
     receipts = [n for n in seen if n.endswith(".safetensors.json")]
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())

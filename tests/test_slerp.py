@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from streammerge import ConfigError, MergeConfig, ModelSpec, merge
 from streammerge import plan as make_plan
-from streammerge.demo import TinyLlama, random_state, save_checkpoint
+from streammerge.front.demo import TinyLlama, random_state, save_checkpoint
 
 SHAPE = TinyLlama(hidden=32, intermediate=48, layers=3, heads=4, kv_heads=2, vocab=40)
 

@@ -12,10 +12,11 @@ import torch
 from conftest import shard_hashes, ties_disjoint_mean
 from safetensors.torch import load_file
 
-from streammerge import ConfigError, MergeConfig, ModelSpec, kernels, merge, ops, plan
-from streammerge.demo import TinyLlama, finetune_of, random_state, save_checkpoint
-from streammerge.engine import Block, NumpyBackend, TorchBackend
-from streammerge.mask import hash32, keep_mask_varying, mask_key
+from streammerge import ConfigError, MergeConfig, ModelSpec, merge, plan
+from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.methods import kernels, ops
+from streammerge.methods.mask import hash32, keep_mask_varying, mask_key
+from streammerge.pipeline.passes import Block, NumpyBackend, TorchBackend
 
 SHAPE = TinyLlama(hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, vocab=40)
 NEW = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from streammerge import MergeConfig, merge
-from streammerge.cli import main
 from streammerge.constants import MANIFEST, SAFETENSORS_INDEX
-from streammerge.demo import DEMO_CONFIG, TinyLlama, build_demo_models
-from streammerge.verify import VerifyReport, verify
+from streammerge.front.cli import main
+from streammerge.front.demo import DEMO_CONFIG, TinyLlama, build_demo_models
+from streammerge.io.verify import VerifyReport, verify
 
 N_TENSORS = len(TinyLlama().shapes())
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from streammerge import MergeConfig, merge
 from streammerge.errors import CheckpointError, ConfigError, OutputError
-from streammerge.vocab import read_vocabulary
+from streammerge.io.vocab import read_vocabulary
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit_tokenizer"
 INPUTS = FIXTURES / "inputs"
@@ -174,8 +174,8 @@ def test_bad_tokenizer_inputs_and_settings_are_one_line_errors(tmp_path):
 
 
 def test_row_gather_reads_runs_and_fills_in_any_block():
-    from streammerge.sources import Checkpoint
-    from streammerge.vocab import Fill, Reindex, RowGather
+    from streammerge.io.sources import Checkpoint
+    from streammerge.io.vocab import Fill, Reindex, RowGather
 
     with Checkpoint(INPUTS / "base") as ckpt:
         rows = ckpt.read(EMBED)
@@ -208,7 +208,7 @@ def test_a_lora_adapter_reads_the_bases_ids(tmp_path):
 @pytest.mark.parametrize("source", ["base", "union"])
 def test_models_sharing_a_sentencepiece_tokenizer_need_no_tokenizer_json(tmp_path, source):
     # older repos ship only tokenizer.model: when every model has the base's (or none), rows already line up
-    from streammerge.demo import build_demo_models
+    from streammerge.front.demo import build_demo_models
 
     base, fts = build_demo_models(tmp_path / "models")
     for folder in (base, *fts[:1]):
@@ -229,8 +229,8 @@ def test_a_model_with_only_the_bases_tokenizer_model_follows_the_bases_ids(tmp_p
     # the base has tokenizer.json and tokenizer.model; a fine-tune only the same tokenizer.model
     from conftest import write_tokenizer
 
-    from streammerge.demo import build_demo_models
-    from streammerge.sources import Checkpoint
+    from streammerge.front.demo import build_demo_models
+    from streammerge.io.sources import Checkpoint
 
     base, fts = build_demo_models(tmp_path / "models")
     tokens = [f"t{i}" for i in range(Checkpoint(base).tensors["model.embed_tokens.weight"].shape[0])]

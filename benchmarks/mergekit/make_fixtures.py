@@ -30,9 +30,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from mergekit_run import mergekit_yaml, write_manifest  # beside this script
+from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

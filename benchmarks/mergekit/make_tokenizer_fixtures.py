@@ -28,9 +28,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from mergekit_run import mergekit_yaml  # beside this script
+from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 FIX = HERE.parent.parent / "tests" / "fixtures" / "mergekit_tokenizer"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mergekit.merge_methods import registry  # noqa: E402
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
 
-from streammerge import ops  # noqa: E402
+from streammerge.methods import ops  # noqa: E402
 
 OPTS = ops.MergeOptions(method="slerp", slerp_sums="mergekit", positive_zeros=False)
 

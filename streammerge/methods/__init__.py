@@ -3,10 +3,19 @@
 Importing this package registers every method; `registry.get(name)` finds one.
 """
 
-from . import registry  # noqa: F401
-from .base import Method, Param, Rows, TensorCtx, row_sums, run_tensor, total  # noqa: F401
-from .registry import all_methods, get, names, register  # noqa: F401
-
 # One line per method file: the import registers its methods.
-from . import task_vectors  # noqa: E402,F401  task_arithmetic, ties, dare_*, breadcrumbs*, della*, linear, passthrough
-from . import slerp  # noqa: E402,F401
+from streammerge.methods import (
+    registry,  # noqa: F401
+    slerp,  # noqa: E402,F401
+    task_vectors,  # noqa: E402,F401  task_arithmetic, ties, dare_*, breadcrumbs*, della*, linear, passthrough
+)
+from streammerge.methods.base import (  # noqa: F401
+    Method,
+    Param,
+    Rows,
+    TensorCtx,
+    row_sums,
+    run_tensor,
+    total,
+)
+from streammerge.methods.registry import all_methods, get, names, register  # noqa: F401

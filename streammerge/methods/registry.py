@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .base import Method
+from streammerge.methods.base import Method
 
 _REGISTRY: dict[str, Method] = {}
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .. import ops
-from .base import Method, Rows, TensorCtx
-from .registry import register
-from .task_vectors import T
+from streammerge.methods import ops
+from streammerge.methods.base import Method, Rows, TensorCtx
+from streammerge.methods.registry import register
+from streammerge.methods.task_vectors import T
 
 
 @register

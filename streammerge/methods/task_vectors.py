@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import Method, Param
-from .registry import register
+from streammerge.methods.base import Method, Param
+from streammerge.methods.registry import register
 
 ALL_PATHS = frozenset({"torch", "numpy", "compiled", "gpu"})
 NO_COMPILED = frozenset({"torch", "numpy", "gpu"})

@@ -43,17 +43,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import DTYPES as CONFIG_DTYPES
-from .config import MergeConfig
-from .constants import (
+from streammerge.constants import (
     COPIED_FILES,
     MAX_TOKENIZER_BYTES,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
     TOKENIZER_MARKERS,
 )
-from .errors import CheckpointError, ConfigError, MismatchError
-from .sources import DTYPES, Checkpoint, read_json
+from streammerge.errors import CheckpointError, ConfigError, MismatchError
+from streammerge.front.config import DTYPES as CONFIG_DTYPES
+from streammerge.front.config import MergeConfig
+from streammerge.io.sources import DTYPES, Checkpoint, read_json
 
 log = logging.getLogger(__name__)
 

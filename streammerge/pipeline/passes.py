@@ -1,16 +1,11 @@
-"""Runs a plan: reads row blocks, merges them, streams the results into shards.
+"""The per-tensor work: how a tensor is read in row blocks (TensorJob), the backends that merge a
+block (numpy chunks, torch, a method's own hooks), and the stats passes that find whole-tensor
+quantities before the output pass (exact radix trims and their tie positions, mergekit's L1 factors,
+FusionBench's model-wide trim and majority sign, a method's declared passes).
 
-Three threads share the work: a reader keeps the kernel reading the next tensors ahead (inputs are
-read-only views of the mapped files, page cache rather than anonymous memory), the main thread
-merges (numpy chunks on every core, or torch), a writer hashes and writes finished blocks. The
-memory budget bounds the output blocks in flight (a fixed pool of reusable buffers) and the
-working set of a block; a tensor too big for it is processed in row blocks.
-
-A method that needs whole-tensor quantities first makes stats passes over the tensor's blocks (the
-exact top-k threshold by radix selection, the position of the last kept tie, mergekit's L1
-rescale, or the passes a method of its own declares: methods/base.py), then one output pass; each pass reads the tensor's mapped
-pages again, from the page cache when they are still there. FusionBench's global trim domain adds passes over every tensor first.
-Nothing depends on the block size: the DARE mask is counter-based and ties go by flat index.
+Every quantity a pass finds goes into the tensor's TensorSpec, which the output pass reads: no state
+is left on a backend. Nothing depends on the block size: the DARE mask is counter-based and ties go
+by flat index.
 """
 
 from __future__ import annotations
@@ -18,33 +13,31 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import queue
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from . import kernels, lora, ops
-from .device import Staging, device_budget, record_event, resolve_device
-from .errors import DeviceError, NonFiniteError
-from .fused import FusedMerger, worth_compiling
-from .mask import keep_mask, keep_mask_varying, mask_key
-from .methods import Method, Rows, registry
-from .methods.task_vectors import TaskVectorMethod
-from .plan import Plan, ShardPlan, TensorPlan, device_rows, job_rows, pool_shape, tensor_ctx, uses_chunk_kernel, whole_tensor
-from .sources import DTYPES, Checkpoint
-from .vocab import RowGather
-from .writer import ShardWriter
+from streammerge.io import lora
+from streammerge.io.sources import DTYPES, Checkpoint
+from streammerge.io.vocab import RowGather
+from streammerge.methods import Method, Rows, kernels, ops, registry
+from streammerge.methods.fused import FusedMerger
+from streammerge.methods.mask import keep_mask, keep_mask_varying, mask_key
+from streammerge.methods.task_vectors import TaskVectorMethod
+from streammerge.pipeline.device import Staging, record_event
+from streammerge.pipeline.plan import (
+    Plan,
+    TensorPlan,
+    device_rows,
+    job_rows,
+    tensor_ctx,
+    uses_chunk_kernel,
+    whole_tensor,
+)
 
-if TYPE_CHECKING:
-    from .hub import Downloads
-
-Progress = Callable[[int], None]  # called with the number of input bytes just processed
 log = logging.getLogger(__name__)
-
 
 @dataclass
 class Block:
@@ -56,29 +49,6 @@ class Block:
     base: torch.Tensor | None
     fts: list[torch.Tensor]
     nbytes: int
-
-
-READAHEAD_BYTES = 1 << 30  # input bytes the reader keeps requested ahead (page cache, reclaimable)
-
-
-class BufferPool:
-    """A fixed set of reusable output buffers: bounds the memory of blocks waiting to be written,
-    and reusing them spares the kernel from mapping and zeroing fresh pages for every block.
-    Pinned when a GPU computes, so its results come back with asynchronous copies."""
-
-    def __init__(self, capacity: int, count: int, pinned: bool = False):
-        self.capacity = capacity
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self.free.put(torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned))
-
-    def get(self, nbytes: int) -> torch.Tensor:
-        assert nbytes <= self.capacity, (nbytes, self.capacity)
-        return self.free.get()
-
-    def put(self, buf: torch.Tensor) -> None:
-        self.free.put(buf)
-
 
 # ---- backends: the same four operations on a block, with numpy chunks or with torch ------------
 
@@ -561,231 +531,3 @@ def prepare_global(jobs: list[TensorJob]) -> None:
         majority = math.copysign(1.0, total) if total != 0 else 0.0
         for job in jobs:
             job.spec = replace(job.spec, majority=majority)
-
-
-# ---- the pipeline ------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    pass
-
-
-class Readahead:
-    """Keeps the kernel reading the next tensors' input bytes ahead of the merge, within a window."""
-
-    def __init__(self, jobs: list[TensorJob], window: int = READAHEAD_BYTES):
-        self.jobs, self.window = jobs, window
-        self.consumed = 0
-        self.cond = threading.Condition()
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="streammerge-readahead", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        advised = 0
-        for job in self.jobs:
-            with self.cond:
-                while advised - self.consumed > self.window and not self.stopped:
-                    self.cond.wait()
-                if self.stopped:
-                    return
-            try:
-                job.advise()
-            except (OSError, ValueError):  # only a hint
-                pass
-            advised += job.block_bytes(0, job.tp.rows)
-
-    def done(self, job: TensorJob) -> None:
-        with self.cond:
-            self.consumed += job.block_bytes(0, job.tp.rows)
-            self.cond.notify_all()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify_all()
-
-
-class AsyncWriter:
-    """Hashes and writes finished blocks on its own thread; their buffers go back to the pool."""
-
-    def __init__(self, pool: BufferPool, on_shard: Callable[[dict], None] | None = None):
-        self.pool = pool
-        self.on_shard = on_shard
-        self.cancelled = False
-        self.queue: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.writer: ShardWriter | None = None
-        self.thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            kind, payload = item
-            try:
-                if self.error is not None or self.cancelled:
-                    raise _Stop
-                if kind == "open":
-                    self.writer = ShardWriter(*payload)
-                elif kind == "data":
-                    if payload[2] is not None:  # the GPU's copy into the buffer
-                        payload[2].synchronize()
-                    self.writer.write(payload[0])
-                elif kind == "finish":
-                    receipt = {"file": self.writer.path.name, "sha256": self.writer.finish(), "bytes": self.writer.file_size}
-                    self.writer = None
-                    if self.on_shard is not None:
-                        self.on_shard(receipt)
-                    payload.set_result(receipt)
-            except BaseException as e:
-                if self.error is None and not isinstance(e, _Stop):
-                    self.error = e
-                if self.writer is not None:
-                    self.writer.abort()
-                    self.writer = None
-                if kind == "finish":
-                    payload.set_exception(self.error or _Stop())
-            finally:
-                if kind == "data" and payload[1] is not None:
-                    self.pool.put(payload[1])
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def open(self, path: Path, entries: list, metadata: dict) -> None:
-        self._check()
-        self.queue.put(("open", (path, entries, metadata)))
-
-    def write(self, tensor: torch.Tensor, buffer: torch.Tensor | None = None, ready: torch.cuda.Event | None = None) -> None:
-        """Queues a tensor's bytes, to be written once `ready` (a copy still arriving) is done;
-        `buffer` (from the pool) goes back to the pool once written."""
-        self._check()
-        self.queue.put(("data", (tensor, buffer, ready)))
-
-    def finish(self) -> Future:
-        fut: Future = Future()
-        self.queue.put(("finish", fut))
-        return fut
-
-    def close(self, cancel: bool = False) -> None:
-        """Stops the thread; with `cancel`, queued blocks are dropped and the open shard deleted."""
-        self.cancelled = cancel
-        self.queue.put(None)
-        self.thread.join()
-        if self.writer is not None:  # cancelled before its last block arrived
-            self.writer.abort()
-            self.writer = None
-
-
-def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
-    for ckpt, name, tensor in zip(job.sources, job.names, ([block.base] if job.read_base else []) + block.fts):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"{ckpt.tensors[name].file}: tensor {name!r} holds NaN or Inf")
-    if not bool(torch.isfinite(out).all()):
-        raise NonFiniteError(f"merged tensor {job.tp.name!r} holds NaN or Inf (check the weights and lambda)")
-
-
-def run_plan(
-    plan: Plan,
-    reference: Checkpoint,
-    finetuned: list[Checkpoint],
-    out_dir: Path,
-    *,
-    progress: Progress | None = None,
-    threads: int | None = None,
-    compile: str = "auto",
-    todo: list[ShardPlan] | None = None,
-    on_shard: Callable[[dict], None] | None = None,
-    check_finite: bool = False,
-    device: str = "auto",
-    gpu_memory: int | None = None,
-    downloads: Downloads | None = None,
-) -> dict[str, dict]:
-    """Writes shards of the plan into `out_dir`; returns {file: {file, sha256, bytes}} per shard written.
-
-    Args:
-        compile: "auto" uses the torch.compile'd kernel for big merges, "on" always, "off" never.
-        todo: the shards to write (default: all). Whole-model quantities (a global trim threshold,
-            the majority sign) still come from every tensor, so a shard's bytes never depend on
-            which other shards are written with it.
-        on_shard: called with each new shard's receipt as soon as the shard is in place.
-        check_finite: fail on NaN or Inf in any input or merged tensor.
-        device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
-        gpu_memory: bytes of GPU memory for a block's working set (default: 80% of what is free);
-            a whole tensor that does not fit (mergekit's sorts) merges on the CPU instead.
-        downloads: fetches Hub inputs ahead of the merge and releases them after their last tensor.
-    """
-    todo = list(plan.shards if todo is None else todo)
-    target = resolve_device(device)
-    threads = threads or torch.get_num_threads()
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
-    by_name = {t.name: t for t in plan.tensors}
-    merged = sum(t.numel for t in plan.tensors if t.merged)
-    fused = FusedMerger() if worth_compiling(merged * len(finetuned), compile) else None
-    budget = device_budget(target, gpu_memory)
-    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, fused, target, budget) for t in plan.tensors}
-    capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])
-    buffers = BufferPool(capacity, count, pinned=target.type == "cuda")
-    writer = AsyncWriter(buffers, on_shard)
-    readahead: Readahead | None = None
-    finished = False
-    current = "the model-wide pass"  # what the device works on, for an out-of-memory message
-    restore = None
-    if target.type == "cuda":  # pinned buffers, events and the allocator of this GPU, not of GPU 0
-        restore = torch.cuda.current_device()
-        torch.cuda.set_device(target)
-    try:
-        if downloads is not None:  # everything first when a model-wide pass reads every tensor before the output
-            prelude = list(jobs.values()) if global_pass_needed(list(jobs.values())) else []
-            downloads.start([(jobs[n].tp.name, jobs[n].touched) for s in todo for n in s.tensors],
-                            [(j.tp.name, j.touched) for j in prelude])
-        prepare_global(list(jobs.values()))
-        readahead = Readahead([jobs[n] for s in todo for n in s.tensors])
-        futures = []
-        for shard in todo:
-            entries = [(n, by_name[n].out_dtype, by_name[n].shape, by_name[n].nbytes) for n in shard.tensors]
-            writer.open(out_dir / shard.filename, entries, {"format": "pt"})
-            for name in shard.tensors:
-                job, current = jobs.pop(name), f"tensor {name!r}"
-                prepare_tensor(job)
-                for block in job.blocks_read():
-                    if job.passthrough:  # same dtype, not merged: the mapped bytes go straight out
-                        if check_finite:
-                            _check_finite(job, block, block.base)
-                        writer.write(block.base)
-                    else:
-                        nbytes = job.out_bytes(block)
-                        buf = buffers.get(nbytes)
-                        out = buf[:nbytes].view(job.out_dtype)
-                        ready = job.backend.merge(block, job.spec, out)
-                        if check_finite:
-                            if ready is not None:
-                                ready.synchronize()
-                            _check_finite(job, block, out)
-                        writer.write(out, buf, ready)
-                    if progress is not None:
-                        progress(block.nbytes)
-                readahead.done(job)
-                if downloads is not None:
-                    downloads.done(name)
-            futures.append(writer.finish())
-        new = {r["file"]: r for r in (f.result() for f in futures)}
-        finished = True
-        return new
-    except torch.cuda.OutOfMemoryError:
-        now = f" (now {budget >> 20} MiB)" if budget else ""
-        raise DeviceError(f"{target} ran out of memory on {current}: lower --gpu-memory{now}, or merge with --device cpu") from None
-    finally:
-        if restore is not None:
-            torch.cuda.set_device(restore)
-        if readahead is not None:
-            readahead.stop()
-        if downloads is not None:
-            downloads.stop()
-        writer.close(cancel=not finished)  # Ctrl-C or an error: no half-written shard stays behind
-        if pool is not None:
-            pool.shutdown()

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from .errors import ConfigError, WorkerError
+from streammerge.errors import ConfigError, WorkerError
 
 T = TypeVar("T")
 

@@ -22,11 +22,11 @@ from typing import Callable
 
 import numpy as np
 
-from .config import layer_index
-from .errors import MissingDependencyError, StreammergeError
-from .lora import LoraAdapter, open_model
-from .plan import EMBEDDING_MARKERS
-from .sources import FLOAT_DTYPES, Checkpoint
+from streammerge.errors import MissingDependencyError, StreammergeError
+from streammerge.front.config import layer_index
+from streammerge.io.lora import LoraAdapter, open_model
+from streammerge.io.sources import FLOAT_DTYPES, Checkpoint
+from streammerge.pipeline.plan import EMBEDDING_MARKERS
 
 DARE_LIMIT = 0.005  # |τ| above which DARE's rescale breaks down (Yu et al. 2024)
 WARN_FRACTION = 0.05  # warn when at least this fraction of a model's |τ| exceeds the limit

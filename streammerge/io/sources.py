@@ -21,14 +21,14 @@ import stat
 import struct
 import threading
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 import torch
 
-from .constants import (
+from streammerge.constants import (
     MAX_EMPTY_EXTENT,
     MAX_HEADER_BYTES,
     MAX_INDEX_BYTES,
@@ -37,7 +37,7 @@ from .constants import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
 )
-from .errors import CheckpointError, CheckpointNotFoundError
+from streammerge.errors import CheckpointError, CheckpointNotFoundError
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, torch.dtype] = {

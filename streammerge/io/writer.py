@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OutputError
+from streammerge.errors import OutputError
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:

@@ -13,20 +13,25 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from . import kernels
-from .config import DTYPES as CONFIG_DTYPES
-from .config import LAYER_RE, MergeConfig, ModelSpec, layer_index
-from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
-from .errors import ConfigError, MismatchError
-from .lora import LoraAdapter
-from .methods import TensorCtx, registry
-from .methods.task_vectors import TaskVectorMethod
-from .ops import MergeOptions
-from .sources import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, Checkpoint, itemsize
+from streammerge.constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
+from streammerge.errors import ConfigError, MismatchError
+from streammerge.front.config import DTYPES as CONFIG_DTYPES
+from streammerge.front.config import LAYER_RE, MergeConfig, ModelSpec, layer_index
+from streammerge.io.lora import LoraAdapter
+from streammerge.io.sources import (
+    DTYPE_NAMES,
+    DTYPES,
+    FLOAT_DTYPES,
+    Checkpoint,
+    itemsize,
+)
+from streammerge.methods import TensorCtx, kernels, registry
+from streammerge.methods.ops import MergeOptions
+from streammerge.methods.task_vectors import TaskVectorMethod
 
 if TYPE_CHECKING:
-    from .config import OutputSlice, SliceSource
-    from .vocab import Reindex
+    from streammerge.front.config import OutputSlice, SliceSource
+    from streammerge.io.vocab import Reindex
 
 # Names of 2-D weights that are embeddings, not linear layers (DARE's "linear weights only" scope).
 EMBEDDING_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "shared.weight")

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .mask import keep_threshold
-from .ops import TensorSpec
+from streammerge.methods import registry
+from streammerge.methods.mask import hash32_halves, keep_threshold
+from streammerge.methods.ops import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +37,6 @@ def worth_compiling(merged_elements: int, mode: str) -> bool:
     if mode == "off":
         return False
     return mode == "on" or merged_elements >= _MIN_ELEMENTS
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    # int64 arithmetic; (x * c) may wrap past 2**63 but its low 32 bits, all we keep, are exact.
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def _hash32(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
-    """mask.py's hash (docs/mask.md): fmix32(fmix32(lo ^ k0) ^ hi ^ k1)."""
-    return _fmix32(_fmix32((index & _M32) ^ k0) ^ (index >> 32) ^ k1)
 
 
 @dataclass(frozen=True)
@@ -77,7 +64,7 @@ def _kernel(shape: _Shape):
         for i in range(shape.n):
             d = fts[i].float() - b
             if shape.dare:
-                d = d * (_hash32(index, k0[i], k1[i]) < keep_below[i])
+                d = d * (hash32_halves(index, k0[i], k1[i]) < keep_below[i])
                 d = d * scales[i]
             if shape.trimmed[i]:
                 a = d.abs()
@@ -141,8 +128,9 @@ class FusedMerger:
         self.broken = False
 
     def supports(self, spec: TensorSpec, fts: list[torch.Tensor]) -> bool:
-        return (not self.broken and spec.merged and spec.opts.combine in ("sum", "ties") and spec.opts.positive_zeros
-                and len({f.dtype for f in fts}) == 1 and not any(spec.given) and spec.opts.sparsify not in ("band", "magprune"))
+        declared = "compiled" in registry.get(spec.opts.method).paths  # opt-in: methods/task_vectors.py
+        return (not self.broken and spec.merged and declared and spec.opts.positive_zeros
+                and len({f.dtype for f in fts}) == 1 and not any(spec.given))
 
     def merge(self, spec: TensorSpec, base: torch.Tensor, fts: list[torch.Tensor], out: torch.Tensor, start: int) -> bool:
         """Merges flat `base`/`fts` into flat `out`; False if compiling failed (use the fallback)."""

@@ -22,8 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .mask import keep_mask_into, keep_mask_varying
-from .ops import TensorSpec, TrimThreshold, della_rank_probabilities, keep_thresholds
+from streammerge.methods.mask import keep_mask_into, keep_mask_varying
+from streammerge.methods.ops import (
+    TensorSpec,
+    TrimThreshold,
+    della_rank_probabilities,
+    keep_thresholds,
+)
 
 CHUNK = 1 << 16  # elements per chunk; measured best on this 2-core machine (2^15..2^18 tried)
 STAT_CHUNK = 1 << 18  # elements per histogram call: 64K bins cost per call, but np.bincount copies its input to int64

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .errors import ConfigError
+from streammerge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

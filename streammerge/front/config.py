@@ -25,11 +25,11 @@ from typing import Any, Mapping
 
 import torch
 
-from .constants import LORA_DROP_MODES
-from .errors import ConfigError
-from .methods import Param, registry
-from .methods.task_vectors import TaskVectorMethod
-from .ops import MergeOptions
+from streammerge.constants import LORA_DROP_MODES
+from streammerge.errors import ConfigError
+from streammerge.methods import Param, registry
+from streammerge.methods.ops import MergeOptions
+from streammerge.methods.task_vectors import TaskVectorMethod
 
 log = logging.getLogger(__name__)
 

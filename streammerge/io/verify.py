@@ -16,10 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import MANIFEST, MAX_INDEX_BYTES, SAFETENSORS_INDEX
-from .errors import CheckpointError
-from .sources import TensorInfo, _inside, read_header, read_json
-from .writer import file_sha256
+from streammerge.constants import MANIFEST, MAX_INDEX_BYTES, SAFETENSORS_INDEX
+from streammerge.errors import CheckpointError
+from streammerge.io.sources import TensorInfo, _inside, read_header, read_json
+from streammerge.io.writer import file_sha256
 
 
 @dataclass(frozen=True)

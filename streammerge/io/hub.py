@@ -29,16 +29,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import (
+from streammerge.constants import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PICKLE_SUFFIXES,
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
 )
-from .errors import CheckpointError, CheckpointNotFoundError, HubError, StreammergeError
-from .lora import LoraAdapter, open_model
-from .sources import (
+from streammerge.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    HubError,
+    StreammergeError,
+)
+from streammerge.io.lora import LoraAdapter, open_model
+from streammerge.io.sources import (
     Checkpoint,
     TensorInfo,
     _read_index,

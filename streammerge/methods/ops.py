@@ -89,7 +89,9 @@ class MergeOptions:
 
 
 def _method(name: str):
-    from .methods import registry  # methods import ops: resolved at call time
+    from streammerge.methods import (
+        registry,  # methods import ops: resolved at call time
+    )
 
     return registry.get(name)
 

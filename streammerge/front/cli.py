@@ -15,9 +15,11 @@ from typing import Any
 
 import click
 
-from . import api, constants, distributed
-from .config import MergeConfig, ModelSpec
-from .errors import ConfigError, StreammergeError
+from streammerge import constants
+from streammerge.errors import ConfigError, StreammergeError
+from streammerge.front import api
+from streammerge.front.config import MergeConfig, ModelSpec
+from streammerge.pipeline import distributed
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -193,7 +195,7 @@ def _push_options(f):
 
 def _push(debug: bool, output_dir: Path, repo_id: str, private: bool, branch: str | None, quiet: bool, upload=None) -> str:
     """Pushes a finished merge; with `upload` (a hub.HubUpload), its shards are already on their way."""
-    from .hub import push_to_hub
+    from streammerge.io.hub import push_to_hub
 
     if upload is not None:
         url = _run(debug, upload.commit, output_dir)
@@ -256,7 +258,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
         world_size = slurm[1] if world_size is None else world_size
     upload = None
     if push_to_hub and world_size == 1:  # shards upload as each is final; no write access fails here, before the merge
-        from .hub import HubUpload
+        from streammerge.io.hub import HubUpload
 
         upload = _run(debug, HubUpload, push_to_hub, private=private, branch=hub_branch)
     try:
@@ -390,7 +392,7 @@ def push(output_dir: str, repo_id: str, private: bool, hub_branch: str | None, q
 @click.option("--debug", is_flag=True)
 def demo(directory: str, force: bool, quiet: bool, debug: bool) -> None:
     """Build a tiny Llama-shaped base and two fine-tunes in DIRECTORY, and merge them (dare_ties)."""
-    from .demo import DEMO_CONFIG, build_demo_models
+    from streammerge.front.demo import DEMO_CONFIG, build_demo_models
 
     root = Path(directory)
     if root.exists() and not root.is_dir():
@@ -446,7 +448,7 @@ def inspect_command(base: str, models: tuple[str, ...], as_json: bool, plot_path
     |delta| distribution and the fraction above the threshold per model (DARE is likely to hurt when
     it is large), cosine similarity and sign-conflict rate per pair, tensors whose shapes differ.
     """
-    from .inspect import format_report, inspect_deltas, plot_report
+    from streammerge.front.inspect import format_report, inspect_deltas, plot_report
 
     report = _run(debug, inspect_deltas, base, list(models), threshold=threshold)
     if plot_path is not None:
@@ -470,7 +472,7 @@ def verify_command(output_dir: str, as_json: bool, debug: bool) -> None:
 
     Exit code 0 if intact, 1 with each problem on its own line if not.
     """
-    from .verify import verify
+    from streammerge.io.verify import verify
 
     report = _run(debug, verify, output_dir)
     if as_json:
@@ -491,7 +493,7 @@ def methods_command(name: str | None, as_json: bool) -> None:
 
     With NAME, that method alone.
     """
-    from .methods.registry import describe
+    from streammerge.methods.registry import describe
 
     methods = [m for m in describe() if name is None or m["name"] == name]
     if name is not None and not methods:

@@ -34,26 +34,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MergeConfig, ModelSpec
-from .constants import (
+from streammerge.constants import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MAX_ADAPTER_CONFIG_BYTES,
     PICKLE_SUFFIXES,
 )
-from .errors import (
+from streammerge.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     StreammergeError,
 )
-from .mask import keep_mask, mask_key
-from .sources import (
+from streammerge.front.config import MergeConfig, ModelSpec
+from streammerge.io.sources import (
     FLOAT_DTYPES,
     Checkpoint,
     TensorInfo,
     read_json,
 )
+from streammerge.methods.mask import keep_mask, mask_key
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .constants import SAFETENSORS_INDEX
+from streammerge.constants import SAFETENSORS_INDEX
 
 
 @dataclass(frozen=True)

@@ -332,8 +332,13 @@ def _hash32_torch(key: int, index: torch.Tensor) -> torch.Tensor:
     Returns:
         An int64 tensor of the same shape holding the 32-bit hashes.
     """
-    h = _fmix32_torch((index & _M32) ^ (key & _M32))
-    return _fmix32_torch(h ^ (index >> 32) ^ (key >> 32))
+    return hash32_halves(index, key & _M32, key >> 32)
+
+
+def hash32_halves(index: torch.Tensor, k0: int | torch.Tensor, k1: int | torch.Tensor) -> torch.Tensor:
+    """hash32 with the key given as its two 32-bit halves (ints, or int64 tensors: the compiled
+    kernel passes them as arguments so that one compiled graph serves every key)."""
+    return _fmix32_torch(_fmix32_torch((index & _M32) ^ k0) ^ (index >> 32) ^ k1)
 
 
 def _fill_torch(key: int, start: int, out: torch.Tensor, threshold: int | torch.Tensor) -> None:

@@ -25,9 +25,8 @@ import safetensors
 import torch
 import yaml
 
-from . import __version__, hub
-from .config import MergeConfig, layer_index
-from .constants import (
+from streammerge import __version__
+from streammerge.constants import (
     COPIED_FILES,
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_SHARD_SIZE,
@@ -39,28 +38,30 @@ from .constants import (
     STATE_PLAN,
     TOKENIZER_MARKERS,
 )
-from .device import resolve_device
-from .distributed import Group, check_worker
-from .engine import Progress, run_plan
-from .errors import (
+from streammerge.errors import (
     CheckpointError,
     ConfigError,
     HubError,
     OutputError,
     StreammergeError,
 )
-from .lora import attach_adapters
-from .lora import fingerprint as adapters_fingerprint
-from .plan import Plan, ShardPlan, assign_workers, build_plan
-from .sources import Checkpoint
-from .vocab import build_reindex
-from .writer import (
+from streammerge.front.config import MergeConfig, layer_index
+from streammerge.io import hub
+from streammerge.io.lora import attach_adapters
+from streammerge.io.lora import fingerprint as adapters_fingerprint
+from streammerge.io.sources import Checkpoint
+from streammerge.io.vocab import build_reindex
+from streammerge.io.writer import (
     copy_file_atomic,
     file_sha256,
     fsync_dir,
     write_json_atomic,
     write_text_atomic,
 )
+from streammerge.pipeline.device import resolve_device
+from streammerge.pipeline.distributed import Group, check_worker
+from streammerge.pipeline.engine import Progress, run_plan
+from streammerge.pipeline.plan import Plan, ShardPlan, assign_workers, build_plan
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Front ends: the config (YAML, flags, Python), the Python API, the CLI, the demo and inspect."""

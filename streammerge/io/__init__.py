@@ -1,0 +1,1 @@
+"""Sources and sinks: local/Hub/LoRA checkpoints in, vocabularies re-indexed, shards out, verify."""
