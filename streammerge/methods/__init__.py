@@ -8,4 +8,7 @@ from .base import Method, Param, Rows, TensorCtx, row_sums, run_tensor, total  #
 from .registry import all_methods, get, names, register  # noqa: F401
 
 # One line per method file: the import registers its methods.
-from . import arcee_fusion, nearswap, ram, sce  # noqa: F401,E402  (issue 16, part b)
+from . import sce  # noqa: F401
+from . import nearswap  # noqa: F401
+from . import arcee_fusion  # noqa: F401
+from . import ram  # noqa: F401  (ram, ramplus_tl)

@@ -25,25 +25,13 @@ import torch.nn.functional as F
 
 from .. import ops
 from .base import Method, Rows, TensorCtx, row_sums, total
+from .inputs import work_dtype
 from .registry import register
 
 EPS = 1e-8  # added to both softmaxes, mergekit's guard against log(0)
 QUANTILES = (0.25, 0.5, 0.75)
 IQR_FACTOR = 1.5
 SAMPLE_LIMIT = 1_000_000  # mergekit samples above this many elements
-
-
-def _work_dtype(ctx: TensorCtx, rows: Rows) -> torch.dtype:
-    """mergekit: its `dtype`, else the promotion of the inputs' dtypes. Default: float32 (float64 stays)."""
-    dtypes = [rows.base.dtype, *(m.dtype for m in rows.models)]
-    if ctx.semantics == "mergekit":
-        if ctx.dtype is not None:
-            return ctx.dtype
-        out = dtypes[0]
-        for d in dtypes[1:]:
-            out = torch.promote_types(out, d)
-        return out
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def quantile_ranks(n: int) -> list[int]:
@@ -151,7 +139,7 @@ class ArceeFusion(Method):
 
 
 def _inputs(ctx: TensorCtx, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    work = _work_dtype(ctx, rows)
+    work = work_dtype(ctx, rows)
     return rows.base.to(work), rows.models[0].to(work)
 
 
@@ -176,7 +164,7 @@ def _kl_terms(b: torch.Tensor, a: torch.Tensor, state: _State) -> torch.Tensor:
 def _mergekit(ctx: TensorCtx, rows: Rows) -> torch.Tensor:
     """mergekit 0.1.5's arcee_fusion over the whole tensor, in its dtype, on the CPU; float32 out
     (float64 for float64 work), as mergekit's float32 mask promotes it."""
-    work = _work_dtype(ctx, rows)
+    work = work_dtype(ctx, rows)
     a = rows.base.to(work).cpu().reshape(ctx.shape)
     b = rows.models[0].to(work).cpu().reshape(ctx.shape)
     p = F.softmax(b, dim=-1) + EPS

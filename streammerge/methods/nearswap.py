@@ -16,22 +16,10 @@ from __future__ import annotations
 import torch
 
 from .base import Method, Param, Rows, TensorCtx
+from .inputs import resolved, work_dtype
 from .registry import register
 
 DIFF_FLOOR = 1e-6  # mergekit's guard against ÷0: differences below it count as this
-
-
-def _work_dtype(ctx: TensorCtx, rows: Rows) -> torch.dtype:
-    """mergekit: its `dtype`, else the promotion of the inputs' dtypes. Default: float32 (float64 stays)."""
-    dtypes = [rows.base.dtype, *(m.dtype for m in rows.models)]
-    if ctx.semantics == "mergekit":
-        if ctx.dtype is not None:
-            return ctx.dtype
-        out = dtypes[0]
-        for d in dtypes[1:]:
-            out = torch.promote_types(out, d)
-        return out
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 @register
@@ -47,9 +35,13 @@ class NearSwap(Method):
               doc="distance (in weight units) below which θ₁ replaces θ₀; required"),
     )
 
+    def passes(self, ctx: TensorCtx) -> int:
+        resolved(self, ctx)  # checks t before any block
+        return 0
+
     def merge(self, ctx: TensorCtx, rows: Rows, state) -> torch.Tensor:
-        work = _work_dtype(ctx, rows)
+        work = work_dtype(ctx, rows)
         a, b = rows.base.to(work), rows.models[0].to(work)
-        w = (ctx.params["t"] / (a - b).abs().clamp(min=DIFF_FLOOR)).clamp(min=0, max=1)
+        w = (resolved(self, ctx)["t"] / (a - b).abs().clamp(min=DIFF_FLOOR)).clamp(min=0, max=1)
         out = w * b + (1 - w) * a
         return out if ctx.semantics == "mergekit" else out.add_(0.0)  # default: −0 → +0

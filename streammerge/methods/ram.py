@@ -21,28 +21,15 @@ from __future__ import annotations
 import torch
 
 from .base import Method, Param, Rows, TensorCtx
+from .inputs import resolved, work_dtype
 from .registry import register
 
-
-def _work_dtype(ctx: TensorCtx, rows: Rows) -> torch.dtype:
-    """mergekit: its `dtype`, else the promotion of the inputs' dtypes. Default: float32 (float64 stays)."""
-    dtypes = [rows.base.dtype, *(m.dtype for m in rows.models)]
-    if ctx.semantics == "mergekit":
-        if ctx.dtype is not None:
-            return ctx.dtype
-        out = dtypes[0]
-        for d in dtypes[1:]:
-            out = torch.promote_types(out, d)
-        return out
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def _contributions(ctx: TensorCtx, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _contributions(ctx: TensorCtx, rows: Rows, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """τ [n, r, c] in the work dtype, which of its elements contribute (|τ| > ε), and c per position."""
-    work = _work_dtype(ctx, rows)
+    work = work_dtype(ctx, rows)
     base = rows.base.to(work)
     tv = torch.stack([m.to(work) - base for m in rows.models])
-    nonzero = tv.abs() > ctx.params["epsilon"]
+    nonzero = tv.abs() > eps
     return tv, nonzero, nonzero.sum(dim=0, keepdim=True)
 
 
@@ -58,8 +45,12 @@ class Ram(Method):
     min_models = 1
     params = (EPSILON,)
 
+    def passes(self, ctx: TensorCtx) -> int:
+        resolved(self, ctx)  # checks epsilon before any block
+        return 0
+
     def merge(self, ctx: TensorCtx, rows: Rows, state) -> torch.Tensor:
-        return _merge(ctx, rows, None)
+        return _merge(ctx, rows, resolved(self, ctx)["epsilon"], None)
 
 
 @register
@@ -77,10 +68,11 @@ class RamPlusTL(Method):
     stats_kind = "shared and unique counts per model (integers)"
 
     def passes(self, ctx: TensorCtx) -> int:
+        resolved(self, ctx)  # checks r, alpha, epsilon before any block
         return 1
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state) -> torch.Tensor:
-        _, nonzero, count = _contributions(ctx, rows)
+        _, nonzero, count = _contributions(ctx, rows, resolved(self, ctx)["epsilon"])
         n = nonzero.shape[0]
         shared = (nonzero & (count > 1)).reshape(n, -1).sum(dim=1)
         unique = (nonzero & (count == 1)).reshape(n, -1).sum(dim=1)
@@ -88,7 +80,7 @@ class RamPlusTL(Method):
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state) -> tuple[float, ...] | torch.Tensor:
         shared, unique = sum(partials)
-        r, alpha, eps = ctx.params["r"], ctx.params["alpha"], ctx.params["epsilon"]
+        r, alpha, eps = (resolved(self, ctx)[k] for k in ("r", "alpha", "epsilon"))
         if ctx.semantics == "mergekit":  # its float32 tensor ops on the counts
             rho = shared / unique.clamp(min=eps)
             return 1 + r * rho.clamp(min=0, max=alpha)
@@ -100,12 +92,12 @@ class RamPlusTL(Method):
         return tuple(lam)
 
     def merge(self, ctx: TensorCtx, rows: Rows, state) -> torch.Tensor:
-        return _merge(ctx, rows, state)
+        return _merge(ctx, rows, resolved(self, ctx)["epsilon"], state)
 
 
-def _merge(ctx: TensorCtx, rows: Rows, lam) -> torch.Tensor:
+def _merge(ctx: TensorCtx, rows: Rows, eps: float, lam) -> torch.Tensor:
     """θ₀ + Σ_t τ̂_t · (λ_t where c = 1, else 1/c); λ None is ram (λ = 1)."""
-    tv, nonzero, count = _contributions(ctx, rows)
+    tv, nonzero, count = _contributions(ctx, rows, eps)
     base = rows.base.to(tv.dtype)
     if ctx.semantics == "mergekit":
         kept = tv * nonzero

@@ -26,22 +26,10 @@ import torch
 
 from .. import ops
 from .base import Method, Param, Rows, TensorCtx, row_sums, total
+from .inputs import resolved, work_dtype
 from .registry import register
 
 WEIGHT_FLOOR = 1e-6  # mergekit: Σ mean(τ̂²) below this gives equal weights; the divisor is clamped to it
-
-
-def _work_dtype(ctx: TensorCtx, rows: Rows) -> torch.dtype:
-    """mergekit: its `dtype`, else the promotion of the inputs' dtypes. Default: float32 (float64 stays)."""
-    dtypes = [t.dtype for t in [rows.base, *rows.models] if t is not None]
-    if ctx.semantics == "mergekit":
-        if ctx.dtype is not None:
-            return ctx.dtype
-        out = dtypes[0]
-        for d in dtypes[1:]:
-            out = torch.promote_types(out, d)
-        return out
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 @dataclass
@@ -77,12 +65,12 @@ class Sce(Method):
 
     def passes(self, ctx: TensorCtx) -> int:
         if ctx.semantics == "mergekit":
+            resolved(self, ctx)  # checks the parameters
             return 0
         return 4 if self._selects(ctx) else 1
 
-    @staticmethod
-    def _selects(ctx: TensorCtx) -> bool:
-        return ctx.params.get("select_topk", 1.0) < 1
+    def _selects(self, ctx: TensorCtx) -> bool:
+        return resolved(self, ctx)["select_topk"] < 1
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: _State | None):
         tv = self._task_vectors(ctx, rows)
@@ -108,7 +96,7 @@ class Sce(Method):
             return state
         if p == 0:
             zeros = sum(z for _, z in partials)
-            k = int((ctx.numel - zeros) * ctx.params["select_topk"])
+            k = int((ctx.numel - zeros) * resolved(self, ctx)["select_topk"])
             state = _State(k=max(k, 0))
             if state.k > 0:
                 state.select = ops.RadixSelect(state.k)
@@ -136,7 +124,7 @@ class Sce(Method):
 
     def merge(self, ctx: TensorCtx, rows: Rows, state: _State | None) -> torch.Tensor:
         if ctx.semantics == "mergekit":
-            return _mergekit(ctx, rows)
+            return _mergekit(ctx, rows, resolved(self, ctx))
         tv = self._selected(ctx, rows, self._task_vectors(ctx, rows), state)
         work = tv[0].dtype
         # the vote Σ τ̂_t and the sums below run model by model: fixed order, any block split
@@ -155,7 +143,7 @@ class Sce(Method):
         return out.add_(0.0)  # −0 → +0, as the other default paths
 
     def _task_vectors(self, ctx: TensorCtx, rows: Rows) -> list[torch.Tensor]:
-        work = _work_dtype(ctx, rows)
+        work = work_dtype(ctx, rows)
         base = rows.base.to(work)
         return [m.to(work) - base for m in rows.models]
 
@@ -196,15 +184,15 @@ def _variance(tv: list[torch.Tensor]) -> torch.Tensor:
     return (acc / n).float()
 
 
-def _mergekit(ctx: TensorCtx, rows: Rows) -> torch.Tensor:
+def _mergekit(ctx: TensorCtx, rows: Rows, params: dict) -> torch.Tensor:
     """mergekit 0.1.5's sce over the whole tensor: its op sequence in its dtype, on the CPU (its
     reductions and topk's order among equal values are the CPU's)."""
-    work = _work_dtype(ctx, rows)
+    work = work_dtype(ctx, rows)
     base = rows.base.to(work).cpu()
     tv = torch.stack([m.to(work).cpu() - base for m in rows.models])  # [n, rows, cols]
     n = tv.shape[0]
-    mask_dtype = torch.int8 if ctx.params.get("int8_mask", False) else work
-    density = ctx.params.get("select_topk", 1.0)
+    mask_dtype = torch.int8 if params["int8_mask"] else work
+    density = params["select_topk"]
     if density < 1:
         if density <= 0:
             mask = torch.zeros_like(tv[0], dtype=mask_dtype)
