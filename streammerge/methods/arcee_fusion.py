@@ -103,15 +103,14 @@ class ArceeFusion(Method):
                 return state
             p -= 3
         if p == 0:
+            hist = torch.stack(partials).sum(dim=0)  # the three selections share the histogram
             state.selects = [ops.RadixSelect(k) for k in quantile_ranks(ctx.numel)]
             for s in state.selects:
-                for hist in partials:
-                    s.add(hist)
+                s.add(hist)
                 s.end_pass()
             return state
         for s in state.selects:
-            for hists in partials:
-                s.add(hists[s.high])
+            s.add(torch.stack([hists[s.high] for hists in partials]).sum(dim=0))
         q1, q2, q3 = (s.result()[0] for s in state.selects)
         state.threshold = q2 + IQR_FACTOR * (q3 - q1)  # float64 from the float32 order statistics
         return state

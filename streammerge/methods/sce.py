@@ -100,14 +100,12 @@ class Sce(Method):
             state = _State(k=max(k, 0))
             if state.k > 0:
                 state.select = ops.RadixSelect(state.k)
-                for hist, _ in partials:
-                    state.select.add(hist)
+                state.select.add(torch.stack([hist for hist, _ in partials]).sum(dim=0))
                 state.select.end_pass()
             return state
         if p == 1:
             if state.select is not None:
-                for hist in partials:
-                    state.select.add(hist)
+                state.select.add(torch.stack(partials).sum(dim=0))
                 state.value, greater, equal = state.select.result()
                 state.keep_ties = state.k - greater
                 if state.keep_ties == equal:  # every tie kept: no pass 2 needed
