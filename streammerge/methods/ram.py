@@ -108,9 +108,10 @@ def _merge(ctx: TensorCtx, rows: Rows, eps: float, lam) -> torch.Tensor:
         return base + merged
     # default: model by model, in a fixed order whatever the block
     alone = count[0] == 1
+    divisor = count[0].clamp(min=1).to(tv.dtype)
     merged = torch.zeros_like(base)
     for t in range(tv.shape[0]):
         scale = 1.0 if lam is None else lam[t]
-        part = torch.where(alone, tv[t] * scale if scale != 1.0 else tv[t], tv[t] / count[0].clamp(min=1))
-        merged += torch.where(nonzero[t], part, 0)
+        part = torch.where(alone, tv[t] * scale if scale != 1.0 else tv[t], tv[t] / divisor)
+        merged += part.masked_fill_(~nonzero[t], 0)
     return (base + merged).add_(0.0)  # −0 → +0, as the other default paths

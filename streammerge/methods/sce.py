@@ -170,16 +170,16 @@ class Sce(Method):
 
 
 def _variance(tv: list[torch.Tensor]) -> torch.Tensor:
-    """Var_t(τ_t) per position (population), in float64 model by model, rounded to float32 once."""
-    n = len(tv)
-    mean = tv[0].double()
+    """Var_t(τ_t) per position (population, two-pass), in the work dtype model by model (a fixed
+    order: the same bits in any block), as float32 for the radix selection."""
+    mean = tv[0].clone()
     for t in tv[1:]:
-        mean = mean + t.double()
-    mean /= n
-    acc = torch.zeros_like(mean)
-    for t in tv:
-        acc += (t.double() - mean).square()
-    return (acc / n).float()
+        mean += t
+    mean /= len(tv)
+    acc = (tv[0] - mean).square_()
+    for t in tv[1:]:
+        acc += (t - mean).square_()
+    return acc.div_(len(tv)).float()
 
 
 def _mergekit(ctx: TensorCtx, rows: Rows, params: dict) -> torch.Tensor:
