@@ -164,6 +164,8 @@ def _mergekit(ctx: TensorCtx, rows: Rows) -> torch.Tensor:
     """mergekit 0.1.5's arcee_fusion over the whole tensor, in its dtype, on the CPU; float32 out
     (float64 for float64 work), as mergekit's float32 mask promotes it."""
     work = work_dtype(ctx, rows)
+    if ctx.numel == 0:
+        return rows.base.to(work)
     a = rows.base.to(work).cpu().reshape(ctx.shape)
     b = rows.models[0].to(work).cpu().reshape(ctx.shape)
     p = F.softmax(b, dim=-1) + EPS

@@ -39,7 +39,7 @@ class _State:
     value: float = math.inf  # keep v > value, and the ties v == value described by tie_row/tie_keep
     tie_row: int = -1  # the row holding the last kept tie; -1: every tie is kept (or none, if value is inf)
     tie_keep: int = 0  # how many ties of tie_row are kept
-    keep_ties: int = 0  # ties kept over the whole tensor (pass 1 → pass 2)
+    partial_ties: int = 0  # when only some ties at the threshold are kept, how many (pass 2 finds where)
     weights: tuple[float, ...] = ()
 
 
@@ -82,7 +82,7 @@ class Sce(Method):
             return ops.radix_hist_high(var), int((var == 0).sum())
         if p == 1:
             return None if state.select is None else ops.radix_hist_low(var, state.select.high)
-        if state.keep_ties == 0:  # p == 2, nothing to locate
+        if not state.partial_ties:  # p == 2, nothing to locate
             return None
         return (var == state.value).sum(dim=1).cpu()  # ties per row
 
@@ -107,15 +107,13 @@ class Sce(Method):
             if state.select is not None:
                 state.select.add(torch.stack(partials).sum(dim=0))
                 state.value, greater, equal = state.select.result()
-                state.keep_ties = state.k - greater
-                if state.keep_ties == equal:  # every tie kept: no pass 2 needed
-                    state.keep_ties = 0
+                kept = state.k - greater  # ≥ 1: the k-th largest is a tie
+                state.partial_ties = kept if kept < equal else 0
             return state
-        if state.keep_ties:  # p == 2: the row where the kept ties run out
-            per_row = torch.cat([x for x in partials if x is not None])
-            upto = per_row.cumsum(0)
-            state.tie_row = int(torch.searchsorted(upto, state.keep_ties))
-            state.tie_keep = state.keep_ties - (int(upto[state.tie_row - 1]) if state.tie_row else 0)
+        if state.partial_ties:  # p == 2: the row where the kept ties run out
+            upto = torch.cat(partials).cumsum(0)
+            state.tie_row = int(torch.searchsorted(upto, state.partial_ties))
+            state.tie_keep = state.partial_ties - (int(upto[state.tie_row - 1]) if state.tie_row else 0)
         return state
 
     # ---- the merge -----------------------------------------------------------------------------
