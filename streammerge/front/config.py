@@ -50,8 +50,6 @@ OPTION_PARAMS = {p.name: p for p in _DECLARED if not p.per_tensor}
 # configs carry weight/density/lambda for every method, which it ignores without a word, as we do.
 METHOD_PARAMS = {name: tuple(m.name for m in registry.all_methods() if any(p.name == name for p in m.params))
                  for name in {p.name for p in _DECLARED} - {"weight", "density", "lambda"}}
-# Parameters mergekit resolves once per tensor for the whole merge: a model's own value is never read.
-SHARED_TENSOR_PARAMS = {p.name for p in _DECLARED if p.per_tensor and not p.per_model}
 # mergekit parameters no registered method reads: named as such in the error.
 MERGEKIT_PARAMS = {"lambda_", "k", "select_topk", "filter_wise", "rescale_norm"}
 # Top-level mergekit keys we don't support yet.
@@ -59,8 +57,12 @@ UNSUPPORTED_KEYS = {"chat_template": "chat_template", "modules": "modules"}
 KNOWN_METHOD_ALIASES = {"average": "linear", "dare_average": "dare_linear"}
 
 
-def _param(name: str) -> Param:
-    return next(p for p in _DECLARED if p.name == name)
+def _param(name: str, method: str | None = None) -> Param:
+    """The declaration of parameter `name`: the method's own where it has one (ram's epsilon is not
+    della's), else the first method's that reads it."""
+    declared = registry.get(method) if method else None
+    own = [p for p in declared.params if p.name == name] if declared is not None else []
+    return own[0] if own else next(p for p in _DECLARED if p.name == name)
 
 
 ParamValue = Any  # float | bool | str | list[float] | list[{filter, value}]
@@ -541,9 +543,11 @@ class MergeConfig:
         """A numeric parameter for one tensor of one model: model level, else slice level, else top level,
         else the default (mergekit's `ConfigReader.parameter_sources` order). `slice_parameters`: the
         parameters of the output slice the tensor belongs to (default: the single slice's)."""
-        if key in OPTION_PARAMS:  # a whole-merge option a method reads per tensor
-            return self.option(key, _param(key).default_for(self.semantics))
-        own = spec.parameters if spec is not None and key not in SHARED_TENSOR_PARAMS else {}
+        declared = _param(key, self.method_name)
+        if not declared.per_tensor:  # a whole-merge option a method reads per tensor
+            return self.option(key, declared.default_for(self.semantics))
+        # parameters of the whole merge (lambda, t) are resolved once per tensor: a model's own value is never read
+        own = spec.parameters if spec is not None and declared.per_model else {}
         glob = self.semantics != "mergekit"
         in_slice = self.slice_parameters if slice_parameters is None else slice_parameters
         # As mergekit: a filter list that matches nothing falls through to the next level.
@@ -552,7 +556,7 @@ class MergeConfig:
                 value = resolve_value(params[key], name, layer, n_layers, default=None, glob=glob)
                 if value is not None:
                     return value
-        return _param(key).default_for(self.semantics)
+        return declared.default_for(self.semantics)
 
     def selected(self, name: str) -> bool:
         """Whether a tensor is merged (else copied from the base), by the include/exclude globs."""
@@ -596,14 +600,14 @@ def _check_param(where: str, key: str, value: Any, *, top_level: bool, method: s
             log.warning("%s: ignored: '%s' is a parameter of %s; the %s method does not use it",
                         where, key, " and ".join(METHOD_PARAMS[key]), method)
             return []
-        if key in SHARED_TENSOR_PARAMS and not top_level:
+        if not _param(key, method).per_model and not top_level:
             log.warning("%s: ignored, as mergekit does: '%s' applies to the whole merge; set it in the top-level parameters", where, key)
             return []
         try:
             samples = _numbers_in(value)
         except (TypeError, ValueError) as e:
             return [f"{where}: {e}"]
-        declared = _param(key)
+        declared = _param(key, method)
         bad = next((p for p in map(declared.problem, samples) if p), None)
         return [f"{where}: {bad}"] if bad else []
     if key in OPTION_PARAMS:
@@ -612,7 +616,7 @@ def _check_param(where: str, key: str, value: Any, *, top_level: bool, method: s
         if key in METHOD_PARAMS and method not in METHOD_PARAMS[key]:
             log.warning("%s: ignored: '%s' is an option of %s; the %s method does not use it",
                         where, key, " and ".join(METHOD_PARAMS[key]), method)
-        declared = OPTION_PARAMS[key]
+        declared = _param(key, method)
         if declared.kind is bool:
             try:
                 _as_bool(value)

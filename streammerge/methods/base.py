@@ -139,6 +139,9 @@ class Method:
     params: ClassVar[tuple[Param, ...]] = ()
     semantics: ClassVar[tuple[str, ...]] = ("default", "mergekit")
     paths: ClassVar[frozenset[str]] = frozenset({"torch", "gpu"})
+    # mergekit writes this method's result in this dtype (float32 arithmetic, never cast back) unless
+    # `out_dtype` is set; None: in `dtype`, as every other method
+    mergekit_out_dtype: ClassVar[str | None] = None
     stats_kind: ClassVar[str] = "none"  # what the passes compute, for `streammerge methods`: e.g. "Gram (float64 row sums)"
 
     def passes(self, ctx: TensorCtx) -> int:

@@ -144,7 +144,7 @@ def build_plan(
     names = _file_order(reference)
     layers = [layer_index(n) for n in names]
     n_layers = count_layers(reference)
-    out_dtype_override = config.out_dtype or config.dtype
+    out_dtype_override = output_dtype(config)
     problems: list[str] = []
 
     tensors: list[TensorPlan] = []
@@ -238,6 +238,13 @@ def tensor_ctx(tp: TensorPlan, plan: Plan, compute: torch.dtype | None, keys: tu
                      seed=plan.config.seed, keys=keys)
 
 
+def output_dtype(config: MergeConfig) -> str | None:
+    """The dtype merged float tensors are written in (None: each input tensor's own): `out_dtype`, else
+    under mergekit semantics the dtype mergekit writes the method's result in, else `dtype`."""
+    own = registry.get(config.method_name).mergekit_out_dtype if config.semantics == "mergekit" else None
+    return config.out_dtype or own or config.dtype
+
+
 def _file_order(ckpt: Checkpoint) -> list[str]:
     return sorted(ckpt.tensors, key=lambda n: (ckpt.tensors[n].file.name, ckpt.tensors[n].offset))
 
@@ -308,7 +315,7 @@ def stacked_tensors(config: MergeConfig, opts: MergeOptions, inputs: list[Checkp
             return None
         first = 0 if at is None else at
         fts = [k for k in range(len(entries)) if k != at or not needs_base]
-        out_override = config.out_dtype or config.dtype
+        out_override = output_dtype(config)
         info = infos[first]
         is_float = info.dtype in FLOAT_DTYPES
         out_dtype = DTYPE_NAMES[CONFIG_DTYPES[out_override]] if (out_override and is_float) else info.dtype

@@ -1,0 +1,180 @@
+"""Arcee Fusion (Arcee AI, https://arcee.ai; mergekit's `arcee_fusion`): keep the other model's
+value only where it changed both much and where it matters.
+
+    importance = |θ₁ − θ₀| · KL(p ‖ q),  p = softmax(θ₁) + 1e-8, q = softmax(θ₀) + 1e-8
+                 (softmax and KL along the last dimension: one KL per row of a matrix, one per vector)
+    threshold  = Q₂ + 1.5 · (Q₃ − Q₁) of the importance over the whole tensor
+    θ          = θ₁ where importance ≥ threshold, else θ₀
+
+Q_j is mergekit's quantile rule, no interpolation: the sorted importances' element floor(q·(n − 1)),
+q = 1/4, 1/2, 3/4. Default semantics, streamed: the importance of a row needs only that row (float64
+softmax and KL, exp/log on the CPU: the same bits whatever the block), so the three order statistics
+come from an exact radix selection over row blocks (a high-16-bit histogram pass, a low-16-bit pass).
+A vector's softmax spans all of it: three passes first find its maxima, Σexp and KL (float64 partial
+sums added exactly). mergekit semantics: its ops in its dtype over the whole tensor, its result in
+float32 (mergekit multiplies by a float32 mask); above 10⁶ elements mergekit takes its quantiles from
+a random sample (torch's global RNG), which is not reproducible: the exact quantiles are used there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from streammerge.methods import ops
+from .base import Method, Rows, TensorCtx, row_sums, total
+from .inputs import work_dtype
+from .registry import register
+
+EPS = 1e-8  # added to both softmaxes, mergekit's guard against log(0)
+QUANTILES = (0.25, 0.5, 0.75)
+IQR_FACTOR = 1.5
+SAMPLE_LIMIT = 1_000_000  # mergekit samples above this many elements
+
+
+def quantile_ranks(n: int) -> list[int]:
+    """mergekit's quantiles as ranks from the top (k-th largest, 1-based): index floor(q·(n − 1)) ascending."""
+    return [n - (int(q * 4) * (n - 1)) // 4 for q in QUANTILES]
+
+
+@dataclass
+class _State:
+    # a vector's softmax: (θ₁, θ₀) maxima, then Σexp, then KL (passes 0-2)
+    maxima: tuple[float, float] = (0.0, 0.0)
+    sums: tuple[float, float] = (1.0, 1.0)
+    kl: float = 0.0
+    selects: list[ops.RadixSelect] = field(default_factory=list)
+    threshold: float = 0.0
+
+
+@register
+class ArceeFusion(Method):
+    name = "arcee_fusion"
+    mergekit_out_dtype = "float32"  # mergekit computes it in float32 and never casts it back
+    reference = "https://arcee.ai"
+    summary = "θ₁ where |θ₁ − θ₀|·KL(softmax θ₁ ‖ softmax θ₀) ≥ Q₂ + 1.5·IQR, else θ₀"
+    base = "required"
+    min_models = 1
+    max_models = 1
+    params = ()
+    paths = frozenset({"torch"})  # exp/log run on the CPU for device-independent bytes
+    stats_kind = "importance quantiles (radix histograms); a vector's softmax (float64 sums)"
+
+    def whole_tensor(self, ctx: TensorCtx) -> bool:
+        return ctx.semantics == "mergekit"  # softmax, sort and quantiles over the whole tensor
+
+    def passes(self, ctx: TensorCtx) -> int:
+        if ctx.semantics == "mergekit" or ctx.numel == 0:
+            return 0
+        return self._vector_passes(ctx) + 2
+
+    @staticmethod
+    def _vector_passes(ctx: TensorCtx) -> int:
+        return 3 if len(ctx.shape) <= 1 else 0  # a vector's (or scalar's) softmax needs the whole of it
+
+    def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: _State | None):
+        a, b = _inputs(ctx, rows)
+        if self._vector_passes(ctx):
+            if p == 0:
+                return b.max().item() if b.numel() else -torch.inf, a.max().item() if a.numel() else -torch.inf
+            if p == 1:
+                return _exp_terms(b, state.maxima[0]), _exp_terms(a, state.maxima[1])
+            if p == 2:
+                return _kl_terms(b, a, state)
+            p -= 3
+        imp = self._importance(ctx, a, b, state)
+        if p == 0:
+            return ops.radix_hist_high(imp)
+        highs = sorted({s.high for s in state.selects})
+        return {h: ops.radix_hist_low(imp, h) for h in highs}
+
+    def reduce(self, ctx: TensorCtx, p: int, partials: list, state: _State | None) -> _State:
+        state = state or _State()
+        if self._vector_passes(ctx):
+            if p == 0:
+                state.maxima = (max(x[0] for x in partials), max(x[1] for x in partials))
+                return state
+            if p == 1:
+                state.sums = (total([x[0] for x in partials]), total([x[1] for x in partials]))
+                return state
+            if p == 2:
+                state.kl = max(total(partials), 0.0)
+                return state
+            p -= 3
+        if p == 0:
+            hist = torch.stack(partials).sum(dim=0)  # the three selections share the histogram
+            state.selects = [ops.RadixSelect(k) for k in quantile_ranks(ctx.numel)]
+            for s in state.selects:
+                s.add(hist)
+                s.end_pass()
+            return state
+        for s in state.selects:
+            s.add(torch.stack([hists[s.high] for hists in partials]).sum(dim=0))
+        q1, q2, q3 = (s.result()[0] for s in state.selects)
+        state.threshold = q2 + IQR_FACTOR * (q3 - q1)  # float64 from the float32 order statistics
+        return state
+
+    def merge(self, ctx: TensorCtx, rows: Rows, state: _State | None) -> torch.Tensor:
+        if ctx.semantics == "mergekit":
+            return _mergekit(ctx, rows)
+        a, b = _inputs(ctx, rows)
+        if ctx.numel == 0:
+            return a
+        keep = self._importance(ctx, a, b, state).double() >= state.threshold
+        return torch.where(keep.to(a.device), b, a)
+
+    def _importance(self, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor, state: _State) -> torch.Tensor:
+        """|θ₁ − θ₀| · KL of the element's row, float64 rounded to float32 once (≥ 0: radix-selectable)."""
+        diff = (b - a).abs().double().cpu()
+        if self._vector_passes(ctx):
+            return (diff * state.kl).float()
+        last = ctx.shape[-1]  # softmax rows: the last dimension (a block row may hold several)
+        x, y = b.double().cpu().reshape(-1, last), a.double().cpu().reshape(-1, last)
+        p = _softmax_rows(x) + EPS
+        q = _softmax_rows(y) + EPS
+        kl = row_sums(p * torch.log(p / q)).clamp(min=0)  # ≥ 0 but for rounding
+        return (diff.reshape(-1, last) * kl[:, None]).float().reshape(diff.shape)
+
+
+def _inputs(ctx: TensorCtx, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    work = work_dtype(ctx, rows)
+    return rows.base.to(work), rows.models[0].to(work)
+
+
+def _softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """softmax along each row of a float64 CPU matrix: exp(x − max) / Σ, the sum by a fixed tree."""
+    e = torch.exp(x - x.max(dim=1, keepdim=True).values)
+    return e / row_sums(e)[:, None]
+
+
+def _exp_terms(x: torch.Tensor, m: float) -> torch.Tensor:
+    """A vector's exp(x − max), one float64 partial per element (added exactly by the reduce)."""
+    return torch.exp(x.double().cpu().reshape(-1) - m)
+
+
+def _kl_terms(b: torch.Tensor, a: torch.Tensor, state: _State) -> torch.Tensor:
+    """A vector's p·log(p/q) per element, float64."""
+    p = torch.exp(b.double().cpu().reshape(-1) - state.maxima[0]) / state.sums[0] + EPS
+    q = torch.exp(a.double().cpu().reshape(-1) - state.maxima[1]) / state.sums[1] + EPS
+    return p * torch.log(p / q)
+
+
+def _mergekit(ctx: TensorCtx, rows: Rows) -> torch.Tensor:
+    """mergekit 0.1.5's arcee_fusion over the whole tensor, in its dtype, on the CPU; float32 out
+    (float64 for float64 work), as mergekit's float32 mask promotes it."""
+    work = work_dtype(ctx, rows)
+    if ctx.numel == 0:
+        return rows.base.to(work)
+    a = rows.base.to(work).cpu().reshape(ctx.shape)
+    b = rows.models[0].to(work).cpu().reshape(ctx.shape)
+    p = F.softmax(b, dim=-1) + EPS
+    q = F.softmax(a, dim=-1) + EPS
+    imp = (b - a).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ordered = torch.sort(imp.reshape(-1)).values  # the whole tensor even above SAMPLE_LIMIT (see above)
+    at = (torch.tensor(QUANTILES) * (ordered.numel() - 1)).long()  # float32 product, truncated
+    q1, q2, q3 = ordered[at]
+    mask = (imp >= q2 + IQR_FACTOR * (q3 - q1)).float()
+    out = a + (b - a) * mask
+    return out.reshape(rows.base.shape).to(rows.base.device)

@@ -1,0 +1,43 @@
+"""What sce, nearswap, arcee_fusion, ram and ramplus_tl read besides the rows: the dtype they compute
+in, and their parameters, checked against their declaration."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from streammerge.errors import ConfigError
+from .base import Method, Rows, TensorCtx
+
+
+def work_dtype(ctx: TensorCtx, rows: Rows) -> torch.dtype:
+    """mergekit: its `dtype`, else the promotion of the inputs' dtypes (as it loads them). Default:
+    float32, float64 inputs stay float64."""
+    dtypes = [t.dtype for t in (rows.base, *rows.models) if t is not None]
+    if ctx.semantics == "mergekit":
+        if ctx.dtype is not None:
+            return ctx.dtype
+        out = dtypes[0]
+        for d in dtypes[1:]:
+            out = torch.promote_types(out, d)
+        return out
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def resolved(method: Method, ctx: TensorCtx) -> dict[str, Any]:
+    """The method's parameters for this tensor (ctx.params, else the default); a missing required
+    one or a value out of range is a ConfigError naming the tensor and the parameter."""
+    out = {}
+    for p in method.params:
+        value = ctx.params.get(p.name, p.default_for(ctx.semantics))
+        if value is None:
+            raise ConfigError(f"{ctx.name}: {method.name} needs parameter {p.name}")
+        if p.kind is float and not (isinstance(value, (int, float)) and not math.isnan(value)):
+            raise ConfigError(f"{ctx.name}: {method.name}: {p.name} must be a number, got {value!r}")
+        problem = p.problem(value)
+        if problem:
+            raise ConfigError(f"{ctx.name}: {method.name}: {problem}")
+        out[p.name] = value
+    return out

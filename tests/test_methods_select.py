@@ -1,0 +1,276 @@
+"""sce, nearswap, arcee_fusion, ram and ramplus_tl through their Method hooks (methods.run_tensor):
+
+- `semantics: mergekit` gives the bytes of the real mergekit-yaml 0.1.5 on every tensor of every
+  config under tests/fixtures/mergekit_methods_b (benchmarks/mergekit/make_method_fixtures_b.py);
+- the default semantics gives the same bytes for any row-block split (streamed exact statistics);
+- each method on tiny inputs worked out by hand (or by an independent float64 reference);
+- bad parameters are ConfigErrors naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streammerge.errors import ConfigError
+from streammerge.methods import TensorCtx, get, run_tensor
+
+FIX = Path(__file__).parent / "fixtures" / "mergekit_methods_b"
+CASES = json.loads((FIX / "manifest.json").read_text())["cases"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(BITS[t.element_size()])
+
+
+def ctx(method: str, shape, params, semantics="default", dtype=None, out=torch.float32, name="t") -> TensorCtx:
+    return TensorCtx(name=name, shape=tuple(shape), semantics=semantics, params=params, dtype=dtype,
+                     out_dtype=out, has_base=True)
+
+
+def merge(method: str, base, models, semantics="default", rows_per_block=None, **params) -> torch.Tensor:
+    c = ctx(method, base.shape, params, semantics)
+    return run_tensor(get(method), c, base, models, rows_per_block)
+
+
+# ---- mergekit's bytes ------------------------------------------------------------------------
+
+
+_inputs: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _load(model: str) -> dict[str, torch.Tensor]:
+    if model not in _inputs:
+        _inputs[model] = load_file(FIX / "inputs" / model / "model.safetensors")
+    return _inputs[model]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mergekit_bytes(case):
+    """Every tensor, rounded to the dtype mergekit wrote (float32 for arcee_fusion and ramplus_tl
+    without out_dtype: their float32 mask/λ promote the result), bit for bit; the elementwise methods
+    also with one row per block."""
+    c = CASES[case]
+    method = get(c["method"])
+    base, models = _load(c["base"]), [_load(m) for m in c["models"]]
+    expected = load_file(FIX / "outputs" / case / "model.safetensors")
+    assert set(expected) == set(base)
+    for name, want in expected.items():
+        tc = ctx(c["method"], want.shape, c["parameters"], "mergekit", DTYPES[c["dtype"]], want.dtype, name)
+        for step in (None,) if method.whole_tensor(tc) else (None, 1):
+            got = run_tensor(method, tc, base[name], [m[name] for m in models], step).to(want.dtype)
+            assert torch.equal(bits(got), bits(want)), f"{case}: {name} (rows per block {step})"
+
+
+def test_mergekit_fixture_branches():
+    """The fixtures reach the branches they are meant to: ramplus_tl's NaN (ε = 0, a model with no
+    contribution), sce's equal weights (tiny deltas), partial ties at sce's variance threshold."""
+    nan = load_file(FIX / "outputs" / "ramplus_tl_fp32_eps0" / "model.safetensors")
+    assert nan["model.layers.0.self_attn.k_proj.weight"].isnan().all()
+    base = _load("base")["model.layers.1.mlp.gate_proj.weight"].float()
+    tv = [_load(m)["model.layers.1.mlp.gate_proj.weight"].float() - base for m in ("ft1", "ft2", "ft3")]
+    var = torch.stack(tv).var(dim=0, unbiased=False).reshape(-1)
+    k = int(int((var != 0).sum()) * 0.5)
+    kth = var.sort(descending=True).values[k - 1]
+    assert (var > kth).sum() < k < (var >= kth).sum()  # only some of the ties are kept
+    tiny = [_load(m)["model.layers.2.mlp.up_proj.weight"].float() - _load("base")["model.layers.2.mlp.up_proj.weight"].float()
+            for m in ("ft1", "ft2", "ft3")]
+    assert sum(float(t.square().mean()) for t in tiny) < 1e-6
+
+
+def test_default_close_to_mergekit_in_float32():
+    """With float32 everywhere the default is mergekit's formula, up to rounding: where they differ
+    by design (ties at sce's threshold, ramplus_tl's NaN) is left out, and so is arcee_fusion (its
+    float32 KL of nearly equal rows is rounding noise, and deltas on a grid put importances exactly at
+    the threshold, where float32 and float64 round either way; its bytes are the test above's)."""
+    for case, c in CASES.items():
+        if c["dtype"] is not None or c["out_dtype"] is not None or c["method"] == "arcee_fusion":
+            continue
+        base, models = _load(c["base"]), [_load(m) for m in c["models"]]
+        expected = load_file(FIX / "outputs" / case / "model.safetensors")
+        for name, want in expected.items():
+            if want.isnan().any() or (c["method"] == "sce" and _tied(base[name], [m[name] for m in models],
+                                                                    c["parameters"].get("select_topk", 1.0))):
+                continue
+            got = merge(c["method"], base[name], [m[name] for m in models], **c["parameters"])
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=f"{case}: {name}")
+
+
+def _tied(base, models, density) -> bool:
+    """Whether sce's k-th largest variance has equal values beside it (torch.topk's pick among them is
+    its own; the default keeps the lowest flat indices)."""
+    if density >= 1:
+        return False
+    var = torch.stack([m - base for m in models]).var(dim=0, unbiased=False).reshape(-1)
+    k = int(int((var != 0).sum()) * density)
+    return k > 0 and int((var == var.sort(descending=True).values[k - 1]).sum()) > 1
+
+
+# ---- default semantics: any block split, the same bytes ----------------------------------------
+
+
+def _inputs_for(shape, n, dtype, seed, grid=False):
+    g = torch.Generator().manual_seed(seed)
+    if grid:  # values on a coarse grid: many equal variances and importances (ties)
+        base = torch.randint(-4, 5, shape, generator=g) * 0.25
+        models = [base + torch.randint(-2, 3, shape, generator=g) * 0.25 for _ in range(n)]
+    else:
+        base = 0.05 * torch.randn(shape, generator=g)
+        models = [base + 0.02 * torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.6) for _ in range(n)]
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+SPLIT_CASES = [
+    ("sce", 3, {"select_topk": 0.3}),
+    ("sce", 2, {"select_topk": 1.0}),
+    ("sce", 3, {"select_topk": 0.0}),
+    ("nearswap", 1, {"t": 0.01}),
+    ("arcee_fusion", 1, {}),
+    ("ram", 3, {"epsilon": 1e-3}),
+    ("ramplus_tl", 3, {"r": 0.5, "alpha": 0.3, "epsilon": 1e-3}),
+]
+
+
+@pytest.mark.parametrize("method,n,params", SPLIT_CASES, ids=[f"{m}-{n}-{p}" for m, n, p in SPLIT_CASES])
+@pytest.mark.parametrize("shape", [(13, 23), (3, 4, 6), (11,), ()], ids=str)
+def test_default_any_block_split(method, n, params, shape):
+    for dtype, grid in ((torch.bfloat16, False), (torch.float32, True)):
+        base, models = _inputs_for(shape, n, dtype, seed=len(shape) + n, grid=grid)
+        whole = merge(method, base, models, **params)
+        for step in (4, 1):
+            got = merge(method, base, models, rows_per_block=step, **params)
+            assert torch.equal(bits(got), bits(whole)), f"{method} {shape} {dtype} rows per block {step}"
+
+
+def test_default_empty_tensor():
+    for method, n, params in SPLIT_CASES:
+        base, models = torch.zeros(0, 4), [torch.zeros(0, 4)] * n
+        assert merge(method, base, models, rows_per_block=1, **params).shape == (0, 4)
+
+
+# ---- by hand -------------------------------------------------------------------------------------
+
+
+def test_sce_by_hand():
+    base = torch.zeros(1, 4)
+    t1, t2 = torch.tensor([[1.0, 2, 0, -1]]), torch.tensor([[3.0, -2, 0, 1]])
+    # variances 1, 4, 0, 1: 3 non-zero, k = int(3 · 0.5) = 1 keeps element 1 only; equal mean squares;
+    # its vote 2 − 2 = 0 elects +, so only model 1 agrees
+    assert torch.equal(merge("sce", base, [t1, t2], select_topk=0.5), torch.tensor([[0.0, 2, 0, 0]]))
+    # everything kept: mean squares 1.5 and 3.5, weights 0.3 and 0.7; ties of the vote elect +
+    want = torch.tensor([[0.3 * 1 + 0.7 * 3, 2, 0, 1]])
+    torch.testing.assert_close(merge("sce", base, [t1, t2]), want)
+    # four equal variances, k = 2: the two lowest flat indices are kept, in one block or one row each
+    t1, t2 = torch.tensor([1.0, -1, 1, -1, 5]), torch.tensor([-1.0, 1, -1, 1, 5])
+    for step in (None, 1):
+        assert torch.equal(merge("sce", torch.zeros(5), [t1, t2], rows_per_block=step, select_topk=0.5),
+                           torch.tensor([1.0, 1, 0, 0, 0]))
+    # Σ mean(τ²) = 1.25e-8 < 1e-6: equal weights (not 0.8 and 0.2)
+    t1, t2 = torch.tensor([[2e-4, 0]]), torch.tensor([[1e-4, 0]])
+    torch.testing.assert_close(merge("sce", torch.zeros(1, 2), [t1, t2]), torch.tensor([[1.5e-4, 0]]))
+
+
+def test_nearswap_by_hand():
+    base, ft = torch.tensor([0.0, 0, 0, 1]), torch.tensor([0.5, 0.05, 0, 1.2])
+    # weights t/|Δ| = 0.2, 2 → 1, 0.1/1e-6 → 1, 0.5
+    torch.testing.assert_close(merge("nearswap", base, [ft], t=0.1), torch.tensor([0.1, 0.05, 0, 1.1]))
+    for sem in ("default", "mergekit"):
+        assert torch.equal(merge("nearswap", base, [ft], sem, t=0.0), base)
+        assert torch.equal(merge("nearswap", base, [ft], sem, t=1.0), ft)
+
+
+def _arcee_reference(base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
+    """arcee_fusion in Python floats, from the formula."""
+    def softmax(row):
+        m = max(row)
+        e = [math.exp(v - m) for v in row]
+        return [v / math.fsum(e) + 1e-8 for v in e]
+
+    imp = []
+    for a, b in zip(base.double().tolist(), ft.double().tolist()):
+        p, q = softmax(b), softmax(a)
+        kl = math.fsum(x * math.log(x / y) for x, y in zip(p, q))
+        imp.append([abs(v - u) * kl for u, v in zip(a, b)])
+    flat = sorted(v for row in imp for v in row)
+    n = len(flat)
+    q1, q2, q3 = flat[(n - 1) // 4], flat[(n - 1) // 2], flat[3 * (n - 1) // 4]
+    threshold = q2 + 1.5 * (q3 - q1)
+    return torch.tensor([[v if i >= threshold else u for u, v, i in zip(ra, rb, ri)]
+                         for ra, rb, ri in zip(base.tolist(), ft.tolist(), imp)])
+
+
+def test_arcee_fusion_by_hand():
+    base = torch.zeros(5, 3)
+    ft = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 0, 2], [0.1, 0, 0], [0, -3, 0.5]])
+    want = _arcee_reference(base, ft)
+    # KL per row (q uniform): 0, 0.1233, 0.4330, 0.00166, 0.3561; times |Δ|: ten zeros and 1.7e-4,
+    # 0.1233, 0.178, 0.866, 1.068. Quantiles at sorted indices 3, 7, 10: 0, 0, 1.7e-4, so the
+    # threshold is 1.5 · 1.7e-4: row 3's 0.1 stays at the base, the other changes are taken
+    assert torch.equal(want, torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 0, 2], [0, 0, 0], [0, -3, 0.5]]))
+    for step in (None, 1):
+        assert torch.equal(merge("arcee_fusion", base, [ft], rows_per_block=step), want)
+    # a vector: one softmax over all of it, in passes; every importance 0 keeps the fine-tune
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, generator=g), torch.randn(9, generator=g)
+    for step in (None, 2, 1):
+        assert torch.equal(merge("arcee_fusion", a, [b], rows_per_block=step), _arcee_reference(a[None], b[None])[0])
+    assert torch.equal(merge("arcee_fusion", a, [a.clone()]), a)
+
+
+def test_ram_by_hand():
+    base = torch.zeros(6)
+    t1 = torch.tensor([0.5, 0.5, 0.5, 0, 0, 1e-6])  # 1e-6 ≤ ε: not a contribution
+    t2 = torch.tensor([0.3, 0.0, 0, 0, 0, 0])
+    t3 = torch.tensor([0.1, 0.0, 0, 0.2, 0, 0])
+    # element 0: three contributors, their mean; 1-3: one contributor, its whole delta
+    torch.testing.assert_close(merge("ram", base, [t1, t2, t3]), torch.tensor([0.3, 0.5, 0.5, 0.2, 0, 0]))
+    # ρ: model 1 shares 1 position and has 2 alone (0.5), model 3 shares 1 and has 1 (1 → α = 1):
+    # λ = 1 + 0.5·0.5 = 1.25 and 1 + 0.5·1 = 1.5
+    got = merge("ramplus_tl", base, [t1, t2, t3], r=0.5, alpha=1.0)
+    torch.testing.assert_close(got, torch.tensor([0.3, 0.625, 0.625, 0.3, 0, 0]))
+    # α caps ρ: both λ = 1 + 0.5·0.2
+    got = merge("ramplus_tl", base, [t1, t2, t3], r=0.5, alpha=0.2)
+    torch.testing.assert_close(got, torch.tensor([0.3, 0.55, 0.55, 0.22, 0, 0]))
+    # ε = 0 and a model that changes nothing: mergekit's NaN, the default's λ = 1
+    zero = torch.zeros(6)
+    assert merge("ramplus_tl", base, [t1, zero], "mergekit", epsilon=0.0).isnan().all()
+    assert torch.equal(merge("ramplus_tl", base, [t1, zero], epsilon=0.0), merge("ram", base, [t1, zero], epsilon=0.0))
+
+
+# ---- declarations and errors ---------------------------------------------------------------------
+
+
+def test_declarations():
+    decl = {m: (get(m).base, get(m).min_models, get(m).max_models, {p.name: (p.default, p.per_model) for p in get(m).params})
+            for m in ("sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl")}
+    assert decl == {
+        "sce": ("required", 1, None, {"select_topk": (1.0, False), "int8_mask": (False, False)}),
+        "nearswap": ("required", 1, 1, {"t": (None, False)}),
+        "arcee_fusion": ("required", 1, 1, {}),
+        "ram": ("required", 1, None, {"epsilon": (1e-5, False)}),
+        "ramplus_tl": ("required", 1, None, {"r": (0.1, False), "alpha": (0.2, False), "epsilon": (1e-5, False)}),
+    }
+    assert get("nearswap").check(2, True) == ["models: nearswap takes at most 1 model(s) besides the base, got 2"]
+
+
+@pytest.mark.parametrize("method,params,message", [
+    ("nearswap", {}, "needs parameter t"),
+    ("nearswap", {"t": -0.1}, "t must be in [0, inf)"),
+    ("sce", {"select_topk": 1.5}, "select_topk must be in [0, 1]"),
+    ("ram", {"epsilon": float("nan")}, "epsilon must be a number"),
+    ("ramplus_tl", {"alpha": -1}, "alpha must be in [0, inf)"),
+])
+def test_bad_parameters(method, params, message):
+    base = torch.zeros(2, 2)
+    models = [base] if method == "nearswap" else [base, base]
+    for sem in ("default", "mergekit"):
+        with pytest.raises(ConfigError, match="^layer\\.w: .*" + re.escape(message)):
+            run_tensor(get(method), ctx(method, (2, 2), params, sem, name="layer.w"), base, models)
