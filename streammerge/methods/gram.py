@@ -10,7 +10,7 @@ Gram matrix G[i, j] of each line. Three ways to cut a tensor [rows, ...] into li
     "columns"  lines along the first dimension (a 2-D weight's columns: one per element of a row)
 
 A 1-D (or 0-D) tensor is always one line. Bytes never depend on the row blocks: "tensor" sums each
-row in float64 by `row_sums`'s fixed tree and adds the rows exactly (`total`); a "rows" line lies
+row in float64 by `base.row_sums`'s fixed tree and adds the rows exactly (`total`); a "rows" line lies
 inside one block row; a "columns" line crosses every block, so each block sums its rows over the
 aligned power-of-two spans it holds (adjacent pairs, then pairs of pairs: a tree fixed by the row
 index alone) and `gram_reduce` joins sibling spans the same way, whatever the split.
@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from .base import TensorCtx, row_sums, total
+from .base import Rows, TensorCtx, total
 
 CUTS = ("tensor", "rows", "columns")
 
@@ -67,17 +67,31 @@ def _pair_tree(x: torch.Tensor) -> torch.Tensor:
 def gram_stats(ctx: TensorCtx, lines: str, r0: int, xs: list[torch.Tensor]) -> object:
     """One block's partial Gram: the float64 products of every pair i ≤ j of the blocks `xs`
     (each [n, row_elems], rows r0 … r0 + n), summed per line where the line lies in the block."""
-    prods = [x.double() for x in xs]
+    xs = [x.double() for x in xs]
+    pairs = _pairs(len(xs))
     if lines == "columns":
-        n = xs[0].shape[0]
         out = []
-        for start, size in _spans(r0, r0 + n):
-            part = [_pair_tree(prods[i][start - r0 : start - r0 + size] * prods[j][start - r0 : start - r0 + size])
-                    for i, j in _pairs(len(xs))]
-            out.append((start, size, torch.stack(part)))
+        for start, size in _spans(r0, r0 + xs[0].shape[0]):
+            part = [x[start - r0 : start - r0 + size] for x in xs]
+            out.append((start, size, torch.stack([_pair_tree(part[i] * part[j]) for i, j in pairs])))
         return out
     width = ctx.shape[-1] if lines == "rows" else ctx.row_elems
-    return torch.stack([row_sums((prods[i] * prods[j]).reshape(-1, width)) for i, j in _pairs(len(xs))])
+    work = torch.empty_like(xs[0]).reshape(-1, width)
+    sums = torch.empty(len(pairs), work.shape[0], dtype=torch.float64, device=work.device)
+    for p, (i, j) in enumerate(pairs):
+        torch.mul(xs[i].reshape(-1, width), xs[j].reshape(-1, width), out=work)
+        sums[p] = _row_sums_inplace(work)
+    return sums.cpu()
+
+
+def _row_sums_inplace(work: torch.Tensor) -> torch.Tensor:
+    """base.row_sums (the same tree, so the same bits) on a float64 buffer it may overwrite."""
+    cols = work.shape[1]
+    while cols > 1:
+        half = cols // 2
+        work[:, :half] += work[:, cols - half : cols]
+        cols -= half
+    return work[:, 0] if work.shape[1] else torch.zeros(work.shape[0], dtype=torch.float64, device=work.device)
 
 
 def gram_reduce(ctx: TensorCtx, lines: str, partials: list) -> torch.Tensor:
@@ -106,10 +120,11 @@ def gram_reduce(ctx: TensorCtx, lines: str, partials: list) -> torch.Tensor:
     return gram
 
 
-def combine(ctx: TensorCtx, lines: str, r0: int, xs: list[torch.Tensor], coefs: torch.Tensor,
+def combine(ctx: TensorCtx, lines: str, rows: Rows, xs: list[torch.Tensor], coefs: torch.Tensor,
             add: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_i coefs[i, line] · xs[i] (+ add) over one block, in float64, each line with its own
-    coefficients (float64 [k, lines]); then float32, or float64 when the inputs are float64."""
+    """Σ_i coefs[i, line] · xs[i] (+ add) over the block `rows`, in float64, each line with its own
+    coefficients (float64 [k, lines]); then float32, or float64 when an input is stored in float64."""
+    r0 = rows.r0
     n = xs[0].shape[0]
     if lines == "rows":
         per = ctx.row_elems // ctx.shape[-1]
@@ -119,11 +134,13 @@ def combine(ctx: TensorCtx, lines: str, r0: int, xs: list[torch.Tensor], coefs: 
     else:
         shape, c = (n, ctx.row_elems), coefs[:, :, None]
     out = torch.zeros(shape, dtype=torch.float64, device=xs[0].device) if add is None else add.to(torch.float64, copy=True).reshape(shape)
-    c = c.to(out.device)
+    c, term = c.to(out.device), torch.empty_like(out)
     for i, x in enumerate(xs):
-        out += x.double().reshape(shape) * c[i]
+        torch.mul(x.reshape(shape), c[i], out=term)  # x exactly in float64, times its coefficient
+        out += term
     out = out.reshape(n, ctx.row_elems)
-    return out if xs[0].dtype == torch.float64 else out.float()
+    wide = any(t is not None and t.dtype == torch.float64 for t in [rows.base, *rows.models])
+    return out if wide else out.float()
 
 
 def param(ctx: TensorCtx, method: object, name: str):

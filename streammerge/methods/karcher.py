@@ -101,7 +101,7 @@ class Karcher(Method):
     def merge(self, ctx: TensorCtx, rows: Rows, state: torch.Tensor | None) -> torch.Tensor:
         if ctx.semantics == "mergekit":
             return self._mergekit(ctx, rows)
-        return combine(ctx, "tensor", rows.r0, self.inputs(rows), state)
+        return combine(ctx, "tensor", rows, self.inputs(rows), state)
 
     def _mergekit(self, ctx: TensorCtx, rows: Rows) -> torch.Tensor:
         """mergekit 0.1.5's op sequence (its dtype, its reductions, its .item() branches), reimplemented."""

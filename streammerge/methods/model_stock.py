@@ -68,7 +68,7 @@ class ModelStock(Method):
             return self._mergekit(ctx, rows)
         t, count = state, len(rows.models)
         coefs = torch.stack([1 - t] + [t / count] * count)
-        return combine(ctx, self.lines(ctx), rows.r0, [rows.base, *rows.models], coefs)
+        return combine(ctx, self.lines(ctx), rows, [rows.base, *rows.models], coefs)
 
     def _mergekit(self, ctx: TensorCtx, rows: Rows) -> torch.Tensor:
         """mergekit 0.1.5's op sequence (its dtype, its reductions), reimplemented."""

@@ -91,8 +91,8 @@ class Multislerp(Method):
         if ctx.semantics == "mergekit":
             return self._mergekit(ctx, rows)
         if len(rows.models) == 1:  # the model itself, as mergekit (no interpolation)
-            return combine(ctx, "tensor", rows.r0, rows.models, state)
-        return combine(ctx, "tensor", rows.r0, self.vectors(rows), state, add=rows.base)
+            return combine(ctx, "tensor", rows, rows.models, state)
+        return combine(ctx, "tensor", rows, self.vectors(rows), state, add=rows.base)
 
     def _mergekit(self, ctx: TensorCtx, rows: Rows) -> torch.Tensor:
         """mergekit 0.1.5's op sequence (its dtype, its reductions), reimplemented."""

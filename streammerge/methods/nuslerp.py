@@ -91,7 +91,7 @@ class Nuslerp(Method):
     def merge(self, ctx: TensorCtx, rows: Rows, state: torch.Tensor | None) -> torch.Tensor:
         if ctx.semantics == "mergekit":
             return self._mergekit(ctx, rows)
-        return combine(ctx, self.lines(ctx), rows.r0, self.vectors(rows), state, add=rows.base)
+        return combine(ctx, self.lines(ctx), rows, self.vectors(rows), state, add=rows.base)
 
     def _mergekit(self, ctx: TensorCtx, rows: Rows) -> torch.Tensor:
         """mergekit 0.1.5's op sequence (its dtype, its reductions), reimplemented."""
