@@ -174,6 +174,11 @@ def test_nuslerp_closed_forms():
     assert torch.allclose(run(e0, e1, (1.0, -1.0)), (e0 + e1) / math.sqrt(2), atol=1e-15)
     base = _vec(1, 2, 3, 4)
     assert torch.allclose(run(base + 0 * e0, base + e1, (1.0, 1.0), base), base + e1 / math.sqrt(2), atol=1e-15)
+    # exactly opposite rows are colinear whatever the rounding of their norms: the lerp, bit for bit
+    v0 = torch.randn(7, 5, dtype=torch.float64)
+    rows = run_tensor(method, _ctx((7, 5), {"weight": (0.6, 0.4), "nuslerp_flatten": False}, base=False,
+                                   out=torch.float64), None, [v0, -v0], rows_per_block=3)
+    assert torch.equal(rows, 0.6 * v0 + 0.4 * -v0)
     # per column (row_wise, flatten off) = the flat slerp of each column
     v0, v1 = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     ctx = _ctx((6, 3), {"weight": (0.2, 0.5), "nuslerp_flatten": False, "nuslerp_row_wise": True}, base=False,

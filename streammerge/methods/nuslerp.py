@@ -79,10 +79,12 @@ class Nuslerp(Method):
         """(s₀, s₁) per line, float64 [2, lines]."""
         t = self.t(ctx)
         gram = gram_reduce(ctx, self.lines(ctx), partials)
-        n0, n1 = gram[0, 0].sqrt().clamp(min=EPS_NORM), gram[1, 1].sqrt().clamp(min=EPS_NORM)
-        cos = (gram[0, 1] / (n0 * n1)).clamp(-1, 1)
-        colinear = 1 - cos.square() <= EPS_COLINEAR**2
-        omega = torch.acos(torch.where(colinear, 0.0, cos))
+        # ‖v_i‖² clamped as mergekit clamps ‖v_i‖ (a zero vector is then orthogonal to anything);
+        # sin²Ω from the Gram determinant: exactly 0 for exactly (anti)parallel vectors
+        sq0, sq1 = gram[0, 0].clamp(min=EPS_NORM**2), gram[1, 1].clamp(min=EPS_NORM**2)
+        det = (sq0 * sq1 - gram[0, 1].square()).clamp(min=0)
+        colinear = det <= EPS_COLINEAR**2 * (sq0 * sq1)
+        omega = torch.atan2(det.sqrt(), gram[0, 1])
         sin = omega.sin()
         s0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * omega) / sin)
         s1 = torch.where(colinear, t, torch.sin(t * omega) / sin)
