@@ -133,10 +133,14 @@ def combine(ctx: TensorCtx, lines: str, rows: Rows, xs: list[torch.Tensor], coef
         shape, c = (n, ctx.row_elems), coefs[:, None, :]
     else:
         shape, c = (n, ctx.row_elems), coefs[:, :, None]
-    out = torch.zeros(shape, dtype=torch.float64, device=xs[0].device) if add is None else add.to(torch.float64, copy=True).reshape(shape)
+    if add is None:
+        out = torch.zeros(shape, dtype=torch.float64, device=xs[0].device)
+    else:
+        out = add.to(torch.float64, copy=True).reshape(shape)
     c, term = c.to(out.device), torch.empty_like(out)
     for i, x in enumerate(xs):
-        torch.mul(x.reshape(shape), c[i], out=term)  # x exactly in float64, times its coefficient
+        # c[i] is a float64 tensor with dimensions, so torch promotes x exactly to float64 first
+        torch.mul(x.reshape(shape), c[i], out=term)
         out += term
     out = out.reshape(n, ctx.row_elems)
     wide = any(t is not None and t.dtype == torch.float64 for t in [rows.base, *rows.models])

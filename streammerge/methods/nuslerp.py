@@ -15,8 +15,6 @@ then float32. `semantics: mergekit`: mergekit 0.1.5's torch ops on the whole ten
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import ConfigError
