@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
+import math
+
 import torch
 
+from streammerge import ops
 from streammerge.methods import TensorCtx, registry, run_tensor
 
 CASES = [  # label, method, params, fine-tunes, with a base
@@ -47,6 +50,17 @@ def main() -> None:
             run_tensor(registry.get(name), ctx, base if with_base else None, fts[:n], rows_per_block=args.rows_per_block)
             best = min(best, time.perf_counter() - start)
         print(f"| {label} | {best:.2f} | {base.numel() / best / 1e6:.1f} |", flush=True)
+    # for scale, in the same run: the engine's own slerp arithmetic (ops.py), the same blocks
+    best, opts, step = float("inf"), ops.MergeOptions(method="slerp"), args.rows_per_block
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        sums = torch.cat([ops.slerp_row_sums(base[r:r + step], fts[0][r:r + step], min(step, shape[0] - r))
+                          for r in range(0, shape[0], step)], dim=1)
+        coefs = ops.slerp_coefficients(0.5, *(math.fsum(row.tolist()) for row in sums))
+        torch.cat([ops.slerp_block(base[r:r + step], fts[0][r:r + step], coefs, opts, torch.float32)
+                   for r in range(0, shape[0], step)])
+        best = min(best, time.perf_counter() - start)
+    print(f"| slerp (ops.py, reference) | {best:.2f} | {base.numel() / best / 1e6:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -285,3 +285,12 @@ def test_default_arithmetic_is_float64_then_float32():
     cos = dot[0] / (math.sqrt(dot[1]) * math.sqrt(dot[2]))
     t = 2 * cos / (1 + cos)
     assert torch.equal(got, ((1 - t) * b + (t / 2) * m1 + (t / 2) * m2).float())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_default_writes_zeros_as_positive(name):
+    """A merged zero is +0 (the engine's default paths write no −0), whatever the inputs' signs."""
+    neg = torch.full((2, 3), -0.0)
+    params = {"weight": (1.0, 1.0)} if name in ("nuslerp", "multislerp") else {}
+    out = run_tensor(registry.get(name), _ctx((2, 3), params), neg, [neg, neg])
+    assert torch.equal(_bits(out), torch.zeros(2, 3, dtype=torch.int32))

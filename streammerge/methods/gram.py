@@ -142,6 +142,7 @@ def combine(ctx: TensorCtx, lines: str, rows: Rows, xs: list[torch.Tensor], coef
         # c[i] is a float64 tensor with dimensions, so torch promotes x exactly to float64 first
         torch.mul(x.reshape(shape), c[i], out=term)
         out += term
+    out += 0.0  # merged zeros as +0, as the engine's other default paths write them
     out = out.reshape(n, ctx.row_elems)
     wide = any(t is not None and t.dtype == torch.float64 for t in [rows.base, *rows.models])
     return out if wide else out.float()
