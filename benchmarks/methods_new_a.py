@@ -11,9 +11,8 @@ twice: once for the Gram matrix, once to merge).
 from __future__ import annotations
 
 import argparse
-import time
-
 import math
+import time
 
 import torch
 

@@ -59,43 +59,48 @@ class Karcher(Method):
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: object) -> torch.Tensor:
         """The coefficients c_i of out = Σ_i c_i x_i, float64 [N, 1]."""
-        gram = gram_reduce(ctx, "tensor", partials)[:, :, 0]
-        count = gram.shape[0]
+        gram = gram_reduce(ctx, "tensor", partials)[:, :, 0].tolist()
+        count = len(gram)
         max_iter, tol = int(param(ctx, self, "max_iter")), param(ctx, self, "tol")
         if count == 1:
             return torch.ones(1, 1, dtype=torch.float64)
-        norms = gram.diagonal().sqrt()
+        # Python floats throughout (no BLAS, no vectorized libm: the same bits on any machine)
+        norms = [math.sqrt(gram[i][i]) for i in range(count)]
         valid = [i for i in range(count) if norms[i] > tol]
         coefs = torch.zeros(count, 1, dtype=torch.float64)
         if not valid:
             return coefs
-        # the unit vectors' Gram matrix, over the valid inputs; μ = Σ_j mu[j] u_j
-        g = gram[valid][:, valid] / torch.outer(norms[valid], norms[valid])
+        k = len(valid)
+        # the unit vectors' Gram matrix over the valid inputs; μ = Σ_j mu[j] u_j
+        g = [[gram[i][j] / (norms[i] * norms[j]) for j in valid] for i in valid]
 
-        def norm(c: torch.Tensor) -> float:
-            return math.sqrt(max(0.0, (c @ g @ c).item()))
+        def norm(c: list[float]) -> float:
+            return math.sqrt(max(0.0, math.fsum(c[i] * g[i][j] * c[j] for i in range(k) for j in range(k))))
 
-        alpha = torch.full((len(valid),), 1.0 / len(valid), dtype=torch.float64)  # equal α_i, renormalized
-        mu = alpha.clone()
-        mu = torch.eye(len(valid), dtype=torch.float64)[0] if norm(mu) < tol else mu / norm(mu)
+        alpha = 1.0 / k  # equal α_i, renormalized over the valid inputs
+        length = norm([alpha] * k)
+        mu = [float(j == 0) for j in range(k)] if length < tol else [alpha / length] * k
         for _ in range(max_iter):
-            tangent = torch.zeros_like(mu)
-            for i in range(len(valid)):
-                cos = min(1.0, max(-1.0, (g[i] @ mu).item()))
-                direction = -cos * mu
+            tangent = [0.0] * k
+            for i in range(k):
+                cos = min(1.0, max(-1.0, math.fsum(g[i][j] * mu[j] for j in range(k))))
+                direction = [-cos * m for m in mu]
                 direction[i] += 1.0
                 length = norm(direction)
                 if math.acos(cos) < tol or length < tol:  # at μ, or its antipode (no direction)
                     continue
-                tangent += alpha[i] * (math.acos(cos) / length) * direction
+                step_i = alpha * math.acos(cos) / length
+                tangent = [x + step_i * d for x, d in zip(tangent, direction)]
             step = norm(tangent)
             if step < tol:
                 break
-            mu = math.cos(step) * mu + (math.sin(step) / step) * tangent
-            if norm(mu) > tol:
-                mu = mu / norm(mu)
-        scale = math.fsum(norms.tolist()) / count
-        coefs[valid, 0] = scale * mu / norms[valid]
+            mu = [math.cos(step) * m + math.sin(step) / step * x for m, x in zip(mu, tangent)]
+            length = norm(mu)
+            if length > tol:
+                mu = [m / length for m in mu]
+        scale = math.fsum(norms) / count
+        for j, i in enumerate(valid):
+            coefs[i, 0] = scale * mu[j] / norms[i]
         return coefs
 
     def merge(self, ctx: TensorCtx, rows: Rows, state: torch.Tensor | None) -> torch.Tensor:

@@ -58,7 +58,7 @@ class ModelStock(Method):
         norms = gram.diagonal().T.sqrt()  # [N, lines]
         cos = [(gram[i, j] / (norms[i] * norms[j]).clamp(min=EPS_NORM)).clamp(-1, 1)
                for i in range(count) for j in range(i + 1, count)]
-        cos = torch.stack(cos).mean(dim=0)  # float64 [lines]
+        cos = sum(cos) / len(cos)  # float64 [lines]; elementwise adds in pair order (no reduction kernel)
         denominator = 1 + (count - 1) * cos
         singular = denominator.abs() < EPS_SINGULAR
         return torch.where(singular, 0.0, count * cos / torch.where(singular, 1.0, denominator))

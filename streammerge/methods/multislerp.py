@@ -76,16 +76,17 @@ class Multislerp(Method):
                 raise ConfigError(f"{ctx.name}: multislerp's weights sum to 0; set normalize_weights: false or change them")
             w = [x / total for x in w]
         eps = param(ctx, self, "eps")
-        norms = [math.sqrt(gram[i, i].item()) for i in range(n)]
-        a = torch.tensor([w[i] / (norms[i] + eps) for i in range(n)], dtype=torch.float64)  # m = Σ a_i v_i
-        mean_norm = math.sqrt(max(0.0, (a @ gram @ a).item()))
+        g = gram.tolist()
+        norms = [math.sqrt(g[i][i]) for i in range(n)]
+        a = [w[i] / (norms[i] + eps) for i in range(n)]  # m = Σ a_i v_i
+        mean_norm = math.sqrt(max(0.0, math.fsum(a[i] * g[i][j] * a[j] for i in range(n) for j in range(n))))
         if mean_norm < eps:
             if n == 2:
                 return torch.tensor(w, dtype=torch.float64).reshape(2, 1)
             raise ConfigError(f"{ctx.name}: multislerp's weighted mean of the unit vectors is zero (opposite vectors "
                               "whose weights balance out); change the weights")
         scale = math.fsum(wi * ni for wi, ni in zip(w, norms)) * math.cos(eps) / mean_norm
-        return (a * scale).reshape(n, 1)
+        return torch.tensor([[c * scale] for c in a], dtype=torch.float64)
 
     def merge(self, ctx: TensorCtx, rows: Rows, state: torch.Tensor | None) -> torch.Tensor:
         if ctx.semantics == "mergekit":

@@ -15,6 +15,8 @@ then float32. `semantics: mergekit`: mergekit 0.1.5's torch ops on the whole ten
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import ConfigError
@@ -81,12 +83,14 @@ class Nuslerp(Method):
         # sin²Ω from the Gram determinant: exactly 0 for exactly (anti)parallel vectors
         sq0, sq1 = gram[0, 0].clamp(min=EPS_NORM**2), gram[1, 1].clamp(min=EPS_NORM**2)
         det = (sq0 * sq1 - gram[0, 1].square()).clamp(min=0)
-        colinear = det <= EPS_COLINEAR**2 * (sq0 * sq1)
-        omega = torch.atan2(det.sqrt(), gram[0, 1])
-        sin = omega.sin()
-        s0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * omega) / sin)
-        s1 = torch.where(colinear, t, torch.sin(t * omega) / sin)
-        return torch.stack([s0, s1])
+        colinear = (det <= EPS_COLINEAR**2 * (sq0 * sq1)).tolist()
+        # sin and atan2 per line in Python's math: torch's vectorized ones may differ by CPU in the last bit
+        s0, s1 = [], []
+        for lerp, d, g01 in zip(colinear, det.sqrt().tolist(), gram[0, 1].tolist()):
+            omega = math.atan2(d, g01)
+            s0.append(1 - t if lerp else math.sin((1 - t) * omega) / math.sin(omega))
+            s1.append(t if lerp else math.sin(t * omega) / math.sin(omega))
+        return torch.tensor([s0, s1], dtype=torch.float64)
 
     def merge(self, ctx: TensorCtx, rows: Rows, state: torch.Tensor | None) -> torch.Tensor:
         if ctx.semantics == "mergekit":
