@@ -445,12 +445,21 @@ class MergeConfig:
         if self.base is None:
             return list(self.models)
         base = self.model_key(self.base)  # `./base` and `base` are the same model
+        if self.base_is_input():  # averaged like the others, in its listed place
+            return list(self.models)
         if self.method_name == "linear":
             listed = any(self.model_key(m.source) == base for m in self.models)
             # mergekit appends the base to `models:`, not to the sources of a `slices:` config
             append_base = self.semantics == "mergekit" and not listed and not self.slices
             return list(self.models) + ([ModelSpec(self.base)] if append_base else [])
         return [m for m in self.models if self.model_key(m.source) != base]
+
+    def base_is_input(self) -> bool:
+        """A method that takes its base_model as one more input (karcher) and lists it under models:
+        then every listed model is an input, in order, and no θ₀ is read apart."""
+        method = registry.get(self.method_name)
+        return (getattr(method, "base_is_input", False) and self.base is not None
+                and any(self.model_key(m.source) == self.model_key(self.base) for m in self.models))
 
     def output_slices(self) -> tuple[OutputSlice, ...]:
         """The slices, or for passthrough over `models:` one slice of its model's every layer."""

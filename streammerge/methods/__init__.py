@@ -15,3 +15,7 @@ from streammerge.methods import sce  # noqa: F401
 from streammerge.methods import nearswap  # noqa: F401
 from streammerge.methods import arcee_fusion  # noqa: F401
 from streammerge.methods import ram  # noqa: F401  ram, ramplus_tl
+from streammerge.methods import model_stock  # noqa: F401
+from streammerge.methods import nuslerp  # noqa: F401
+from streammerge.methods import multislerp  # noqa: F401
+from streammerge.methods import karcher  # noqa: F401

@@ -12,6 +12,9 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: declares a method under `cls.name`."""
     if cls.name in _REGISTRY:
         raise RuntimeError(f"merge method {cls.name!r} is registered twice")
+    for p in cls.params:  # filters and gradients interpolate numbers: a flag or a choice is one value per merge
+        if p.kind in (bool, str) and p.per_tensor:
+            raise RuntimeError(f"{cls.name}: parameter {p.name!r} ({p.kind.__name__}) must be declared per_tensor=False")
     _REGISTRY[cls.name] = cls()
     return cls
 

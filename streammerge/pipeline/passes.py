@@ -255,7 +255,7 @@ class TensorJob:
         self.is_linear = tp.merged and self.opts.combine == "average"
         # linear (and a method of its own without base_model) needs no θ₀; a copied tensor nothing but θ₀
         self.finetuned = finetuned if tp.merged else []
-        self.read_base = not self.is_linear and not (self.hooks and plan.config.base is None)
+        self.read_base = not self.is_linear and not (self.hooks and (plan.config.base is None or plan.config.base_is_input()))
         self.base_name = base_name
         self.ft_names = ft_names if tp.merged else []
         self.sources = ([reference] if self.read_base else []) + self.finetuned  # what is read, in Block order
