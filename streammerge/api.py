@@ -37,6 +37,7 @@ from .constants import (
     SAFETENSORS_INDEX,
     STATE_DIR,
     STATE_PLAN,
+    STATE_REPLACING,
     TOKENIZER_MARKERS,
 )
 from .device import resolve_device
@@ -415,11 +416,14 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
     if not ((out / MANIFEST).exists() or (out / SAFETENSORS_INDEX).exists() or state.is_dir() or any(out.glob("*.partial"))):
         raise OutputError(f"{out}: not empty, and holds files that are not a streammerge output; choose an "
                           "empty directory (they are never overwritten, even with --force)")
+    if (state / STATE_REPLACING).exists():  # a --force killed while it deleted the previous merge
+        if not exclusive:
+            raise OutputError(f"{out}: a --force replacing the merge here was interrupted; rerun it as one process "
+                              "(streammerge merge --force), or empty the directory")
+        _replace(out)
+        return False
     if force and exclusive:
-        _unmark_complete(out)  # the output no longer looks complete from here on
-        for stale in list(out.glob("model-*.safetensors")) + list(out.glob("*.partial")):
-            stale.unlink()
-        shutil.rmtree(state, ignore_errors=True)
+        _replace(out)
         return False
     if (out / SAFETENSORS_INDEX).exists() and _fingerprint_in(out / MANIFEST) == fingerprint:
         return True
@@ -433,6 +437,31 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
         for stale in out.glob("*.partial"):
             stale.unlink(missing_ok=True)
     return False
+
+
+def _replace(out: Path) -> None:
+    """Deletes the previous merge in `out` (shards, index, manifest, card, side files, state), leaving
+    an empty state folder. The folder is marked as ours first (the state folder and a marker in it,
+    on disk before anything goes), so a kill at any point leaves a folder a rerun accepts and a rerun
+    finishes the deletion."""
+    state = out / STATE_DIR
+    marker = state / STATE_REPLACING
+    try:
+        state.mkdir(exist_ok=True)
+        write_text_atomic(marker, "a --force replace of the previous merge is in progress\n")
+        fsync_dir(out)
+        _unmark_complete(out)  # the output no longer looks complete from here on
+        ours = [MODEL_CARD, *COPIED_FILES]
+        for stale in [*out.glob("model-*.safetensors"), *out.glob("*.partial"), *(out / n for n in ours)]:
+            stale.unlink(missing_ok=True)
+        for entry in state.iterdir():
+            if entry.name != STATE_REPLACING:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+        fsync_dir(out)
+        marker.unlink()
+        fsync_dir(state)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot replace the previous merge: {e.strerror or e}") from None
 
 
 def _unmark_complete(out: Path) -> None:

@@ -11,6 +11,8 @@ MANIFEST = "streammerge_manifest.json"
 MODEL_CARD = "README.md"
 STATE_DIR = ".streammerge"  # while a merge runs: its plan, side files, and a receipt per finished shard
 STATE_PLAN = "plan.json"  # in STATE_DIR: everything `finalize` needs
+# In STATE_DIR while --force deletes a previous merge: a rerun after a kill finishes the deletion.
+STATE_REPLACING = "replacing"
 # Files copied from the base (or the tokenizer source) when present; a folder holding one of the
 # TOKENIZER_MARKERS has a tokenizer.
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")

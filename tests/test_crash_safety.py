@@ -1,0 +1,119 @@
+"""Crash safety and hostile conditions, second round (issue 18): a killed --force, finalize hashing
+what it certifies, a lock on the output folder, disk full anywhere, inputs changed during a merge."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import shard_hashes
+
+import streammerge.api
+from streammerge import MergeConfig, merge
+from streammerge.constants import MANIFEST, SAFETENSORS_INDEX, STATE_DIR
+from streammerge.demo import build_demo_models
+from streammerge.verify import verify
+
+SHARD = 60_000  # bytes: four shards of the demo models
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("crash")
+    build_demo_models(root)
+    (root / "a.yaml").write_text("merge_method: ties\nbase_model: base\nmodels:\n"
+                                 "  - {model: ft1, parameters: {weight: 0.5, density: 0.5}}\n"
+                                 "  - {model: ft2, parameters: {weight: 0.5, density: 0.3}}\n")
+    (root / "b.yaml").write_text("merge_method: dare_ties\nbase_model: base\nseed: 3\nmodels:\n"
+                                 "  - {model: ft1, parameters: {weight: 0.6, density: 0.5}}\n"
+                                 "  - {model: ft2, parameters: {weight: 0.4, density: 0.5}}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fresh_b(models, tmp_path_factory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("fresh") / "b"
+    merge(MergeConfig.from_yaml(models / "b.yaml"), out, max_shard_size=SHARD)
+    return shard_hashes(out, "*")
+
+
+def cli(*args: object, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streammerge", *map(str, args)], capture_output=True, text=True, **kwargs)
+
+
+class Killed(BaseException):
+    """A kill, as far as the folder is concerned: nothing after it runs (not even cleanup that catches Exception)."""
+
+
+# ---- 1. a killed --force ------------------------------------------------------------------------
+
+
+def test_force_killed_at_any_deletion_is_accepted_by_a_rerun_and_by_force(models, fresh_b, tmp_path, monkeypatch):
+    """Kills `merge --force` (over a finished merge of another config) at its k-th file deletion while
+    it replaces the old merge, for every k; the folder left behind must be accepted by a plain rerun
+    (even k, once A no longer looks complete) or by --force (odd k), and give B's bytes."""
+    a, b = MergeConfig.from_yaml(models / "a.yaml"), MergeConfig.from_yaml(models / "b.yaml")
+    real_unlink, real_rmtree, real_prepare = pathlib.Path.unlink, streammerge.api.shutil.rmtree, streammerge.api._prepare_output
+    calls: list[int] = []
+    kill_at = [0]
+
+    def counted(real):
+        def fn(*args, **kwargs):
+            if calls:  # inside _prepare_output
+                calls.append(1)
+                if len(calls) == kill_at[0] + 1:
+                    raise Killed
+            return real(*args, **kwargs)
+        return fn
+
+    def prepare(*args, **kwargs):
+        calls.append(0)
+        try:
+            return real_prepare(*args, **kwargs)
+        finally:
+            calls.clear()
+
+    merge(a, tmp_path / "a", max_shard_size=SHARD)
+    for k in range(1, 40):
+        out = tmp_path / f"out{k}"
+        shutil.copytree(tmp_path / "a", out)
+        kill_at[0] = k
+        with monkeypatch.context() as m:
+            m.setattr(pathlib.Path, "unlink", counted(real_unlink))
+            m.setattr(streammerge.api.shutil, "rmtree", counted(real_rmtree))
+            m.setattr(streammerge.api, "_prepare_output", prepare)
+            try:
+                merge(b, out, max_shard_size=SHARD, force=True)
+                killed = False
+            except Killed:
+                killed = True
+        if killed:  # must not refuse the folder (a plain rerun refuses A while A is still complete, rightly)
+            merge(b, out, max_shard_size=SHARD, force=k % 2 == 1 or (out / SAFETENSORS_INDEX).exists())
+        assert shard_hashes(out, "*") == fresh_b, k
+        if not killed:  # k is past the last deletion: every point was covered
+            break
+    assert k > 5
+
+
+def test_force_sigkilled_as_the_old_merge_disappears_then_rerun(models, fresh_b, tmp_path):
+    for attempt in range(5):
+        out = tmp_path / f"out{attempt}"
+        merge(MergeConfig.from_yaml(models / "a.yaml"), out, max_shard_size=SHARD)
+        old = set(out.glob("model-*.safetensors")) | {out / MANIFEST}
+        proc = subprocess.Popen([sys.executable, "-m", "streammerge", "merge", str(models / "b.yaml"), str(out), "-q",
+                                 "--max-shard-size", "60KB", "--force"], stderr=subprocess.PIPE)
+        while proc.poll() is None and all(p.exists() for p in old):
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (out / SAFETENSORS_INDEX).exists():
+            break
+    rerun = cli("merge", models / "b.yaml", out, "-q", "--max-shard-size", "60KB")
+    assert rerun.returncode == 0, rerun.stderr
+    assert shard_hashes(out, "*") == fresh_b and verify(out).ok
