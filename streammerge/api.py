@@ -270,10 +270,11 @@ def merge(
         by_file = {r["file"]: r for r in json.loads((out / MANIFEST).read_text("utf-8"))["shards"]}
         shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
     elif group is not None:
-        final = group.rank0_first(lambda: finalize(out) if rank == 0 else None)
+        # every rank hashed its shards as it wrote them (or on resume): no second read here
+        final = group.rank0_first(lambda: _finalize(out, rehash=False) if rank == 0 else None)
         shards = final.shards if final is not None else shards
     elif world_size == 1:
-        shards = finalize(out).shards
+        shards = _finalize(out, rehash=False).shards
     return MergeResult(
         output_dir=out,
         shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
@@ -298,12 +299,19 @@ def worker_shards(the_plan: Plan, rank: int = 0, world_size: int = 1) -> list[Sh
 
 def finalize(output_dir: str | os.PathLike) -> MergeResult:
     """Completes a merge whose shards are all written (by one process or by many workers): checks
-    every shard against its receipt, then writes the model card, the manifest and, last, the index.
+    every shard against its receipt, its sha256 included (re-reading every shard), then writes the
+    model card, the manifest and, last, the index.
 
     Raises:
-        OutputError: no merge in progress there, or shards missing (named, with the worker that owns
-            them when known); rerun those workers (finished shards are kept), then finalize again.
+        OutputError: no merge in progress there, shards missing (named, with the worker that owns
+            them when known), or a shard whose bytes differ from the sha256 its worker recorded;
+            rerun those workers (finished shards are kept, changed ones redone), then finalize again.
     """
+    return _finalize(output_dir, rehash=True)
+
+
+def _finalize(output_dir: str | os.PathLike, rehash: bool) -> MergeResult:
+    """`finalize`; `rehash=False` when this very job wrote (or re-hashed on resume) every shard."""
     start = time.perf_counter()
     out = Path(output_dir)
     state = out / STATE_DIR
@@ -327,6 +335,9 @@ def finalize(output_dir: str | os.PathLike) -> MergeResult:
     if missing:
         raise OutputError(f"{out}: {len(missing)} of {len(plan_shards)} shard(s) not done: {_owners(missing, plan_shards, receipts)}; "
                           "rerun the workers that own them (finished shards are kept), then finalize again")
+    if rehash:  # what the index certifies must be what the workers wrote: a flipped byte is caught here
+        for receipt in receipts:
+            _check_shard_sha256(out, receipt)
     for stale in out.glob("*.partial"):  # every shard is done: these are leftovers of killed writers
         stale.unlink(missing_ok=True)
     for side in sorted((state / "files").glob("*")):
@@ -343,6 +354,24 @@ def finalize(output_dir: str | os.PathLike) -> MergeResult:
     fsync_dir(out)
     shutil.rmtree(state, ignore_errors=True)
     return _result_from_state(out, shards, info["summary"], start, complete=False)
+
+
+def _check_shard_sha256(out: Path, receipt: dict) -> None:
+    path = out / receipt["file"]
+    try:
+        found = file_sha256(path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read: {e.strerror or e}; rerun {_worker_of(receipt)}, then finalize again") from None
+    if found != (receipt["bytes"], receipt["sha256"]):
+        raise OutputError(f"{path}: its bytes do not match the sha256 {_worker_of(receipt)} recorded when it wrote the "
+                          f"shard (changed since?); rerun that worker (it rewrites the shard), then finalize again")
+
+
+def _worker_of(receipt: dict) -> str:
+    worker = receipt.get("worker")
+    if isinstance(worker, list) and len(worker) == 2:
+        return f"the worker --rank {worker[0]} --world-size {worker[1]}"
+    return "the merge"
 
 
 def _result_from_state(out: Path, shards: list[dict], summary: dict, start: float, complete: bool) -> MergeResult:

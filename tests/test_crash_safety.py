@@ -117,3 +117,27 @@ def test_force_sigkilled_as_the_old_merge_disappears_then_rerun(models, fresh_b,
     rerun = cli("merge", models / "b.yaml", out, "-q", "--max-shard-size", "60KB")
     assert rerun.returncode == 0, rerun.stderr
     assert shard_hashes(out, "*") == fresh_b and verify(out).ok
+
+
+# ---- 2. finalize hashes what it certifies ---------------------------------------------------------
+
+
+def test_finalize_refuses_a_shard_that_differs_from_its_workers_sha256(models, fresh_b, tmp_path):
+    out = tmp_path / "out"
+    b = MergeConfig.from_yaml(models / "b.yaml")
+    for rank in (0, 1):
+        merge(b, out, max_shard_size=SHARD, rank=rank, world_size=2)
+    victim = sorted(out.glob("model-*.safetensors"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0x01  # one bit of tensor data: the size stays
+    victim.write_bytes(bytes(data))
+    done = cli("finalize", out)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    owner = next(r for r in (0, 1) if victim.name in [s.filename for s in
+                 streammerge.api.worker_shards(streammerge.api.plan(b, max_shard_size=SHARD), r, 2)])
+    assert victim.name in done.stderr and f"--rank {owner} --world-size 2" in done.stderr and "rerun" in done.stderr
+    assert not (out / SAFETENSORS_INDEX).exists() and not (out / MANIFEST).exists()
+    # rerunning that worker rewrites the shard; then finalize completes the merge with B's bytes
+    assert merge(b, out, max_shard_size=SHARD, rank=owner, world_size=2).reused_shards >= 1
+    assert cli("finalize", out).returncode == 0
+    assert shard_hashes(out, "*") == fresh_b and verify(out).ok
