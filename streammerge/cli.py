@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import api, constants, distributed
-from .config import MergeConfig, ModelSpec
+from .config import MergeConfig, ModelSpec, load_yaml
 from .errors import ConfigError, StreammergeError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -119,9 +119,7 @@ def _config_from_flags(o: dict) -> MergeConfig:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param normalize=false")
-        import yaml
-
-        params[key.strip()] = yaml.safe_load(raw)
+        params[key.strip()] = load_yaml(raw, f"--param {key.strip()}")
     return MergeConfig(
         method=o["method"], base=o["base"], models=models, parameters=params,
         include=tuple(o["include"]), exclude=tuple(o["exclude"]),

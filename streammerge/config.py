@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .constants import LORA_DROP_MODES
+from .constants import LORA_DROP_MODES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES
 from .errors import ConfigError, UnsupportedFeatureError
 from .ops import METHODS, MergeOptions
 
@@ -140,15 +140,19 @@ class MergeConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> MergeConfig:
         """Reads a mergekit-style YAML file; relative model paths resolve against its folder."""
-        import yaml
-
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text("utf-8"))
+            if not path.is_file():  # a FIFO or a device would block or never end
+                raise ConfigError(f"{path}: cannot read config: {'not a regular file' if path.exists() else 'no such file'}")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid YAML: not UTF-8 text") from None
+        data = load_yaml(text, str(path))
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping with merge_method, models, ...")
         cfg = cls.from_dict(data, base_dir=str(path.parent))
@@ -564,6 +568,64 @@ class MergeConfig:
         if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
             return False
         return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parses YAML safely and within bounds: at most MAX_CONFIG_BYTES, MAX_CONFIG_NODES values with
+    every alias expanded, MAX_CONFIG_DEPTH levels, no recursive alias. The node graph is measured
+    before any Python object is built, so an alias bomb (a few lines that expand to billions of
+    values) is refused at once instead of expanding in validation, the fingerprint or the manifest.
+
+    Raises:
+        ConfigError: "<where>: ..." naming what is wrong.
+    """
+    import yaml
+
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; a merge config is a few kB")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _measure(node, where, {}, set(), 1)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a value the YAML constructor cannot build (a 5000-digit int)
+        raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        loader.dispose()
+
+
+def _measure(node: Any, where: str, seen: dict[int, tuple[int, int]], open_nodes: set[int], depth: int) -> tuple[int, int]:
+    """(values under `node` with aliases expanded, its nesting height), memoized per node: linear time
+    however often an alias repeats a node. `depth`: the node's own nesting level."""
+    import yaml
+
+    if id(node) in open_nodes:
+        raise ConfigError(f"{where}: a recursive alias (an anchor used inside itself)")
+    size, height = seen.get(id(node), (0, 0))
+    if not size:
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        measured = [_measure(c, where, seen, open_nodes, depth + 1) for c in children]
+        open_nodes.discard(id(node))
+        size, height = 1 + sum(m[0] for m in measured), 1 + max((m[1] for m in measured), default=0)
+        seen[id(node)] = (size, height)
+    if depth - 1 + height > MAX_CONFIG_DEPTH:  # a deep node reached again, deeper
+        raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+    if size > MAX_CONFIG_NODES:
+        raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values once its aliases are expanded "
+                          "(an alias bomb?); a merge config has a few dozen")
+    return size, height
 
 
 def _token_problems(where: str, entry: Any, models: set[str]) -> list[str]:
