@@ -161,7 +161,23 @@ class MergeConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | None = None) -> MergeConfig:
         """Builds a config from a mergekit-style mapping (the parsed YAML)."""
-        problems: list[str] = []
+        # Only plain data (no binary, dates, sets, non-string keys): later steps (the manifest's JSON,
+        # the fingerprint) assume it; then the type of every key that must be a string or a list.
+        problems = _plain_problems(data, "config")
+        if problems:
+            raise ConfigError(problems)
+        for key in ("merge_method", "base_model", "dtype", "out_dtype", "semantics", "tokenizer_source", "vocab", "name"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                problems.append(f"{key}: must be a string, got {_short(data[key])}")
+        for key in ("include", "exclude"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                problems.append(f"{key}: must be a glob pattern or a list of them, got {_short(value)}")
+        if data.get("tokenizer") is not None and not isinstance(data["tokenizer"], dict):
+            problems.append(f"tokenizer: must be a mapping with source, tokens and pad_to_multiple_of, got {_short(data['tokenizer'])}")
+        if problems:
+            raise ConfigError(problems)
         for key, what in UNSUPPORTED_KEYS.items():
             if key in data:
                 problems.append(f"'{key}': mergekit {what} is not supported by streammerge yet")
@@ -180,6 +196,9 @@ class MergeConfig:
                 entry = {"model": entry}
             if not isinstance(entry, dict) or "model" not in entry:
                 problems.append(f"models[{i}]: expected a mapping with a 'model' key")
+                continue
+            if not isinstance(entry["model"], str):
+                problems.append(f"models[{i}].model: must be a path or a Hub repo id, got {_short(entry['model'])}")
                 continue
             extra = set(entry) - {"model", "parameters", "revision"}
             if extra:
@@ -287,7 +306,9 @@ class MergeConfig:
 
     def validate(self) -> None:
         """Checks every key and value; raises one ConfigError listing all problems."""
-        problems: list[str] = []
+        problems = self._type_problems()
+        if problems:  # the checks below assume these types
+            raise ConfigError(problems)
         if self.method_name in OTHER_MERGEKIT_METHODS:
             raise UnsupportedFeatureError(
                 f"merge_method '{self.method}' is a mergekit method streammerge does not support yet; "
@@ -339,6 +360,30 @@ class MergeConfig:
                             "it needs merge_method dare_linear or dare_ties")
         if problems:
             raise ConfigError(problems)
+
+    def _type_problems(self) -> list[str]:
+        """Each field's type (a config built in Python can hold anything), and plain data in parameters."""
+        problems = []
+        for key in ("method", "base", "semantics", "dtype", "out_dtype", "tokenizer_source", "vocab", "base_dir"):
+            value = getattr(self, key)
+            if not (isinstance(value, str) or (value is None and key not in ("method", "semantics", "vocab"))):
+                problems.append(f"{'merge_method' if key == 'method' else 'base_model' if key == 'base' else key}: "
+                                f"must be a string, got {_short(value)}")
+        for key in ("include", "exclude"):
+            value = getattr(self, key)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+                problems.append(f"{key}: must be a list of glob patterns, got {_short(value)}")
+        if not isinstance(self.models, (tuple, list)) or not all(
+                isinstance(m, ModelSpec) and isinstance(m.source, str) and isinstance(m.parameters, Mapping) for m in self.models):
+            problems.append(f"models: must be ModelSpec(source: str, parameters: mapping) entries, got {_short(self.models)}")
+            return problems
+        problems += _plain_problems(self.parameters, "parameters", mapping=True)
+        problems += _plain_problems(self.slice_parameters, "slices[0].parameters", mapping=True)
+        for i, m in enumerate(self.models):
+            problems += _plain_problems(m.parameters, f"models[{i}].parameters", mapping=True)
+        if self.tokenizer is not None:
+            problems += _plain_problems(self.tokenizer, "tokenizer", mapping=True)
+        return problems
 
     def _slice_problems(self) -> list[str]:
         """Passthrough copies one model per slice (mergekit allows one input); several slices keep
@@ -570,6 +615,36 @@ class MergeConfig:
         return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
 
+def _short(value: object, limit: int = 60) -> str:
+    """repr() cut to `limit` characters: a hostile value must not make a megabyte-long message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain_problems(value: Any, where: str, *, mapping: bool = False, depth: int = 0) -> list[str]:
+    """Where `value` holds something other than plain data (strings, numbers, booleans, null, lists,
+    mappings with string keys): YAML's !!binary, dates, sets, or any object a Python caller passed."""
+    if mapping and not isinstance(value, Mapping):
+        return [f"{where}: must be a mapping, got {_short(value)}"]
+    if depth > MAX_CONFIG_DEPTH:
+        return [f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep"]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _plain_problems(v, f"{where}[{i}]", depth=depth + 1)]
+    if isinstance(value, Mapping):
+        problems = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                problems.append(f"{where}: key {_short(k)} is not a string")
+            else:
+                problems += _plain_problems(v, f"{where}.{k}" if where != "config" else k, depth=depth + 1)
+        return problems
+    kind = {bytes: "binary data (!!binary)", set: "a set (!!set)"}.get(type(value)) or (
+        "a date" if type(value).__name__ in ("date", "datetime") else f"a {type(value).__name__}")
+    return [f"{where}: {kind} is not a config value; use numbers, strings, lists and mappings"]
+
+
 def load_yaml(text: str, where: str) -> Any:
     """Parses YAML safely and within bounds: at most MAX_CONFIG_BYTES, MAX_CONFIG_NODES values with
     every alias expanded, MAX_CONFIG_DEPTH levels, no recursive alias. The node graph is measured
@@ -744,6 +819,8 @@ def _numbers_in(value: Any) -> list[float]:
                                  "and applies the entry to every tensor)")
             if "value" not in entry or set(entry) - {"filter", "value"}:
                 raise ValueError("each filter entry needs 'value' and optionally 'filter'")
+            if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                raise ValueError(f"a filter is a tensor name pattern (a string), got {_short(entry['filter'])}")
             out += _numbers_in(entry["value"])
         return out
     if isinstance(value, list) and value and not any(isinstance(v, (dict, list)) for v in value):
@@ -831,6 +908,9 @@ def _parse_slices(slices: Any, problems: list[str]) -> tuple[OutputSlice, ...]:
             if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
                 problems.append(f"{at}: expected a mapping with 'model' and 'layer_range'")
                 continue
+            if not isinstance(src["model"], str):
+                problems.append(f"{at}.model: must be a path or a Hub repo id, got {_short(src['model'])}")
+                continue
             for key in sorted(set(src) - {"model", "layer_range", "parameters"}):
                 problems.append(f"{at}: unknown key '{key}'")
             lr = src["layer_range"]
@@ -858,6 +938,9 @@ def _parse_slices(slices: Any, problems: list[str]) -> tuple[OutputSlice, ...]:
             problems.append(f"{where}.parameters must be a mapping")
             params = {}
         base = out_slice.get("base_model")
+        if base is not None and not isinstance(base, str):
+            problems.append(f"{where}.base_model: must be a path or a Hub repo id, got {_short(base)}")
+            base = None
         out.append(OutputSlice(tuple(sources), dict(params), None if base is None else str(base)))
     return tuple(out)
 
