@@ -9,15 +9,19 @@ Example:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
+import socket
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from .constants import (
     MODEL_CARD,
     SAFETENSORS_INDEX,
     STATE_DIR,
+    STATE_LOCK,
     STATE_PLAN,
     STATE_REPLACING,
     TOKENIZER_MARKERS,
@@ -224,71 +229,79 @@ def merge(
     if force and world_size > 1 and group is None:
         raise ConfigError("--force cannot be combined with independent workers (--world-size > 1): they would delete "
                           "each other's shards; empty the output directory first, or launch with torchrun")
-    with ExitStack() as stack:
-        reference, finetuned = _open(config, stack)
-        the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory)
-        inputs = [reference, *finetuned]
-        fingerprint = plan_fingerprint(the_plan, inputs)
-        mine = worker_shards(the_plan, rank, world_size)
-        if on_total is not None:
-            on_total(sum(s.input_bytes for s in mine))
+    held = ExitStack()  # the output folder's lock: held until the merge is finalized
+    try:
+        with ExitStack() as stack:
+            reference, finetuned = _open(config, stack)
+            the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory)
+            inputs = [reference, *finetuned]
+            fingerprint = plan_fingerprint(the_plan, inputs)
+            mine = worker_shards(the_plan, rank, world_size)
+            if on_total is not None:
+                on_total(sum(s.input_bytes for s in mine))
 
-        def prepare() -> bool:  # under torchrun rank 0 runs this before the others start
-            return _prepare_output(out, inputs, force, fingerprint, exclusive=world_size == 1 or (group is not None and rank == 0))
+            def prepare() -> bool:  # under torchrun rank 0 runs this before the others start
+                # the folder's lock: one process alone, or rank 0 for a torchrun job, or each independent worker
+                # sharing it (and alone on its rank); torchrun's other ranks follow rank 0
+                lock = "exclusive" if world_size == 1 or (group is not None and rank == 0) else (
+                    None if group is not None else f"rank-{rank}-of-{world_size}")
+                return _prepare_output(out, inputs, force, fingerprint, exclusive=lock == "exclusive", lock=lock, held=held)
 
-        error: BaseException | None = None
-        complete, done, shards = False, {}, []
-        try:
-            complete = group.rank0_first(prepare) if group is not None else prepare()
-            if not complete:
-                _write_state(out, the_plan, reference, tokenizer_from, fingerprint)
-                done = _resume(out, [s.filename for s in mine])
-                todo = [s for s in mine if s.filename not in done]
-                _check_free_space(out, todo)
-                remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
-                downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
+            error: BaseException | None = None
+            complete, done, shards = False, {}, []
+            try:
+                complete = group.rank0_first(prepare) if group is not None else prepare()
+                if not complete:
+                    _write_state(out, the_plan, reference, tokenizer_from, fingerprint)
+                    done = _resume(out, [s.filename for s in mine])
+                    todo = [s for s in mine if s.filename not in done]
+                    _check_free_space(out, todo)
+                    remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
+                    downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
 
-                def on_shard(receipt: dict) -> None:
-                    tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
-                    write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
-                                      {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
-                    if on_shard_file is not None:
-                        on_shard_file(out / receipt["file"])
+                    def on_shard(receipt: dict) -> None:
+                        tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
+                        write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
+                                          {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
+                        if on_shard_file is not None:
+                            on_shard_file(out / receipt["file"])
 
-                new = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
-                               check_finite=check_finite, device=str(target), gpu_memory=gpu_memory, threads=threads, on_shard=on_shard,
-                               downloads=downloads)
-                shards = [done.get(s.filename) or new[s.filename] for s in mine]
-        except Exception as e:
-            if group is None:
-                raise
-            error = e
-        if group is not None:
-            group.all_statuses(error)
-    finalizes = world_size == 1 or (group is not None and rank == 0)  # who writes (or reports) the whole merge
-    if complete:
-        by_file = {r["file"]: r for r in json.loads((out / MANIFEST).read_text("utf-8"))["shards"]}
-        shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
-    elif group is not None:
-        # every rank hashed its shards as it wrote them (or on resume): no second read here
-        final = group.rank0_first(lambda: _finalize(out, rehash=False) if rank == 0 else None)
-        shards = final.shards if final is not None else shards
-    elif world_size == 1:
-        shards = _finalize(out, rehash=False).shards
-    return MergeResult(
-        output_dir=out,
-        shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
-        total_size=the_plan.total_size,
-        tensors=len(the_plan.tensors),
-        merged_tensors=sum(t.merged for t in the_plan.tensors),
-        seconds=time.perf_counter() - start,
-        reused_shards=len(mine) if complete else len(done),
-        already_complete=complete,
-        rank=rank,
-        world_size=world_size,
-        finalized=complete or world_size == 1 or group is not None,
-        device=str(target),
-    )
+                    new = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
+                                   check_finite=check_finite, device=str(target), gpu_memory=gpu_memory, threads=threads, on_shard=on_shard,
+                                   downloads=downloads)
+                    shards = [done.get(s.filename) or new[s.filename] for s in mine]
+            except Exception as e:
+                if group is None:
+                    raise
+                error = e
+            if group is not None:
+                group.all_statuses(error)
+        finalizes = world_size == 1 or (group is not None and rank == 0)  # who writes (or reports) the whole merge
+        if complete:
+            by_file = {r["file"]: r for r in json.loads((out / MANIFEST).read_text("utf-8"))["shards"]}
+            shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
+        elif group is not None:
+            # every rank hashed its shards as it wrote them (or on resume): no second read here
+            final = group.rank0_first(lambda: _finalize(out, rehash=False) if rank == 0 else None)
+            shards = final.shards if final is not None else shards
+        elif world_size == 1:
+            shards = _finalize(out, rehash=False).shards
+        return MergeResult(
+            output_dir=out,
+            shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
+            total_size=the_plan.total_size,
+            tensors=len(the_plan.tensors),
+            merged_tensors=sum(t.merged for t in the_plan.tensors),
+            seconds=time.perf_counter() - start,
+            reused_shards=len(mine) if complete else len(done),
+            already_complete=complete,
+            rank=rank,
+            world_size=world_size,
+            finalized=complete or world_size == 1 or group is not None,
+            device=str(target),
+        )
+    finally:
+        held.close()
 
 
 def worker_shards(the_plan: Plan, rank: int = 0, world_size: int = 1) -> list[ShardPlan]:
@@ -307,7 +320,11 @@ def finalize(output_dir: str | os.PathLike) -> MergeResult:
             them when known), or a shard whose bytes differ from the sha256 its worker recorded;
             rerun those workers (finished shards are kept, changed ones redone), then finalize again.
     """
-    return _finalize(output_dir, rehash=True)
+    out = Path(output_dir)
+    with ExitStack() as held:
+        if (out / STATE_DIR).is_dir():  # not while a worker still writes here
+            held.enter_context(_folder_lock(out, "exclusive"))
+        return _finalize(out, rehash=True)
 
 
 def _finalize(output_dir: str | os.PathLike, rehash: bool) -> MergeResult:
@@ -427,11 +444,18 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str, exclusive: bool = True) -> bool:
+def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str, exclusive: bool = True,
+                    lock: str | None = None, held: ExitStack | None = None) -> bool:
     """Readies the output folder for this merge; True when this exact merge is already complete there.
 
     `exclusive`: no other worker uses the folder yet, so stale files may be cleared (and `force`
-    applies); otherwise the folder must be empty or hold this same merge."""
+    applies); otherwise the folder must be empty or hold this same merge. `lock`: "exclusive", a
+    worker's name (the folder's lock shared, the worker's own held), or None; taken before anything
+    is deleted or written and kept open in `held` (a finished merge found there takes no lock)."""
+
+    def take_lock() -> None:
+        if lock is not None and held is not None:
+            held.enter_context(_folder_lock(out, lock))
     resolved = out.resolve()
     for ckpt in inputs:
         folder = ckpt.folder.resolve()
@@ -440,11 +464,15 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
     if not out.exists() or not any(out.iterdir()):
+        take_lock()
         return False
     state = out / STATE_DIR
     if not ((out / MANIFEST).exists() or (out / SAFETENSORS_INDEX).exists() or state.is_dir() or any(out.glob("*.partial"))):
         raise OutputError(f"{out}: not empty, and holds files that are not a streammerge output; choose an "
                           "empty directory (they are never overwritten, even with --force)")
+    if not force and (out / SAFETENSORS_INDEX).exists() and _fingerprint_in(out / MANIFEST) == fingerprint:
+        return True  # read only: no lock needed
+    take_lock()  # from here on files may go: not while another merge writes here
     if (state / STATE_REPLACING).exists():  # a --force killed while it deleted the previous merge
         if not exclusive:
             raise OutputError(f"{out}: a --force replacing the merge here was interrupted; rerun it as one process "
@@ -484,13 +512,84 @@ def _replace(out: Path) -> None:
         for stale in [*out.glob("model-*.safetensors"), *out.glob("*.partial"), *(out / n for n in ours)]:
             stale.unlink(missing_ok=True)
         for entry in state.iterdir():
-            if entry.name != STATE_REPLACING:
+            if entry.name != STATE_REPLACING and not entry.name.startswith(STATE_LOCK):  # ours, held
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
         fsync_dir(out)
         marker.unlink()
         fsync_dir(state)
     except OSError as e:
         raise OutputError(f"{out}: cannot replace the previous merge: {e.strerror or e}") from None
+
+
+@contextmanager
+def _folder_lock(out: Path, mode: str) -> Iterator[None]:
+    """Holds the output folder's lock (flock, released by the kernel when the process dies, so a
+    dead merge never blocks): "exclusive", or a worker's name: the folder's lock shared with the
+    other workers of a split merge and its own `lock.<name>` exclusive. Fails at once, naming the
+    process (pid, host) that holds it."""
+    state = out / STATE_DIR
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create: {e.strerror or e}") from None
+    fds = []
+    try:
+        if mode == "exclusive":
+            fds.append(_flock(out, state / STATE_LOCK, fcntl.LOCK_EX))
+        else:
+            fds.append(_flock(out, state / STATE_LOCK, fcntl.LOCK_SH))
+            fds.append(_flock(out, state / f"{STATE_LOCK}.{mode}", fcntl.LOCK_EX))
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the lock
+
+
+def _flock(out: Path, path: Path, how: int) -> int:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot create the lock: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"{path}: cannot lock: {e.strerror or e}") from None
+            holders = sorted({h for p in path.parent.glob(f"{STATE_LOCK}*") for h in _lock_holder(p)})
+            who = f" ({'; '.join(holders)})" if holders else ""
+            raise OutputError(f"{out}: another merge{who} is writing there; wait for it to end, or stop it "
+                              "(a merge that died leaves no lock)") from None
+        try:  # the file locked is still the one at `path` (a finalize may delete the state folder meanwhile)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if how == fcntl.LOCK_EX:  # who holds it, for another merge's message
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def _lock_holder(path: Path) -> list[str]:
+    """"pid N on HOST" from a lock file that some process holds exclusively (else it is stale: [])."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return []
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return []  # nobody holds it exclusively: what it says is stale
+        except OSError:
+            pass
+        text = os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip()
+        return [text] if text.startswith("pid ") else []
+    finally:
+        os.close(fd)
 
 
 def _unmark_complete(out: Path) -> None:

@@ -13,6 +13,9 @@ STATE_DIR = ".streammerge"  # while a merge runs: its plan, side files, and a re
 STATE_PLAN = "plan.json"  # in STATE_DIR: everything `finalize` needs
 # In STATE_DIR while --force deletes a previous merge: a rerun after a kill finishes the deletion.
 STATE_REPLACING = "replacing"
+# In STATE_DIR: flock'd by the merge writing the folder (pid and host inside, for the message);
+# independent workers share it and each holds its own `lock.rank-R-of-W`.
+STATE_LOCK = "lock"
 # Files copied from the base (or the tokenizer source) when present; a folder holding one of the
 # TOKENIZER_MARKERS has a tokenizer.
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")

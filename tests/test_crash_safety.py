@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import shard_hashes
 
+import streammerge
 import streammerge.api
 from streammerge import MergeConfig, merge
 from streammerge.constants import MANIFEST, SAFETENSORS_INDEX, STATE_DIR
@@ -141,3 +142,69 @@ def test_finalize_refuses_a_shard_that_differs_from_its_workers_sha256(models, f
     assert merge(b, out, max_shard_size=SHARD, rank=owner, world_size=2).reused_shards >= 1
     assert cli("finalize", out).returncode == 0
     assert shard_hashes(out, "*") == fresh_b and verify(out).ok
+
+
+# ---- 6. one merge at a time in a folder -------------------------------------------------------------
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from streammerge.api import _folder_lock
+with _folder_lock(Path(sys.argv[1]), sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(out: Path, mode: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out), mode], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_merge_into_the_same_folder_fails_naming_the_first(models, fresh_b, tmp_path):
+    out = tmp_path / "out"
+    first = _holder(out, "exclusive")  # a merge writing there: it holds the folder's lock, a shard half written
+    (out / "model-00001-of-00004.safetensors.partial").write_bytes(b"half")
+    try:
+        second = cli("merge", models / "b.yaml", out, "--max-shard-size", "60KB")
+        assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert f"another merge (pid {first.pid} on " in second.stderr and "is writing there" in second.stderr
+        with pytest.raises(streammerge.OutputError, match="another merge"):  # --force does not break in either
+            merge(MergeConfig.from_yaml(models / "a.yaml"), out, max_shard_size=SHARD, force=True)
+        assert (out / "model-00001-of-00004.safetensors.partial").read_bytes() == b"half"  # the first one's file is left alone
+    finally:
+        first.kill()
+        first.wait()
+    merge(MergeConfig.from_yaml(models / "b.yaml"), out, max_shard_size=SHARD)
+    assert shard_hashes(out, "*") == fresh_b and verify(out).ok
+
+
+def test_workers_share_the_folder_but_not_a_rank_and_finalize_waits_for_them(models, tmp_path):
+    out = tmp_path / "out"
+    b = MergeConfig.from_yaml(models / "b.yaml")
+    worker = _holder(out, "rank-1-of-2")
+    try:
+        merge(b, out, max_shard_size=SHARD, rank=0, world_size=2)  # another rank: fine
+        with pytest.raises(streammerge.OutputError, match=rf"another merge \(pid {worker.pid} on .*\) is writing there"):
+            merge(b, out, max_shard_size=SHARD, rank=1, world_size=2)
+        with pytest.raises(streammerge.OutputError, match="another merge"):
+            streammerge.api.finalize(out)
+        with pytest.raises(streammerge.OutputError, match="another merge"):
+            merge(b, out, max_shard_size=SHARD)
+    finally:
+        worker.kill()
+        worker.wait()
+    # the holder died: its lock is gone with it
+    merge(b, out, max_shard_size=SHARD, rank=1, world_size=2)
+    assert streammerge.api.finalize(out).shards and verify(out).ok
+
+
+def test_a_lock_left_by_a_killed_merge_does_not_block(models, fresh_b, tmp_path):
+    out = tmp_path / "out"
+    holder = _holder(out, "exclusive")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert "pid" in (out / STATE_DIR / "lock").read_text()
+    merge(MergeConfig.from_yaml(models / "b.yaml"), out, max_shard_size=SHARD)
+    assert shard_hashes(out, "*") == fresh_b
