@@ -355,11 +355,14 @@ def _finalize(output_dir: str | os.PathLike, rehash: bool) -> MergeResult:
     if rehash:  # what the index certifies must be what the workers wrote: a flipped byte is caught here
         for receipt in receipts:
             _check_shard_sha256(out, receipt)
-    for stale in out.glob("*.partial"):  # every shard is done: these are leftovers of killed writers
-        stale.unlink(missing_ok=True)
-    for side in sorted((state / "files").glob("*")):
-        if not side.name.endswith(".partial"):
-            os.replace(side, out / side.name)
+    try:
+        for stale in out.glob("*.partial"):  # every shard is done: these are leftovers of killed writers
+            stale.unlink(missing_ok=True)
+        for side in sorted((state / "files").glob("*")):
+            if not side.name.endswith(".partial"):
+                os.replace(side, out / side.name)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot finalize: {e.strerror or e}") from None
     write_text_atomic(out / MODEL_CARD, info["model_card"])
     shards = [{k: r[k] for k in ("file", "sha256", "bytes")} for r in receipts]
     write_json_atomic(out / MANIFEST, {**info["manifest"], "shards": shards, "fingerprint": info["fingerprint"],
@@ -568,9 +571,12 @@ def _flock(out: Path, path: Path, how: int) -> int:
             pass
         os.close(fd)
         path.parent.mkdir(parents=True, exist_ok=True)
-    if how == fcntl.LOCK_EX:  # who holds it, for another merge's message
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    if how == fcntl.LOCK_EX:  # who holds it, for another merge's message (only that: a full disk is no reason to stop)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
     return fd
 
 

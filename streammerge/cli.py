@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a merge/input/config error (one line on stderr), 2 bad 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -82,6 +83,13 @@ def _run(debug: bool, fn, *args, **kwargs):
         _fail(str(e))
     except click.ClickException:  # bad usage found while building the config: click prints it, exit 2
         raise
+    except OSError as e:  # a full disk met where no library code expected it: still the clean error, not a bug
+        if debug or constants.DEBUG or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if debug or constants.DEBUG:
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3)
+        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e} (disk full?); free some space and rerun "
+              "the same command (finished shards are kept)")
     except KeyboardInterrupt:
         click.echo("streammerge: interrupted; partial shards were removed, rerun the same command to merge again", err=True)
         sys.exit(130)

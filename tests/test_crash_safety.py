@@ -3,6 +3,7 @@ what it certifies, a lock on the output folder, disk full anywhere, inputs chang
 
 from __future__ import annotations
 
+import errno
 import pathlib
 import shutil
 import signal
@@ -208,3 +209,82 @@ def test_a_lock_left_by_a_killed_merge_does_not_block(models, fresh_b, tmp_path)
     assert "pid" in (out / STATE_DIR / "lock").read_text()
     merge(MergeConfig.from_yaml(models / "b.yaml"), out, max_shard_size=SHARD)
     assert shard_hashes(out, "*") == fresh_b
+
+
+# ---- 7. a full disk anywhere is the clean disk-full error ---------------------------------------------
+
+
+class Disk:
+    """A disk with `free` bytes left, for the files streammerge.writer opens: writes are buffered
+    (8 KiB, as Python's BufferedWriter) and a flush past the end fails with ENOSPC, also in close(),
+    as a real buffered file does; fsync fails once the disk is full (NFS reports ENOSPC there)."""
+
+    def __init__(self, free: int | None):
+        self.free, self.used = free, 0
+
+    def open(self, path, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return open(path, mode, *args, **kwargs)
+        disk, real = self, open(path, mode, *args, **kwargs)
+
+        class File:
+            pending = bytearray()
+
+            def write(self, data):
+                self.pending += bytes(data)
+                if len(self.pending) >= 8192:
+                    self.flush()
+                return len(data)
+
+            def flush(self):
+                if disk.free is not None and disk.used + len(self.pending) > disk.free:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.used += len(self.pending)
+                real.write(self.pending)
+                real.flush()
+                self.pending = bytearray()
+
+            def fileno(self):
+                if disk.free is not None and disk.used >= disk.free:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real.fileno()
+
+            def close(self):
+                try:
+                    self.flush()
+                finally:
+                    real.close()
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.close()
+
+        return File()
+
+
+def test_disk_full_at_any_point_is_the_clean_error(models, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import streammerge.writer
+    from streammerge.cli import main
+
+    def run(out: Path, free: int | None):
+        disk = Disk(free)
+        monkeypatch.setattr(streammerge.writer, "open", disk.open, raising=False)
+        result = CliRunner().invoke(main, ["merge", str(models / "b.yaml"), str(out), "-q", "--max-shard-size", "60KB"])
+        monkeypatch.undo()
+        return result, disk.used
+
+    result, total = run(tmp_path / "full", None)
+    assert result.exit_code == 0, result.output
+    for i, free in enumerate([0, 1, 8191, 8193, *(total * k // 9 for k in range(1, 9)), total - 2000, total - 1]):
+        out = tmp_path / f"out{i}"
+        result, _ = run(out, free)
+        assert result.exit_code == 1, (free, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "disk full" in lines[0] and "internal error" not in lines[0], (free, result.stderr)
+        assert not (out / SAFETENSORS_INDEX).exists() and not list(out.glob("*.partial")), free
+    result, _ = run(out, None)  # space freed: the same command completes the merge
+    assert result.exit_code == 0 and verify(out).ok
