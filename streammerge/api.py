@@ -252,7 +252,7 @@ def merge(
             try:
                 complete = group.rank0_first(prepare) if group is not None else prepare()
                 if not complete:
-                    _write_state(out, the_plan, reference, tokenizer_from, fingerprint)
+                    _write_state(out, the_plan, reference, finetuned, tokenizer_from, fingerprint)
                     done = _resume(out, [s.filename for s in mine])
                     todo = [s for s in mine if s.filename not in done]
                     _check_free_space(out, todo)
@@ -429,8 +429,7 @@ def _owners(missing: list[str], plan_shards: list[dict], receipts: list[dict]) -
 def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     """sha256 of everything that decides the output bytes: the plan and the inputs' identity
     (each file's size, modification time and header), so a resume never mixes two merges."""
-    owners = {info.file: c for c in inputs for info in c.tensors.values()}
-    identity = [owners[f].file_identity(f) for f in sorted(owners)]  # a Hub file: repo, commit, etag
+    identity = input_identities(inputs)
     payload = {
         "version": __version__,
         "options": {k: str(v) for k, v in vars(the_plan.options).items()},
@@ -445,6 +444,41 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     if the_plan.layers is not None:  # stacked layers (their map is in "tensors"): config.json's layer count
         payload["layers"] = the_plan.layers
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def input_identities(inputs: list[Checkpoint]) -> list[list]:
+    """Each input file's identity: [path, size, mtime, header sha256] (a Hub file: repo, commit, name, etag, size)."""
+    owners = {info.file: c for c in inputs for info in c.tensors.values()}
+    return [owners[f].file_identity(f) for f in sorted(owners)]
+
+
+def changed_inputs(recorded: object, now: list[list] | None = None) -> list[str]:
+    """The input files whose identity differs from `recorded` (a state plan's "inputs"): each named
+    with what changed. `now`: the current identities; without it, local files are looked at again
+    (their size and modification time)."""
+    if not isinstance(recorded, list):
+        return []
+    current = {str(i[0]): i for i in now or []}
+    changed = []
+    for old in recorded:
+        if not (isinstance(old, list) and len(old) == 4 and isinstance(old[0], str)):
+            continue  # a Hub file: pinned by commit and etag, in the fingerprint
+        path = old[0]
+        if now is not None:
+            new = current.get(path)
+        else:
+            try:
+                st = os.stat(path)
+                new = [path, st.st_size, st.st_mtime_ns, old[3]]
+            except OSError:
+                new = None
+        if new is None:
+            changed.append(f"{path} (gone, or no longer an input)")
+        elif new[1] != old[1]:
+            changed.append(f"{path} (now {new[1]} bytes, was {old[1]})")
+        elif new[2] != old[2] or new[3] != old[3]:
+            changed.append(f"{path} (modified since)")
+    return changed
 
 
 def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str, exclusive: bool = True,
@@ -491,6 +525,11 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
     # Another worker is just starting this merge (its state folder is there, the plan not yet).
     fresh = state.is_dir() and previous is None and not any(state.glob("*.json")) and not (out / SAFETENSORS_INDEX).exists()
     if previous != fingerprint and not fresh:
+        if previous is not None and not (out / SAFETENSORS_INDEX).exists():  # an unfinished merge: an input changed?
+            changed = changed_inputs(_state_inputs(state), input_identities(inputs))
+            if changed:
+                raise OutputError(f"{out}: the unfinished merge here read inputs that changed since: {', '.join(changed[:3])}"
+                                  f"{' and more' if len(changed) > 3 else ''}; restore them and rerun, or pass --force to start over")
         raise OutputError(f"{out}: holds a different merge; choose an empty directory or pass --force to replace it")
     _unmark_complete(out)  # from a finalize that did not finish
     if exclusive:  # nobody else is writing: partial files are leftovers of a killed run
@@ -603,7 +642,8 @@ def _unmark_complete(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, tokenizer_from: Path | None, fingerprint: str) -> None:
+def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], tokenizer_from: Path | None,
+                 fingerprint: str) -> None:
     """Everything `finalize` needs, so it can run from the output folder alone (on any node).
     Each worker writes the same bytes; atomic renames make concurrent writers safe."""
     state = out / STATE_DIR
@@ -614,12 +654,20 @@ def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, tokenizer_fro
     _copy_side_files(reference, tokenizer_from, state / "files", the_plan)
     write_json_atomic(state / STATE_PLAN, {
         "fingerprint": fingerprint,
+        "inputs": input_identities([reference, *finetuned]),  # to name an input that changes (resume, SIGBUS)
         "shards": [{"file": s.filename, "tensors": list(s.tensors), "input_bytes": s.input_bytes} for s in the_plan.shards],
         "manifest": manifest(the_plan),
         "model_card": model_card(the_plan),
         "summary": {"tensors": len(the_plan.tensors), "merged_tensors": sum(t.merged for t in the_plan.tensors),
                     "total_size": the_plan.total_size},
     })
+
+
+def _state_inputs(state: Path) -> object:
+    try:
+        return json.loads((state / STATE_PLAN).read_text("utf-8")).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _fingerprint_in(path: Path) -> str | None:

@@ -4,6 +4,7 @@ what it certifies, a lock on the output folder, disk full anywhere, inputs chang
 from __future__ import annotations
 
 import errno
+import os
 import pathlib
 import shutil
 import signal
@@ -288,3 +289,66 @@ def test_disk_full_at_any_point_is_the_clean_error(models, tmp_path, monkeypatch
         assert not (out / SAFETENSORS_INDEX).exists() and not list(out.glob("*.partial")), free
     result, _ = run(out, None)  # space freed: the same command completes the merge
     assert result.exit_code == 0 and verify(out).ok
+
+
+# ---- 4. an input truncated during the merge -------------------------------------------------------
+
+SIGBUS_DURING_MERGE = """
+import os, sys
+import streammerge.api as api
+from streammerge.cli import main
+
+real = api.run_plan
+
+def run_plan(plan, reference, finetuned, *args, **kwargs):
+    # a block of ft1's last tensor is mapped, then the file is truncated under it: the next touch is a SIGBUS
+    victim = finetuned[0]
+    name = max(victim.tensors, key=lambda n: victim.tensors[n].offset)
+    view = victim.view(name)
+    os.truncate(victim.tensors[name].file, 100)
+    float(view.float().sum())
+    return real(plan, reference, finetuned, *args, **kwargs)
+
+api.run_plan = run_plan
+sys.argv = ["streammerge", "merge", *sys.argv[1:]]
+main()
+"""
+
+
+def test_an_input_truncated_under_a_mapped_block_is_one_line_naming_it(models, tmp_path):
+    work = tmp_path / "models"
+    shutil.copytree(models, work)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SIGBUS_DURING_MERGE, str(work / "b.yaml"), str(out), "-q"],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert f"{work / 'ft1'}/model-0000" in lines[0] and "now 100 bytes" in lines[0] and "changed while the merge read it" in lines[0]
+    assert not (out / SAFETENSORS_INDEX).exists() and not (out / MANIFEST).exists()
+
+
+def test_an_input_truncated_between_blocks_is_refused_before_its_pages_are_touched(models, tmp_path):
+    from streammerge.errors import CheckpointError
+    from streammerge.sources import Checkpoint
+
+    work = tmp_path / "ft1"
+    shutil.copytree(models / "ft1", work)
+    with Checkpoint(work) as ckpt:
+        name = max(ckpt.tensors, key=lambda n: ckpt.tensors[n].offset)
+        ckpt.view(name, 0, 1)
+        os.truncate(ckpt.tensors[name].file, 100)
+        with pytest.raises(CheckpointError, match="was truncated while the merge read it"):
+            ckpt.view(name, 1, 2)
+
+
+def test_a_resume_names_the_input_that_changed(models, tmp_path):
+    work = tmp_path / "models"
+    shutil.copytree(models, work)
+    out = tmp_path / "out"
+    b = MergeConfig.from_yaml(work / "b.yaml")
+    with pytest.raises(Killed):  # killed after its first shard
+        merge(b, out, max_shard_size=SHARD, on_shard_file=lambda path: (_ for _ in ()).throw(Killed()))
+    victim = sorted((work / "ft2").glob("*.safetensors"))[0]
+    os.utime(victim, ns=(time.time_ns(), time.time_ns()))  # touched: its modification time changed
+    rerun = cli("merge", work / "b.yaml", out, "--max-shard-size", "60KB")
+    assert rerun.returncode == 1 and f"{victim} (modified since)" in rerun.stderr and len(rerun.stderr.splitlines()) == 1
