@@ -352,3 +352,25 @@ def test_a_resume_names_the_input_that_changed(models, tmp_path):
     os.utime(victim, ns=(time.time_ns(), time.time_ns()))  # touched: its modification time changed
     rerun = cli("merge", work / "b.yaml", out, "--max-shard-size", "60KB")
     assert rerun.returncode == 1 and f"{victim} (modified since)" in rerun.stderr and len(rerun.stderr.splitlines()) == 1
+
+
+# ---- NaN/Inf inputs: --check-finite's error stays one line ------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_check_finite_error_is_one_line_without_numpy_warnings(models, tmp_path, method):
+    from safetensors.torch import load_file, save_file
+
+    work = tmp_path / "models"
+    shutil.copytree(models, work)
+    for who in ("base", "ft2"):  # inf - inf: numpy's "invalid value encountered in subtract"
+        f = sorted((work / who).glob("*.safetensors"))[0]
+        tensors = load_file(f)
+        name = next(n for n in tensors if "mlp" in n)
+        tensors[name][0, :5] = float("inf")
+        save_file(tensors, f, metadata={"format": "pt"})
+    (work / "c.yaml").write_text(f"merge_method: {method}\nbase_model: base\nmodels:\n"
+                                 "  - {model: ft1, parameters: {weight: 0.5, density: 0.5}}\n"
+                                 "  - {model: ft2, parameters: {weight: 0.5, density: 0.3}}\n")
+    done = cli("merge", work / "c.yaml", tmp_path / "out", "--check-finite", "--compile", "off", "--threads", "2")
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1 and "holds NaN or Inf" in done.stderr, done.stderr
