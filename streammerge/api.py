@@ -108,6 +108,9 @@ class MergeResult:
 def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Checkpoint]]:
     """Validates the config and opens (headers only) the reference and the fine-tunes, each distinct
     path once. Reports everything wrong at once: config problems and every unreadable model."""
+    types = config._type_problems()
+    if types:  # nothing below can even look at such a config (paths with NUL, a list for a method)
+        raise ConfigError(types)
     problems: list[StreammergeError] = []
     try:
         config.validate()
@@ -116,6 +119,8 @@ def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Check
     opened: dict[str, Checkpoint | None] = {}
 
     def get(path: str) -> Checkpoint | None:
+        if not isinstance(path, str) or "\x00" in path:  # reported by validate; the OS cannot even look
+            return None
         key = os.path.realpath(path) if hub.parse_source(path) is None else path
         if key not in opened:
             try:  # a checkpoint or a LoRA adapter, local or a Hub repo

@@ -377,6 +377,13 @@ class MergeConfig:
                 isinstance(m, ModelSpec) and isinstance(m.source, str) and isinstance(m.parameters, Mapping) for m in self.models):
             problems.append(f"models: must be ModelSpec(source: str, parameters: mapping) entries, got {_short(self.models)}")
             return problems
+        paths = [("base_model", self.base), ("tokenizer_source", self.tokenizer_source), ("base_dir", self.base_dir)]
+        paths += [(f"models[{i}].model", m.source) for i, m in enumerate(self.models)]
+        paths += [(f"slices[{i}].sources[{j}].model", src.source) for i, sl in enumerate(self.slices) for j, src in enumerate(sl.sources)]
+        paths += [(f"slices[{i}].base_model", sl.base) for i, sl in enumerate(self.slices)]
+        for where, path in paths:
+            if isinstance(path, str) and "\x00" in path:  # the OS refuses such a path (ValueError, not an OSError)
+                problems.append(f"{where}: a path cannot hold a NUL character, got {_short(path)}")
         problems += _plain_problems(self.parameters, "parameters", mapping=True)
         problems += _plain_problems(self.slice_parameters, "slices[0].parameters", mapping=True)
         for i, m in enumerate(self.models):

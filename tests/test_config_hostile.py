@@ -110,3 +110,129 @@ def test_a_python_config_with_odd_types_is_a_config_error():
         cfg = MergeConfig(**{"method": "ties", "base": "b", "models": (ModelSpec("m"),), **bad})
         with pytest.raises(ConfigError):
             cfg.validate()
+
+
+# ---- a bounded config fuzz ----------------------------------------------------------------------
+
+import copy  # noqa: E402
+import os  # noqa: E402
+
+import yaml  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import streammerge.api  # noqa: E402
+from streammerge.errors import StreammergeError  # noqa: E402
+
+SEED_CONFIG = {
+    "merge_method": "dare_ties", "base_model": "base", "dtype": "bfloat16", "seed": 3,
+    "models": [{"model": "ft1", "parameters": {"weight": 0.5, "density": [{"filter": "mlp", "value": 0.4}, {"value": 0.6}]}},
+               {"model": "ft2", "parameters": {"weight": [0.2, 0.8], "density": 0.5}}],
+    "parameters": {"lambda": 1.0, "normalize": True},
+}
+KEYS = ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "semantics", "seed", "include",
+        "exclude", "tokenizer_source", "tokenizer", "name", "vocab", "model", "weight", "density", "filter", "value", "t",
+        "layer_range", "sources", "normalize", "lambda", "lora_drop", "tokens", "gamma", "", "ü", "a" * 300]
+scalars = (st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.sampled_from([0, 1, -1, 10**400 // 10**397, 0.5, 1e308])
+           | st.floats() | st.text(max_size=10) | st.sampled_from(KEYS + ["ties", "slerp", "ft1", "base", "*", "bfloat16", "mergekit"]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4),
+                      inner, max_size=4), max_leaves=12)
+# YAML only text can say: aliases, tags, odd scalars
+RAW = ["!!binary aGVsbG8=", "2024-01-01", "2024-01-01T10:00:00Z", "!!set {a, b}", "!!python/object:os.system x", "&a [1, *a]",
+       "!!float nan", ".inf", "-.inf", "0x1F", "0o17", "1_000", "~", "!!str 1", "!!int '3'", "'\\u0000'", "\"\\x00\"", "[" * 50,
+       "9" * 5000, "{? [a]: b}", "!!omap [a: 1]", "!!pairs [a: 1]", "!custom 1", "*undefined", "<<: {a: 1}", "|\n  text"]
+
+
+def _paths(node, path=()):
+    yield path
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*path, i))
+
+
+@st.composite
+def mutated_config(draw) -> str:
+    data = copy.deepcopy(SEED_CONFIG)
+    raw = []
+    for _ in range(draw(st.integers(1, 4))):
+        paths = [p for p in _paths(data) if p]
+        path = draw(st.sampled_from(paths))
+        parent = data
+        for step in path[:-1]:
+            parent = parent[step]
+        action = draw(st.sampled_from(["value", "value", "delete", "key", "raw"]))
+        if action == "value":
+            parent[path[-1]] = draw(values)
+        elif action == "delete":
+            del parent[path[-1]]
+        elif action == "key" and isinstance(parent, dict):
+            parent[draw(st.sampled_from(KEYS) | st.text(max_size=5))] = draw(values)
+        elif action == "raw":
+            marker = f"RAW{len(raw)}"
+            parent[path[-1]] = marker
+            raw.append((marker, draw(st.sampled_from(RAW))))
+    text = yaml.safe_dump(data, allow_unicode=True, default_flow_style=True, width=10**6)
+    for marker, replacement in raw:
+        text = text.replace(marker, replacement)
+    if draw(st.booleans()):  # an anchor and its aliases, as configs write them
+        text = "defaults: &d " + draw(st.sampled_from(["0.5", "[0.1, 0.2]", "{weight: 1}", "!!binary aGk="])) + "\n" + text
+        text = text.replace("0.5", "*d", draw(st.integers(0, 3)))
+    return text
+
+
+class _Stop(Exception):
+    """run_plan was reached: the config validated and planned."""
+
+
+def _fuzz_once(models: Path, work: Path, text: str) -> None:
+    cfg_path, out = work / "fuzz.yaml", work / "out"
+    cfg_path.write_text(text, encoding="utf-8")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    with no_hang(5):
+        try:
+            cfg = MergeConfig.from_yaml(cfg_path)
+            streammerge.api.merge(cfg, out)
+        except _Stop:
+            return
+        except StreammergeError:
+            assert not out.exists(), f"an output folder was created for a config that did not validate:\n{text}"
+            return
+        except Exception as e:  # what the CLI would call an internal error (exit 3)
+            raise AssertionError(f"{type(e).__name__}: {e}\n--- config ---\n{text}") from None
+
+
+def _fuzz(models: Path, tmp_path: Path, monkeypatch, examples: int) -> None:
+    for name in ("base", "ft1", "ft2"):
+        os.symlink(models / name, tmp_path / name)
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(streammerge.api, "run_plan", stop)
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(mutated_config())
+    def run(text):
+        _fuzz_once(models, tmp_path, text)
+
+    run()
+
+
+def test_config_fuzz(models, tmp_path, monkeypatch):
+    """Mutated configs (types, nesting, aliases, tags, huge numbers, unicode, keys): each validates
+    and plans, or is refused with a StreammergeError before an output folder exists; never another
+    exception (the CLI's exit 3), never a hang."""
+    start = time.monotonic()
+    _fuzz(models, tmp_path, monkeypatch, 300)
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_config_fuzz_long(models, tmp_path, monkeypatch):
+    _fuzz(models, tmp_path, monkeypatch, 5000)
