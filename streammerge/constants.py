@@ -11,6 +11,11 @@ MANIFEST = "streammerge_manifest.json"
 MODEL_CARD = "README.md"
 STATE_DIR = ".streammerge"  # while a merge runs: its plan, side files, and a receipt per finished shard
 STATE_PLAN = "plan.json"  # in STATE_DIR: everything `finalize` needs
+# In STATE_DIR while --force deletes a previous merge: a rerun after a kill finishes the deletion.
+STATE_REPLACING = "replacing"
+# In STATE_DIR: flock'd by the merge writing the folder (pid and host inside, for the message);
+# independent workers share it and each holds its own `lock.rank-R-of-W`.
+STATE_LOCK = "lock"
 # Files copied from the base (or the tokenizer source) when present; a folder holding one of the
 # TOKENIZER_MARKERS has a tokenizer.
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -44,6 +49,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, the transformers default "5GB"
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes of working memory for tensor blocks
+# A merge config (YAML) is a few kB: bounded before it is expanded (aliases can make a small file huge).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000  # values and keys, every alias expanded
+MAX_CONFIG_DEPTH = 32  # nesting of lists and mappings
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 MAX_INDEX_BYTES = 100 * 1024 * 1024  # a model.safetensors.index.json larger than this is not an index
 MAX_TENSOR_DIMS = 32  # more dimensions than any model has: refused, as a hostile header

@@ -9,15 +9,19 @@ Example:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
+import socket
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +39,9 @@ from streammerge.constants import (
     MODEL_CARD,
     SAFETENSORS_INDEX,
     STATE_DIR,
+    STATE_LOCK,
     STATE_PLAN,
+    STATE_REPLACING,
     TOKENIZER_MARKERS,
 )
 from streammerge.errors import (
@@ -103,6 +109,9 @@ class MergeResult:
 def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Checkpoint]]:
     """Validates the config and opens (headers only) the reference and the fine-tunes, each distinct
     path once. Reports everything wrong at once: config problems and every unreadable model."""
+    types = config._type_problems()
+    if types:  # nothing below can even look at such a config (paths with NUL, a list for a method)
+        raise ConfigError(types)
     problems: list[StreammergeError] = []
     try:
         config.validate()
@@ -111,6 +120,8 @@ def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Check
     opened: dict[str, Checkpoint | None] = {}
 
     def get(path: str) -> Checkpoint | None:
+        if not isinstance(path, str) or "\x00" in path:  # reported by validate; the OS cannot even look
+            return None
         key = os.path.realpath(path) if hub.parse_source(path) is None else path
         if key not in opened:
             try:  # a checkpoint or a LoRA adapter, local or a Hub repo
@@ -224,70 +235,79 @@ def merge(
     if force and world_size > 1 and group is None:
         raise ConfigError("--force cannot be combined with independent workers (--world-size > 1): they would delete "
                           "each other's shards; empty the output directory first, or launch with torchrun")
-    with ExitStack() as stack:
-        reference, finetuned = _open(config, stack)
-        the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory)
-        inputs = [reference, *finetuned]
-        fingerprint = plan_fingerprint(the_plan, inputs)
-        mine = worker_shards(the_plan, rank, world_size)
-        if on_total is not None:
-            on_total(sum(s.input_bytes for s in mine))
+    held = ExitStack()  # the output folder's lock: held until the merge is finalized
+    try:
+        with ExitStack() as stack:
+            reference, finetuned = _open(config, stack)
+            the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory)
+            inputs = [reference, *finetuned]
+            fingerprint = plan_fingerprint(the_plan, inputs)
+            mine = worker_shards(the_plan, rank, world_size)
+            if on_total is not None:
+                on_total(sum(s.input_bytes for s in mine))
 
-        def prepare() -> bool:  # under torchrun rank 0 runs this before the others start
-            return _prepare_output(out, inputs, force, fingerprint, exclusive=world_size == 1 or (group is not None and rank == 0))
+            def prepare() -> bool:  # under torchrun rank 0 runs this before the others start
+                # the folder's lock: one process alone, or rank 0 for a torchrun job, or each independent worker
+                # sharing it (and alone on its rank); torchrun's other ranks follow rank 0
+                lock = "exclusive" if world_size == 1 or (group is not None and rank == 0) else (
+                    None if group is not None else f"rank-{rank}-of-{world_size}")
+                return _prepare_output(out, inputs, force, fingerprint, exclusive=lock == "exclusive", lock=lock, held=held)
 
-        error: BaseException | None = None
-        complete, done, shards = False, {}, []
-        try:
-            complete = group.rank0_first(prepare) if group is not None else prepare()
-            if not complete:
-                _write_state(out, the_plan, reference, tokenizer_from, fingerprint)
-                done = _resume(out, [s.filename for s in mine])
-                todo = [s for s in mine if s.filename not in done]
-                _check_free_space(out, todo)
-                remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
-                downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
+            error: BaseException | None = None
+            complete, done, shards = False, {}, []
+            try:
+                complete = group.rank0_first(prepare) if group is not None else prepare()
+                if not complete:
+                    _write_state(out, the_plan, reference, finetuned, tokenizer_from, fingerprint)
+                    done = _resume(out, [s.filename for s in mine])
+                    todo = [s for s in mine if s.filename not in done]
+                    _check_free_space(out, todo)
+                    remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
+                    downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
 
-                def on_shard(receipt: dict) -> None:
-                    tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
-                    write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
-                                      {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
-                    if on_shard_file is not None:
-                        on_shard_file(out / receipt["file"])
+                    def on_shard(receipt: dict) -> None:
+                        tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
+                        write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
+                                          {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
+                        if on_shard_file is not None:
+                            on_shard_file(out / receipt["file"])
 
-                new = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
-                               check_finite=check_finite, device=str(target), gpu_memory=gpu_memory, threads=threads, on_shard=on_shard,
-                               downloads=downloads)
-                shards = [done.get(s.filename) or new[s.filename] for s in mine]
-        except Exception as e:
-            if group is None:
-                raise
-            error = e
-        if group is not None:
-            group.all_statuses(error)
-    finalizes = world_size == 1 or (group is not None and rank == 0)  # who writes (or reports) the whole merge
-    if complete:
-        by_file = {r["file"]: r for r in json.loads((out / MANIFEST).read_text("utf-8"))["shards"]}
-        shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
-    elif group is not None:
-        final = group.rank0_first(lambda: finalize(out) if rank == 0 else None)
-        shards = final.shards if final is not None else shards
-    elif world_size == 1:
-        shards = finalize(out).shards
-    return MergeResult(
-        output_dir=out,
-        shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
-        total_size=the_plan.total_size,
-        tensors=len(the_plan.tensors),
-        merged_tensors=sum(t.merged for t in the_plan.tensors),
-        seconds=time.perf_counter() - start,
-        reused_shards=len(mine) if complete else len(done),
-        already_complete=complete,
-        rank=rank,
-        world_size=world_size,
-        finalized=complete or world_size == 1 or group is not None,
-        device=str(target),
-    )
+                    new = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
+                                   check_finite=check_finite, device=str(target), gpu_memory=gpu_memory, threads=threads, on_shard=on_shard,
+                                   downloads=downloads)
+                    shards = [done.get(s.filename) or new[s.filename] for s in mine]
+            except Exception as e:
+                if group is None:
+                    raise
+                error = e
+            if group is not None:
+                group.all_statuses(error)
+        finalizes = world_size == 1 or (group is not None and rank == 0)  # who writes (or reports) the whole merge
+        if complete:
+            by_file = {r["file"]: r for r in json.loads((out / MANIFEST).read_text("utf-8"))["shards"]}
+            shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
+        elif group is not None:
+            # every rank hashed its shards as it wrote them (or on resume): no second read here
+            final = group.rank0_first(lambda: _finalize(out, rehash=False) if rank == 0 else None)
+            shards = final.shards if final is not None else shards
+        elif world_size == 1:
+            shards = _finalize(out, rehash=False).shards
+        return MergeResult(
+            output_dir=out,
+            shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
+            total_size=the_plan.total_size,
+            tensors=len(the_plan.tensors),
+            merged_tensors=sum(t.merged for t in the_plan.tensors),
+            seconds=time.perf_counter() - start,
+            reused_shards=len(mine) if complete else len(done),
+            already_complete=complete,
+            rank=rank,
+            world_size=world_size,
+            finalized=complete or world_size == 1 or group is not None,
+            device=str(target),
+        )
+    finally:
+        held.close()
 
 
 def worker_shards(the_plan: Plan, rank: int = 0, world_size: int = 1) -> list[ShardPlan]:
@@ -298,12 +318,23 @@ def worker_shards(the_plan: Plan, rank: int = 0, world_size: int = 1) -> list[Sh
 
 def finalize(output_dir: str | os.PathLike) -> MergeResult:
     """Completes a merge whose shards are all written (by one process or by many workers): checks
-    every shard against its receipt, then writes the model card, the manifest and, last, the index.
+    every shard against its receipt, its sha256 included (re-reading every shard), then writes the
+    model card, the manifest and, last, the index.
 
     Raises:
-        OutputError: no merge in progress there, or shards missing (named, with the worker that owns
-            them when known); rerun those workers (finished shards are kept), then finalize again.
+        OutputError: no merge in progress there, shards missing (named, with the worker that owns
+            them when known), or a shard whose bytes differ from the sha256 its worker recorded;
+            rerun those workers (finished shards are kept, changed ones redone), then finalize again.
     """
+    out = Path(output_dir)
+    with ExitStack() as held:
+        if (out / STATE_DIR).is_dir():  # not while a worker still writes here
+            held.enter_context(_folder_lock(out, "exclusive"))
+        return _finalize(out, rehash=True)
+
+
+def _finalize(output_dir: str | os.PathLike, rehash: bool) -> MergeResult:
+    """`finalize`; `rehash=False` when this very job wrote (or re-hashed on resume) every shard."""
     start = time.perf_counter()
     out = Path(output_dir)
     state = out / STATE_DIR
@@ -327,11 +358,17 @@ def finalize(output_dir: str | os.PathLike) -> MergeResult:
     if missing:
         raise OutputError(f"{out}: {len(missing)} of {len(plan_shards)} shard(s) not done: {_owners(missing, plan_shards, receipts)}; "
                           "rerun the workers that own them (finished shards are kept), then finalize again")
-    for stale in out.glob("*.partial"):  # every shard is done: these are leftovers of killed writers
-        stale.unlink(missing_ok=True)
-    for side in sorted((state / "files").glob("*")):
-        if not side.name.endswith(".partial"):
-            os.replace(side, out / side.name)
+    if rehash:  # what the index certifies must be what the workers wrote: a flipped byte is caught here
+        for receipt in receipts:
+            _check_shard_sha256(out, receipt)
+    try:
+        for stale in out.glob("*.partial"):  # every shard is done: these are leftovers of killed writers
+            stale.unlink(missing_ok=True)
+        for side in sorted((state / "files").glob("*")):
+            if not side.name.endswith(".partial"):
+                os.replace(side, out / side.name)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot finalize: {e.strerror or e}") from None
     write_text_atomic(out / MODEL_CARD, info["model_card"])
     shards = [{k: r[k] for k in ("file", "sha256", "bytes")} for r in receipts]
     write_json_atomic(out / MANIFEST, {**info["manifest"], "shards": shards, "fingerprint": info["fingerprint"],
@@ -343,6 +380,24 @@ def finalize(output_dir: str | os.PathLike) -> MergeResult:
     fsync_dir(out)
     shutil.rmtree(state, ignore_errors=True)
     return _result_from_state(out, shards, info["summary"], start, complete=False)
+
+
+def _check_shard_sha256(out: Path, receipt: dict) -> None:
+    path = out / receipt["file"]
+    try:
+        found = file_sha256(path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read: {e.strerror or e}; rerun {_worker_of(receipt)}, then finalize again") from None
+    if found != (receipt["bytes"], receipt["sha256"]):
+        raise OutputError(f"{path}: its bytes do not match the sha256 {_worker_of(receipt)} recorded when it wrote the "
+                          f"shard (changed since?); rerun that worker (it rewrites the shard), then finalize again")
+
+
+def _worker_of(receipt: dict) -> str:
+    worker = receipt.get("worker")
+    if isinstance(worker, list) and len(worker) == 2:
+        return f"the worker --rank {worker[0]} --world-size {worker[1]}"
+    return "the merge"
 
 
 def _result_from_state(out: Path, shards: list[dict], summary: dict, start: float, complete: bool) -> MergeResult:
@@ -380,8 +435,7 @@ def _owners(missing: list[str], plan_shards: list[dict], receipts: list[dict]) -
 def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     """sha256 of everything that decides the output bytes: the plan and the inputs' identity
     (each file's size, modification time and header), so a resume never mixes two merges."""
-    owners = {info.file: c for c in inputs for info in c.tensors.values()}
-    identity = [owners[f].file_identity(f) for f in sorted(owners)]  # a Hub file: repo, commit, etag
+    identity = input_identities(inputs)
     payload = {
         "version": __version__,
         "options": {k: str(v) for k, v in vars(the_plan.options).items()},
@@ -399,11 +453,53 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str, exclusive: bool = True) -> bool:
+def input_identities(inputs: list[Checkpoint]) -> list[list]:
+    """Each input file's identity: [path, size, mtime, header sha256] (a Hub file: repo, commit, name, etag, size)."""
+    owners = {info.file: c for c in inputs for info in c.tensors.values()}
+    return [owners[f].file_identity(f) for f in sorted(owners)]
+
+
+def changed_inputs(recorded: object, now: list[list] | None = None) -> list[str]:
+    """The input files whose identity differs from `recorded` (a state plan's "inputs"): each named
+    with what changed. `now`: the current identities; without it, local files are looked at again
+    (their size and modification time)."""
+    if not isinstance(recorded, list):
+        return []
+    current = {str(i[0]): i for i in now or []}
+    changed = []
+    for old in recorded:
+        if not (isinstance(old, list) and len(old) == 4 and isinstance(old[0], str)):
+            continue  # a Hub file: pinned by commit and etag, in the fingerprint
+        path = old[0]
+        if now is not None:
+            new = current.get(path)
+        else:
+            try:
+                st = os.stat(path)
+                new = [path, st.st_size, st.st_mtime_ns, old[3]]
+            except OSError:
+                new = None
+        if new is None:
+            changed.append(f"{path} (gone, or no longer an input)")
+        elif new[1] != old[1]:
+            changed.append(f"{path} (now {new[1]} bytes, was {old[1]})")
+        elif new[2] != old[2] or new[3] != old[3]:
+            changed.append(f"{path} (modified since)")
+    return changed
+
+
+def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str, exclusive: bool = True,
+                    lock: str | None = None, held: ExitStack | None = None) -> bool:
     """Readies the output folder for this merge; True when this exact merge is already complete there.
 
     `exclusive`: no other worker uses the folder yet, so stale files may be cleared (and `force`
-    applies); otherwise the folder must be empty or hold this same merge."""
+    applies); otherwise the folder must be empty or hold this same merge. `lock`: "exclusive", a
+    worker's name (the folder's lock shared, the worker's own held), or None; taken before anything
+    is deleted or written and kept open in `held` (a finished merge found there takes no lock)."""
+
+    def take_lock() -> None:
+        if lock is not None and held is not None:
+            held.enter_context(_folder_lock(out, lock))
     resolved = out.resolve()
     for ckpt in inputs:
         folder = ckpt.folder.resolve()
@@ -412,16 +508,23 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
     if not out.exists() or not any(out.iterdir()):
+        take_lock()
         return False
     state = out / STATE_DIR
     if not ((out / MANIFEST).exists() or (out / SAFETENSORS_INDEX).exists() or state.is_dir() or any(out.glob("*.partial"))):
         raise OutputError(f"{out}: not empty, and holds files that are not a streammerge output; choose an "
                           "empty directory (they are never overwritten, even with --force)")
+    if not force and (out / SAFETENSORS_INDEX).exists() and _fingerprint_in(out / MANIFEST) == fingerprint:
+        return True  # read only: no lock needed
+    take_lock()  # from here on files may go: not while another merge writes here
+    if (state / STATE_REPLACING).exists():  # a --force killed while it deleted the previous merge
+        if not exclusive:
+            raise OutputError(f"{out}: a --force replacing the merge here was interrupted; rerun it as one process "
+                              "(streammerge merge --force), or empty the directory")
+        _replace(out)
+        return False
     if force and exclusive:
-        _unmark_complete(out)  # the output no longer looks complete from here on
-        for stale in list(out.glob("model-*.safetensors")) + list(out.glob("*.partial")):
-            stale.unlink()
-        shutil.rmtree(state, ignore_errors=True)
+        _replace(out)
         return False
     if (out / SAFETENSORS_INDEX).exists() and _fingerprint_in(out / MANIFEST) == fingerprint:
         return True
@@ -429,6 +532,11 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
     # Another worker is just starting this merge (its state folder is there, the plan not yet).
     fresh = state.is_dir() and previous is None and not any(state.glob("*.json")) and not (out / SAFETENSORS_INDEX).exists()
     if previous != fingerprint and not fresh:
+        if previous is not None and not (out / SAFETENSORS_INDEX).exists():  # an unfinished merge: an input changed?
+            changed = changed_inputs(_state_inputs(state), input_identities(inputs))
+            if changed:
+                raise OutputError(f"{out}: the unfinished merge here read inputs that changed since: {', '.join(changed[:3])}"
+                                  f"{' and more' if len(changed) > 3 else ''}; restore them and rerun, or pass --force to start over")
         raise OutputError(f"{out}: holds a different merge; choose an empty directory or pass --force to replace it")
     _unmark_complete(out)  # from a finalize that did not finish
     if exclusive:  # nobody else is writing: partial files are leftovers of a killed run
@@ -437,12 +545,112 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
     return False
 
 
+def _replace(out: Path) -> None:
+    """Deletes the previous merge in `out` (shards, index, manifest, card, side files, state), leaving
+    an empty state folder. The folder is marked as ours first (the state folder and a marker in it,
+    on disk before anything goes), so a kill at any point leaves a folder a rerun accepts and a rerun
+    finishes the deletion."""
+    state = out / STATE_DIR
+    marker = state / STATE_REPLACING
+    try:
+        state.mkdir(exist_ok=True)
+        write_text_atomic(marker, "a --force replace of the previous merge is in progress\n")
+        fsync_dir(out)
+        _unmark_complete(out)  # the output no longer looks complete from here on
+        ours = [MODEL_CARD, *COPIED_FILES]
+        for stale in [*out.glob("model-*.safetensors"), *out.glob("*.partial"), *(out / n for n in ours)]:
+            stale.unlink(missing_ok=True)
+        for entry in state.iterdir():
+            if entry.name != STATE_REPLACING and not entry.name.startswith(STATE_LOCK):  # ours, held
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+        fsync_dir(out)
+        marker.unlink()
+        fsync_dir(state)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot replace the previous merge: {e.strerror or e}") from None
+
+
+@contextmanager
+def _folder_lock(out: Path, mode: str) -> Iterator[None]:
+    """Holds the output folder's lock (flock, released by the kernel when the process dies, so a
+    dead merge never blocks): "exclusive", or a worker's name: the folder's lock shared with the
+    other workers of a split merge and its own `lock.<name>` exclusive. Fails at once, naming the
+    process (pid, host) that holds it."""
+    state = out / STATE_DIR
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create: {e.strerror or e}") from None
+    fds = []
+    try:
+        if mode == "exclusive":
+            fds.append(_flock(out, state / STATE_LOCK, fcntl.LOCK_EX))
+        else:
+            fds.append(_flock(out, state / STATE_LOCK, fcntl.LOCK_SH))
+            fds.append(_flock(out, state / f"{STATE_LOCK}.{mode}", fcntl.LOCK_EX))
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the lock
+
+
+def _flock(out: Path, path: Path, how: int) -> int:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot create the lock: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"{path}: cannot lock: {e.strerror or e}") from None
+            holders = sorted({h for p in path.parent.glob(f"{STATE_LOCK}*") for h in _lock_holder(p)})
+            who = f" ({'; '.join(holders)})" if holders else ""
+            raise OutputError(f"{out}: another merge{who} is writing there; wait for it to end, or stop it "
+                              "(a merge that died leaves no lock)") from None
+        try:  # the file locked is still the one at `path` (a finalize may delete the state folder meanwhile)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if how == fcntl.LOCK_EX:  # who holds it, for another merge's message (only that: a full disk is no reason to stop)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
+    return fd
+
+
+def _lock_holder(path: Path) -> list[str]:
+    """"pid N on HOST" from a lock file that some process holds exclusively (else it is stale: [])."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return []
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return []  # nobody holds it exclusively: what it says is stale
+        except OSError:
+            pass
+        text = os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip()
+        return [text] if text.startswith("pid ") else []
+    finally:
+        os.close(fd)
+
+
 def _unmark_complete(out: Path) -> None:
     for name in (SAFETENSORS_INDEX, MANIFEST):
         (out / name).unlink(missing_ok=True)
 
 
-def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, tokenizer_from: Path | None, fingerprint: str) -> None:
+def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], tokenizer_from: Path | None,
+                 fingerprint: str) -> None:
     """Everything `finalize` needs, so it can run from the output folder alone (on any node).
     Each worker writes the same bytes; atomic renames make concurrent writers safe."""
     state = out / STATE_DIR
@@ -453,12 +661,20 @@ def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, tokenizer_fro
     _copy_side_files(reference, tokenizer_from, state / "files", the_plan)
     write_json_atomic(state / STATE_PLAN, {
         "fingerprint": fingerprint,
+        "inputs": input_identities([reference, *finetuned]),  # to name an input that changes (resume, SIGBUS)
         "shards": [{"file": s.filename, "tensors": list(s.tensors), "input_bytes": s.input_bytes} for s in the_plan.shards],
         "manifest": manifest(the_plan),
         "model_card": model_card(the_plan),
         "summary": {"tensors": len(the_plan.tensors), "merged_tensors": sum(t.merged for t in the_plan.tensors),
                     "total_size": the_plan.total_size},
     })
+
+
+def _state_inputs(state: Path) -> object:
+    try:
+        return json.loads((state / STATE_PLAN).read_text("utf-8")).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _fingerprint_in(path: Path) -> str | None:

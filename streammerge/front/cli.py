@@ -6,9 +6,12 @@ Exit codes: 0 success, 1 a merge/input/config error (one line on stderr), 2 bad 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import click
 from streammerge import constants
 from streammerge.errors import ConfigError, StreammergeError
 from streammerge.front import api
-from streammerge.front.config import MergeConfig, ModelSpec
+from streammerge.front.config import MergeConfig, ModelSpec, load_yaml
 from streammerge.pipeline import distributed
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -84,6 +87,13 @@ def _run(debug: bool, fn, *args, **kwargs):
         _fail(str(e))
     except click.ClickException:  # bad usage found while building the config: click prints it, exit 2
         raise
+    except OSError as e:  # a full disk met where no library code expected it: still the clean error, not a bug
+        if debug or constants.DEBUG or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if debug or constants.DEBUG:
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3)
+        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e} (disk full?); free some space and rerun "
+              "the same command (finished shards are kept)")
     except KeyboardInterrupt:
         click.echo("streammerge: interrupted; partial shards were removed, rerun the same command to merge again", err=True)
         sys.exit(130)
@@ -91,6 +101,64 @@ def _run(debug: bool, fn, *args, **kwargs):
         if debug or constants.DEBUG:
             raise
         _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3)
+
+
+def _supervise(output: str) -> None:
+    """Runs the rest of this command in a forked child and waits for it, so that a merge killed by
+    SIGBUS still ends with one line and exit 1. Inputs are read as mapped files: a file truncated
+    while a block of it is being read kills the process on the spot (no Python code runs then), so
+    this parent says which input changed, from the state folder's record of them. Signals sent to
+    this process go to the child; the child dies with its parent; any other end of the child is
+    passed on as it is (exit code, or the same signal). Not under torchrun, nor in process (tests)."""
+    if distributed.torchrun_env() is not None or os.environ.get("STREAMMERGE_NO_SUPERVISOR", "") not in ("", "0"):
+        return
+    try:
+        sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real process's streams (click's CliRunner)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    passed = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, passed | {signal.SIGCHLD})  # none lost between fork and wait
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        try:  # Linux: the child dies with the parent (a SIGKILL of the parent must stop the merge)
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:
+            os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return
+    while True:
+        info = signal.sigtimedwait(passed | {signal.SIGCHLD}, 1.0)
+        # a terminal's Ctrl-C (si_code SI_KERNEL) reached the child too: sent once, not twice
+        if info is not None and info.si_signo != signal.SIGCHLD and not (info.si_signo == signal.SIGINT and info.si_code == 0x80):
+            os.kill(child, info.si_signo)
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            break
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
+        from .constants import STATE_DIR, STATE_PLAN
+
+        try:
+            recorded = json.loads((Path(output) / STATE_DIR / STATE_PLAN).read_text("utf-8")).get("inputs")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        changed = api.changed_inputs(recorded)
+        what = (f"{changed[0]}: changed while the merge read it" if changed else
+                "an input file changed while the merge read it (the process got SIGBUS reading a mapped file)")
+        _fail(f"{what}; the merge stopped and completed nothing more (no index): restore the file and rerun the same "
+              "command (finished shards are kept)")
+    if os.WIFSIGNALED(status):  # the same end as the child's (SIGKILL by the OOM killer, ...)
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        os.kill(os.getpid(), sig)
+    os._exit(os.waitstatus_to_exitcode(status))
 
 
 def _per_model(values: tuple[float, ...], n: int, name: str) -> list[float | None]:
@@ -121,9 +189,7 @@ def _config_from_flags(o: dict) -> MergeConfig:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param normalize=false")
-        import yaml
-
-        params[key.strip()] = yaml.safe_load(raw)
+        params[key.strip()] = load_yaml(raw, f"--param {key.strip()}")
     return MergeConfig(
         method=o["method"], base=o["base"], models=models, parameters=params,
         include=tuple(o["include"]), exclude=tuple(o["exclude"]),
@@ -244,6 +310,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
     `streammerge finalize OUTPUT_DIR` completes the merge once all are done.
     """
     config_path, output = _positional(args, needs_output=True)
+    _supervise(output)
     cfg = _run(debug, _build_config, config_path, o)
     if push_to_hub and "@" in push_to_hub:
         raise click.UsageError("--push-to-hub takes ORG/NAME; give the branch with --hub-branch")

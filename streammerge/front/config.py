@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from streammerge.constants import LORA_DROP_MODES
+from streammerge.constants import LORA_DROP_MODES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES
 from streammerge.errors import ConfigError
 from streammerge.methods import Param, registry
 from streammerge.methods.ops import MergeOptions
@@ -135,15 +135,19 @@ class MergeConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> MergeConfig:
         """Reads a mergekit-style YAML file; relative model paths resolve against its folder."""
-        import yaml
-
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text("utf-8"))
+            if not path.is_file():  # a FIFO or a device would block or never end
+                raise ConfigError(f"{path}: cannot read config: {'not a regular file' if path.exists() else 'no such file'}")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid YAML: not UTF-8 text") from None
+        data = load_yaml(text, str(path))
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping with merge_method, models, ...")
         cfg = cls.from_dict(data, base_dir=str(path.parent))
@@ -152,7 +156,23 @@ class MergeConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | None = None) -> MergeConfig:
         """Builds a config from a mergekit-style mapping (the parsed YAML)."""
-        problems: list[str] = []
+        # Only plain data (no binary, dates, sets, non-string keys): later steps (the manifest's JSON,
+        # the fingerprint) assume it; then the type of every key that must be a string or a list.
+        problems = _plain_problems(data, "config")
+        if problems:
+            raise ConfigError(problems)
+        for key in ("merge_method", "base_model", "dtype", "out_dtype", "semantics", "tokenizer_source", "vocab", "name"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                problems.append(f"{key}: must be a string, got {_short(data[key])}")
+        for key in ("include", "exclude"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                problems.append(f"{key}: must be a glob pattern or a list of them, got {_short(value)}")
+        if data.get("tokenizer") is not None and not isinstance(data["tokenizer"], dict):
+            problems.append(f"tokenizer: must be a mapping with source, tokens and pad_to_multiple_of, got {_short(data['tokenizer'])}")
+        if problems:
+            raise ConfigError(problems)
         for key, what in UNSUPPORTED_KEYS.items():
             if key in data:
                 problems.append(f"'{key}': mergekit {what} is not supported by streammerge yet")
@@ -171,6 +191,9 @@ class MergeConfig:
                 entry = {"model": entry}
             if not isinstance(entry, dict) or "model" not in entry:
                 problems.append(f"models[{i}]: expected a mapping with a 'model' key")
+                continue
+            if not isinstance(entry["model"], str):
+                problems.append(f"models[{i}].model: must be a path or a Hub repo id, got {_short(entry['model'])}")
                 continue
             extra = set(entry) - {"model", "parameters", "revision"}
             if extra:
@@ -276,7 +299,9 @@ class MergeConfig:
 
     def validate(self) -> None:
         """Checks every key and value; raises one ConfigError listing all problems."""
-        problems: list[str] = []
+        problems = self._type_problems()
+        if problems:  # the checks below assume these types
+            raise ConfigError(problems)
         method = registry.get(self.method_name)
         if method is None:
             problems.append(f"merge_method: unknown method {self.method!r}; choose one of {', '.join(registry.names())} "
@@ -329,6 +354,37 @@ class MergeConfig:
                             "it needs merge_method dare_linear or dare_ties")
         if problems:
             raise ConfigError(problems)
+
+    def _type_problems(self) -> list[str]:
+        """Each field's type (a config built in Python can hold anything), and plain data in parameters."""
+        problems = []
+        for key in ("method", "base", "semantics", "dtype", "out_dtype", "tokenizer_source", "vocab", "base_dir"):
+            value = getattr(self, key)
+            if not (isinstance(value, str) or (value is None and key not in ("method", "semantics", "vocab"))):
+                problems.append(f"{'merge_method' if key == 'method' else 'base_model' if key == 'base' else key}: "
+                                f"must be a string, got {_short(value)}")
+        for key in ("include", "exclude"):
+            value = getattr(self, key)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+                problems.append(f"{key}: must be a list of glob patterns, got {_short(value)}")
+        if not isinstance(self.models, (tuple, list)) or not all(
+                isinstance(m, ModelSpec) and isinstance(m.source, str) and isinstance(m.parameters, Mapping) for m in self.models):
+            problems.append(f"models: must be ModelSpec(source: str, parameters: mapping) entries, got {_short(self.models)}")
+            return problems
+        paths = [("base_model", self.base), ("tokenizer_source", self.tokenizer_source), ("base_dir", self.base_dir)]
+        paths += [(f"models[{i}].model", m.source) for i, m in enumerate(self.models)]
+        paths += [(f"slices[{i}].sources[{j}].model", src.source) for i, sl in enumerate(self.slices) for j, src in enumerate(sl.sources)]
+        paths += [(f"slices[{i}].base_model", sl.base) for i, sl in enumerate(self.slices)]
+        for where, path in paths:
+            if isinstance(path, str) and "\x00" in path:  # the OS refuses such a path (ValueError, not an OSError)
+                problems.append(f"{where}: a path cannot hold a NUL character, got {_short(path)}")
+        problems += _plain_problems(self.parameters, "parameters", mapping=True)
+        problems += _plain_problems(self.slice_parameters, "slices[0].parameters", mapping=True)
+        for i, m in enumerate(self.models):
+            problems += _plain_problems(m.parameters, f"models[{i}].parameters", mapping=True)
+        if self.tokenizer is not None:
+            problems += _plain_problems(self.tokenizer, "tokenizer", mapping=True)
+        return problems
 
     def _slice_problems(self) -> list[str]:
         """Passthrough copies one model per slice (mergekit allows one input); several slices keep
@@ -574,6 +630,94 @@ class MergeConfig:
         return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
 
+def _short(value: object, limit: int = 60) -> str:
+    """repr() cut to `limit` characters: a hostile value must not make a megabyte-long message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain_problems(value: Any, where: str, *, mapping: bool = False, depth: int = 0) -> list[str]:
+    """Where `value` holds something other than plain data (strings, numbers, booleans, null, lists,
+    mappings with string keys): YAML's !!binary, dates, sets, or any object a Python caller passed."""
+    if mapping and not isinstance(value, Mapping):
+        return [f"{where}: must be a mapping, got {_short(value)}"]
+    if depth > MAX_CONFIG_DEPTH:
+        return [f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep"]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _plain_problems(v, f"{where}[{i}]", depth=depth + 1)]
+    if isinstance(value, Mapping):
+        problems = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                problems.append(f"{where}: key {_short(k)} is not a string")
+            else:
+                problems += _plain_problems(v, f"{where}.{k}" if where != "config" else k, depth=depth + 1)
+        return problems
+    kind = {bytes: "binary data (!!binary)", set: "a set (!!set)"}.get(type(value)) or (
+        "a date" if type(value).__name__ in ("date", "datetime") else f"a {type(value).__name__}")
+    return [f"{where}: {kind} is not a config value; use numbers, strings, lists and mappings"]
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parses YAML safely and within bounds: at most MAX_CONFIG_BYTES, MAX_CONFIG_NODES values with
+    every alias expanded, MAX_CONFIG_DEPTH levels, no recursive alias. The node graph is measured
+    before any Python object is built, so an alias bomb (a few lines that expand to billions of
+    values) is refused at once instead of expanding in validation, the fingerprint or the manifest.
+
+    Raises:
+        ConfigError: "<where>: ..." naming what is wrong.
+    """
+    import yaml
+
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; a merge config is a few kB")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _measure(node, where, {}, set(), 1)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a value the YAML constructor cannot build (a 5000-digit int)
+        raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        loader.dispose()
+
+
+def _measure(node: Any, where: str, seen: dict[int, tuple[int, int]], open_nodes: set[int], depth: int) -> tuple[int, int]:
+    """(values under `node` with aliases expanded, its nesting height), memoized per node: linear time
+    however often an alias repeats a node. `depth`: the node's own nesting level."""
+    import yaml
+
+    if id(node) in open_nodes:
+        raise ConfigError(f"{where}: a recursive alias (an anchor used inside itself)")
+    size, height = seen.get(id(node), (0, 0))
+    if not size:
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        measured = [_measure(c, where, seen, open_nodes, depth + 1) for c in children]
+        open_nodes.discard(id(node))
+        size, height = 1 + sum(m[0] for m in measured), 1 + max((m[1] for m in measured), default=0)
+        seen[id(node)] = (size, height)
+    if depth - 1 + height > MAX_CONFIG_DEPTH:  # a deep node reached again, deeper
+        raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+    if size > MAX_CONFIG_NODES:
+        raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values once its aliases are expanded "
+                          "(an alias bomb?); a merge config has a few dozen")
+    return size, height
+
+
 def _token_problems(where: str, entry: Any, models: set[str]) -> list[str]:
     """One entry of tokenizer.tokens: {source: model | {kind: zero} | {kind: model_token, model,
     token_id | token}, force: bool}, as mergekit's TokenEmbeddingConfig."""
@@ -688,6 +832,8 @@ def _numbers_in(value: Any) -> list[float]:
                                  "and applies the entry to every tensor)")
             if "value" not in entry or set(entry) - {"filter", "value"}:
                 raise ValueError("each filter entry needs 'value' and optionally 'filter'")
+            if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                raise ValueError(f"a filter is a tensor name pattern (a string), got {_short(entry['filter'])}")
             out += _numbers_in(entry["value"])
         return out
     if isinstance(value, list) and value and not any(isinstance(v, (dict, list)) for v in value):
@@ -775,6 +921,9 @@ def _parse_slices(slices: Any, problems: list[str]) -> tuple[OutputSlice, ...]:
             if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
                 problems.append(f"{at}: expected a mapping with 'model' and 'layer_range'")
                 continue
+            if not isinstance(src["model"], str):
+                problems.append(f"{at}.model: must be a path or a Hub repo id, got {_short(src['model'])}")
+                continue
             for key in sorted(set(src) - {"model", "layer_range", "parameters"}):
                 problems.append(f"{at}: unknown key '{key}'")
             lr = src["layer_range"]
@@ -802,6 +951,9 @@ def _parse_slices(slices: Any, problems: list[str]) -> tuple[OutputSlice, ...]:
             problems.append(f"{where}.parameters must be a mapping")
             params = {}
         base = out_slice.get("base_model")
+        if base is not None and not isinstance(base, str):
+            problems.append(f"{where}.base_model: must be a path or a Hub repo id, got {_short(base)}")
+            base = None
         out.append(OutputSlice(tuple(sources), dict(params), None if base is None else str(base)))
     return tuple(out)
 

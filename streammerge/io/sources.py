@@ -346,6 +346,12 @@ class Checkpoint:
         dtype = DTYPES[info.dtype]
         if nbytes == 0 or offset % max(1, itemsize(info.dtype)):
             return self.read(name, row_start, row_end)
+        # Touching a mapped page past the file's end kills the process (SIGBUS): a file truncated
+        # since it was opened is refused here, before each block's pages are touched (the CLI
+        # also reports a truncation that lands while a block is being read: cli._supervise).
+        if os.fstat(self._fd(info.file)).st_size < self._ends.get(info.file, 0):
+            raise CheckpointError(info.file, "was truncated while the merge read it (shorter than its header says); "
+                                  "restore it and rerun (finished shards are kept)")
         with warnings.catch_warnings():  # torch warns that the buffer is read-only: we never write it
             warnings.simplefilter("ignore")
             flat = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=nbytes, offset=offset)

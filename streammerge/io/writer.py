@@ -8,6 +8,7 @@ under a temporary name, hashed as it is written, flushed to disk and only then r
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -89,9 +90,17 @@ class ShardWriter:
         return self._sha.hexdigest()
 
     def abort(self) -> None:
-        """Closes and deletes the partial file; the shard never appears under its final name."""
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        """Closes and deletes the partial file; the shard never appears under its final name. Never
+        raises: it runs while an error (often a full disk, which closing would hit again, flushing
+        what is buffered) is already on its way."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
@@ -118,7 +127,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+        full = " (disk full?)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}{full}") from None
 
 
 def fsync_dir(path: Path) -> None:

@@ -311,8 +311,22 @@ def _chunks(total: int, parts: int, step: int) -> list[tuple[int, int]]:
     return [(c, min(c + per, total)) for c in range(0, total, per)]
 
 
+def _quiet(fn):
+    """Runs `fn` with numpy's floating-point warnings off: NaN/Inf inputs give NaN/Inf results here
+    exactly as torch's arithmetic does, silently (--check-finite reports them in one line); a
+    RuntimeWarning on stderr would only break that line. Set per call: numpy's error state is per thread."""
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return quiet
+
+
 def run_parallel(fn, total: int, pool: ThreadPoolExecutor | None, step: int = CHUNK) -> None:
     """Calls fn(c0, c1) over `step`-aligned ranges covering [0, total), on the pool's threads."""
+    fn = _quiet(fn)
     if pool is None or total <= 4 * CHUNK:
         fn(0, total)
         return
@@ -382,6 +396,7 @@ def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], 
     return hists
 
 
+@_quiet
 def find_tie(spec: TensorSpec, base, fts, start: int, i: int, value: float, needed: int) -> tuple[int | None, int]:
     """Scans in flat order for the `needed`-th element with |τ_i| == value.
 
@@ -400,6 +415,7 @@ def find_tie(spec: TensorSpec, base, fts, start: int, i: int, value: float, need
     return None, seen
 
 
+@_quiet
 def sign_total(spec: TensorSpec, base, fts, start: int) -> float:
     """Σ of the raw elected signs over a block (FusionBench's majority sign)."""
     s = _scratch(len(fts))
