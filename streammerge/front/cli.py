@@ -142,7 +142,7 @@ def _supervise(output: str) -> None:
         if pid:
             break
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
-        from .constants import STATE_DIR, STATE_PLAN
+        from streammerge.constants import STATE_DIR, STATE_PLAN
 
         try:
             recorded = json.loads((Path(output) / STATE_DIR / STATE_PLAN).read_text("utf-8")).get("inputs")
