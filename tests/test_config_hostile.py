@@ -3,16 +3,24 @@ type-checked before any work, and no output folder created before the config val
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import no_hang
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import streammerge.front.api
 from streammerge import ConfigError, MergeConfig
 from streammerge.front.demo import build_demo_models
+from streammerge.errors import StreammergeError
 
 GOOD = "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 0.5, density: 0.5}\n"
 
@@ -114,16 +122,6 @@ def test_a_python_config_with_odd_types_is_a_config_error():
 
 # ---- a bounded config fuzz ----------------------------------------------------------------------
 
-import copy  # noqa: E402
-import os  # noqa: E402
-
-import yaml  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import streammerge.front.api  # noqa: E402
-from streammerge.errors import StreammergeError  # noqa: E402
-
 SEED_CONFIG = {
     "merge_method": "dare_ties", "base_model": "base", "dtype": "bfloat16", "seed": 3,
     "models": [{"model": "ft1", "parameters": {"weight": 0.5, "density": [{"filter": "mlp", "value": 0.4}, {"value": 0.6}]}},
@@ -191,8 +189,6 @@ def _fuzz_once(models: Path, work: Path, text: str) -> None:
     cfg_path, out = work / "fuzz.yaml", work / "out"
     cfg_path.write_text(text, encoding="utf-8")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     with no_hang(5):
         try:

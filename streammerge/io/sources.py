@@ -350,7 +350,7 @@ class Checkpoint:
         # since it was opened is refused here, before each block's pages are touched (the CLI
         # also reports a truncation that lands while a block is being read: cli._supervise).
         if os.fstat(self._fd(info.file)).st_size < self._ends.get(info.file, 0):
-            raise CheckpointError(info.file, "was truncated while the merge read it (shorter than its header says); "
+            raise CheckpointError(info.file, "is shorter than when its header was read (truncated or replaced since?); "
                                   "restore it and rerun (finished shards are kept)")
         with warnings.catch_warnings():  # torch warns that the buffer is read-only: we never write it
             warnings.simplefilter("ignore")
