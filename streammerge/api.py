@@ -248,6 +248,9 @@ def merge(
         side = {"copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card}
         fingerprint = plan_fingerprint(the_plan, inputs, side)
         mine = worker_shards(the_plan, rank, world_size)
+        log.debug("plan: %d tensors (%d merged) in %d shard(s) of at most %d bytes, filled in %s order; this worker "
+                  "writes %d; device %s; fingerprint %s", len(the_plan.tensors), sum(t.merged for t in the_plan.tensors),
+                  len(the_plan.shards), max_shard_size, shard_order, len(mine), target, fingerprint[:16])
         if on_total is not None:
             on_total(sum(s.input_bytes for s in mine))
 
@@ -269,6 +272,8 @@ def merge(
 
                 def on_shard(receipt: dict) -> None:
                     tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
+                    log.debug("wrote %s: %d tensors, %d bytes, sha256 %s", receipt["file"], len(tensors), receipt["bytes"],
+                              receipt["sha256"])
                     write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
                                       {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
                     if on_shard_file is not None:
