@@ -363,7 +363,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
                    f"streammerge push {result.output_dir} {push_to_hub} after streammerge finalize", err=True)
     if as_json:
         pushed = _push(debug, result.output_dir, push, private, hub_branch, True, upload) if push else None
-        click.echo(json.dumps({"status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})}, indent=2))
+        click.echo(json.dumps({"ok": True, "status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})}, indent=2))
         return
     if quiet:
         pass
@@ -459,7 +459,7 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
         summary["workers"] = [{"rank": r, "shards": [s.filename for s in share], "input_bytes": sum(s.input_bytes for s in share)}
                               for r, share in enumerate(shares)]
     if as_json:
-        click.echo(json.dumps({**summary, **({"tensor_plan": tensors} if show_tensors else {})}, indent=2))
+        click.echo(json.dumps({"ok": True, **summary, **({"tensor_plan": tensors} if show_tensors else {})}, indent=2))
         return
     click.echo(f"method {summary['method']} ({summary['semantics']} semantics), reference {p.reference}")
     for path in p.sources:
@@ -545,7 +545,7 @@ def finalize_command(output_dir: str, as_json: bool, debug: bool) -> None:
 
     result = _run(debug, api.finalize, output_dir)
     if as_json:
-        click.echo(json.dumps({"status": "ok", **result.summary()}, indent=2))
+        click.echo(json.dumps({"ok": True, "status": "ok", **result.summary()}, indent=2))
     elif result.already_complete:
         click.echo(f"{result.output_dir} is already complete ({len(result.shards)} shard(s))")
     else:
