@@ -325,8 +325,6 @@ class MergeConfig:
         for key, value in self.slice_parameters.items():
             problems += _check_param(f"slices[0].parameters.{key}", key, value, top_level=True, method=method)
         for i, model in enumerate(self.models):
-            if "+" in model.source and not os.path.exists(self._path(model.source)):
-                problems.append(f"models[{i}]: 'model+lora' syntax is not supported yet ({model.source!r})")
             for key, value in model.parameters.items():
                 problems += _check_param(f"models[{i}].parameters.{key}", key, value, top_level=False, method=method)
         drops = [m.parameters.get("lora_drop") for m in self.models] + [self.parameters.get("lora_drop")]
@@ -432,6 +430,12 @@ class MergeConfig:
     # ---- resolution ---------------------------------------------------------------------
 
     def _path(self, source: str) -> str:
+        if "+" in source and not os.path.exists(self._path_of(source)):  # mergekit's model+lora: each side resolved
+            model, plus, adapter = source.partition("+")
+            return self._path_of(model) + plus + self._path(adapter)
+        return self._path_of(source)
+
+    def _path_of(self, source: str) -> str:
         if self.base_dir and not os.path.isabs(source):
             candidate = os.path.join(self.base_dir, source)
             if os.path.exists(candidate):

@@ -37,7 +37,7 @@ from .constants import (
     SAFETENSORS_SINGLE,
 )
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, StreammergeError
-from .lora import LoraAdapter, open_model
+from .lora import AdaptedModel, LoraAdapter, open_model, split_model_lora
 from .sources import (
     Checkpoint,
     TensorInfo,
@@ -84,6 +84,9 @@ def parse_source(source: str) -> HubRef | None:
 def open_checkpoint(source: str, *, token: str | None = None) -> Checkpoint | LoraAdapter:
     """A local checkpoint, or a Hub one when `source` is a repo id that is not a local path (a
     checkpoint read lazily, or a LoRA adapter)."""
+    pair = split_model_lora(source)
+    if pair is not None:  # mergekit's model+lora: the model with the adapter applied
+        return _adapted(*pair, token=token)
     ref = parse_source(source)
     if ref is None:
         return open_model(source)  # a local checkpoint or LoRA adapter
@@ -96,6 +99,26 @@ def open_checkpoint(source: str, *, token: str | None = None) -> Checkpoint | Lo
     adapter = LoraAdapter(remote.path)
     adapter.source_label = remote.label
     return adapter
+
+
+def _adapted(model_source: str, adapter_source: str, *, token: str | None) -> AdaptedModel:
+    model = open_checkpoint(model_source, token=token)
+    try:
+        if isinstance(model, LoraAdapter):
+            raise CheckpointError(model_source, "is a LoRA adapter; in model+lora the model before '+' is a full checkpoint")
+        adapter = open_checkpoint(adapter_source, token=token)
+        if not isinstance(adapter, LoraAdapter):
+            adapter.close()
+            raise CheckpointError(adapter_source, "is not a LoRA adapter (no adapter_config.json); in model+lora the part "
+                                  "after '+' is a PEFT adapter folder or Hub repo")
+        try:
+            return AdaptedModel(model, adapter)
+        except BaseException:
+            adapter.close()
+            raise
+    except BaseException:
+        model.close()
+        raise
 
 
 @dataclass(frozen=True)
