@@ -598,10 +598,14 @@ def verify_command(output_dir: str, as_json: bool, debug: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.summary(), indent=2))
     elif report.ok:
-        click.echo(f"ok: {report.shards} shards, {report.tensors} tensors verified")
+        how = "" if report.sha256_checked else " (no streammerge manifest: no sha256 compared)"
+        click.echo(f"ok: {report.shards} shards, {report.tensors} tensors verified{how}")
     else:
         for problem in report.problems:
             click.echo(f"streammerge: error: {_one_line(problem)}", err=True)
+    if not as_json:
+        for note in report.notes:
+            click.echo(f"streammerge: info: {_one_line(note)}", err=True)
     sys.exit(0 if report.ok else 1)
 
 

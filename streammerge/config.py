@@ -438,7 +438,8 @@ class MergeConfig:
     def _path_of(self, source: str) -> str:
         if self.base_dir and not os.path.isabs(source):
             candidate = os.path.join(self.base_dir, source)
-            if os.path.exists(candidate):
+            # `dir/name` beside an existing `dir/`: a local path (perhaps mistyped), never a Hub repo id
+            if os.path.exists(candidate) or ("/" in source and os.path.isdir(os.path.join(self.base_dir, source.split("/")[0]))):
                 return candidate
         return source
 
