@@ -324,7 +324,10 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
     from . import distributed
 
     config_path, output = _positional(args, needs_output=True)
-    mapped, info = mergekit_flags.resolve(o, click.get_current_context().meta.get("raw_args", []))
+    ctx = click.get_current_context()
+    if o.get("out_shard_size") is not None and ctx.get_parameter_source("max_shard_size") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--out-shard-size (mergekit's) and --max-shard-size set the same limit; give one of them")
+    mapped, info = mergekit_flags.resolve(o, ctx.meta.get("raw_args", []))
     o.update(mapped)
     _verbosity(quiet, o.get("verbosity", 0))
     for line in info:

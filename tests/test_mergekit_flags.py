@@ -156,6 +156,7 @@ def test_honoured_flags_reach_the_merge(models, tmp_path, fake_merge):
     (["--threads", "2", "-j", "3"], "--num-threads 3 contradicts --threads 2"),
     (["--vocab", "truncate_to_base", "--unsafe-truncate-embeddings"], "contradicts --vocab truncate_to_base"),
     (["--out-shard-size", "1.5B"], "not a mergekit size"),
+    (["--out-shard-size", "1B", "--max-shard-size", "1GB"], "give one of them"),
 ])
 def test_contradicting_flags_are_usage_errors(args, needle, models, tmp_path, fake_merge):
     result = run("merge", models / "merge.yaml", tmp_path / "out", *args)
