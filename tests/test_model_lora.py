@@ -16,6 +16,9 @@ from streammerge.cli import main
 from streammerge.constants import SAFETENSORS_INDEX
 from streammerge.lora import split_model_lora
 
+# transformers' own FutureWarning while PEFT wraps the model (is_gradient_checkpointing): not ours
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
