@@ -40,12 +40,26 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 class MismatchError(StreammergeError, ValueError):
-    """The models do not fit together (missing tensors, different shapes or dtypes)."""
+    """The models do not fit together (missing tensors, different shapes or dtypes).
 
-    def __init__(self, problems: list[str]):
+    `problems`: one line each (many tensors of one model may be summed up in one); `details`: every
+    tensor on its own line. The message shows the first SHOWN problems and says how to see them all
+    (`--json` prints `details` in its error object).
+    """
+
+    SHOWN = 3
+
+    def __init__(self, problems: list[str], details: list[str] | None = None):
         self.problems = list(problems)
-        head = f"{len(self.problems)} mismatch(es) between the models: " if len(self.problems) > 1 else ""
-        super().__init__(head + "; ".join(self.problems[:20]) + (" ..." if len(self.problems) > 20 else ""))
+        self.details = list(details) if details is not None else list(self.problems)
+        n = len(self.problems)
+        head = f"{n} mismatch(es) between the models: " if n > 1 else ""
+        text = head + "; ".join(self.problems[:self.SHOWN])
+        if n > self.SHOWN:
+            text += f"; ... and {n - self.SHOWN} more"
+        if n > self.SHOWN or len(self.details) > n:
+            text += f" (all {len(self.details)}, one per tensor: rerun with --json)"
+        super().__init__(text)
 
 
 class OutputError(StreammergeError, OSError):

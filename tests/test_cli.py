@@ -283,11 +283,22 @@ def test_demo(tmp_path):
     assert set(index["weight_map"]) == set(TinyLlama().shapes())
     first = shard_hashes(root / "merged")
 
-    assert_one_line_error(run("demo", root), 1, f"{root}: not empty", "--force")
+    # Run again: the models are reused (said so), merged again, the same bytes.
+    result = run("demo", root)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == (f"reusing the demo models an earlier run built in {root}/ (--force rebuilds "
+                                             "them); merging again")
+    assert shard_hashes(root / "merged") == first
     result = run("demo", root, "--force", "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
     assert shard_hashes(root / "merged") == first
+
+    other = tmp_path / "other"  # a folder of someone else's files is never built over without --force
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_one_line_error(run("demo", other), 1, f"{other}: not empty, and not a streammerge demo folder", "--force")
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
     a_file = tmp_path / "file"
     a_file.write_text("x")

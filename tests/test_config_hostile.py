@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import streammerge.front.api
 from streammerge import ConfigError, MergeConfig
-from streammerge.front.demo import build_demo_models
 from streammerge.errors import StreammergeError
+from streammerge.front.demo import build_demo_models
 
 GOOD = "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 0.5, density: 0.5}\n"
 

@@ -114,7 +114,7 @@ def test_cli_plan_with_repo_ids_downloads_no_weights(models, fakehub):
     result = CliRunner().invoke(main, ["plan", "--base", "org/base", "--model", "org/ft1", "--model", "org/ft2@main",
                                        "--method", "ties", "--density", "0.5", "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["reference"].startswith("org/base@") and summary["tensors"] == len(SHAPE.shapes())
     assert fakehub.weight_reads() == [] and cache_weights(hf_cache()) == []
 
@@ -160,7 +160,7 @@ def test_offline_merge_reuses_the_cache(tmp_path, models, fakehub, monkeypatch):
     assert fakehub.requests == []
     assert [s["sha256"] for s in offline.shards] == [s["sha256"] for s in first.shards]
     same_files(tmp_path / "online", tmp_path / "offline", ["config.json", "model.safetensors.index.json"])
-    with pytest.raises(CheckpointNotFoundError, match=r"^org/other: not in the Hub cache .*HF_HUB_OFFLINE is set"):
+    with pytest.raises(CheckpointNotFoundError, match=r"^org/other: no such local folder, and not in the Hub cache .*HF_HUB_OFFLINE set"):
         api.plan(ties("org/other", "org/ft1", "org/ft2"))
 
 
@@ -239,7 +239,9 @@ def test_unreachable_hub(tmp_path, monkeypatch, fakehub):
     from huggingface_hub import constants
 
     fakehub.close()
-    with pytest.raises(HubError, match=r"^org/base: cannot reach the Hub at http://127.0.0.1:\d+ \(ConnectError\); check the connection"):
+    # no local folder org/base either: that is said first (a mistyped local path looks like a repo id)
+    with pytest.raises(CheckpointNotFoundError, match=r"^org/base: no such local folder, and the Hub at http://127.0.0.1:\d+ "
+                       r"cannot be reached to look for a repo of that name \(ConnectError\); check the path, or the connection"):
         hub.open_checkpoint("org/base")
     assert constants.HF_HUB_OFFLINE is False
 

@@ -58,7 +58,7 @@ def test_fresh_merge_verifies(merged):
     result = CliRunner().invoke(main, ["verify", str(merged), "--json"])
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {"output_dir": str(merged), "ok": True, "shards": report.shards,
-                                         "tensors": N_TENSORS, "problems": []}
+                                         "tensors": N_TENSORS, "problems": [], "sha256_checked": True, "notes": []}
 
 
 def test_flipped_byte_in_data(out):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def mergekit_yaml(config: Path, cwd: Path, *, copy_tokenizer: bool = False) -> Iterator[Path]:
+def mergekit_yaml(config: Path, cwd: Path, *, copy_tokenizer: bool = False, extra: list[str] | None = None) -> Iterator[Path]:
     """Runs the mergekit-yaml next to this Python on `config` from `cwd` (model paths relative to it),
-    offline; yields its output folder, deleted afterwards."""
+    offline, with the `extra` flags; yields its output folder, deleted afterwards."""
     exe = Path(sys.executable).with_name("mergekit-yaml")
-    flags = [] if copy_tokenizer else ["--no-copy-tokenizer"]
+    flags = ([] if copy_tokenizer else ["--no-copy-tokenizer"]) + list(extra or [])
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "out"
         subprocess.run([str(exe), str(config), str(out), *flags, "--no-write-model-card", "--quiet"],

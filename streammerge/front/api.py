@@ -66,7 +66,13 @@ from streammerge.io.writer import (
 from streammerge.pipeline.device import resolve_device
 from streammerge.pipeline.distributed import Group, check_worker
 from streammerge.pipeline.engine import Progress, run_plan
-from streammerge.pipeline.plan import Plan, ShardPlan, assign_workers, build_plan
+from streammerge.pipeline.plan import (
+    Plan,
+    ShardPlan,
+    assign_workers,
+    build_plan,
+    check_architectures,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,25 +153,31 @@ def plan(
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    shard_order: str = "file",
+    allow_crimes: bool = False,
 ) -> Plan:
     """Validates the config and builds the plan from the inputs' headers; reads no weights.
+
+    `shard_order` and `allow_crimes`: as for `merge`.
 
     Raises:
         ConfigError, CheckpointError, MismatchError: everything wrong, before any heavy work.
     """
     with ExitStack() as stack:
         reference, finetuned = _open(config, stack)
-        return _build_plan(config, reference, finetuned, max_shard_size, max_memory)[0]
+        return _build_plan(config, reference, finetuned, max_shard_size, max_memory, shard_order, allow_crimes)[0]
 
 
 def _build_plan(config: MergeConfig, reference: Checkpoint, finetuned: list[Checkpoint], max_shard_size: int,
-                max_memory: int) -> tuple[Plan, Path | None]:
+                max_memory: int, shard_order: str = "file", allow_crimes: bool = False) -> tuple[Plan, Path | None]:
     """The plan, and the folder the tokenizer files come from (one without a tokenizer fails here,
     before any work). A tokenizer source's vocabularies decide the vocabulary tensors' rows."""
+    if not allow_crimes:
+        check_architectures(reference, finetuned)
     tokenizer_from = tokenizer_folder(config, reference, finetuned)
     reindex = build_reindex(config, reference, finetuned, tokenizer_from)
     the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory,
-                          reindex=reindex)
+                          reindex=reindex, shard_order=shard_order)
     return the_plan, tokenizer_from
 
 
@@ -188,6 +200,10 @@ def merge(
     download_budget: int | None = None,
     on_shard_file: Callable[[Path], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+    shard_order: str = "file",
+    allow_crimes: bool = False,
 ) -> MergeResult:
     """Runs the merge and writes a sharded checkpoint that transformers loads as is.
 
@@ -221,6 +237,13 @@ def merge(
             needs them (files already in the cache are kept).
         download_budget: bytes of downloaded Hub input files on disk at once; downloads wait for
             room, and files are deleted after use as with `delete_downloaded`.
+        copy_tokenizer: copy the tokenizer files (mergekit's --no-copy-tokenizer: False); a tokenizer
+            source's re-indexed vocabulary is written either way, as mergekit does.
+        write_model_card: write README.md (mergekit's --no-write-model-card: False).
+        shard_order: "file" fills shards in the reference's file order; "name" in tensor name order,
+            the order mergekit-yaml writes, so a byte limit splits the output as mergekit's does.
+        allow_crimes: merge models whose config.json names different architectures (mergekit's
+            --allow-crimes); without it they are refused.
     """
     start = time.perf_counter()
     out = Path(output_dir)
@@ -238,10 +261,15 @@ def merge(
     try:
         with ExitStack() as stack:
             reference, finetuned = _open(config, stack)
-            the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory)
+            the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory, shard_order,
+                                                   allow_crimes)
             inputs = [reference, *finetuned]
-            fingerprint = plan_fingerprint(the_plan, inputs)
+            side = {"copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card}
+            fingerprint = plan_fingerprint(the_plan, inputs, side)
             mine = worker_shards(the_plan, rank, world_size)
+            log.debug("plan: %d tensors (%d merged) in %d shard(s) of at most %d bytes, filled in %s order; this worker "
+                      "writes %d; device %s; fingerprint %s", len(the_plan.tensors), sum(t.merged for t in the_plan.tensors),
+                      len(the_plan.shards), max_shard_size, shard_order, len(mine), target, fingerprint[:16])
             if on_total is not None:
                 on_total(sum(s.input_bytes for s in mine))
 
@@ -257,7 +285,8 @@ def merge(
             try:
                 complete = group.rank0_first(prepare) if group is not None else prepare()
                 if not complete:
-                    _write_state(out, the_plan, reference, finetuned, tokenizer_from, fingerprint)
+                    _write_state(out, the_plan, reference, finetuned, tokenizer_from if copy_tokenizer or the_plan.reindex else None,
+                                 fingerprint, write_model_card)
                     done = _resume(out, [s.filename for s in mine])
                     todo = [s for s in mine if s.filename not in done]
                     _check_free_space(out, todo)
@@ -266,6 +295,8 @@ def merge(
 
                     def on_shard(receipt: dict) -> None:
                         tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
+                        log.debug("wrote %s: %d tensors, %d bytes, sha256 %s", receipt["file"], len(tensors), receipt["bytes"],
+                                  receipt["sha256"])
                         write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
                                           {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
                         if on_shard_file is not None:
@@ -368,7 +399,8 @@ def _finalize(output_dir: str | os.PathLike, rehash: bool) -> MergeResult:
                 os.replace(side, out / side.name)
     except OSError as e:
         raise OutputError(f"{out}: cannot finalize: {e.strerror or e}") from None
-    write_text_atomic(out / MODEL_CARD, info["model_card"])
+    if info["model_card"] is not None:  # None: --no-write-model-card
+        write_text_atomic(out / MODEL_CARD, info["model_card"])
     shards = [{k: r[k] for k in ("file", "sha256", "bytes")} for r in receipts]
     write_json_atomic(out / MANIFEST, {**info["manifest"], "shards": shards, "fingerprint": info["fingerprint"],
                                        "summary": info["summary"]})
@@ -431,9 +463,10 @@ def _owners(missing: list[str], plan_shards: list[dict], receipts: list[dict]) -
     return ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
 
 
-def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
+def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint], side: dict | None = None) -> str:
     """sha256 of everything that decides the output bytes: the plan and the inputs' identity
-    (each file's size, modification time and header), so a resume never mixes two merges."""
+    (each file's size, modification time and header), so a resume never mixes two merges.
+    `side`: which side files are written (tokenizer, model card), when not the default all."""
     identity = input_identities(inputs)
     payload = {
         "version": __version__,
@@ -449,6 +482,8 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint]) -> str:
     }
     if the_plan.layers is not None:  # stacked layers (their map is in "tensors"): config.json's layer count
         payload["layers"] = the_plan.layers
+    if side and not all(side.values()):
+        payload["side"] = side
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -649,7 +684,7 @@ def _unmark_complete(out: Path) -> None:
 
 
 def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], tokenizer_from: Path | None,
-                 fingerprint: str) -> None:
+                 fingerprint: str, write_model_card: bool = True) -> None:
     """Everything `finalize` needs, so it can run from the output folder alone (on any node).
     Each worker writes the same bytes; atomic renames make concurrent writers safe."""
     state = out / STATE_DIR
@@ -663,7 +698,7 @@ def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, finetuned: li
         "inputs": input_identities([reference, *finetuned]),  # to name an input that changes (resume, SIGBUS)
         "shards": [{"file": s.filename, "tensors": list(s.tensors), "input_bytes": s.input_bytes} for s in the_plan.shards],
         "manifest": manifest(the_plan),
-        "model_card": model_card(the_plan),
+        "model_card": model_card(the_plan) if write_model_card else None,
         "summary": {"tensors": len(the_plan.tensors), "merged_tensors": sum(t.merged for t in the_plan.tensors),
                     "total_size": the_plan.total_size},
     })
@@ -748,10 +783,12 @@ def _copy_side_files(reference: Checkpoint, tokenizer_from: Path | None, out: Pa
         return
     for name in COPIED_FILES:
         folder = reference.folder if name in ("config.json", "generation_config.json") else tokenizer_from
-        src = folder / name
         if the_plan.reindex is not None and name in the_plan.reindex.files:  # the union's added tokens
             write_json_atomic(out / name, the_plan.reindex.files[name])
             continue
+        if folder is None:  # no tokenizer files copied (--no-copy-tokenizer)
+            continue
+        src = folder / name
         if not src.is_file():
             continue
         if name == "config.json":

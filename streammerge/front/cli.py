@@ -2,6 +2,10 @@
 
 Exit codes: 0 success, 1 a merge/input/config error (one line on stderr), 2 bad usage,
 3 an unexpected internal error, 130 interrupted. `--debug` (or STREAMMERGE_DEBUG=1) shows tracebacks.
+With `--json`, a failure also prints an error object on stdout (`error_object`).
+
+Start-up stays light (click and the standard library): torch and the merge machinery are imported
+inside the commands, so `--help` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,15 +18,22 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from streammerge import constants
-from streammerge.errors import ConfigError, StreammergeError
-from streammerge.front import api
-from streammerge.front.config import MergeConfig, ModelSpec, load_yaml
-from streammerge.pipeline import distributed
+from streammerge.errors import (
+    CheckpointError,
+    ConfigError,
+    MismatchError,
+    StreammergeError,
+)
+from streammerge.front import mergekit_flags
+
+if TYPE_CHECKING:
+    from streammerge.front.api import MergeResult
+    from streammerge.front.config import MergeConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -72,8 +83,42 @@ def _quiet() -> None:
     logging.getLogger("streammerge").setLevel(logging.WARNING)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def error_object(message: str, code: int, error: BaseException | None = None) -> dict:
+    """What `--json` prints on stdout when a command fails (docs/mergekit.md, "--json errors"):
+    {"ok": false, "status": "error", "error": {"code": exit code, "type": the error's class,
+    "message": the one line of stderr, "what": the file, key or tensor it is about (or null),
+    "problems": every problem, one per item}}."""
+    what = None
+    problems = [message]
+    if isinstance(error, CheckpointError):
+        what = error.path
+    elif isinstance(error, MismatchError):
+        problems = error.details
+    elif isinstance(error, ConfigError):
+        problems = error.problems
+        what = _key_of(problems[0]) if len(problems) == 1 else None
+    elif isinstance(error, click.UsageError) and error.ctx is not None and error.ctx.command is not None:
+        what = error.ctx.command_path
+    kind = "UsageError" if code == 2 else type(error).__name__ if error is not None else "Error"
+    return {"ok": False, "status": "error",
+            "error": {"code": code, "type": kind, "message": message, "what": what, "problems": problems}}
+
+
+def _key_of(problem: str) -> str | None:
+    """The config key or file a one-line problem starts with ('models[1].parameters.weight: ...')."""
+    head, sep, _ = problem.partition(": ")
+    return head if sep and " " not in head else None
+
+
+def _wants_json() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.params.get("as_json"))
+
+
+def _fail(message: str, code: int = 1, error: BaseException | None = None) -> None:
     click.echo(f"streammerge: error: {_one_line(message)}", err=True)
+    if _wants_json():
+        click.echo(json.dumps(error_object(_one_line(message), code, error), indent=2))
     sys.exit(code)
 
 
@@ -84,7 +129,7 @@ def _run(debug: bool, fn, *args, **kwargs):
     except StreammergeError as e:
         if debug or constants.DEBUG:
             raise
-        _fail(str(e))
+        _fail(str(e), 1, e)
     except click.ClickException:  # bad usage found while building the config: click prints it, exit 2
         raise
     except OSError as e:  # a full disk met where no library code expected it: still the clean error, not a bug
@@ -94,13 +139,16 @@ def _run(debug: bool, fn, *args, **kwargs):
             _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3)
         _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e} (disk full?); free some space and rerun "
               "the same command (finished shards are kept)")
-    except KeyboardInterrupt:
-        click.echo("streammerge: interrupted; partial shards were removed, rerun the same command to merge again", err=True)
+    except KeyboardInterrupt as e:
+        message = "interrupted; partial shards were removed, rerun the same command to merge again"
+        click.echo(f"streammerge: {message}", err=True)
+        if _wants_json():
+            click.echo(json.dumps(error_object(message, 130, e), indent=2))
         sys.exit(130)
     except Exception as e:  # a bug of ours: say so, briefly
         if debug or constants.DEBUG:
             raise
-        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3)
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3, e)
 
 
 def _supervise(output: str) -> None:
@@ -110,6 +158,8 @@ def _supervise(output: str) -> None:
     this parent says which input changed, from the state folder's record of them. Signals sent to
     this process go to the child; the child dies with its parent; any other end of the child is
     passed on as it is (exit code, or the same signal). Not under torchrun, nor in process (tests)."""
+    from streammerge.pipeline import distributed
+
     if distributed.torchrun_env() is not None or os.environ.get("STREAMMERGE_NO_SUPERVISOR", "") not in ("", "0"):
         return
     try:
@@ -143,6 +193,7 @@ def _supervise(output: str) -> None:
             break
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
         from streammerge.constants import STATE_DIR, STATE_PLAN
+        from streammerge.front import api
 
         try:
             recorded = json.loads((Path(output) / STATE_DIR / STATE_PLAN).read_text("utf-8")).get("inputs")
@@ -172,6 +223,8 @@ def _per_model(values: tuple[float, ...], n: int, name: str) -> list[float | Non
 
 
 def _config_from_flags(o: dict) -> MergeConfig:
+    from streammerge.front.config import MergeConfig, ModelSpec, load_yaml
+
     if not o["model"]:
         raise ConfigError("no models: pass a CONFIG.yaml, or --model (repeated) with --base and --method")
     if not o["method"]:
@@ -197,6 +250,8 @@ def _config_from_flags(o: dict) -> MergeConfig:
 
 
 def _build_config(config_path: str | None, o: dict) -> MergeConfig:
+    from streammerge.front.config import MergeConfig
+
     if config_path is not None:
         flags = [f for f in ("base", "method", "lambda_") if o[f] is not None] + [f for f in ("model", "weight", "density", "param") if o[f]]
         if flags:
@@ -284,23 +339,55 @@ def _positional(args: tuple[str, ...], needs_output: bool) -> tuple[str | None, 
     return (args[0] if args else None), None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(package_name="streammerge")
+class _Group(click.Group):
+    """With --json among a command's arguments, a usage error also prints the JSON error object on stdout."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["all_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if "--json" in ctx.meta.get("all_args", []):
+                click.echo(json.dumps(error_object(_one_line(e.format_message()), e.exit_code, e), indent=2))
+            raise
+
+
+class _RawArgs(click.Command):
+    """Keeps the command's own arguments as typed (ctx.meta["raw_args"]): --multi-gpu's torchrun line repeats them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["raw_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _version() -> str:
+    from streammerge import __version__
+
+    return __version__
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(_version(), package_name="streammerge")
 def main() -> None:
     """Merge LLM checkpoints (DARE, TIES, task arithmetic) tensor by tensor, in bounded memory."""
     _show_logs(logging.INFO)  # warnings, and what a run decided (resuming, a fallback); --quiet keeps warnings only
 
 
-@main.command()
+@main.command(cls=_RawArgs, epilog="Every mergekit-yaml 0.1.5 flag is accepted too (--cuda, --out-shard-size, "
+              "--random-seed, --no-copy-tokenizer, --allow-crimes, -v, ...): docs/mergekit.md says what each does here.")
 @click.argument("args", nargs=-1, metavar="[CONFIG.yaml] OUTPUT_DIR")
 @_merge_options
 @click.option("--force", is_flag=True, help="Replace a previous merge in OUTPUT_DIR.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bar or summary.")
 @click.option("--rank", type=click.IntRange(0), help="This worker's index in a split merge (default: $SLURM_ARRAY_TASK_ID, or 0).")
 @click.option("--world-size", type=click.IntRange(1), help="Number of workers splitting the merge (default: $SLURM_ARRAY_TASK_COUNT, or 1).")
 @click.option("--delete-downloaded", is_flag=True, help="Delete Hub input shards this run downloaded once no tensor needs them.")
 @click.option("--download-budget", type=Size(), help="Disk for downloaded Hub input shards at once, e.g. 50GB (implies --delete-downloaded).")
 @_push_options
+@mergekit_flags.options
 def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug: bool, rank: int | None,
           world_size: int | None, push_to_hub: str | None, private: bool, hub_branch: str | None, **o: Any) -> None:
     """Merge models into OUTPUT_DIR, from a mergekit-style CONFIG.yaml or from flags.
@@ -309,7 +396,21 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
     and --world-size (or in a Slurm job array) workers run independently and
     `streammerge finalize OUTPUT_DIR` completes the merge once all are done.
     """
+    from streammerge.pipeline import distributed
+
     config_path, output = _positional(args, needs_output=True)
+    ctx = click.get_current_context()
+    if o.get("out_shard_size") is not None and ctx.get_parameter_source("max_shard_size") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--out-shard-size (mergekit's) and --max-shard-size set the same limit; give one of them")
+    mapped, info = mergekit_flags.resolve(o, ctx.meta.get("raw_args", []))
+    o.update(mapped)
+    _verbosity(quiet, o.get("verbosity", 0))
+    for line in info:
+        logging.getLogger("streammerge.cli").info("%s", line)
+    if o.get("hub_cache"):  # --transformers-cache: where huggingface_hub puts (and finds) downloads
+        from huggingface_hub import constants as hf_constants
+
+        hf_constants.HF_HUB_CACHE = str(Path(o["hub_cache"]).expanduser())
     _supervise(output)
     cfg = _run(debug, _build_config, config_path, o)
     if push_to_hub and "@" in push_to_hub:
@@ -341,7 +442,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
                    f"streammerge push {result.output_dir} {push_to_hub} after streammerge finalize", err=True)
     if as_json:
         pushed = _push(debug, result.output_dir, push, private, hub_branch, True, upload) if push else None
-        click.echo(json.dumps({"status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})}, indent=2))
+        click.echo(json.dumps({"ok": True, "status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})}, indent=2))
         return
     if quiet:
         pass
@@ -360,9 +461,19 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
         _push(debug, result.output_dir, push, private, hub_branch, quiet, upload)
 
 
+def _verbosity(quiet: bool, verbosity: int) -> None:
+    """--quiet: warnings only; -v: debug lines too; else warnings and info (what a run decided)."""
+    if quiet:
+        _quiet()
+    elif verbosity:
+        logging.getLogger("streammerge").setLevel(logging.DEBUG)
+
+
 def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, quiet: bool, rank: int = 0,
-                         world_size: int = 1, on_shard_file=None) -> api.MergeResult:
+                         world_size: int = 1, on_shard_file=None) -> MergeResult:
     from tqdm.auto import tqdm
+
+    from streammerge.front import api
 
     if quiet:
         _quiet()
@@ -376,7 +487,9 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
                          progress=bar.update, compile=o.get("compile_mode", "auto"), check_finite=o.get("check_finite", False),
                          device=o.get("device", "auto"), gpu_memory=o.get("gpu_memory"), threads=o.get("threads"), rank=rank, world_size=world_size,
                          delete_downloaded=o.get("delete_downloaded", False), download_budget=o.get("download_budget"),
-                         on_shard_file=on_shard_file, on_total=set_total)
+                         on_shard_file=on_shard_file, on_total=set_total, copy_tokenizer=o.get("copy_tokenizer", True),
+                         write_model_card=o.get("write_model_card", True), shard_order=o.get("shard_order", "file"),
+                         allow_crimes=o.get("allow_crimes", False))
 
 
 @main.command()
@@ -384,11 +497,20 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
 @_merge_options
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor with its parameters.")
 @click.option("--world-size", type=click.IntRange(1), default=1, help="Show which shards each of this many workers writes.")
-def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, world_size: int, **o: Any) -> None:
+@click.option("--out-shard-size", type=mergekit_flags.KmbSize(), help="mergekit's shard size (5B, 500M): its split, as merge does.")
+@click.option("--allow-crimes", is_flag=True, help="Allow models of different architectures (mergekit's flag).")
+def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, world_size: int, out_shard_size: int | None,
+         allow_crimes: bool, **o: Any) -> None:
     """Dry run: what will be merged and how, the output shards, peak memory and disk. Reads no weights."""
+    from streammerge.front import api
+
     config_path, _ = _positional(args, needs_output=False)
     cfg = _run(debug, _build_config, config_path, o)
-    p = _run(debug, api.plan, cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"])
+    order = "file"
+    if out_shard_size is not None:
+        o["max_shard_size"], order = (out_shard_size if out_shard_size > 0 else 1 << 62), "name"
+    p = _run(debug, api.plan, cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], shard_order=order,
+             allow_crimes=allow_crimes)
     labels = [p.reference, *p.sources]
     tensors = [
         {"name": t.name, "shape": list(t.shape), "dtype": t.out_dtype, "merged": t.merged, "dare": t.dare,
@@ -416,7 +538,7 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
         summary["workers"] = [{"rank": r, "shards": [s.filename for s in share], "input_bytes": sum(s.input_bytes for s in share)}
                               for r, share in enumerate(shares)]
     if as_json:
-        click.echo(json.dumps({**summary, **({"tensor_plan": tensors} if show_tensors else {})}, indent=2))
+        click.echo(json.dumps({"ok": True, **summary, **({"tensor_plan": tensors} if show_tensors else {})}, indent=2))
         return
     click.echo(f"method {summary['method']} ({summary['semantics']} semantics), reference {p.reference}")
     for path in p.sources:
@@ -454,23 +576,31 @@ def push(output_dir: str, repo_id: str, private: bool, hub_branch: str | None, q
 
 @main.command()
 @click.argument("directory", default="streammerge-demo", required=False)
-@click.option("--force", is_flag=True, help="Replace a previous demo in DIRECTORY.")
+@click.option("--force", is_flag=True, help="Rebuild the demo models in DIRECTORY (or build them in a folder that holds other files).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--debug", is_flag=True)
 def demo(directory: str, force: bool, quiet: bool, debug: bool) -> None:
-    """Build a tiny Llama-shaped base and two fine-tunes in DIRECTORY, and merge them (dare_ties)."""
-    from streammerge.front.demo import DEMO_CONFIG, build_demo_models
+    """Build a tiny Llama-shaped base and two fine-tunes in DIRECTORY, and merge them (dare_ties).
+
+    Run again, it reuses the models an earlier run built there and merges them again."""
+    from streammerge.front.config import MergeConfig
+    from streammerge.front.demo import DEMO_CONFIG, build_demo_models, is_demo_folder
 
     root = Path(directory)
     if root.exists() and not root.is_dir():
         _fail(f"{root}: exists and is not a directory; choose another place for the demo")
-    if root.exists() and any(root.iterdir()) and not force:
-        _fail(f"{root}: not empty; pass --force to rebuild the demo there")
-    _run(debug, build_demo_models, root)
     config_path = root / "merge.yaml"
-    config_path.write_text(DEMO_CONFIG)
-    if not quiet:
-        click.echo(f"built base and 2 fine-tunes in {root}/, config {config_path}")
+    reuse = not force and is_demo_folder(root)
+    if not reuse and root.exists() and any(root.iterdir()) and not force:
+        _fail(f"{root}: not empty, and not a streammerge demo folder; choose another place, or pass --force to build the demo there")
+    if reuse:
+        if not quiet:
+            click.echo(f"reusing the demo models an earlier run built in {root}/ (--force rebuilds them); merging again")
+    else:
+        _run(debug, build_demo_models, root)
+        config_path.write_text(DEMO_CONFIG)
+        if not quiet:
+            click.echo(f"built base and 2 fine-tunes in {root}/, config {config_path}")
     cfg = _run(debug, MergeConfig.from_yaml, config_path)
     opts = {"max_shard_size": 200_000, "max_memory": constants.DEFAULT_MAX_MEMORY}
     result = _run(debug, _merge_with_progress, cfg, str(root / "merged"), opts, True, quiet)
@@ -490,9 +620,11 @@ def finalize_command(output_dir: str, as_json: bool, debug: bool) -> None:
 
     Exit code 1 naming the missing shards (and their workers) if some are not done.
     """
+    from streammerge.front import api
+
     result = _run(debug, api.finalize, output_dir)
     if as_json:
-        click.echo(json.dumps({"status": "ok", **result.summary()}, indent=2))
+        click.echo(json.dumps({"ok": True, "status": "ok", **result.summary()}, indent=2))
     elif result.already_complete:
         click.echo(f"{result.output_dir} is already complete ({len(result.shards)} shard(s))")
     else:
@@ -545,10 +677,14 @@ def verify_command(output_dir: str, as_json: bool, debug: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.summary(), indent=2))
     elif report.ok:
-        click.echo(f"ok: {report.shards} shards, {report.tensors} tensors verified")
+        how = "" if report.sha256_checked else " (no streammerge manifest: no sha256 compared)"
+        click.echo(f"ok: {report.shards} shards, {report.tensors} tensors verified{how}")
     else:
         for problem in report.problems:
             click.echo(f"streammerge: error: {_one_line(problem)}", err=True)
+    if not as_json:
+        for note in report.notes:
+            click.echo(f"streammerge: info: {_one_line(note)}", err=True)
     sys.exit(0 if report.ok else 1)
 
 

@@ -25,7 +25,12 @@ from typing import Any, Mapping
 
 import torch
 
-from streammerge.constants import LORA_DROP_MODES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES
+from streammerge.constants import (
+    LORA_DROP_MODES,
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    MAX_CONFIG_NODES,
+)
 from streammerge.errors import ConfigError
 from streammerge.methods import Param, registry
 from streammerge.methods.ops import MergeOptions
@@ -344,8 +349,6 @@ class MergeConfig:
         for key, value in self.slice_parameters.items():
             problems += _check_param(f"slices[0].parameters.{key}", key, value, top_level=True, method=method)
         for i, model in enumerate(self.models):
-            if "+" in model.source and not os.path.exists(self._path(model.source)):
-                problems.append(f"models[{i}]: 'model+lora' syntax is not supported yet ({model.source!r})")
             for key, value in model.parameters.items():
                 problems += _check_param(f"models[{i}].parameters.{key}", key, value, top_level=False, method=method)
         drops = [m.parameters.get("lora_drop") for m in self.models] + [self.parameters.get("lora_drop")]
@@ -482,9 +485,16 @@ class MergeConfig:
     # ---- resolution ---------------------------------------------------------------------
 
     def _path(self, source: str) -> str:
+        if "+" in source and not os.path.exists(self._path_of(source)):  # mergekit's model+lora: each side resolved
+            model, plus, adapter = source.partition("+")
+            return self._path_of(model) + plus + self._path(adapter)
+        return self._path_of(source)
+
+    def _path_of(self, source: str) -> str:
         if self.base_dir and not os.path.isabs(source):
             candidate = os.path.join(self.base_dir, source)
-            if os.path.exists(candidate):
+            # `dir/name` beside an existing `dir/`: a local path (perhaps mistyped), never a Hub repo id
+            if os.path.exists(candidate) or ("/" in source and os.path.isdir(os.path.join(self.base_dir, source.split("/")[0]))):
                 return candidate
         return source
 

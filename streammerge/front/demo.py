@@ -129,3 +129,15 @@ parameters:
   lambda: 1.0
 seed: 0
 """
+
+
+def is_demo_folder(root: str | os.PathLike) -> bool:
+    """Whether `root` holds what `streammerge demo` builds: its config, and the base and fine-tunes
+    with their indexes (a folder merely named like it, or a half-built one, is not)."""
+    root = Path(root)
+    try:
+        same_config = (root / "merge.yaml").read_text() == DEMO_CONFIG
+    except (OSError, UnicodeDecodeError):
+        return False
+    return same_config and all((root / name / SAFETENSORS_INDEX).is_file() for name in ("base", "ft1", "ft2"))
+

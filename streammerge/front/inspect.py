@@ -22,11 +22,11 @@ from typing import Callable
 
 import numpy as np
 
-from streammerge.errors import MissingDependencyError, StreammergeError
+from streammerge.errors import MismatchError, MissingDependencyError, StreammergeError
 from streammerge.front.config import layer_index
 from streammerge.io.lora import LoraAdapter, open_model
 from streammerge.io.sources import FLOAT_DTYPES, Checkpoint
-from streammerge.pipeline.plan import EMBEDDING_MARKERS
+from streammerge.pipeline.plan import EMBEDDING_MARKERS, is_vocab_tensor
 
 DARE_LIMIT = 0.005  # |τ| above which DARE's rescale breaks down (Yu et al. 2024)
 WARN_FRACTION = 0.05  # warn when at least this fraction of a model's |τ| exceeds the limit
@@ -205,7 +205,35 @@ def inspect_deltas(
         for source in sources:
             if isinstance(source, LoraAdapter):
                 source.attach(reference, base_name=str(base))
+        _check_shapes(reference, sources, [str(m) for m in models])
         return _inspect(reference, sources, [str(m) for m in models], threshold, warn_fraction, block_elements, progress)
+
+
+def _check_shapes(reference: Checkpoint, sources: list, names: list[str]) -> None:
+    """A model whose tensors have other shapes than the base's (another size or architecture) has no
+    task vector to inspect: MismatchError naming them, before any weight is read. Vocabulary tensors
+    that differ in their rows only (added tokens) and missing tensors are left out of the numbers."""
+    problems: list[str] = []
+    details: list[str] = []
+    for source, label in zip(sources, names):
+        bad = []
+        for name, info in reference.tensors.items():
+            other = source.tensors.get(name)
+            if info.dtype not in FLOAT_DTYPES or other is None or other.shape == info.shape:
+                continue
+            if is_vocab_tensor(name, info.shape) and len(other.shape) == 2 and other.shape[1:] == info.shape[1:]:
+                continue
+            bad.append((name, other.shape, info.shape))
+        lines = [f"tensor {n!r}: shape {list(o)} in {label} but {list(r)} in the base {reference.path}" for n, o, r in bad]
+        details += lines
+        if len(bad) > MismatchError.SHOWN:
+            examples = ", ".join(f"{n!r} {list(o)} vs {list(r)}" for n, o, r in bad[:MismatchError.SHOWN])
+            problems.append(f"{label}: {len(bad)} of {len(reference.tensors)} tensors have other shapes than in the base "
+                            f"{reference.path} (a model of another size or architecture?), e.g. {examples}")
+        else:
+            problems += lines
+    if problems:
+        raise MismatchError(problems, details=details)
 
 
 def _inspect(reference, sources, names, threshold, warn_fraction, block_elements, progress) -> InspectReport:

@@ -42,7 +42,7 @@ from streammerge.errors import (
     HubError,
     StreammergeError,
 )
-from streammerge.io.lora import LoraAdapter, open_model
+from streammerge.io.lora import AdaptedModel, LoraAdapter, open_model, split_model_lora
 from streammerge.io.sources import (
     Checkpoint,
     TensorInfo,
@@ -74,11 +74,14 @@ class HubRef:
 def parse_source(source: str) -> HubRef | None:
     """`org/name` or `org/name@revision` as a Hub reference; None for a local path.
 
-    A path that exists locally wins; so does anything that cannot be a repo id (`./x`, `/abs`, `a/b/c`).
+    A path that exists locally wins; so does anything that cannot be a repo id (`./x`, `/abs`, `~/x`,
+    `a/b/c`), and `dir/name` where the folder `dir` exists here: a mistyped local path, not a repo.
     """
     if os.path.exists(source):
         return None
     repo_id, at, revision = source.partition("@")
+    if os.path.isdir(repo_id.split("/")[0]):
+        return None
     if not _REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith((".", "-")):
         return None
     if at and not revision:
@@ -89,6 +92,9 @@ def parse_source(source: str) -> HubRef | None:
 def open_checkpoint(source: str, *, token: str | None = None) -> Checkpoint | LoraAdapter:
     """A local checkpoint, or a Hub one when `source` is a repo id that is not a local path (a
     checkpoint read lazily, or a LoRA adapter)."""
+    pair = split_model_lora(source)
+    if pair is not None:  # mergekit's model+lora: the model with the adapter applied
+        return _adapted(*pair, token=token)
     ref = parse_source(source)
     if ref is None:
         return open_model(source)  # a local checkpoint or LoRA adapter
@@ -101,6 +107,26 @@ def open_checkpoint(source: str, *, token: str | None = None) -> Checkpoint | Lo
     adapter = LoraAdapter(remote.path)
     adapter.source_label = remote.label
     return adapter
+
+
+def _adapted(model_source: str, adapter_source: str, *, token: str | None) -> AdaptedModel:
+    model = open_checkpoint(model_source, token=token)
+    try:
+        if isinstance(model, LoraAdapter):
+            raise CheckpointError(model_source, "is a LoRA adapter; in model+lora the model before '+' is a full checkpoint")
+        adapter = open_checkpoint(adapter_source, token=token)
+        if not isinstance(adapter, LoraAdapter):
+            adapter.close()
+            raise CheckpointError(adapter_source, "is not a LoRA adapter (no adapter_config.json); in model+lora the part "
+                                  "after '+' is a PEFT adapter folder or Hub repo")
+        try:
+            return AdaptedModel(model, adapter)
+        except BaseException:
+            adapter.close()
+            raise
+    except BaseException:
+        model.close()
+        raise
 
 
 @dataclass(frozen=True)
@@ -191,7 +217,7 @@ class HubCheckpoint(Checkpoint):
             info = HfApi(endpoint=self.endpoint).model_info(self.ref.repo_id, revision=self.ref.revision,
                                                             files_metadata=True, token=self.token)
         except Exception as e:
-            raise hub_error(e, self.ref) from None
+            raise hub_error(e, self.ref, first_contact=True) from None
         files = {}
         for s in info.siblings or []:
             size = s.lfs.size if s.lfs else s.size
@@ -220,8 +246,8 @@ class HubCheckpoint(Checkpoint):
         snapshot = self.storage / "snapshots" / (commit or "")
         if commit is None or not snapshot.is_dir():
             raise CheckpointNotFoundError(
-                str(self.ref), f"not in the Hub cache {self.cache_dir}, and HF_HUB_OFFLINE is set: run once "
-                "online to download it, or unset HF_HUB_OFFLINE")
+                str(self.ref), f"no such local folder, and not in the Hub cache {self.cache_dir} with HF_HUB_OFFLINE "
+                "set: check the path, or run once online to download the repo, or unset HF_HUB_OFFLINE")
         files = {}
         for path in sorted(snapshot.rglob("*")):
             if path.is_file():
@@ -339,11 +365,13 @@ class HubCheckpoint(Checkpoint):
                 self.download(self.path / name)
 
 
-def hub_error(e: Exception, ref: HubRef, filename: str | None = None) -> StreammergeError:
-    """One line for a huggingface_hub failure: what, which repo/revision/file, and what to do."""
+def hub_error(e: Exception, ref: HubRef, filename: str | None = None, *, first_contact: bool = False) -> StreammergeError:
+    """One line for a huggingface_hub failure: what, which repo/revision/file, and what to do.
+    `first_contact`: the repo was being looked up, having no local folder of that name: said first."""
     from huggingface_hub import errors as hf
 
     where = f"{ref}" + (f": {filename}" if filename else "")
+    local = "no such local folder, and " if first_contact else ""
     login = "set HF_TOKEN or run `hf auth login` with a token that can read it"
     if isinstance(e, StreammergeError):
         return e
@@ -354,7 +382,9 @@ def hub_error(e: Exception, ref: HubRef, filename: str | None = None) -> Streamm
     if isinstance(e, hf.RevisionNotFoundError):
         return CheckpointNotFoundError(where, f"no revision {ref.revision!r} in {ref.repo_id}; check the branch, tag or commit")
     if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
-        return CheckpointNotFoundError(where, "not in the Hub cache, and the Hub cannot be used (HF_HUB_OFFLINE is "
+        return CheckpointNotFoundError(where, f"{local}not in the Hub cache, and the Hub cannot be used (HF_HUB_OFFLINE is "
+                                       "set, or it is unreachable): check the path, or run once online, or check the connection"
+                                       if local else "not in the Hub cache, and the Hub cannot be used (HF_HUB_OFFLINE is "
                                        "set, or it is unreachable): run once online, or check the connection")
     if isinstance(e, hf.EntryNotFoundError):
         return CheckpointNotFoundError(where, f"no such file in {ref.repo_id} at this revision")
@@ -368,6 +398,10 @@ def hub_error(e: Exception, ref: HubRef, filename: str | None = None) -> Streamm
     if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3"):
         from huggingface_hub import constants as hf_constants
 
+        if first_contact:  # most likely a mistyped local path: say that first
+            return CheckpointNotFoundError(where, f"no such local folder, and the Hub at {hf_constants.ENDPOINT} cannot be "
+                                           f"reached to look for a repo of that name ({type(e).__name__}); check the path, "
+                                           "or the connection (HF_HUB_OFFLINE=1 uses the cache)")
         return HubError(f"{where}: cannot reach the Hub at {hf_constants.ENDPOINT} ({type(e).__name__}); check the "
                         "connection, or set HF_HUB_OFFLINE=1 to use the cache")
     return HubError(f"{where}: {type(e).__name__}: {e}")

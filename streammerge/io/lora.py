@@ -496,3 +496,98 @@ def _pattern_value(patterns: dict | None, module: str, default: float) -> float:
     return default
 
 
+
+
+# ---- mergekit's model+lora ---------------------------------------------------------------------------
+
+
+def split_model_lora(source: str) -> tuple[str, str] | None:
+    """mergekit's `model+lora` reference: (model, adapter), or None for a plain source (a path that
+    exists locally wins, as everywhere; mergekit itself splits on the `+` always).
+
+    Raises:
+        ConfigError: more than one `+`, or an empty side (mergekit cannot parse those either).
+    """
+    if "+" not in source or os.path.exists(source):
+        return None
+    parts = source.split("+")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise ConfigError(f"{source!r}: mergekit's model+lora takes one model, '+', one LoRA adapter (a folder or Hub "
+                          "repo with adapter_config.json); it has no such local path either")
+    return parts[0], parts[1]
+
+
+class AdaptedModel:
+    """mergekit's `model+lora`: a checkpoint with a PEFT LoRA adapter applied, read like any checkpoint.
+
+    Every tensor the adapter adapts reads as W + s·B·A: τ = s·B·A rebuilt per row block exactly as
+    for an adapter merged as a fine-tune (float64 sums in a fixed order, rounded once to float32),
+    W + τ added in float64 and rounded once to W's own dtype, what PEFT's merge_and_unload saves (up
+    to its float32 matrix product's rounding). Weights the adapter stores whole (modules_to_save)
+    replace the model's; all others are the model's own bytes. mergekit merges the adapter into a
+    copy of the model on disk first (--lora-merge-cache); here nothing is written.
+
+    Example:
+        >>> with AdaptedModel(Checkpoint("llama/"), LoraAdapter("my-lora/")) as m:   # doctest: +SKIP
+        ...     m.view("model.layers.0.self_attn.q_proj.weight", 0, 8)
+    """
+
+    def __init__(self, model: Checkpoint, adapter: LoraAdapter):
+        adapter.attach(model, base_name=str(model.path))
+        self.model, self.adapter = model, adapter
+        self.path = model.path
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, info in model.tensors.items():
+            own = adapter.tensors[name]
+            self.tensors[name] = own if own.kind == "full" else info  # a weight stored whole keeps its own shape and dtype
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.label}+{self.adapter.label}"
+
+    @property
+    def folder(self) -> Path:
+        return self.model.folder
+
+    @property
+    def nbytes(self) -> int:
+        return self.model.nbytes + self.adapter.weights.nbytes
+
+    def view(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+        """Rows of the adapted weight, in its dtype (a new tensor where the adapter changes it)."""
+        kind = self.adapter.tensors[name].kind
+        if kind == "zero":
+            return self.model.view(name, row_start, row_end)
+        if kind == "full":
+            return self.adapter.view(name, row_start, row_end)
+        info = self.model.tensors[name]
+        row_end = info.rows if row_end is None else row_end
+        delta = self.adapter.delta_rows(name, row_start, row_end)
+        weight = self.model.view(name, row_start, row_end)
+        return delta.double().add_(weight.double()).to(weight.dtype)
+
+    def read(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+        return self.view(name, row_start, row_end).clone()
+
+    def advise(self, name: str) -> None:
+        self.model.advise(name)
+        self.adapter.advise(name)
+
+    def file_identity(self, file: Path) -> list:
+        """The model file's identity, and the adapter's (its weights' identity and its config): a resume
+        never mixes two adapters."""
+        return [*self.model.file_identity(file), self.adapter.weights.file_identity(self.adapter.weights.path),
+                self.adapter.config_text]
+
+    def fetch_side_files(self, names) -> None:
+        self.model.fetch_side_files(names)
+
+    def close(self) -> None:
+        self.adapter.close()
+        self.model.close()
+
+    def __enter__(self) -> AdaptedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

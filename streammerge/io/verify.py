@@ -4,6 +4,11 @@ A finished merge holds its shards, `model.safetensors.index.json` (tensor name -
 `streammerge_manifest.json` (each shard's sha256 and size). `verify` checks them against each other
 and against the bytes on disk, and reports every problem it finds, not just the first.
 
+Any other Hugging Face model folder (mergekit's output, a download) has no manifest: `verify` checks
+what can be checked without one (the index or the single `model.safetensors`, every header, every
+tensor's offsets inside its file, the sizes, every byte readable) and says what it could not (no
+sha256 to compare the shards with) in `notes`.
+
 Example:
     >>> from streammerge.verify import verify
     >>> report = verify("out/")                      # doctest: +SKIP
@@ -16,7 +21,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge.constants import MANIFEST, MAX_INDEX_BYTES, SAFETENSORS_INDEX
+from streammerge.constants import (
+    MANIFEST,
+    MAX_INDEX_BYTES,
+    MODEL_CARD,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+)
 from streammerge.errors import CheckpointError
 from streammerge.io.sources import TensorInfo, _inside, read_header, read_json
 from streammerge.io.writer import file_sha256
@@ -31,10 +42,12 @@ class VerifyReport:
     problems: list[str]  # each names the file and what is wrong with it
     shards: int  # shard files read in full
     tensors: int  # tensors found in those shards' headers
+    sha256_checked: bool = True  # False: no streammerge manifest, so no sha256 to compare the shards with
+    notes: tuple[str, ...] = ()  # what could not be checked, and why
 
     def summary(self) -> dict:
         return {"output_dir": str(self.output_dir), "ok": self.ok, "shards": self.shards, "tensors": self.tensors,
-                "problems": list(self.problems)}
+                "problems": list(self.problems), "sha256_checked": self.sha256_checked, "notes": list(self.notes)}
 
 
 def verify(output_dir: str | os.PathLike) -> VerifyReport:
@@ -53,12 +66,27 @@ def verify(output_dir: str | os.PathLike) -> VerifyReport:
         problems.append(f"{out}: {'not a folder' if out.exists() else 'no such folder'}")
         return VerifyReport(out, False, problems, 0, 0)
 
-    index = _load_json(out / SAFETENSORS_INDEX, problems, "the merge did not finish, or this is not a merge output")
-    manifest = _load_json(out / MANIFEST, problems, "nothing to check the shards' sha256 against")
+    notes: list[str] = []
+    plain = not _exists(out / MANIFEST) and not _made_by_streammerge(out)  # a Hugging Face folder of another tool
+    single = plain and not _exists(out / SAFETENSORS_INDEX) and (out / SAFETENSORS_SINGLE).is_file()
+    if plain:
+        notes.append(f"{out}: no {MANIFEST} (not a streammerge output): headers, "
+                     f"{'the single file' if single else 'the index'}, offsets and sizes checked and every byte read; "
+                     "no sha256 to compare the shards with")
+    index = None if single else _load_json(out / SAFETENSORS_INDEX, problems, "the merge did not finish, or this is not a merge output"
+                                           if not plain else "not a Hugging Face model folder (nor is there a model.safetensors)")
+    manifest = None if plain else _load_json(out / MANIFEST, problems, "nothing to check the shards' sha256 against")
     weight_map = _weight_map(out, index, problems)
+    if single:  # one file, no index: it holds every tensor
+        try:
+            weight_map = {name: SAFETENSORS_SINGLE for name in read_header(out / SAFETENSORS_SINGLE)[0]}
+        except CheckpointError as e:
+            problems.append(str(e))
+            weight_map = {}
+        names_single = [SAFETENSORS_SINGLE]
     recorded = _manifest_shards(out, manifest, problems)
 
-    names = sorted(set(weight_map.values()) | set(recorded))
+    names = names_single if single else sorted(set(weight_map.values()) | set(recorded))
     for extra in sorted({p.name for p in out.glob("*.safetensors")} - set(names)):
         problems.append(f"{out / extra}: a shard in neither the index nor the manifest (left from another merge?)")
 
@@ -97,11 +125,26 @@ def verify(output_dir: str | os.PathLike) -> VerifyReport:
     if index is not None:
         metadata = index.get("metadata") if isinstance(index, dict) else None
         declared = metadata.get("total_size") if isinstance(metadata, dict) else None
-        if declared != total:
+        if plain and declared is None:
+            notes.append(f"{out / SAFETENSORS_INDEX}: no metadata.total_size to check")
+        elif declared != total:
             problems.append(f"{out / SAFETENSORS_INDEX}: metadata.total_size is {declared!r} but the shards hold {total} tensor bytes")
     if isinstance(manifest, dict) and "total_size" in manifest and manifest["total_size"] != total:
         problems.append(f"{out / MANIFEST}: total_size is {manifest['total_size']!r} but the shards hold {total} tensor bytes")
-    return VerifyReport(out, not problems, problems, shards_read, len(found))
+    return VerifyReport(out, not problems, problems, shards_read, len(found), not plain, tuple(notes))
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _made_by_streammerge(out: Path) -> bool:
+    """Whether the folder's model card says streammerge wrote it (then its manifest must be there)."""
+    try:
+        card = (out / MODEL_CARD).read_text("utf-8", errors="replace")[:4096]
+    except OSError:
+        return False
+    return card.startswith("---") and "- streammerge\n" in card.split("\n---", 1)[0]
 
 
 def _load_json(path: Path, problems: list[str], why: str) -> object | None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from streammerge.methods import ops
+
 from .base import Method, Rows, TensorCtx, row_sums, total
 from .inputs import work_dtype
 from .registry import register

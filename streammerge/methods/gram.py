@@ -23,6 +23,7 @@ import math
 import torch
 
 from streammerge.errors import ConfigError
+
 from .base import Rows, TensorCtx, total
 
 CUTS = ("tensor", "rows", "columns")

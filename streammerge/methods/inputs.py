@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from streammerge.errors import ConfigError
+
 from .base import Method, Rows, TensorCtx
 
 

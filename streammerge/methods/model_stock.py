@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from streammerge.errors import ConfigError
+
 from .base import Method, Param, Rows, TensorCtx
 from .gram import combine, cut, gram_reduce, gram_stats, mergekit_inputs, param
 from .registry import register

@@ -22,6 +22,7 @@ import math
 import torch
 
 from streammerge.errors import ConfigError
+
 from .base import Method, Param, Rows, TensorCtx
 from .gram import combine, gram_reduce, gram_stats, mergekit_inputs, param
 from .registry import register

@@ -20,6 +20,7 @@ import math
 import torch
 
 from streammerge.errors import ConfigError
+
 from .base import Method, Param, Rows, TensorCtx
 from .gram import combine, cut, gram_reduce, gram_stats, mergekit_inputs, param
 from .registry import register

@@ -24,6 +24,7 @@ from .base import Method, Param, Rows, TensorCtx
 from .inputs import resolved, work_dtype
 from .registry import register
 
+
 def _contributions(ctx: TensorCtx, rows: Rows, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """τ [n, r, c] in the work dtype, which of its elements contribute (|τ| > ε), and c per position."""
     work = work_dtype(ctx, rows)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from streammerge.methods import ops
+
 from .base import Method, Param, Rows, TensorCtx, row_sums, total
 from .inputs import resolved, work_dtype
 from .registry import register

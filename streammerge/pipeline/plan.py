@@ -13,8 +13,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from streammerge.constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, SHARD_NAME
-from streammerge.errors import ConfigError, MismatchError
+from streammerge.constants import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_SHARD_SIZE,
+    MAX_INDEX_BYTES,
+    SHARD_NAME,
+)
+from streammerge.errors import CheckpointError, ConfigError, MismatchError
 from streammerge.front.config import DTYPES as CONFIG_DTYPES
 from streammerge.front.config import LAYER_RE, MergeConfig, ModelSpec, layer_index
 from streammerge.io.lora import LoraAdapter
@@ -24,6 +29,7 @@ from streammerge.io.sources import (
     FLOAT_DTYPES,
     Checkpoint,
     itemsize,
+    read_json,
 )
 from streammerge.methods import TensorCtx, kernels, registry
 from streammerge.methods.ops import MergeOptions
@@ -125,6 +131,7 @@ def build_plan(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     max_memory: int = DEFAULT_MAX_MEMORY,
     reindex: Reindex | None = None,
+    shard_order: str = "file",
 ) -> Plan:
     """Decides the whole merge from headers alone; raises MismatchError listing every incompatibility.
 
@@ -132,11 +139,15 @@ def build_plan(
         reference: the base model (or, for `linear` without a base, the first model).
         finetuned: the models contributing task vectors (for `linear`, all models), in config order.
         reindex: the token map of the vocabulary tensors (`vocab.build_reindex`), when a tokenizer source is set.
+        shard_order: "file" fills the shards in the reference's file order; "name" in tensor name
+            order, the order mergekit-yaml writes (so its byte limit gives mergekit's split).
     """
+    if shard_order not in ("file", "name"):
+        raise ConfigError(f"shard_order: {shard_order!r}; choose file or name")
     opts = config.merge_options()
     specs: list[ModelSpec] = config.finetunes()
     if stacks_layers(config, reference):
-        return _stacked_plan(config, opts, [reference, *finetuned], max_shard_size, max_memory, reindex)
+        return _stacked_plan(config, opts, [reference, *finetuned], max_shard_size, max_memory, reindex, shard_order)
     vocab_rows = check_compatible(reference, finetuned, config.vocab, reindexed=reindex.tensors if reindex else frozenset())
     if reindex is not None:  # every vocabulary tensor takes the output vocabulary's rows
         vocab_rows = {name: reindex.rows for name in reindex.tensors}
@@ -168,7 +179,7 @@ def build_plan(
     distinct = {id(c): c for c in [reference, *finetuned]}.values()
     reads = {t.name: sum(c.tensors[t.name].row_bytes * t.rows for c in (distinct if t.merged else [reference]))
              for t in tensors}
-    shards = _assign_shards(tensors, reads, max_shard_size)
+    shards = _assign_shards(_ordered(tensors, shard_order), reads, max_shard_size)
     plan = Plan(
         config=config,
         options=opts,
@@ -381,7 +392,7 @@ def _spec(source: SliceSource) -> ModelSpec:
 
 
 def _stacked_plan(config: MergeConfig, opts: MergeOptions, inputs: list[Checkpoint], max_shard_size: int,
-                  max_memory: int, reindex: Reindex | None) -> Plan:
+                  max_memory: int, reindex: Reindex | None, shard_order: str = "file") -> Plan:
     """The plan of a slices config that stacks layers (see `stacked_tensors`)."""
     refused = [what for what, on in (
         ("tokenizer_source / tokenizer", reindex is not None or config.reindexes),
@@ -400,7 +411,7 @@ def _stacked_plan(config: MergeConfig, opts: MergeOptions, inputs: list[Checkpoi
         reference=inputs[0].label,
         sources=tuple(c.label for c in inputs[1:]),
         tensors=tuple(tensors),
-        shards=tuple(_assign_shards(tensors, reads, max_shard_size)),
+        shards=tuple(_assign_shards(_ordered(tensors, shard_order), reads, max_shard_size)),
         input_bytes=sum(reads.values()),
         peak_memory=0,
         max_memory=max_memory,
@@ -431,10 +442,12 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint], vocab: str
         The output row count of each vocabulary tensor whose sizes differ.
     """
     problems: list[str] = []
+    summed: dict[str, list[str]] = {}  # a problem summing up many tensors -> each tensor's line
     vocab_rows: dict[str, int] = {}
     for ckpt in others:
         if ckpt is reference:
             continue
+        shapes: list[tuple[str, tuple, tuple, str]] = []  # (name, its shape, the reference's, hint)
         missing = [n for n in reference.tensors if n not in ckpt.tensors]
         extra = [n for n in ckpt.tensors if n not in reference.tensors]
         if missing:
@@ -457,14 +470,51 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint], vocab: str
                 vocab_rows[name] = rows
             elif not same:
                 hint = " (vocabulary sizes differ: set vocab: truncate_to_base or truncate_to_smallest)" if vocab_only else ""
-                problems.append(
-                    f"tensor {name!r}: shape {list(other.shape)} in {ckpt.path} but {list(info.shape)} in {reference.path}{hint}"
-                )
+                shapes.append((name, other.shape, info.shape, hint))
             elif (other.dtype in FLOAT_DTYPES) != (info.dtype in FLOAT_DTYPES):
                 problems.append(f"tensor {name!r}: dtype {other.dtype} in {ckpt.path} but {info.dtype} in {reference.path}")
+        lines = [f"tensor {n!r}: shape {list(s)} in {ckpt.path} but {list(r)} in {reference.path}{h}" for n, s, r, h in shapes]
+        if len(shapes) > MismatchError.SHOWN:  # a model of another size or architecture: one line, not one per tensor
+            examples = ", ".join(f"{n!r} {list(s)} vs {list(r)}" for n, s, r, _ in shapes[:MismatchError.SHOWN])
+            summary = (f"{ckpt.path}: {len(shapes)} of {len(reference.tensors)} tensors have other shapes than in "
+                       f"{reference.path} (a model of another size or architecture?), e.g. {examples}")
+            problems.append(summary)
+            summed[summary] = lines
+        else:
+            problems += lines
     if problems:
-        raise MismatchError(problems)
+        raise MismatchError(problems, details=[line for p in problems for line in summed.get(p, [p])])
     return vocab_rows
+
+
+def _ordered(tensors: list[TensorPlan], shard_order: str) -> list[TensorPlan]:
+    """The tensors in the order they fill the shards: the plan's (file) order, or by name, as
+    mergekit-yaml writes them (its scheduler orders tasks by tensor name)."""
+    return sorted(tensors, key=lambda t: t.name) if shard_order == "name" else tensors
+
+
+def check_architectures(reference: Checkpoint, others: list[Checkpoint]) -> None:
+    """mergekit refuses to mix architectures without --allow-crimes: the models' config.json must
+    name the same architecture (`architectures[0]`) where they name one. LoRA adapters are their base's."""
+    named: dict[str, list[str]] = {}
+    for ckpt in {id(c): c for c in [reference, *others]}.values():
+        if isinstance(ckpt, LoraAdapter):
+            continue
+        ckpt.fetch_side_files(["config.json"])
+        path = ckpt.folder / "config.json"
+        if not path.is_file():
+            continue
+        try:
+            data = read_json(path, MAX_INDEX_BYTES, "not valid JSON")
+        except CheckpointError:
+            continue  # a config.json we cannot read names nothing; copying it fails later, naming it
+        archs = data.get("architectures") if isinstance(data, dict) else None
+        if isinstance(archs, list) and archs and isinstance(archs[0], str):
+            named.setdefault(archs[0], []).append(ckpt.label)
+    if len(named) > 1:
+        which = "; ".join(f"{arch}: {', '.join(labels)}" for arch, labels in named.items())
+        raise ConfigError(f"the models' config.json name different architectures ({which}); mergekit refuses this "
+                          "too: pass --allow-crimes (allow_crimes=True) to merge them anyway, their tensors still have to match")
 
 
 def _assign_shards(tensors: list[TensorPlan], reads: dict[str, int], max_shard_size: int) -> list[ShardPlan]:
