@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from streammerge import hub
+from streammerge.io import hub
 from streammerge.constants import MANIFEST, MODEL_CARD, SAFETENSORS_INDEX
 from streammerge.errors import MismatchError
 from streammerge.front.cli import main
