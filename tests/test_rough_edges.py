@@ -181,8 +181,8 @@ def test_help_and_usage_errors_do_not_import_torch(args):
 def test_package_names_are_there_when_used():
     import streammerge
 
-    assert callable(streammerge.pipeline.plan) and callable(streammerge.io.verify) and streammerge.MergeConfig.__name__ == "MergeConfig"
+    assert callable(streammerge.plan) and callable(streammerge.verify) and streammerge.MergeConfig.__name__ == "MergeConfig"
     import streammerge.io.verify  # noqa: F401
-    import streammerge.pipeline.plan  # noqa: F401  (the submodule): the package's name stays the function
+    import streammerge.pipeline.plan  # noqa: F401  (the submodules): the package's names stay the functions
 
-    assert callable(streammerge.pipeline.plan) and callable(streammerge.io.verify)
+    assert callable(streammerge.plan) and callable(streammerge.verify)
