@@ -134,7 +134,7 @@ def test_exactly_one_model_besides_the_base():
     cfg = MergeConfig(method="slerp", base="base", models=(ModelSpec("a"), ModelSpec("b"), ModelSpec("base")),
                       parameters={"t": 0.5})
     assert _problems(cfg) == ["models: slerp interpolates between base_model and exactly one other model; got 2 besides "
-                              "the base (for more models use multislerp in mergekit, or a task-vector method)"]
+                              "the base (for more models use multislerp, or a task-vector method)"]
     assert "models: slerp interpolates" in _problems(MergeConfig(method="slerp", base="base", models=(ModelSpec("base"),),
                                                                  parameters={"t": 0.5}))[0]
 

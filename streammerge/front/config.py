@@ -329,7 +329,7 @@ class MergeConfig:
                 problems.append(f"{key}: unknown dtype {value!r}; choose one of bfloat16, float16, float32")
         if not self.models:
             problems.append("models: at least one model to merge is needed")
-        if (self.semantics == "mergekit" and self.method_name == "linear" and self.base is not None
+        if (self.semantics == "mergekit" and getattr(method, "mergekit_appends_base", False) and self.base is not None
                 and "weight" not in self.parameters and self.finetunes()[-1].source == self.base
                 and self.finetunes()[-1] not in self.models):
             problems.append("base_model: mergekit's linear averages the base in as one more model and needs its "
@@ -337,11 +337,11 @@ class MergeConfig:
         slice_bases = bool(self.slices) and all(s.base for s in self.slices)
         if method is not None and method.base == "required" and self.base is None and not slice_bases:
             problems.append(f"base_model: the {self.method_name} method needs a base model")
-        elif method is not None and not isinstance(method, TaskVectorMethod) and self.method_name != "slerp":
-            problems += method.check(len(self.finetunes()), self.base is not None)
+        elif method is not None and not isinstance(method, TaskVectorMethod):
+            problems += method.check(len(self.finetunes()) if self.base is not None else len(self.models), self.base is not None)
         problems += self._slice_problems()
-        if self.method_name == "slerp":
-            problems += self._slerp_problems()
+        if method is not None and not isinstance(method, TaskVectorMethod):
+            problems += self._own_method_problems(method)
         problems += self._tokenizer_problems()
         method = self.method_name
         for key, value in self.parameters.items():
@@ -393,7 +393,8 @@ class MergeConfig:
         """Passthrough copies one model per slice (mergekit allows one input); several slices keep
         their parameters in the slices (one slice's are models[i] and slices[0] above)."""
         problems: list[str] = []
-        if self.method_name == "passthrough":
+        copies = getattr(registry.get(self.method_name), "copies", False)
+        if copies:
             for i, out_slice in enumerate(self.slices):
                 if len(out_slice.sources) != 1:
                     problems.append(f"slices[{i}].sources: passthrough copies one model per slice, got {len(out_slice.sources)}; "
@@ -402,7 +403,7 @@ class MergeConfig:
                 problems.append(f"models: passthrough copies one model, got {len(self.models)}; use slices: to stack layers")
             elif not self.slices and self.base is not None and self.finetunes():  # mergekit adds the base as a second input
                 problems.append("base_model: passthrough over models: copies one model; remove base_model or list only it")
-        if self.reindexes and (self.method_name == "passthrough" or (self.slices and self.layer_range is None)):
+        if self.reindexes and (copies or (self.slices and self.layer_range is None)):
             problems.append("tokenizer_source: not supported with layer stacking (partial or several slices, passthrough) yet")
         if len(self.slices) < 2:
             return problems
@@ -419,19 +420,19 @@ class MergeConfig:
                                              method=method)
         return problems
 
-    def _slerp_problems(self) -> list[str]:
-        """slerp interpolates from base_model (t = 0) to exactly one other model (t = 1), as mergekit requires."""
+    def _own_method_problems(self, method) -> list[str]:
+        """What mergekit requires of a method of its own (methods/base.py): a slice's base_model among
+        its sources, and every required whole-merge parameter (slerp's and nearswap's t) set."""
         problems = []
-        others = self.finetunes() if self.base is not None else list(self.models)
-        if len(others) != 1:
-            problems.append(f"models: slerp interpolates between base_model and exactly one other model; got {len(others)} "
-                            "besides the base (for more models use multislerp in mergekit, or a task-vector method)")
         base = None if self.base is None else self.model_key(self.base)
-        if self.layer_range is not None and base not in {self.model_key(m.source) for m in self.models}:
-            problems.append("slices[0].sources: slerp's base_model must be one of the sources, as mergekit requires")
-        if self.parameters.get("t") is None and self.slice_parameters.get("t") is None:
-            problems.append("parameters.t: slerp needs t, the interpolation factor (0 gives the base, 1 the other model), "
-                            "e.g. t: 0.5, in the top-level (or slice) parameters")
+        if (method.base == "required" and self.layer_range is not None
+                and base not in {self.model_key(m.source) for m in self.models}):
+            problems.append(f"slices[0].sources: {method.name}'s base_model must be one of the sources, as mergekit requires")
+        for p in method.params:
+            if p.default is None and not p.per_model and self.parameters.get(p.name) is None \
+                    and self.slice_parameters.get(p.name) is None:
+                problems.append(f"parameters.{p.name}: {method.name} needs {p.name}, {p.doc}, e.g. {p.name}: 0.5, "
+                                "in the top-level (or slice) parameters")
         return problems
 
     def _tokenizer_problems(self) -> list[str]:
@@ -513,7 +514,7 @@ class MergeConfig:
         base = self.model_key(self.base)  # `./base` and `base` are the same model
         if self.base_is_input():  # averaged like the others, in its listed place
             return list(self.models)
-        if self.method_name == "linear":
+        if getattr(registry.get(self.method_name), "mergekit_appends_base", False):  # linear
             listed = any(self.model_key(m.source) == base for m in self.models)
             # mergekit appends the base to `models:`, not to the sources of a `slices:` config
             append_base = self.semantics == "mergekit" and not listed and not self.slices
@@ -576,7 +577,7 @@ class MergeConfig:
             return MergeOptions(
                 method=method,
                 merge_func="mean",
-                normalize=self.option("normalize", method == "linear"),
+                normalize=self.option("normalize", getattr(registry.get(method), "combine", None) == "average"),
                 sign_method=self.option("sign_method", "sum"),
                 weighted_sign=False,
                 mean_divisor="count",
@@ -588,7 +589,7 @@ class MergeConfig:
             return MergeOptions(
                 method=method,
                 merge_func=self.option("merge_func", "sum"),
-                normalize=self.option("normalize", method == "linear"),
+                normalize=self.option("normalize", getattr(registry.get(method), "combine", None) == "average"),
                 sign_method=self.option("sign_method", "sum"),
                 zero_sign="majority",
                 trim_rule="inclusive",
@@ -606,7 +607,7 @@ class MergeConfig:
         return MergeOptions(
             method=method,
             merge_func=merge_func,
-            normalize=self.option("normalize", method == "linear"),
+            normalize=self.option("normalize", getattr(registry.get(method), "combine", None) == "average"),
             sign_method=self.option("sign_method", "sum"),
             rescale=rescale_rule,
             dare_scope=self.option("dare_scope", "linear"),

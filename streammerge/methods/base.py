@@ -139,6 +139,8 @@ class Method:
     params: ClassVar[tuple[Param, ...]] = ()
     semantics: ClassVar[tuple[str, ...]] = ("default", "mergekit")
     paths: ClassVar[frozenset[str]] = frozenset({"torch", "gpu"})
+    copies: ClassVar[bool] = False  # copies one model per slice, never merges (layer stacking: passthrough)
+    mergekit_appends_base: ClassVar[bool] = False  # mergekit adds an unlisted base_model as the last model (linear)
     # mergekit writes this method's result in this dtype (float32 arithmetic, never cast back) unless
     # `out_dtype` is set; None: in `dtype`, as every other method
     mergekit_out_dtype: ClassVar[str | None] = None

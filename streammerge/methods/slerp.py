@@ -34,6 +34,13 @@ class Slerp(Method):
     stats_kind = "norms and dot product (float64 row sums)"
     paths = frozenset({"torch", "gpu"})
 
+    def check(self, n_models: int, has_base: bool) -> list[str]:
+        problems = [] if has_base else ["base_model: slerp interpolates from base_model (t = 0) to one other model (t = 1)"]
+        if n_models != 1:
+            problems.append(f"models: slerp interpolates between base_model and exactly one other model; got {n_models} "
+                            "besides the base (for more models use multislerp, or a task-vector method)")
+        return problems
+
     def passes(self, ctx: TensorCtx) -> int:
         return 1
 

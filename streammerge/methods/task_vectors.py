@@ -57,7 +57,7 @@ GAMMA = Param("gamma", 0.01, low=0, high=1, doc="the share of largest |τ| dropp
 EPSILON = Param("epsilon", 0.15, low=0, high=0.5, high_open=True, doc="the spread of keep probabilities, density ± epsilon",
                 error="epsilon must be in {range} (keep probabilities density ± epsilon), got {value}")
 SCALE = Param("scale", 1.0, doc="a factor applied to the copied tensor")
-T = Param("t", None, low=0, high=1, per_model=False, doc="the interpolation factor: 0 the base, 1 the other model",
+T = Param("t", None, low=0, high=1, per_model=False, doc="the interpolation factor (0 gives the base, 1 the other model)",
           error="t must be in {range} (0 gives the base, 1 the other model), got {value}")
 
 # whole-merge options (top-level parameters only); None: the preset's rule (config.merge_options)
@@ -188,6 +188,7 @@ class Linear(TaskVectorMethod):
     combine = "average"
     base = "optional"
     mergekit_normalize = True
+    mergekit_appends_base = True
     params = (WEIGHT, NORMALIZE, INT8_MASK)
 
 
@@ -197,5 +198,6 @@ class Passthrough(TaskVectorMethod):
     reference = "mergekit's layer stacking (slices of one model each)"
     combine = "copy"
     base = "optional"
+    copies = True
     semantics = ("default", "mergekit")
     params = (SCALE,)

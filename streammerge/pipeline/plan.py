@@ -271,7 +271,7 @@ def count_layers(ckpt: Checkpoint) -> int:
 def stacks_layers(config: MergeConfig, reference: Checkpoint) -> bool:
     """Whether the output's layers come from slices (partial, shifted or several ranges, or
     passthrough) rather than from merging whole models tensor by tensor."""
-    if config.method_name == "passthrough":
+    if registry.get(config.method_name).copies:
         return True
     return bool(config.slices) and config.layer_range != (0, count_layers(reference))
 
@@ -330,10 +330,11 @@ def stacked_tensors(config: MergeConfig, opts: MergeOptions, inputs: list[Checkp
         info = infos[first]
         is_float = info.dtype in FLOAT_DTYPES
         out_dtype = DTYPE_NAMES[CONFIG_DTYPES[out_override]] if (out_override and is_float) else info.dtype
-        if config.method_name == "passthrough" or not is_float or not config.selected(out_name):
+        copies = registry.get(config.method_name).copies
+        if copies or not is_float or not config.selected(out_name):
             source, name = entries[first]
             scale = 1.0
-            if config.method_name == "passthrough" and is_float:
+            if copies and is_float:
                 scale = config.tensor_param("scale", _spec(source), name, pos, length, slice_parameters=out_slice.parameters)
             return TensorPlan(out_name, info.shape, out_dtype, merged=False, inputs=(reads[first],), scale=scale)
         for (s, n), other in zip(entries, infos):
