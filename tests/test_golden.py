@@ -183,3 +183,14 @@ def test_tie_rule_lowest_index_first(tmp_path):
     merge(cfg, tmp_path / "out", max_memory=64)  # tiny budget: one row per block, ties span blocks
     (out_file,) = (tmp_path / "out").glob("model-*.safetensors")
     assert load_file(out_file)[NAME].view(-1).tolist() == [0.5, -0.5, 0.5, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("semantics", ["peft", "fusionbench"])
+def test_peft_and_fusionbench_dare_divides_by_the_density(tmp_path, inject_masks, semantics):
+    # PEFT and FusionBench rescale with a float32 division by the keep probability; × (1/density)
+    # is one ulp away from it at a density that is not a power of two (0.3 here, checked below).
+    got = _merge(tmp_path, "dare_linear", semantics=semantics, density=0.3, delta_only=True, masks=inject_masks)
+    kept = torch.tensor(T) * torch.tensor(M, dtype=torch.float32)
+    divided = kept.div(0.3).sum(dim=0)
+    assert torch.equal(got, divided)
+    assert not torch.equal(divided, kept.mul(1 / 0.3).sum(dim=0))  # the test tells the two rules apart

@@ -582,6 +582,7 @@ class MergeConfig:
                 weighted_sign=False,
                 mean_divisor="count",
                 rescale="inverse" if rescale else "none",
+                divide_by_density=True,
                 dare_scope=self.option("dare_scope", "all"),
                 trim_scope=self.option("trim_scope", "tensor"),
             )
@@ -594,6 +595,7 @@ class MergeConfig:
                 zero_sign="majority",
                 trim_rule="inclusive",
                 rescale="inverse" if rescale else "none",
+                divide_by_density=True,
                 dare_scope=self.option("dare_scope", "all"),
                 trim_scope=self.option("trim_scope", "global"),
             )

@@ -130,6 +130,7 @@ class FusedMerger:
     def supports(self, spec: TensorSpec, fts: list[torch.Tensor]) -> bool:
         declared = "compiled" in registry.get(spec.opts.method).paths  # opt-in: methods/task_vectors.py
         return (not self.broken and spec.merged and declared and spec.opts.positive_zeros
+                and not spec.opts.divide_by_density  # its DARE rescale multiplies
                 and len({f.dtype for f in fts}) == 1 and not any(spec.given))
 
     def merge(self, spec: TensorSpec, base: torch.Tensor, fts: list[torch.Tensor], out: torch.Tensor, start: int) -> bool:

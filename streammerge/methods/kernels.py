@@ -143,7 +143,9 @@ def deltas_chunk(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], star
             keep = s.keep[:m]
             keep_mask_into(spec.keys[i], start, torch.from_numpy(keep), spec.densities[i])
             np.multiply(d, keep, out=d)
-            if spec.dare_scales[i] != 1.0:
+            if spec.dare_scales[i] != 1.0 and spec.opts.divide_by_density:  # as ops.dare
+                np.divide(d, np.float32(spec.densities[i]), out=d)
+            elif spec.dare_scales[i] != 1.0:
                 np.multiply(d, np.float32(spec.dare_scales[i]), out=d)
         if spec.opts.sparsify == "magprune" and spec.densities[i] < 1:
             _magprune_chunk(d, spec, i, start, s)

@@ -63,6 +63,7 @@ class MergeOptions:
     # argsort: mergekit's max(1, int(d·density)) in torch.argsort order (whole tensors only)
     trim_rule: Literal["exact", "inclusive", "argsort"] = "exact"
     rescale: Literal["none", "inverse", "l1"] = "inverse"  # DARE: ÷density (DELLA ÷p), or mergekit's L1 ratio
+    divide_by_density: bool = False  # DARE's rescale as a float32 division (PEFT, FusionBench), not × 1/density
     dare_scope: Literal["all", "linear"] = "linear"
     trim_scope: Literal["tensor", "global"] = "tensor"
     compute_dtype: torch.dtype | None = torch.float32  # None: the promotion of the inputs' dtypes
@@ -291,10 +292,13 @@ def trim_keep(abs_block: torch.Tensor, t: TrimThreshold, start: int) -> torch.Te
 # DARE
 
 
-def dare(delta: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """Drop-and-rescale in place: τ ⊙ m · scale (Yu et al. 2024). `scale` is 1/density, 1, or mergekit's L1 ratio."""
+def dare(delta: torch.Tensor, keep: torch.Tensor, scale: float, divisor: float | None = None) -> torch.Tensor:
+    """Drop-and-rescale in place: τ ⊙ m · scale (Yu et al. 2024). `scale` is 1/density, 1, or mergekit's L1 ratio;
+    with `divisor`, τ ⊙ m ÷ divisor instead (PEFT's and FusionBench's rescale: one ulp from × 1/density)."""
     delta.mul_(keep)
-    if scale != 1.0:
+    if divisor is not None:
+        delta.div_(divisor)
+    elif scale != 1.0:
         delta.mul_(scale)
     return delta
 

@@ -121,7 +121,7 @@ class TorchBackend:
             density, scale = (spec.densities[i] if spec.densities else 1.0), spec.dare_scales[i]
             if spec.dare:
                 keep = keep_mask(spec.keys[i], block.start, n, density, device=deltas.device)
-                ops.dare(d, keep.view(d.shape), scale)
+                ops.dare(d, keep.view(d.shape), scale, density if opts.divide_by_density and scale != 1.0 else None)
             elif opts.sparsify == "magprune" and density < 1:
                 p = ops.della_probabilities(d, density, spec.epsilons[i], mergekit=opts.trim_rule == "argsort")
                 keep = keep_mask_varying(spec.keys[i], block.start, ops.keep_thresholds(p))
