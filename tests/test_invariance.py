@@ -21,7 +21,8 @@ from streammerge import (
 )
 from streammerge.front import api
 from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
-from streammerge.methods import ops
+from streammerge.methods import ops, registry
+from streammerge.methods.task_vectors import TaskVectorMethod
 from streammerge.pipeline import passes as engine
 from streammerge.pipeline.device import Staging
 from streammerge.pipeline.plan import build_plan, bytes_per_element
@@ -69,6 +70,30 @@ def test_any_split_over_workers_gives_the_same_bytes(models, tmp_path, method, s
     one = _merge(models, tmp_path / "one", method, semantics)
     for rank in (1, 0):  # any order
         _merge(models, tmp_path / "split", method, semantics, rank=rank, world_size=2)
+    finalize(tmp_path / "split")
+    assert shard_hashes(tmp_path / "split") == one
+
+
+OWN = [m.name for m in registry.all_methods() if not isinstance(m, TaskVectorMethod)]
+
+
+def _merge_own(root, out, method, **kwargs) -> dict[str, str]:
+    """A method of its own (methods/base.py) with as many models as it takes (up to 3) and its required t."""
+    declared = registry.get(method)
+    n = min(3, declared.max_models or 3)
+    models = tuple(ModelSpec(str(root / f"ft{i}"), {"weight": [0.5, 0.3, 0.2][i]}) for i in range(n))
+    params = {p.name: 0.5 for p in declared.params if p.default is None and not p.per_model}
+    cfg = MergeConfig(method=method, base=str(root / "base"), models=models, seed=3, parameters=params)
+    merge(cfg, out, max_shard_size=40_000, **kwargs)
+    return shard_hashes(out)
+
+
+@pytest.mark.parametrize("method", OWN)
+def test_methods_of_their_own_give_the_same_bytes_for_any_threads_budget_and_split(models, tmp_path, method):
+    one = _merge_own(models, tmp_path / "one", method, threads=1)
+    assert _merge_own(models, tmp_path / "small", method, threads=2, max_memory=60_000) == one  # many row blocks
+    for rank in (1, 0):
+        _merge_own(models, tmp_path / "split", method, rank=rank, world_size=2)
     finalize(tmp_path / "split")
     assert shard_hashes(tmp_path / "split") == one
 
