@@ -23,7 +23,7 @@ Error bound (HMT 2011, Corollary 10.10): with l = k + p columns (p ≥ 2) and q 
 
     E ‖τ − Q Qᵀ τ‖  ≤  [ (1 + √(k/(p−1)) + e√(k+p)/p · √(min(m,n) − k) )^(1/(2q+1)) ] · σ_{k+1}
 
-in the spectral norm: with q = 2 the factor in brackets is a few units at most for the shapes of LLM
+in the spectral norm: with q = 2 the factor in brackets is about 3 for the shapes of LLM
 weights, so the randomized factors are within a small factor of the best rank-k error; in practice
 (the benchmark) their Frobenius error is within a fraction of a percent of the exact SVD's. The
 reported error is measured, not bounded: ‖τ − B A‖_F / ‖τ‖_F with the factors as written.
