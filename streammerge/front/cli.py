@@ -787,10 +787,13 @@ def extract_lora_command(args: tuple[str, ...], base: str | None, model_opt: str
         raise click.UsageError("--push-to-hub takes ORG/NAME; give the branch with --hub-branch")
     finetune, output = positional
     _verbosity(quiet, o.pop("verbosity", 0))
-    for name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype", "out_shard_size", "write_threads", "moot"):
+    for name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype", "out_shard_size", "write_threads"):
         if o.get(name) is not None:
-            logging.getLogger("streammerge.cli").info("a mergekit flag (--%s) that extract-lora does not use here: ignored",
+            logging.getLogger("streammerge.cli").info("mergekit's --%s: extract-lora does not use it, ignored",
                                                       name.replace("_", "-"))
+    if o.pop("moot") is not None:
+        logging.getLogger("streammerge.cli").info("mergekit flags about its own engine (--allow-crimes, --lazy-unpickle, "
+                                                  "--low-cpu-memory, --multi-gpu, --copy-tokenizer, ...): ignored by extract-lora")
     if o.pop("cuda"):
         o["device"] = "cuda" if o["device"] == "auto" else o["device"]
     options = extract.ExtractOptions(
