@@ -16,6 +16,7 @@ _EXPORTS = {
     "MergeResult": "front.api", "finalize": "front.api", "merge": "front.api", "plan": "front.api",
     "MergeConfig": "front.config", "ModelSpec": "front.config",
     "VerifyReport": "io.verify", "verify": "io.verify",
+    "extract_lora": "pipeline.extract", "ExtractOptions": "pipeline.extract", "ExtractResult": "pipeline.extract",
     **{name: "errors" for name in (
         "CheckpointError", "CheckpointNotFoundError", "ConfigError", "DeviceError", "MismatchError",
         "NonFiniteError", "OutputError", "StreammergeError", "UnsupportedFeatureError")},
@@ -23,6 +24,7 @@ _EXPORTS = {
 
 __all__ = [
     "MergeConfig", "ModelSpec", "MergeResult", "merge", "finalize", "plan", "verify", "VerifyReport",
+    "extract_lora", "ExtractOptions", "ExtractResult",
     "StreammergeError", "ConfigError", "UnsupportedFeatureError", "CheckpointError",
     "CheckpointNotFoundError", "DeviceError", "MismatchError", "NonFiniteError", "OutputError",
 ]
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from .front.api import MergeResult, finalize, merge, plan
     from .front.config import MergeConfig, ModelSpec
     from .io.verify import VerifyReport, verify
+    from .pipeline.extract import ExtractOptions, ExtractResult, extract_lora
 
 
 def __getattr__(name: str) -> Any:

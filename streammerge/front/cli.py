@@ -718,5 +718,131 @@ def methods_command(name: str | None, as_json: bool) -> None:
         click.echo("")
 
 
+@main.command("extract-lora", epilog="mergekit-extract-lora's flags work too (--model/--base-model/--out-path, "
+              "--max-rank, --sv-epsilon, --embed-lora, --save-module, -i/-e, --skip-undecomposable, --cuda, ...): "
+              "docs/extract-lora.md.")
+@click.argument("args", nargs=-1, metavar="FINETUNE OUTPUT_DIR")
+@click.option("--base", "--base-model", "base", help="The base model: a folder, a .safetensors file or a Hub repo id.")
+@click.option("--model", "model_opt", hidden=True, help="mergekit's spelling of FINETUNE.")
+@click.option("--out-path", "out_path", hidden=True, help="mergekit's spelling of OUTPUT_DIR.")
+@click.option("--rank", "--max-rank", "rank", type=click.IntRange(1), default=128, show_default=True,
+              help="Largest rank of each factored weight.")
+@click.option("--sv-epsilon", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Drop singular values at or below this (mergekit's absolute threshold).")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
+              help="Per tensor, the fewest components keeping this fraction of ||tau||_F^2 (e.g. 0.9), at most --rank.")
+@click.option("--distribute-scale/--no-distribute-scale", default=True, show_default=True,
+              help="sqrt(S) on both factors (else A = S Vh, B = U).")
+@click.option("--embed-lora/--no-embed-lora", default=False, show_default=True,
+              help="Factor embeddings and the output head too (default: store them whole, modules_to_save).")
+@click.option("--save-module", multiple=True, metavar="NAME", help="Store this module whole (a leaf name or a full module name).")
+@click.option("--include-regex", "-i", multiple=True, metavar="REGEX", help="Factor only modules matching.")
+@click.option("--exclude-regex", "-e", multiple=True, metavar="REGEX", help="Leave out modules matching.")
+@click.option("--skip-undecomposable", is_flag=True, help="Leave out changed tensors that are not 2-D weights (norms) instead of storing them whole.")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="auto: exact where the tensor's SVD fits --max-memory, else randomized.")
+@click.option("--oversample", type=click.IntRange(0), default=10, show_default=True, help="Randomized SVD: extra columns.")
+@click.option("--power-iters", type=click.IntRange(0), default=2, show_default=True, help="Randomized SVD: power iterations.")
+@click.option("--seed", "--random-seed", "seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Factors' dtype (default: the fine-tune's).")
+@click.option("--max-memory", type=Size(), default=str(constants.DEFAULT_MAX_MEMORY), show_default="1GiB", help="Working memory.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--cuda", is_flag=True, hidden=True, help="mergekit's: --device cuda.")
+@click.option("--threads", "-j", "--num-threads", "threads", type=click.IntRange(1), help="CPU threads (the same bytes with any).")
+@click.option("--force", is_flag=True, help="Replace a previous extraction in OUTPUT_DIR.")
+@click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bar or table.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@_push_options
+@click.option("-v", "verbosity", count=True, hidden=True)
+@click.option("--transformers-cache", hidden=True)
+@click.option("--lora-merge-cache", hidden=True)
+@click.option("--lora-merge-dtype", hidden=True)
+@click.option("--out-shard-size", hidden=True)
+@click.option("--write-threads", hidden=True)
+@click.option("--allow-crimes/--no-allow-crimes", "--trust-remote-code/--no-trust-remote-code", "--lazy-unpickle/--no-lazy-unpickle",
+              "--low-cpu-memory/--no-low-cpu-memory", "--read-to-gpu/--no-read-to-gpu", "--multi-gpu/--no-multi-gpu",
+              "--async-write/--no-async-write", "--copy-tokenizer/--no-copy-tokenizer", "--clone-tensors/--no-clone-tensors",
+              "--write-model-card/--no-write-model-card", "--safe-serialization/--no-safe-serialization",
+              "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", "--gpu-rich", "moot", default=None, hidden=True)
+def extract_lora_command(args: tuple[str, ...], base: str | None, model_opt: str | None, out_path: str | None, as_json: bool,
+                         debug: bool, quiet: bool, force: bool, push_to_hub: str | None, private: bool, hub_branch: str | None,
+                         **o: Any) -> None:
+    """Extract a PEFT LoRA adapter: FINETUNE - BASE factored per weight (SVD, rank <= --rank) into OUTPUT_DIR.
+
+    Prints per tensor the rank used and the relative Frobenius error ||tau - B A|| / ||tau||.
+    """
+    from streammerge.pipeline import extract
+
+    positional = list(args)
+    if model_opt is not None:
+        positional.insert(0, model_opt)
+    if out_path is not None:
+        positional.append(out_path)
+    if len(positional) != 2:
+        raise click.UsageError("expected FINETUNE OUTPUT_DIR (or mergekit's --model FINETUNE --out-path OUTPUT_DIR)")
+    if base is None:
+        raise click.UsageError("--base BASE is required: the model FINETUNE was fine-tuned from")
+    if push_to_hub and "@" in push_to_hub:
+        raise click.UsageError("--push-to-hub takes ORG/NAME; give the branch with --hub-branch")
+    finetune, output = positional
+    _verbosity(quiet, o.pop("verbosity", 0))
+    for name in ("transformers_cache", "lora_merge_cache", "lora_merge_dtype", "out_shard_size", "write_threads"):
+        if o.get(name) is not None:
+            logging.getLogger("streammerge.cli").info("mergekit's --%s: extract-lora does not use it, ignored",
+                                                      name.replace("_", "-"))
+    if o.pop("moot") is not None:
+        logging.getLogger("streammerge.cli").info("mergekit flags about its own engine (--allow-crimes, --lazy-unpickle, "
+                                                  "--low-cpu-memory, --multi-gpu, --copy-tokenizer, ...): ignored by extract-lora")
+    if o.pop("cuda"):
+        o["device"] = "cuda" if o["device"] == "auto" else o["device"]
+    options = extract.ExtractOptions(
+        max_rank=o["rank"], sv_epsilon=o["sv_epsilon"], energy=o["energy"], distribute_scale=o["distribute_scale"],
+        embed_lora=o["embed_lora"], save_modules=tuple(o["save_module"]), include=tuple(o["include_regex"]),
+        exclude=tuple(o["exclude_regex"]), skip_undecomposable=o["skip_undecomposable"], svd=o["svd"],
+        oversample=o["oversample"], power_iters=o["power_iters"], seed=o["seed"], dtype=o["dtype"])
+    from tqdm.auto import tqdm
+
+    with tqdm(unit="B", unit_scale=True, desc="extracting", disable=True if quiet else None, file=sys.stderr) as bar:
+
+        def set_total(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        result = _run(debug, extract.extract_lora, finetune, output, base=base, options=options, max_memory=o["max_memory"],
+                      device=o["device"], threads=o["threads"], force=force, progress=bar.update, on_total=set_total)
+    pushed = _run(debug, extract.push_adapter, result.output_dir, push_to_hub, private=private, branch=hub_branch) \
+        if push_to_hub else None
+    if as_json:
+        click.echo(json.dumps({"ok": True, "status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})},
+                              indent=2))
+        return
+    if quiet:
+        return
+    if result.already_complete:
+        click.echo(f"{result.output_dir} already holds this extraction, complete; nothing to do")
+    else:
+        click.echo(format_extract_table(result))
+        resumed = f" ({result.reused} tensor(s) kept from an interrupted run)" if result.reused else ""
+        click.echo(f"wrote {result.output_dir}/ ({result.bytes / 1e6:.1f} MB) in {result.seconds:.1f} s{resumed}")
+    if pushed:
+        click.echo(f"pushed {result.output_dir} to {push_to_hub}" + (f" (branch {hub_branch})" if hub_branch else "") + f": {pushed}")
+
+
+def format_extract_table(result) -> str:
+    """extract-lora's table: one line per tensor: rank, relative error, how it was factored."""
+    rows = [("tensor", "shape", "rank", "rel. error", "how")]
+    for t in result.tensors:
+        if t.method == "unchanged":
+            continue
+        error = f"{t.error:.3e}" if t.kind in ("lora", "embedding") else "-"
+        rank = str(t.rank) if t.kind in ("lora", "embedding") else "whole"
+        rows.append((t.name, "x".join(map(str, t.shape)), rank, error, t.method))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    unchanged = sum(t.method == "unchanged" for t in result.tensors)
+    return "\n".join(lines) + (f"\n({unchanged} tensor(s) equal to the base: left out)" if unchanged else "")
+
+
 if __name__ == "__main__":
     main()
