@@ -82,7 +82,7 @@ def _merge_own(root, out, method, **kwargs) -> dict[str, str]:
     declared = registry.get(method)
     n = min(3, declared.max_models or 3)
     models = tuple(ModelSpec(str(root / f"ft{i}"), {"weight": [0.5, 0.3, 0.2][i]}) for i in range(n))
-    params = {p.name: 0.5 for p in declared.params if p.default is None and not p.per_model}
+    params = {p.name: 0.5 for p in declared.params if p.default is None and p.per_tensor and not p.per_model}
     cfg = MergeConfig(method=method, base=str(root / "base"), models=models, seed=3, parameters=params)
     merge(cfg, out, max_shard_size=40_000, **kwargs)
     return shard_hashes(out)

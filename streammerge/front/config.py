@@ -429,7 +429,7 @@ class MergeConfig:
                 and base not in {self.model_key(m.source) for m in self.models}):
             problems.append(f"slices[0].sources: {method.name}'s base_model must be one of the sources, as mergekit requires")
         for p in method.params:
-            if p.default is None and not p.per_model and self.parameters.get(p.name) is None \
+            if p.default is None and p.per_tensor and not p.per_model and self.parameters.get(p.name) is None \
                     and self.slice_parameters.get(p.name) is None:
                 problems.append(f"parameters.{p.name}: {method.name} needs {p.name}, {p.doc}, e.g. {p.name}: 0.5, "
                                 "in the top-level (or slice) parameters")
