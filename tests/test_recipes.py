@@ -225,3 +225,18 @@ def test_a_stage_problem_found_when_opening_names_the_stage(models, tmp_path):
         api.plan(cfg)
     r = CliRunner().invoke(main, ["merge", str(models / "open.yaml"), str(tmp_path / "out")])
     assert r.exit_code == 1 and "error: stage 'a': models[0].parameters.density" in r.output
+
+
+def test_a_lora_adapter_over_a_stage(models, tmp_path):
+    # the final merge's base is a stage, and a LoRA adapter applies to it as to any base
+    from test_lora import bounded_factor, write_adapter
+
+    gen = torch.Generator().manual_seed(3)
+    h = SHAPE.hidden
+    write_adapter(models / "lora", {"model.layers.0.self_attn.q_proj": (bounded_factor((4, h), gen), bounded_factor((h, 4), gen))},
+                  r=4, alpha=8)
+    final = "merge_method: task_arithmetic\nbase_model: <a>\nmodels:\n  - {model: lora, parameters: {weight: 0.5}}\ndtype: bfloat16\n"
+    cfg = _recipe(models, "lora.yaml", "name: tied\n" + TIES, fill(final, a="tied"))
+    merge(cfg, tmp_path / "recipe", max_shard_size=SHARD)
+    hand = tmp_path / "by_hand"
+    assert shard_hashes(tmp_path / "recipe") == _stagewise(models, hand, [("tied", TIES), ("final", fill(final, a=str(hand / "tied")))])

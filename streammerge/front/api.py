@@ -203,7 +203,7 @@ def _build_plan(config: MergeConfig, reference: Checkpoint, finetuned: list[Chec
                           reindex=reindex, shard_order=shard_order)
     stages = expand([reference, *finetuned])[1]
     if stages:  # a recipe's stages each hold one computed tensor while it is read (pipeline/recipe.py)
-        the_plan = replace(the_plan, peak_memory=the_plan.peak_memory + sum(s.extra_memory + s.plan.peak_memory for s in stages))
+        the_plan = replace(the_plan, peak_memory=the_plan.peak_memory + sum(s.extra_memory for s in stages))
     return the_plan, tokenizer_from
 
 

@@ -25,7 +25,7 @@ import torch
 
 from streammerge.io.sources import DTYPES, Checkpoint, TensorInfo
 from streammerge.pipeline.passes import TensorJob, global_pass_needed, prepare_global, prepare_tensor
-from streammerge.pipeline.plan import Plan
+from streammerge.pipeline.plan import Plan, pool_shape
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class StageCheckpoint(Checkpoint):
         self._fds, self._maps, self._ends = {}, {}, {}  # Checkpoint.close() looks at these: none here
         self._lock = threading.RLock()
         self._jobs: dict[str, TensorJob] | None = None
+        self._global_done = False
         self._pool: ThreadPoolExecutor | None = None
         self._held: tuple[str, torch.Tensor] | None = None  # the one tensor computed last
 
@@ -63,8 +64,11 @@ class StageCheckpoint(Checkpoint):
 
     @property
     def extra_memory(self) -> int:
-        """Bytes this stage holds while it is read: its largest output tensor."""
-        return max((t.nbytes for t in self.plan.tensors), default=0)
+        """Bytes this stage adds to the merge reading it: its largest output tensor, held while read,
+        and the working memory of computing one tensor (its plan's estimate without the output
+        buffer pool, which a stage does not use: it merges into the held tensor)."""
+        capacity, count = pool_shape(self.plan, [j.rows for j in self._built_jobs().values()])
+        return max((t.nbytes for t in self.plan.tensors), default=0) + self.plan.peak_memory - capacity * count
 
     def identity(self) -> list:
         """What decides this stage's bytes, for the fingerprint of a merge that reads it."""
@@ -111,19 +115,25 @@ class StageCheckpoint(Checkpoint):
         job.given_cache.clear()  # a LoRA adapter's τ, kept for the tensor's passes only
         return flat.view(tp.shape)
 
-    def _all_jobs(self) -> dict[str, TensorJob]:
-        """A TensorJob per tensor (each keeps what its passes find), and the model-wide pass, once."""
+    def _built_jobs(self) -> dict[str, TensorJob]:
+        """A TensorJob per tensor, as the engine builds them; each keeps what its passes find."""
         if self._jobs is None:
             threads = torch.get_num_threads()
             if threads > 1:
                 self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"streammerge-stage-{self.name}")
-            jobs = {t.name: TensorJob(t, self.plan, self.reference, self.finetuned, self._pool) for t in self.plan.tensors}
+            self._jobs = {t.name: TensorJob(t, self.plan, self.reference, self.finetuned, self._pool) for t in self.plan.tensors}
+        return self._jobs
+
+    def _all_jobs(self) -> dict[str, TensorJob]:
+        """The jobs, after the model-wide pass (once) when the stage's method has one."""
+        jobs = self._built_jobs()
+        if not self._global_done:
+            self._global_done = True
             if global_pass_needed(list(jobs.values())):
                 log.info("stage %s: a model-wide pass first (global trim or majority sign): every input tensor is read once more",
                          self.name)
                 prepare_global(list(jobs.values()))
-            self._jobs = jobs
-        return self._jobs
+        return jobs
 
     def close(self) -> None:
         self._held = None
