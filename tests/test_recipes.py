@@ -172,7 +172,7 @@ def test_resume_after_an_interrupted_run(models, tmp_path):
 
 
 def test_two_workers_give_the_same_bytes(models, tmp_path):
-    cfg = _recipe(models, "split.yaml", "name: tied\n" + TIES, fill(SLERP, a="tied"))
+    cfg = _recipe(models, "split.yaml", "name: a\n" + DARE, "name: b\n" + fill(SLERP, a="a"), fill(LINEAR, a="a", b="b"))
     one, split = split_run_hashes(cfg, tmp_path, SHARD)
     assert len(one) > 2 and one == split
 
@@ -236,7 +236,7 @@ def test_a_lora_adapter_over_a_stage(models, tmp_path):
     write_adapter(models / "lora", {"model.layers.0.self_attn.q_proj": (bounded_factor((4, h), gen), bounded_factor((h, 4), gen))},
                   r=4, alpha=8)
     final = "merge_method: task_arithmetic\nbase_model: <a>\nmodels:\n  - {model: lora, parameters: {weight: 0.5}}\ndtype: bfloat16\n"
-    cfg = _recipe(models, "lora.yaml", "name: tied\n" + TIES, fill(final, a="tied"))
+    cfg = _recipe(models, "lora.yaml", "name: a\n" + DARE, fill(final, a="a"))
     merge(cfg, tmp_path / "recipe", max_shard_size=SHARD)
     hand = tmp_path / "by_hand"
-    assert shard_hashes(tmp_path / "recipe") == _stagewise(models, hand, [("tied", TIES), ("final", fill(final, a=str(hand / "tied")))])
+    assert shard_hashes(tmp_path / "recipe") == _stagewise(models, hand, [("a", DARE), ("final", fill(final, a=str(hand / "a")))])

@@ -154,11 +154,12 @@ def _open(config: MergeConfig, stack: ExitStack, stages: object = None) -> tuple
     reference = get(config.base) if config.base is not None else (finetuned[0] if finetuned else None)
     if reference is not None:
         problems += attach_adapters(config, reference, finetuned)
+    problems = list({str(e): e for e in problems}.values())  # a recipe stage read twice fails twice: said once
     if len(problems) == 1:
         raise problems[0]
     if problems:
         messages = [p for e in problems for p in (e.problems if isinstance(e, ConfigError) else [str(e)])]
-        raise ConfigError(messages)
+        raise ConfigError(list(dict.fromkeys(messages)))
     return reference, finetuned  # type: ignore[return-value]
 
 

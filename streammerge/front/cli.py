@@ -440,7 +440,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
         upload = _run(debug, HubUpload, push_to_hub, private=private, branch=hub_branch)
     try:
         if o.get("intermediate_dir") is not None:
-            cfg = _write_stages(debug, cfg, o, force, quiet or rank != 0, rank, world_size, torchrun is not None)
+            cfg = _write_stages(debug, cfg, o, force, quiet or rank != 0, rank, world_size, torchrun is not None, as_json)
         result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet or rank != 0, rank, world_size,
                       upload.add_shard if upload is not None else None)
     finally:
@@ -473,7 +473,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
 
 
 def _write_stages(debug: bool, cfg: MergeConfig, o: dict, force: bool, quiet: bool, rank: int, world_size: int,
-                  torchrun: bool) -> MergeConfig:
+                  torchrun: bool, as_json: bool = False) -> MergeConfig:
     """--intermediate-dir: each named stage of the recipe merged into DIR/NAME, as mergekit-multi does;
     returns the final merge, reading them from there."""
     from streammerge.front import recipe
@@ -486,7 +486,7 @@ def _write_stages(debug: bool, cfg: MergeConfig, o: dict, force: bool, quiet: bo
 
     def run(stage: MergeConfig, folder: Path) -> None:
         result = _run(debug, _merge_with_progress, stage, str(folder), o, force, quiet, rank, world_size)
-        if not quiet:
+        if not quiet and not as_json:  # stdout holds only the JSON summary with --json
             done = "already complete" if result.already_complete else f"{len(result.shards)} shard(s) in {result.seconds:.1f} s"
             click.echo(f"stage {folder.name}: {done} -> {folder}")
 

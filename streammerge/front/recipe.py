@@ -216,11 +216,23 @@ class StageOptions:
 def open_stage(recipe: Recipe, name: str, stack: ExitStack, options: StageOptions):
     """Stage `name` as a StageCheckpoint: its inputs opened (stages in turn), its plan built from
     their headers; closed with `stack`. Errors name the stage."""
+    if name in options.opened:
+        if isinstance(options.opened[name], Exception):  # read by several stages: one failure, raised again
+            raise options.opened[name]
+        return options.opened[name]
+    try:
+        stage = _open_stage(recipe, name, stack, options)
+    except (ConfigError, MismatchError) as e:
+        options.opened[name] = e
+        raise
+    options.opened[name] = stage
+    return stage
+
+
+def _open_stage(recipe: Recipe, name: str, stack: ExitStack, options: StageOptions):
     from streammerge.front import api
     from streammerge.pipeline.recipe import StageCheckpoint
 
-    if name in options.opened:
-        return options.opened[name]
     cfg = recipe.stage(name)
     where = f"stage {name!r}: "
 
@@ -239,7 +251,6 @@ def open_stage(recipe: Recipe, name: str, stack: ExitStack, options: StageOption
     api._copy_side_files(reference, tokenizer_from, folder, plan)  # config.json, tokenizer: as its own run writes them
     stage = StageCheckpoint(name, plan, reference, finetuned, folder, api.plan_fingerprint(plan, [reference, *finetuned]))
     stack.callback(stage.close)
-    options.opened[name] = stage
     return stage
 
 
