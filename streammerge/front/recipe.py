@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from streammerge.constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE
 from streammerge.errors import ConfigError, MismatchError

@@ -24,7 +24,12 @@ from pathlib import Path
 import torch
 
 from streammerge.io.sources import DTYPES, Checkpoint, TensorInfo
-from streammerge.pipeline.passes import TensorJob, global_pass_needed, prepare_global, prepare_tensor
+from streammerge.pipeline.passes import (
+    TensorJob,
+    global_pass_needed,
+    prepare_global,
+    prepare_tensor,
+)
 from streammerge.pipeline.plan import Plan, pool_shape
 
 log = logging.getLogger(__name__)
