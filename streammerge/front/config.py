@@ -142,7 +142,9 @@ class MergeConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> MergeConfig:
-        """Reads a mergekit-style YAML file; relative model paths resolve against its folder."""
+        """Reads a mergekit-style YAML file; relative model paths resolve against its folder. A file of
+        several YAML documents is a mergekit-multi recipe (docs/recipes.md): the final merge, carrying
+        the named stages in `recipe`; `overrides` then apply to every stage."""
         path = Path(path)
         try:
             if not path.is_file():  # a FIFO or a device would block or never end
@@ -159,8 +161,8 @@ class MergeConfig:
         if len(docs) > 1:  # a mergekit-multi recipe: named stages and a final merge (front/recipe.py)
             from streammerge.front.recipe import recipe_config
 
-            cfg = recipe_config(docs, path)
-            return replace(cfg, **overrides) if overrides else cfg
+            cfg = recipe_config(docs, path)  # overrides (semantics=..., seed=...) apply to every stage, as the CLI's flags
+            return replace(cfg, **overrides, recipe=cfg.recipe.map(lambda c: replace(c, **overrides))) if overrides else cfg
         data = docs[0] if docs else None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping with merge_method, models, ...")
