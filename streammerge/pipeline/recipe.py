@@ -80,7 +80,8 @@ class StageCheckpoint(Checkpoint):
         return ["recipe stage", self.name, self.fingerprint]
 
     def file_identity(self, file: Path) -> list:
-        return [*self.identity(), file.name]
+        # never a local file's [path, size, mtime, header] shape: api.changed_inputs would stat it
+        return [*self.identity(), file.name, "computed"]
 
     def view(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
         info = self.tensors[name]
