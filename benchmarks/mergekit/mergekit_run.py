@@ -29,6 +29,19 @@ def mergekit_yaml(config: Path, cwd: Path, *, copy_tokenizer: bool = False, extr
         yield out
 
 
+@contextlib.contextmanager
+def mergekit_multi(config: Path, cwd: Path, *, extra: list[str] | None = None) -> Iterator[tuple[Path, Path]]:
+    """Runs the mergekit-multi next to this Python on the recipe `config` from `cwd`, offline; yields
+    (the final merge's folder, the folder of the named stages), deleted afterwards."""
+    exe = Path(sys.executable).with_name("mergekit-multi")
+    with tempfile.TemporaryDirectory() as td:
+        out, stages = Path(td) / "out", Path(td) / "stages"
+        subprocess.run([str(exe), str(config), "--out-path", str(out), "--intermediate-dir", str(stages),
+                        "--no-copy-tokenizer", "--no-write-model-card", "--quiet", *(extra or [])],
+                       cwd=cwd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        yield out, stages
+
+
 def write_manifest(fix: Path, info: dict, limit: int | None = None) -> None:
     """`fix`/manifest.json: `info` and the sha256 of every fixture file; prints their total size,
     which must stay under `limit`."""

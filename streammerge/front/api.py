@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import safetensors
@@ -73,6 +73,7 @@ from streammerge.pipeline.plan import (
     build_plan,
     check_architectures,
 )
+from streammerge.pipeline.recipe import expand
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,11 @@ class MergeResult:
         }
 
 
-def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Checkpoint]]:
+def _open(config: MergeConfig, stack: ExitStack, stages: object = None) -> tuple[Checkpoint, list[Checkpoint]]:
     """Validates the config and opens (headers only) the reference and the fine-tunes, each distinct
-    path once. Reports everything wrong at once: config problems and every unreadable model."""
+    path once. Reports everything wrong at once: config problems and every unreadable model.
+    A recipe's stage, named as a model, opens as a checkpoint computed when read (front/recipe.py),
+    with the plan options in `stages` (a recipe.StageOptions)."""
     types = config._type_problems()
     if types:  # nothing below can even look at such a config (paths with NUL, a list for a method)
         raise ConfigError(types)
@@ -123,10 +126,21 @@ def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Check
     except ConfigError as e:
         problems.append(e)
     opened: dict[str, Checkpoint | None] = {}
+    if config.recipe is not None and stages is None:
+        stages = _stage_options(config, DEFAULT_MAX_SHARD_SIZE, DEFAULT_MAX_MEMORY, "file", False)
 
-    def get(path: str) -> Checkpoint | None:
-        if not isinstance(path, str) or "\x00" in path:  # reported by validate; the OS cannot even look
+    def get(source: str) -> Checkpoint | None:
+        if config.recipe is not None and config.recipe.stage(source) is not None:  # a stage's name wins, as in mergekit-multi
+            from streammerge.front import recipe
+
+            try:
+                return recipe.open_stage(config.recipe, source, stack, stages)
+            except StreammergeError as e:
+                problems.append(e)
+                return None
+        if not isinstance(source, str) or "\x00" in source:  # reported by validate; the OS cannot even look
             return None
+        path = config._path(source)
         key = os.path.realpath(path) if hub.parse_source(path) is None else path
         if key not in opened:
             try:  # a checkpoint or a LoRA adapter, local or a Hub repo
@@ -136,15 +150,16 @@ def _open(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[Check
                 opened[key] = None
         return opened[key]
 
-    finetuned = [get(config.model_path(m)) for m in config.finetunes()]
-    reference = get(config.base_path) if config.base_path is not None else (finetuned[0] if finetuned else None)
+    finetuned = [get(m.source) for m in config.finetunes()]
+    reference = get(config.base) if config.base is not None else (finetuned[0] if finetuned else None)
     if reference is not None:
         problems += attach_adapters(config, reference, finetuned)
+    problems = list({str(e): e for e in problems}.values())  # a recipe stage read twice fails twice: said once
     if len(problems) == 1:
         raise problems[0]
     if problems:
         messages = [p for e in problems for p in (e.problems if isinstance(e, ConfigError) else [str(e)])]
-        raise ConfigError(messages)
+        raise ConfigError(list(dict.fromkeys(messages)))
     return reference, finetuned  # type: ignore[return-value]
 
 
@@ -164,8 +179,17 @@ def plan(
         ConfigError, CheckpointError, MismatchError: everything wrong, before any heavy work.
     """
     with ExitStack() as stack:
-        reference, finetuned = _open(config, stack)
+        reference, finetuned = _open(config, stack, _stage_options(config, max_shard_size, max_memory, shard_order, allow_crimes))
         return _build_plan(config, reference, finetuned, max_shard_size, max_memory, shard_order, allow_crimes)[0]
+
+
+def _stage_options(config: MergeConfig, max_shard_size: int, max_memory: int, shard_order: str, allow_crimes: bool) -> object:
+    """A recipe's stages are planned with the final merge's options (front/recipe.py)."""
+    if config.recipe is None:
+        return None
+    from streammerge.front.recipe import StageOptions
+
+    return StageOptions(max_shard_size, max_memory, shard_order, allow_crimes)
 
 
 def _build_plan(config: MergeConfig, reference: Checkpoint, finetuned: list[Checkpoint], max_shard_size: int,
@@ -178,6 +202,9 @@ def _build_plan(config: MergeConfig, reference: Checkpoint, finetuned: list[Chec
     reindex = build_reindex(config, reference, finetuned, tokenizer_from)
     the_plan = build_plan(config, reference, finetuned, max_shard_size=max_shard_size, max_memory=max_memory,
                           reindex=reindex, shard_order=shard_order)
+    stages = expand([reference, *finetuned])[1]
+    if stages:  # a recipe's stages each hold one computed tensor while it is read (pipeline/recipe.py)
+        the_plan = replace(the_plan, peak_memory=the_plan.peak_memory + sum(s.extra_memory for s in stages))
     return the_plan, tokenizer_from
 
 
@@ -260,7 +287,8 @@ def merge(
     held = ExitStack()  # the output folder's lock: held until the merge is finalized
     try:
         with ExitStack() as stack:
-            reference, finetuned = _open(config, stack)
+            reference, finetuned = _open(config, stack, _stage_options(config, max_shard_size, max_memory, shard_order,
+                                                                       allow_crimes))
             the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory, shard_order,
                                                    allow_crimes)
             inputs = [reference, *finetuned]
@@ -467,7 +495,7 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint], side: dict | None
     """sha256 of everything that decides the output bytes: the plan and the inputs' identity
     (each file's size, modification time and header), so a resume never mixes two merges.
     `side`: which side files are written (tokenizer, model card), when not the default all."""
-    identity = input_identities(inputs)
+    identity = input_identities(inputs)  # a recipe stage's fingerprint among them
     payload = {
         "version": __version__,
         "options": {k: str(v) for k, v in vars(the_plan.options).items()},
@@ -488,9 +516,11 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint], side: dict | None
 
 
 def input_identities(inputs: list[Checkpoint]) -> list[list]:
-    """Each input file's identity: [path, size, mtime, header sha256] (a Hub file: repo, commit, name, etag, size)."""
-    owners = {info.file: c for c in inputs for info in c.tensors.values()}
-    return [owners[f].file_identity(f) for f in sorted(owners)]
+    """Each input file's identity: [path, size, mtime, header sha256] (a Hub file: repo, commit, name, etag, size);
+    a recipe stage's inputs are followed down to the files, and the stage adds its fingerprint."""
+    leaves, stages = expand(inputs)
+    owners = {info.file: c for c in leaves for info in c.tensors.values()}
+    return [owners[f].file_identity(f) for f in sorted(owners)] + [s.identity() for s in stages]
 
 
 def changed_inputs(recorded: object, now: list[list] | None = None) -> list[str]:
@@ -535,7 +565,7 @@ def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprin
         if lock is not None and held is not None:
             held.enter_context(_folder_lock(out, lock))
     resolved = out.resolve()
-    for ckpt in inputs:
+    for ckpt in expand(inputs)[0]:  # a recipe stage's own inputs too
         folder = ckpt.folder.resolve()
         if resolved == folder or folder.is_relative_to(resolved):
             raise OutputError(f"{out}: is (or contains) the input {ckpt.path}; choose another output directory")

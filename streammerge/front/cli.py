@@ -257,17 +257,24 @@ def _build_config(config_path: str | None, o: dict) -> MergeConfig:
         if flags:
             raise click.UsageError(f"--{flags[0].rstrip('_').replace('_', '-')} cannot be combined with a CONFIG file; put it in the YAML")
         cfg = MergeConfig.from_yaml(config_path)
-        extra: dict[str, Any] = {}
-        if o["include"]:
-            extra["include"] = cfg.include + tuple(o["include"])
-        if o["exclude"]:
-            extra["exclude"] = cfg.exclude + tuple(o["exclude"])
     else:
-        cfg, extra = _config_from_flags(o), {}
-    for key in ("semantics", "seed", "dtype", "out_dtype", "vocab"):
-        if o[key] is not None:
-            extra[key] = o[key]
-    return cfg.__class__(**{**cfg.__dict__, **extra}) if extra else cfg
+        cfg = _config_from_flags(o)
+
+    def override(c: MergeConfig) -> MergeConfig:
+        extra: dict[str, Any] = {}
+        if config_path is not None and o["include"]:
+            extra["include"] = c.include + tuple(o["include"])
+        if config_path is not None and o["exclude"]:
+            extra["exclude"] = c.exclude + tuple(o["exclude"])
+        for key in ("semantics", "seed", "dtype", "out_dtype", "vocab"):
+            if o[key] is not None:
+                extra[key] = o[key]
+        return c.__class__(**{**c.__dict__, **extra}) if extra else c
+
+    cfg = override(cfg)
+    if cfg.recipe is not None:  # a recipe's stages: as if each ran with this command line (docs/recipes.md)
+        cfg = cfg.__class__(**{**cfg.__dict__, "recipe": cfg.recipe.map(override)})
+    return cfg
 
 
 def _merge_options(f):
@@ -386,6 +393,8 @@ def main() -> None:
 @click.option("--world-size", type=click.IntRange(1), help="Number of workers splitting the merge (default: $SLURM_ARRAY_TASK_COUNT, or 1).")
 @click.option("--delete-downloaded", is_flag=True, help="Delete Hub input shards this run downloaded once no tensor needs them.")
 @click.option("--download-budget", type=Size(), help="Disk for downloaded Hub input shards at once, e.g. 50GB (implies --delete-downloaded).")
+@click.option("--intermediate-dir", "-I", "intermediate_dir", type=click.Path(file_okay=False),
+              help="A recipe (several YAML documents): also write each named stage to DIR/NAME (docs/recipes.md).")
 @_push_options
 @mergekit_flags.options
 def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug: bool, rank: int | None,
@@ -430,6 +439,8 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
 
         upload = _run(debug, HubUpload, push_to_hub, private=private, branch=hub_branch)
     try:
+        if o.get("intermediate_dir") is not None:
+            cfg = _write_stages(debug, cfg, o, force, quiet or rank != 0, rank, world_size, torchrun is not None, as_json)
         result = _run(debug, _merge_with_progress, cfg, output, o, force, quiet or rank != 0, rank, world_size,
                       upload.add_shard if upload is not None else None)
     finally:
@@ -459,6 +470,27 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
         )
     if push:
         _push(debug, result.output_dir, push, private, hub_branch, quiet, upload)
+
+
+def _write_stages(debug: bool, cfg: MergeConfig, o: dict, force: bool, quiet: bool, rank: int, world_size: int,
+                  torchrun: bool, as_json: bool = False) -> MergeConfig:
+    """--intermediate-dir: each named stage of the recipe merged into DIR/NAME, as mergekit-multi does;
+    returns the final merge, reading them from there."""
+    from streammerge.front import recipe
+
+    if cfg.recipe is None:
+        raise click.UsageError("--intermediate-dir: the config is not a recipe (several YAML documents, the stages with name:)")
+    if world_size > 1 and not torchrun:  # a stage must be finished before the next reads it: nobody would wait
+        raise click.UsageError("--intermediate-dir cannot be combined with independent workers (--world-size > 1): run it as "
+                               "one process or under torchrun, or leave it out (the stages are then computed, not written)")
+
+    def run(stage: MergeConfig, folder: Path) -> None:
+        result = _run(debug, _merge_with_progress, stage, str(folder), o, force, quiet, rank, world_size)
+        if not quiet and not as_json:  # stdout holds only the JSON summary with --json
+            done = "already complete" if result.already_complete else f"{len(result.shards)} shard(s) in {result.seconds:.1f} s"
+            click.echo(f"stage {folder.name}: {done} -> {folder}")
+
+    return _run(debug, recipe.write_stages, cfg, o["intermediate_dir"], run)
 
 
 def _verbosity(quiet: bool, verbosity: int) -> None:
@@ -533,6 +565,10 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     }
     if p.layers is not None:
         summary["layers"] = p.layers
+    if cfg.recipe is not None:  # the stages, in the order they are computed, then the final merge
+        from streammerge.front.recipe import graph
+
+        summary["recipe"] = graph(cfg)
     if world_size > 1:
         shares = [api.worker_shards(p, r, world_size) for r in range(world_size)]
         summary["workers"] = [{"rank": r, "shards": [s.filename for s in share], "input_bytes": sum(s.input_bytes for s in share)}
@@ -540,6 +576,13 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     if as_json:
         click.echo(json.dumps({"ok": True, **summary, **({"tensor_plan": tensors} if show_tensors else {})}, indent=2))
         return
+    for node in summary.get("recipe", []):
+        reads = ", ".join(f"stage {r}" if r in node["stage_reads"] else r for r in node["reads"])
+        what = f"stage {node['name']}" if node["name"] is not None else "final merge"
+        dtype = node["dtype"] or "in the inputs' dtypes"
+        click.echo(f"{what}: {node['method']}, output {dtype}, reads {reads}")
+    if "recipe" in summary:
+        click.echo("the stages are computed tensor by tensor as the final merge reads them: no intermediate checkpoint")
     click.echo(f"method {summary['method']} ({summary['semantics']} semantics), reference {p.reference}")
     for path in p.sources:
         click.echo(f"  model {path}")

@@ -134,12 +134,17 @@ class MergeConfig:
     # Every mergekit `slices:` config, as written. Unless it is a whole-model slice (above) that
     # covers the models' layers, the output layers are stacked from these (plan.py).
     slices: tuple[OutputSlice, ...] = ()
+    # A mergekit-multi recipe's named stages (front/recipe.Recipe), which `models`, `base_model` and
+    # slice sources may name; None for a plain merge.
+    recipe: Any = None
 
     # ---- construction -------------------------------------------------------------------
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> MergeConfig:
-        """Reads a mergekit-style YAML file; relative model paths resolve against its folder."""
+        """Reads a mergekit-style YAML file; relative model paths resolve against its folder. A file of
+        several YAML documents is a mergekit-multi recipe (docs/recipes.md): the final merge, carrying
+        the named stages in `recipe`; `overrides` then apply to every stage."""
         path = Path(path)
         try:
             if not path.is_file():  # a FIFO or a device would block or never end
@@ -152,7 +157,13 @@ class MergeConfig:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not valid YAML: not UTF-8 text") from None
-        data = load_yaml(text, str(path))
+        docs = load_yaml_all(text, str(path))
+        if len(docs) > 1:  # a mergekit-multi recipe: named stages and a final merge (front/recipe.py)
+            from streammerge.front.recipe import recipe_config
+
+            cfg = recipe_config(docs, path)  # overrides (semantics=..., seed=...) apply to every stage, as the CLI's flags
+            return replace(cfg, **overrides, recipe=cfg.recipe.map(lambda c: replace(c, **overrides))) if overrides else cfg
+        data = docs[0] if docs else None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping with merge_method, models, ...")
         cfg = cls.from_dict(data, base_dir=str(path.parent))
@@ -294,6 +305,8 @@ class MergeConfig:
             out["exclude"] = list(self.exclude)
         out["semantics"] = self.semantics
         out["seed"] = self.seed
+        if self.recipe is not None:
+            out["stages"] = self.recipe.to_list()
         return out
 
     # ---- validation ---------------------------------------------------------------------
@@ -701,6 +714,38 @@ def load_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     finally:
         loader.dispose()
+
+
+def load_yaml_all(text: str, where: str) -> list[Any]:
+    """The documents of a YAML stream (`---` between them), each parsed within `load_yaml`'s bounds;
+    empty documents (a trailing `---`) are left out."""
+    import yaml
+
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; a merge config is a few kB")
+    loader = yaml.SafeLoader(text)
+    docs: list[Any] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            _measure(node, where, {}, set(), 1)
+            docs.append(loader.construct_document(node))
+            if len(docs) > MAX_RECIPE_STAGES:
+                raise ConfigError(f"{where}: more than {MAX_RECIPE_STAGES} documents; a recipe has a few stages")
+        return [d for d in docs if d is not None]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        loader.dispose()
+
+
+MAX_RECIPE_STAGES = 64
 
 
 def _measure(node: Any, where: str, seen: dict[int, tuple[int, int]], open_nodes: set[int], depth: int) -> tuple[int, int]:
