@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import shutil
 import signal
@@ -20,6 +21,7 @@ import streammerge.front.api
 import streammerge.io.writer
 from streammerge import MergeConfig, OutputError, merge
 from streammerge.front.demo import build_demo_models
+from streammerge.io.sources import Checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +194,42 @@ def test_receipts_are_written_as_shards_finish(models, tmp_path, monkeypatch):
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert sorted(receipts) == sorted(f"{f}.json" for f in set(index["weight_map"].values()))
     assert seen.index("model.safetensors.index.json") == len(seen) - 1  # the index comes last
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupted(config: MergeConfig, out: Path, **kwargs) -> list[str]:
+    """A merge stopped right after its first shard; returns that shard's tensors."""
+    def stop(path: Path) -> None:
+        raise _Stop(path)
+
+    with pytest.raises(Exception):  # noqa: B017  the stop, as the writer reports it
+        merge(config, out, max_shard_size=60_000, on_shard_file=stop, **kwargs)
+    (receipt,) = [p for p in (out / ".streammerge").glob("model-*.json")]
+    return json.loads(receipt.read_text())["tensors"]
+
+
+def test_verify_inputs_catches_an_input_rewritten_in_place(models, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(models, root)
+    config = MergeConfig.from_yaml(root / "merge.yaml")
+    reference = merge(config, tmp_path / "reference", max_shard_size=60_000)
+    # resumed with the inputs untouched: the same bytes, the finished shard kept
+    tensors = _interrupted(config, tmp_path / "same", verify_inputs=True)
+    resumed = merge(config, tmp_path / "same", max_shard_size=60_000, verify_inputs=True)
+    assert resumed.shards == reference.shards and resumed.reused_shards == 1
+    # one tensor the finished shard read, rewritten in place: same size, header and modification time
+    out = tmp_path / "out"
+    tensors = _interrupted(config, out, verify_inputs=True)
+    info = Checkpoint(root / "ft1").tensors[tensors[0]]
+    stat = info.file.stat()
+    with open(info.file, "r+b") as f:
+        f.seek(info.offset)
+        data = f.read(2)
+        f.seek(info.offset)
+        f.write(bytes(b ^ 0x01 for b in data))
+    os.utime(info.file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(OutputError, match=f"{info.file}: its bytes changed since .* was built from it"):
+        merge(config, out, max_shard_size=60_000, verify_inputs=True)

@@ -231,6 +231,7 @@ def merge(
     write_model_card: bool = True,
     shard_order: str = "file",
     allow_crimes: bool = False,
+    verify_inputs: bool = False,
 ) -> MergeResult:
     """Runs the merge and writes a sharded checkpoint that transformers loads as is.
 
@@ -249,6 +250,9 @@ def merge(
         compile: "auto" compiles a fused CPU kernel (torch.compile) for big merges; "on", "off".
             The bytes are the same either way.
         check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
+        verify_inputs: record, with each shard, sha256 digests of the input bytes it was built from,
+            and on a resume check every finished shard's against the inputs now (one more read of
+            them). Without it a resume checks each input file's size, time and header only.
         device: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N"; without CUDA, a
             warning and the CPU (the same bytes).
         gpu_memory: bytes of GPU memory for one block's working set (default: 80% of the free memory).
@@ -315,7 +319,8 @@ def merge(
                 if not complete:
                     _write_state(out, the_plan, reference, finetuned, tokenizer_from if copy_tokenizer or the_plan.reindex else None,
                                  fingerprint, write_model_card)
-                    done = _resume(out, [s.filename for s in mine])
+                    digests = (lambda name: shard_input_digests(the_plan, inputs, name)) if verify_inputs else None
+                    done = _resume(out, [s.filename for s in mine], digests)
                     todo = [s for s in mine if s.filename not in done]
                     _check_free_space(out, todo)
                     remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
@@ -325,8 +330,9 @@ def merge(
                         tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
                         log.debug("wrote %s: %d tensors, %d bytes, sha256 %s", receipt["file"], len(tensors), receipt["bytes"],
                                   receipt["sha256"])
+                        extra = {"inputs": digests(receipt["file"])} if digests is not None else {}
                         write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
-                                          {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
+                                          {**receipt, "tensors": list(tensors), "worker": [rank, world_size], **extra})
                         if on_shard_file is not None:
                             on_shard_file(out / receipt["file"])
 
@@ -749,25 +755,75 @@ def _fingerprint_in(path: Path) -> str | None:
         return None
 
 
-def _resume(out: Path, shards: list[str]) -> dict[str, dict]:
-    """Keeps each of `shards` whose file still matches its receipt; removes the rest of them."""
+def _resume(out: Path, shards: list[str], digests: Callable[[str], dict] | None = None) -> dict[str, dict]:
+    """Keeps each of `shards` whose file still matches its receipt; removes the rest of them.
+
+    With `digests` (--verify-inputs), a finished shard is kept only if the input bytes it was built
+    from are still the same; a shard recorded without them is redone; changed bytes are an error
+    naming the input, since the finished shards then mix old and new inputs.
+    """
     state = out / STATE_DIR
     done: dict[str, dict] = {}
     for name in shards:
         receipt_path = state / f"{name}.json"
         try:
             receipt = json.loads(receipt_path.read_text("utf-8"))
-            if file_sha256(out / name) == (receipt["bytes"], receipt["sha256"]):
-                done[name] = receipt
-                continue
+            intact = file_sha256(out / name) == (receipt["bytes"], receipt["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
-            pass
+            intact = False
+        if intact and _inputs_unchanged(out, name, receipt, digests):
+            done[name] = receipt
+            continue
         receipt_path.unlink(missing_ok=True)
         for stale in (out / name, out / f"{name}.partial"):
             stale.unlink(missing_ok=True)
     if done:
-        log.info("resuming in %s: %d shard(s) already done", out, len(done))
+        log.info("resuming in %s: %d shard(s) already done%s", out, len(done),
+                 " (their input bytes checked)" if digests is not None else "")
     return done
+
+
+def _inputs_unchanged(out: Path, name: str, receipt: dict, digests: Callable[[str], dict] | None) -> bool:
+    if digests is None:
+        return True
+    recorded = receipt.get("inputs")
+    if not isinstance(recorded, dict):
+        log.info("%s: recorded without input digests; redone to check its inputs", name)
+        return False
+    now = digests(name)
+    changed = sorted(f for f in set(recorded) | set(now) if recorded.get(f) != now.get(f))
+    if changed:
+        raise OutputError(f"{changed[0]}: its bytes changed since {out / name} was built from it (same size, time and "
+                          f"header{f'; {len(changed) - 1} more input(s) too' if len(changed) > 1 else ''}): the finished "
+                          "shards would mix old and new inputs; rerun with --force to merge again")
+    return True
+
+
+def shard_input_digests(the_plan: Plan, inputs: list[Checkpoint], shard: str) -> dict[str, str]:
+    """sha256 of the input bytes one output shard is built from, per local input file: the bytes of
+    every input tensor it reads, in plan order. (A Hub file is pinned by its commit and etag already;
+    a recipe stage is checked through its own inputs' identities.)"""
+    by_name = {t.name: t for t in the_plan.tensors}
+    tensors = next(s.tensors for s in the_plan.shards if s.filename == shard)
+    hashes: dict[Path, hashlib._Hash] = {}
+    for name in tensors:
+        tp = by_name[name]
+        reads = [(inputs[i], n) for i, n in tp.inputs] if tp.inputs else [(c, name) for c in (inputs if tp.merged else inputs[:1])]
+        for ckpt, n in {(id(c), n): (c, n) for c, n in reads}.values():
+            info = ckpt.tensors.get(n)
+            if info is None or type(ckpt) is not Checkpoint:
+                continue
+            h = hashes.setdefault(info.file, hashlib.sha256())
+            with open(info.file, "rb") as f:
+                f.seek(info.offset)
+                left = info.nbytes
+                while left > 0:
+                    chunk = f.read(min(left, 16 << 20))
+                    if not chunk:
+                        raise CheckpointError(f"{info.file}: truncated: tensor {n!r} ends past the end of the file")
+                    h.update(chunk)
+                    left -= len(chunk)
+    return {str(f): h.hexdigest() for f, h in hashes.items()}
 
 
 def _check_free_space(out: Path, shards: list[ShardPlan]) -> None:

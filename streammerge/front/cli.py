@@ -297,6 +297,9 @@ def _merge_options(f):
         click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="Fused torch.compile'd CPU kernel: auto uses it for big merges. Same bytes either way."),
         click.option("--check-finite", is_flag=True, help="Fail if any input or merged tensor holds NaN or Inf."),
+        click.option("--verify-inputs", is_flag=True,
+                     help="Record digests of the input bytes each shard is built from; a resume checks them "
+                          "(default: each input's size, time and header)."),
         click.option("--device", default="auto", show_default=True, help="auto (a GPU when there is one), cpu, cuda, cuda:N."),
         click.option("--gpu-memory", type=Size(), help="GPU memory for a block's working set (default: 80% of the free memory)."),
         click.option("--threads", type=click.IntRange(1), help="CPU threads for the arithmetic (default: all cores)."),
@@ -521,7 +524,7 @@ def _merge_with_progress(cfg: MergeConfig, output: str, o: dict, force: bool, qu
                          delete_downloaded=o.get("delete_downloaded", False), download_budget=o.get("download_budget"),
                          on_shard_file=on_shard_file, on_total=set_total, copy_tokenizer=o.get("copy_tokenizer", True),
                          write_model_card=o.get("write_model_card", True), shard_order=o.get("shard_order", "file"),
-                         allow_crimes=o.get("allow_crimes", False))
+                         allow_crimes=o.get("allow_crimes", False), verify_inputs=o.get("verify_inputs", False))
 
 
 @main.command()
