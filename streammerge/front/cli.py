@@ -533,6 +533,8 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     }
     if p.layers is not None:
         summary["layers"] = p.layers
+    summary["quantized_inputs"] = {label: how for label, how in p.quantized_inputs}
+    summary["fp8_tensors"] = sum(t.quantized for t in p.tensors)
     if world_size > 1:
         shares = [api.worker_shards(p, r, world_size) for r in range(world_size)]
         summary["workers"] = [{"rank": r, "shards": [s.filename for s in share], "input_bytes": sum(s.input_bytes for s in share)}
@@ -543,6 +545,11 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     click.echo(f"method {summary['method']} ({summary['semantics']} semantics), reference {p.reference}")
     for path in p.sources:
         click.echo(f"  model {path}")
+    for label, how in p.quantized_inputs:
+        click.echo(f"  {label}: {how}")
+    if summary["fp8_tensors"] or cfg.out_dtype == "float8_e4m3fn":
+        click.echo(f"{summary['fp8_tensors']} tensors written as FP8 (float8_e4m3fn, 128x128 blocks, weight_scale_inv; "
+                   "linear weights of whole blocks only)")
     if p.layers is not None:
         click.echo(f"{p.layers} output layers stacked from {len(cfg.output_slices())} slice(s)")
     copied_from = "their slice's model" if p.layers is not None else "the reference"
