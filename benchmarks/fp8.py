@@ -9,6 +9,7 @@ same three models as fine-grained FP8 (every linear weight but lm_head quantized
 DONTNEED), the same dare_ties merge (weights 0.5, density 0.5, dtype bfloat16, --max-memory 1GiB)
 runs as its own process on each set of inputs, and on the FP8 inputs with out_dtype float8_e4m3fn;
 wall time and peak anonymous memory (RssAnon) are recorded. Prints a table and saves JSON.
+`--compile off` by default: the fused kernel would compile once per input dtype inside the timings.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=8, help="TinyLlama's widths with this many layers (22: the real one)")
     ap.add_argument("--max-memory", default="1GiB")
+    ap.add_argument("--compile", default="off", choices=["auto", "on", "off"],
+                    help="off by default: the fused kernel compiles once per input dtype, which would land in the timings")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "fp8.json")
     args = ap.parse_args()
     hidden, inter, _, heads, kv, vocab = SHAPES["tinyllama"]
@@ -109,8 +112,10 @@ def main() -> None:
             out = Path(tmp) / "out"
             shutil.rmtree(out, ignore_errors=True)
             evict(files)
+            # no supervisor process: RssAnon is then the merge's own
             m = run_measured([sys.executable, "-m", "streammerge", "merge", str(cfg), str(out), "--quiet",
-                              "--max-memory", args.max_memory])
+                              "--max-memory", args.max_memory, "--compile", args.compile],
+                             env={**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1"})
             read = sum(f.stat().st_size for f in files)
             wrote = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             rows.append({"run": label, "input_bytes": read, "output_bytes": wrote, **m})
@@ -121,7 +126,7 @@ def main() -> None:
         print(f"| {r['run']} | {r['input_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['wall_s']:.1f} | "
               f"{r['peak_anon_bytes'] / 2**20:.0f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"layers": args.layers, "cpus": os.cpu_count(), "torch": torch.__version__,
+    args.out.write_text(json.dumps({"layers": args.layers, "compile": args.compile, "max_memory": args.max_memory, "cpus": os.cpu_count(), "torch": torch.__version__,
                                     "runs": rows}, indent=2))
 
 

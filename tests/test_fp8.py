@@ -256,6 +256,7 @@ def test_fp8_in_fp8_out_keeps_the_bytes(tmp_path):
         assert got[name].dtype == t.dtype and torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
 
 
+@pytest.mark.slow  # transformers' import / subprocesses / a local HTTP Hub: seconds each
 def test_transformers_loads_the_fp8_output(even, tmp_path):
     transformers = pytest.importorskip("transformers")
     merge(config_for("ties", even["base"], [even["ft1"], even["ft2"]], "dtype: bfloat16\nout_dtype: float8_e4m3fn\n"),
@@ -308,6 +309,7 @@ def test_other_quantizations_get_one_line(tmp_path, kind):
     assert expected in text and ("dequantize" in text or "full-precision" in text or "scale" in text), text
 
 
+@pytest.mark.slow  # transformers' import / subprocesses / a local HTTP Hub: seconds each
 def test_cli_plan_and_inspect_show_fp8(models, tmp_path):
     cfg = tmp_path / "m.yaml"
     cfg.write_text(f"merge_method: ties\nbase_model: {models['base']}\nmodels:\n  - model: {models['ft1']}\n"
@@ -322,6 +324,7 @@ def test_cli_plan_and_inspect_show_fp8(models, tmp_path):
     assert run.returncode == 0, run.stderr
 
 
+@pytest.mark.slow  # transformers' import / subprocesses / a local HTTP Hub: seconds each
 def test_fp8_repo_on_the_hub_merges_like_its_local_folder(models, tmp_path, monkeypatch):
     """An FP8 fine-tune as a Hub repo: config.json fetched for its quantization_config, the scales'
     shards scheduled with their weights', shards deleted after use."""
