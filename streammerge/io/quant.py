@@ -202,6 +202,8 @@ def dequantize(info: QuantTensor, weight: torch.Tensor, scale: torch.Tensor, r0:
     gives), in float32: a new (rows, cols) tensor."""
     rows, cols = weight.shape
     out = weight.to(torch.float32)
+    if out.numel() == 0:
+        return out
     br, bc = info.block
     s = scale.to(torch.float32).reshape(-1, 1 if info.scheme != "block" else -(-cols // bc))
     if info.scheme == "tensor":
