@@ -282,7 +282,7 @@ def _merge_options(f):
         click.option("--semantics", type=click.Choice(["default", "mergekit", "peft", "fusionbench"]), help="Reproduce a reference implementation."),
         click.option("--seed", type=int, help="Seed of the DARE masks (default 0)."),
         click.option("--dtype", help="mergekit's compute dtype; also the output dtype unless --out-dtype."),
-        click.option("--out-dtype", "out_dtype", help="Output dtype (default: the base's)."),
+        click.option("--out-dtype", "out_dtype", help="Output dtype (default: the base's); float8_e4m3fn writes fine-grained FP8 (docs/quantized.md)."),
         click.option("--include", multiple=True, metavar="GLOB", help="Merge only tensors matching (others copied from the base)."),
         click.option("--exclude", multiple=True, metavar="GLOB", help="Copy tensors matching from the base."),
         click.option("--max-shard-size", type=Size(), default=str(constants.DEFAULT_MAX_SHARD_SIZE), show_default="5GB"),
