@@ -185,7 +185,7 @@ def test_validate_value_checks():
         "semantics: unknown value 'exact'; choose one of default, mergekit, peft, fusionbench",
         "seed: must be a non-negative integer, got -1",
         "dtype: unknown dtype 'fp8'; choose one of bfloat16, float16, float32",
-        "out_dtype: unknown dtype 'int4'; choose one of bfloat16, float16, float32",
+        "out_dtype: unknown dtype 'int4'; choose one of bfloat16, float16, float32, float8_e4m3fn",
         "models: at least one model to merge is needed",
         "base_model: the ties method needs a base model",
         "parameters.normalize: must be true or false, got 'maybe'",

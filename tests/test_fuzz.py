@@ -68,8 +68,9 @@ def frame(header: dict | bytes, data: bytes, length_delta: int = 0) -> bytes:
     return struct.pack("<Q", max(0, len(raw) + length_delta)) + raw + data
 
 
+# FP8 tensors are well formed only with their scales (test_fp8.py); alone they are refused
 valid_tensors = st.lists(
-    st.tuples(st.text(min_size=1, max_size=10), st.sampled_from(sorted(DTYPES)), st.lists(st.integers(0, 4), max_size=3)),
+    st.tuples(st.text(min_size=1, max_size=10), st.sampled_from(sorted(set(DTYPES) - {"F8_E4M3", "F8_E5M2"})), st.lists(st.integers(0, 4), max_size=3)),
     max_size=4,
     unique_by=lambda t: t[0],
 ).filter(lambda ts: all(t[0] != "__metadata__" for t in ts))

@@ -51,7 +51,7 @@ from streammerge.errors import (
     StreammergeError,
 )
 from streammerge.front.config import MergeConfig, layer_index
-from streammerge.io import hub
+from streammerge.io import hub, quant
 from streammerge.io.lora import attach_adapters
 from streammerge.io.lora import fingerprint as adapters_fingerprint
 from streammerge.io.sources import Checkpoint
@@ -327,7 +327,7 @@ def merge(
                     downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
 
                     def on_shard(receipt: dict) -> None:
-                        tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
+                        tensors = next(the_plan.stored_names(s) for s in todo if s.filename == receipt["file"])
                         log.debug("wrote %s: %d tensors, %d bytes, sha256 %s", receipt["file"], len(tensors), receipt["bytes"],
                                   receipt["sha256"])
                         extra = {"inputs": digests(receipt["file"])} if digests is not None else {}
@@ -525,7 +525,7 @@ def input_identities(inputs: list[Checkpoint]) -> list[list]:
     """Each input file's identity: [path, size, mtime, header sha256] (a Hub file: repo, commit, name, etag, size);
     a recipe stage's inputs are followed down to the files, and the stage adds its fingerprint."""
     leaves, stages = expand(inputs)
-    owners = {info.file: c for c in leaves for info in c.tensors.values()}
+    owners = {f: c for c in leaves for info in c.tensors.values() for f in info.files}
     return [owners[f].file_identity(f) for f in sorted(owners)] + [s.identity() for s in stages]
 
 
@@ -732,7 +732,7 @@ def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, finetuned: li
     write_json_atomic(state / STATE_PLAN, {
         "fingerprint": fingerprint,
         "inputs": input_identities([reference, *finetuned]),  # to name an input that changes (resume, SIGBUS)
-        "shards": [{"file": s.filename, "tensors": list(s.tensors), "input_bytes": s.input_bytes} for s in the_plan.shards],
+        "shards": [{"file": s.filename, "tensors": the_plan.stored_names(s), "input_bytes": s.input_bytes} for s in the_plan.shards],
         "manifest": manifest(the_plan),
         "model_card": model_card(the_plan) if write_model_card else None,
         "summary": {"tensors": len(the_plan.tensors), "merged_tensors": sum(t.merged for t in the_plan.tensors),
@@ -892,11 +892,22 @@ def _output_model_config(src: Path, the_plan: Plan) -> dict:
         data["vocab_size"] = embed.shape[0]  # truncated by the vocab option
     if the_plan.layers is not None:  # stacked slices: the output's layer count, as mergekit writes it
         _set_layer_count(data, the_plan)
+    _set_quantization(data, the_plan)
     dtypes = {t.out_dtype for t in the_plan.tensors if t.out_dtype in ("BF16", "F16", "F32")}
     if len(dtypes) == 1 and ("torch_dtype" in data or "dtype" in data):
         name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtypes.pop()]
         data["torch_dtype" if "torch_dtype" in data else "dtype"] = name
     return data
+
+
+def _set_quantization(data: dict, the_plan: Plan) -> None:
+    """FP8 output: the fine-grained quantization_config, naming the linear modules left unquantized; any
+    other output is full precision, so a quantized input's quantization_config goes."""
+    data.pop("quantization_config", None)
+    if any(t.quantized for t in the_plan.tensors):
+        kept = [t.name.removesuffix(".weight") for t in the_plan.tensors
+                if not t.quantized and len(t.shape) == 2 and t.name.endswith(".weight") and "embed" not in t.name]
+        data["quantization_config"] = quant.quantization_config(kept)
 
 
 def _set_layer_count(data: dict, the_plan: Plan) -> None:

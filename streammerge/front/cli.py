@@ -289,7 +289,7 @@ def _merge_options(f):
         click.option("--semantics", type=click.Choice(["default", "mergekit", "peft", "fusionbench"]), help="Reproduce a reference implementation."),
         click.option("--seed", type=int, help="Seed of the DARE masks (default 0)."),
         click.option("--dtype", help="mergekit's compute dtype; also the output dtype unless --out-dtype."),
-        click.option("--out-dtype", "out_dtype", help="Output dtype (default: the base's)."),
+        click.option("--out-dtype", "out_dtype", help="Output dtype (default: the base's); float8_e4m3fn writes fine-grained FP8 (docs/quantized.md)."),
         click.option("--include", multiple=True, metavar="GLOB", help="Merge only tensors matching (others copied from the base)."),
         click.option("--exclude", multiple=True, metavar="GLOB", help="Copy tensors matching from the base."),
         click.option("--max-shard-size", type=Size(), default=str(constants.DEFAULT_MAX_SHARD_SIZE), show_default="5GB"),
@@ -572,6 +572,8 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
         from streammerge.front.recipe import graph
 
         summary["recipe"] = graph(cfg)
+    summary["quantized_inputs"] = {label: how for label, how in p.quantized_inputs}
+    summary["fp8_tensors"] = sum(t.quantized for t in p.tensors)
     if world_size > 1:
         shares = [api.worker_shards(p, r, world_size) for r in range(world_size)]
         summary["workers"] = [{"rank": r, "shards": [s.filename for s in share], "input_bytes": sum(s.input_bytes for s in share)}
@@ -589,6 +591,11 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     click.echo(f"method {summary['method']} ({summary['semantics']} semantics), reference {p.reference}")
     for path in p.sources:
         click.echo(f"  model {path}")
+    for label, how in p.quantized_inputs:
+        click.echo(f"  {label}: {how}")
+    if summary["fp8_tensors"] or cfg.out_dtype == "float8_e4m3fn":
+        click.echo(f"{summary['fp8_tensors']} tensors written as FP8 (float8_e4m3fn, 128x128 blocks, weight_scale_inv; "
+                   "linear weights of whole blocks only)")
     if p.layers is not None:
         click.echo(f"{p.layers} output layers stacked from {len(cfg.output_slices())} slice(s)")
     copied_from = "their slice's model" if p.layers is not None else "the reference"

@@ -44,7 +44,9 @@ DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,  # out_dtype only: the fine-grained FP8 layout (docs/quantized.md)
 }
+FP8_OUT = ("float8_e4m3fn",)
 
 # What every method reads, from the registry (methods/): numeric per-tensor parameters with their
 # defaults (filters and gradients allowed), and the options of a whole merge (top level only).
@@ -339,7 +341,11 @@ class MergeConfig:
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
-                problems.append(f"{key}: unknown dtype {value!r}; choose one of bfloat16, float16, float32")
+                problems.append(f"{key}: unknown dtype {value!r}; choose one of bfloat16, float16, float32"
+                                + (", float8_e4m3fn" if key == "out_dtype" else ""))
+            elif key == "dtype" and value in FP8_OUT:
+                problems.append(f"dtype: {value} is an output format only; set out_dtype: {value} and dtype to the "
+                                "dtype to merge in (e.g. bfloat16)")
         if not self.models:
             problems.append("models: at least one model to merge is needed")
         if (self.semantics == "mergekit" and getattr(method, "mergekit_appends_base", False) and self.base is not None

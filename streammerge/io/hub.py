@@ -461,17 +461,17 @@ class Downloads:
             for c, read in sources:
                 if id(c) not in hub:
                     continue
-                file = c.tensors[read].file
-                unit = self.by_file.get((id(c), file))
-                if unit is None:
-                    key = (c.storage, c.remote[c._name(file)].etag)
-                    unit = self.units.get(key)
+                for file in c.tensors[read].files:  # an FP8 weight's scale may lie in another shard
+                    unit = self.by_file.get((id(c), file))
                     if unit is None:
-                        unit = self.units[key] = _Unit(c.size(file))
-                        unit.first = t
-                    unit.copies.append((c, file))
-                    self.by_file[(id(c), file)] = unit
-                unit.last = max(unit.last, t)
+                        key = (c.storage, c.remote[c._name(file)].etag)
+                        unit = self.units.get(key)
+                        if unit is None:
+                            unit = self.units[key] = _Unit(c.size(file))
+                            unit.first = t
+                        unit.copies.append((c, file))
+                        self.by_file[(id(c), file)] = unit
+                    unit.last = max(unit.last, t)
         for c in self.checkpoints:
             c.downloads = self
         for unit in self.units.values():

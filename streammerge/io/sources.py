@@ -51,9 +51,15 @@ DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # read with their scales (quant.py), written by out_dtype float8_e4m3fn
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+GGUF_HINT = ("a GGUF file (llama.cpp's quantized format): streammerge merges safetensors; dequantize it first "
+             "(transformers: from_pretrained(folder, gguf_file=...), save_pretrained) and merge that")
 
 
 def itemsize(dtype: str) -> int:
@@ -83,6 +89,11 @@ class TensorInfo:
     @property
     def row_bytes(self) -> int:
         return self.nbytes // self.rows if self.rows else 0
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The files reading this tensor touches (an FP8 weight's scale may lie in another shard)."""
+        return (self.file,)
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -275,6 +286,11 @@ class Checkpoint:
         self._ends: dict[Path, int] = {}  # where each file's last tensor ends: its size when the header was read
         for info in self.tensors.values():
             self._ends[info.file] = max(self._ends.get(info.file, 0), info.offset + info.nbytes)
+        # FP8 weights read as their float32 dequantization, their scales hidden (quant.py); the stored
+        # tensors stay in `stored`
+        self.stored = self.tensors
+        self.tensors = quant.wrap(self.label, self.stored, self._model_config() if self._maybe_quantized() else None)
+        self.quantization = quant.describe(self.tensors)
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.RLock()
@@ -283,6 +299,22 @@ class Checkpoint:
     def label(self) -> str:
         """How messages and plans name this checkpoint."""
         return str(self.path)
+
+    def _maybe_quantized(self) -> bool:
+        """Whether config.json is worth reading for a quantization_config: FP8 tensors, or names of
+        another quantization format (a full-precision checkpoint reads no side file)."""
+        return any(t.dtype in quant.FP8_DTYPES or t.dtype in ("U8", "I8", "I32") for t in self.tensors.values())
+
+    def _model_config(self) -> dict | None:
+        self.fetch_side_files(["config.json"])
+        path = self.folder / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            data = read_json(path, 16 << 20, "not valid JSON")
+        except CheckpointError:
+            return None  # a config.json we cannot read declares nothing; copying it fails later, naming it
+        return data if isinstance(data, dict) else None
 
     @property
     def folder(self) -> Path:
@@ -300,6 +332,12 @@ class Checkpoint:
             out: optional uint8 buffer of at least the needed bytes, reused to avoid allocations.
         """
         info = self.tensors[name]
+        if isinstance(info, quant.QuantTensor):
+            return self.view(name, row_start, row_end)  # a new tensor already
+        return self._read(info, row_start, row_end, out=out)
+
+    def _read(self, info: TensorInfo, row_start: int, row_end: int | None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        name = info.name
         row_end = info.rows if row_end is None else row_end
         nbytes = (row_end - row_start) * info.row_bytes
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
@@ -338,14 +376,21 @@ class Checkpoint:
         """Rows [row_start, row_end) of a tensor as a read-only view of the mapped file (no copy).
 
         The view must not be written to. Falls back to a copy for a tensor not aligned to its dtype.
+        An FP8 weight comes as its float32 dequantization, a new tensor (quant.py).
         """
         info = self.tensors[name]
         row_end = info.rows if row_end is None else row_end
+        if isinstance(info, quant.QuantTensor):
+            s0, s1 = quant.scale_rows(info, row_start, row_end)
+            return quant.dequantize(info, self._view(info.weight, row_start, row_end), self._view(info.scale, s0, s1), row_start)
+        return self._view(info, row_start, row_end)
+
+    def _view(self, info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
         nbytes = (row_end - row_start) * info.row_bytes
         offset = info.offset + row_start * info.row_bytes
         dtype = DTYPES[info.dtype]
         if nbytes == 0 or offset % max(1, itemsize(info.dtype)):
-            return self.read(name, row_start, row_end)
+            return self._read(info, row_start, row_end)
         # Touching a mapped page past the file's end kills the process (SIGBUS): a file truncated
         # since it was opened is refused here, before each block's pages are touched (the CLI
         # also reports a truncation that lands while a block is being read: cli._supervise).
@@ -361,6 +406,10 @@ class Checkpoint:
     def advise(self, name: str) -> None:
         """Asks the kernel to start reading a tensor's bytes now (MADV_WILLNEED), without waiting."""
         info = self.tensors[name]
+        for part in (info.weight, info.scale) if isinstance(info, quant.QuantTensor) else (info,):
+            self._advise(part)
+
+    def _advise(self, info: TensorInfo) -> None:
         if info.nbytes == 0:
             return
         start = info.offset - info.offset % mmap.PAGESIZE
@@ -459,6 +508,8 @@ def _resolve_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(path, "pickle checkpoints are never loaded (they can run code); convert to safetensors")
+        if path.suffix == ".gguf":
+            raise CheckpointError(path, GGUF_HINT)
         if path.suffix != ".safetensors":
             raise CheckpointError(path, "not a .safetensors file")
         return [path], None
@@ -479,9 +530,14 @@ def _resolve_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
         if not single.is_file():
             raise CheckpointError(single, "not a regular file")
         return [single], None
+    if any(p.suffix == ".gguf" for p in path.iterdir()):
+        raise CheckpointError(path, "holds only GGUF weights: " + GGUF_HINT)
     if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
         raise CheckpointError(
             path, "holds only pickle weights (.bin/.pt), which streammerge never loads; convert the model "
             "to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
         )
     raise CheckpointNotFoundError(path, f"no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE} in this folder")
+
+
+from streammerge.io import quant  # noqa: E402  (quant.py builds on TensorInfo above)

@@ -250,7 +250,7 @@ def run_plan(
         readahead = Readahead([jobs[n] for s in todo for n in s.tensors])
         futures = []
         for shard in todo:
-            entries = [(n, by_name[n].out_dtype, by_name[n].shape, by_name[n].nbytes) for n in shard.tensors]
+            entries = [e for n in shard.tensors for e in by_name[n].entries]
             writer.open(out_dir / shard.filename, entries, {"format": "pt"})
             for name in shard.tensors:
                 job, current = jobs.pop(name), f"tensor {name!r}"
@@ -269,9 +269,15 @@ def run_plan(
                             if ready is not None:
                                 ready.synchronize()
                             _check_finite(job, block, out)
+                        if job.tp.quantized:  # FP8 output: quantized here, once the block is merged
+                            if ready is not None:
+                                ready.synchronize()
+                            out, ready = job.quantize(block, out, buf), None
                         writer.write(out, buf, ready)
                     if progress is not None:
                         progress(block.nbytes)
+                if job.tp.quantized:  # its scales follow the weight
+                    writer.write(job.scales)
                 readahead.done(job)
                 if downloads is not None:
                     downloads.done(name)

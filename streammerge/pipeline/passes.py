@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from streammerge.io import lora
+from streammerge.io import lora, quant
 from streammerge.io.sources import DTYPES, Checkpoint
 from streammerge.io.vocab import RowGather
 from streammerge.methods import Method, Rows, kernels, ops, registry
@@ -31,6 +31,7 @@ from streammerge.pipeline.plan import (
     Plan,
     TensorPlan,
     device_rows,
+    fp8_rows,
     job_rows,
     tensor_ctx,
     uses_chunk_kernel,
@@ -307,12 +308,14 @@ class TensorJob:
         compute = self.opts.compute_dtype or promoted
         # float32 by default; float64 inputs stay float64 (no silent loss)
         self.compute = torch.promote_types(compute, promoted) if compute == torch.float32 else compute
-        self.out_dtype = DTYPES[tp.out_dtype]
+        self.out_dtype = DTYPES[tp.block_dtype]  # FP8 output: what the merge rounds to, then quantized (quantize)
         # passthrough's copies go through the compute dtype (mergekit's `dtype`) and the scale, as
         # mergekit loads, multiplies and saves them; a copy that neither changes goes straight out
         rounds = self.opts.combine == "copy" and in_dtypes[0].is_floating_point and (
             tp.scale != 1.0 or torch.promote_types(in_dtypes[0], self.compute) != self.compute)
-        self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype and not rounds
+        # FP8 inputs read as new float32 tensors (quant.py): through the pool, not straight out
+        dequantized = [isinstance(c.tensors[n], quant.QuantTensor) for c, n in zip(self.sources, self.names)]
+        self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype and not rounds and not any(dequantized) and not tp.quantized
         use_numpy = uses_chunk_kernel(self.opts, tp, in_dtypes, self.compute, device.type)
         if tp.merged and "gpu" not in self.method.paths:
             device = torch.device("cpu")
@@ -330,6 +333,7 @@ class TensorJob:
         # inputs built per block (gathered rows, a LoRA's float32 τ) are memory of their own, unlike mapped views
         given = sum(d is not None for d in self.delta_rows)
         held = sum(self.gather.dtype.itemsize for c in self.sources if self._gathered(c)) + 4 * given + (lora.PRODUCT_SCRATCH if given else 0)
+        held += 4 * sum(dequantized)  # an FP8 input's float32 rows
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough, held)
         if device_budget is not None and tp.merged and not use_numpy:
             fits = device_rows(tp, plan, in_dtypes, device_budget)
@@ -338,7 +342,9 @@ class TensorJob:
                 self.backend = HooksBackend(self.method, self.compute, pool=pool) if self.hooks else TorchBackend(self.compute)
             else:
                 self.rows = max(1, min(self.rows, fits))
+        self.rows = fp8_rows(tp, self.rows)
         self.blocks = [(r, min(r + self.rows, tp.rows)) for r in range(0, tp.rows, self.rows)]
+        self.scales = None  # FP8 output: the tensor's weight_scale_inv, filled block by block (quantize)
         self.prepared = False
         self.given_cache: dict[int, torch.Tensor] = {}
         densities = tuple(1.0 if d is not None and d.drops_factors else x for d, x in zip(self.delta_rows, tp.densities))
@@ -404,6 +410,15 @@ class TensorJob:
 
     def trim_densities(self) -> tuple[float, ...]:
         return self.tp.densities if self.opts.sparsify == "trim" else self.tp.trim_densities
+
+    def quantize(self, block: Block, out: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """FP8 output: the merged block `out` (in `buf`) quantized in place, its scales kept for the
+        end of the tensor (quant.quantize_rows); returns the FP8 rows to write."""
+        if self.scales is None:
+            self.scales = torch.empty(self.tp.entries[1][2], dtype=torch.float32)
+        first = block.r0 // quant.BLOCK
+        rows = out.view(block.r1 - block.r0, self.row_elems)
+        return quant.quantize_rows(rows, buf, self.scales[first : first + -(-(block.r1 - block.r0) // quant.BLOCK)])
 
     def out_bytes(self, block: Block) -> int:
         return (block.r1 - block.r0) * self.row_elems * self.out_dtype.itemsize

@@ -22,6 +22,7 @@ from streammerge.constants import (
 from streammerge.errors import CheckpointError, ConfigError, MismatchError
 from streammerge.front.config import DTYPES as CONFIG_DTYPES
 from streammerge.front.config import LAYER_RE, MergeConfig, ModelSpec, layer_index
+from streammerge.io import quant
 from streammerge.io.lora import LoraAdapter
 from streammerge.io.sources import (
     DTYPE_NAMES,
@@ -71,6 +72,27 @@ class TensorPlan:
     # a method merging through its own hooks (methods/base.py): its parameters resolved for this
     # tensor, (name, value) pairs; a per-model one's value is a tuple, one per fine-tune
     params: tuple[tuple[str, Any], ...] = ()
+    # FP8 output (out_dtype float8_e4m3fn, quant.py): the dtype the merge rounds to before it is
+    # quantized in 128x128 blocks, whose scales follow the weight as `<name>_scale_inv`
+    merge_dtype: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.merge_dtype)
+
+    @property
+    def block_dtype(self) -> str:
+        """The dtype a merged block is computed into (the output's, or what FP8 is quantized from)."""
+        return self.merge_dtype or self.out_dtype
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """What the shard stores for this tensor: (name, dtype, shape, bytes), the FP8 scales after the weight."""
+        own = [(self.name, self.out_dtype, self.shape, self.numel * itemsize(self.out_dtype))]
+        if self.quantized:
+            shape = (-(-self.rows // quant.BLOCK), self.shape[1] // quant.BLOCK)
+            own.append((quant.scale_name(self.name), "F32", shape, 4 * math.prod(shape)))
+        return own
 
     @property
     def numel(self) -> int:
@@ -91,7 +113,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * itemsize(self.out_dtype)
+        return sum(e[3] for e in self.entries)
 
 
 @dataclass(frozen=True)
@@ -117,6 +139,12 @@ class Plan:
     max_memory: int
     reindex: Reindex | None = None  # vocabulary tensors read through a token map (vocab.py)
     layers: int | None = None  # the output's layer count when slices stack layers (else the reference's)
+    quantized_inputs: tuple[tuple[str, str], ...] = ()  # (input, how it is quantized) for each FP8 input
+
+    def stored_names(self, shard: ShardPlan) -> list[str]:
+        """The tensor names a shard's file holds: its tensors and, for FP8 output, their scales."""
+        by_name = {t.name: t for t in self.tensors}
+        return [e[0] for n in shard.tensors for e in by_name[n].entries]
 
     @property
     def total_size(self) -> int:
@@ -175,8 +203,9 @@ def build_plan(
         tensors.append(_merged(opts, name, info.shape, out_dtype, [s.source for s in specs], param, problems))
     if problems:
         raise ConfigError(problems)
-
     distinct = {id(c): c for c in [reference, *finetuned]}.values()
+    tensors = fp8_output(config, tensors, lambda t: [(c, t.name) for c in distinct])
+
     reads = {t.name: sum(c.tensors[t.name].row_bytes * t.rows for c in (distinct if t.merged else [reference]))
              for t in tensors}
     shards = _assign_shards(_ordered(tensors, shard_order), reads, max_shard_size)
@@ -191,9 +220,37 @@ def build_plan(
         peak_memory=0,
         max_memory=max_memory,
         reindex=reindex,
+        quantized_inputs=quantized_inputs(distinct),
     )
     in_dtypes = {t.name: [DTYPES[c.tensors[t.name].dtype] for c in distinct] for t in tensors}
     return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
+
+
+def quantized_inputs(inputs) -> tuple[tuple[str, str], ...]:
+    return tuple((c.label, c.quantization) for c in {id(c): c for c in inputs}.values() if getattr(c, "quantization", ""))
+
+
+def fp8_output(config: MergeConfig, tensors: list[TensorPlan], reads: Callable[[TensorPlan], list]) -> list[TensorPlan]:
+    """With out_dtype float8_e4m3fn: the tensors written as FP8 (quant.quantizable, and FP8 in an input
+    when any input is FP8) merge into `dtype` (else their input's dtype) and are quantized from it; every
+    other float tensor is written in that dtype. `reads(t)`: the (checkpoint, name) pairs t is read from."""
+    if not tensors or not any(t.out_dtype == "F8_E4M3" for t in tensors):
+        return tensors
+    inputs = {id(c): c for t in tensors for c, _ in reads(t)}.values()
+    any_fp8 = any(isinstance(i, quant.QuantTensor) for c in inputs for i in c.tensors.values())
+    out = []
+    for t in tensors:
+        if t.out_dtype != "F8_E4M3":
+            out.append(t)
+            continue
+        first, name = reads(t)[0]
+        merge_dtype = DTYPE_NAMES[CONFIG_DTYPES[config.dtype]] if config.dtype else first.tensors[name].dtype
+        fp8_in = any(isinstance(c.tensors.get(n), quant.QuantTensor) for c, n in reads(t))
+        if quant.quantizable(t.name, t.shape) and (fp8_in or not any_fp8):
+            out.append(replace(t, merge_dtype=merge_dtype))
+        else:
+            out.append(replace(t, out_dtype=merge_dtype))
+    return out
 
 
 def _merged(opts: MergeOptions, name: str, shape: tuple[int, ...], out_dtype: str, sources: list[str],
@@ -245,7 +302,7 @@ def _hook_params(method, name: str, n: int, param: Callable[[str, int | None], A
 def tensor_ctx(tp: TensorPlan, plan: Plan, compute: torch.dtype | None, keys: tuple[int, ...] = ()) -> TensorCtx:
     """What a hooks method knows of one tensor (methods/base.py)."""
     return TensorCtx(name=tp.name, shape=tp.shape, semantics=plan.config.semantics, params=dict(tp.params),
-                     dtype=compute, out_dtype=DTYPES[tp.out_dtype], has_base=plan.config.base is not None,
+                     dtype=compute, out_dtype=DTYPES[tp.block_dtype], has_base=plan.config.base is not None,
                      seed=plan.config.seed, keys=keys)
 
 
@@ -404,6 +461,7 @@ def _stacked_plan(config: MergeConfig, opts: MergeOptions, inputs: list[Checkpoi
     if refused:
         raise ConfigError(f"slices: layer stacking (partial or several slices, passthrough) does not support {refused[0]} yet")
     tensors, layers = stacked_tensors(config, opts, inputs)
+    tensors = fp8_output(config, tensors, lambda t: [(inputs[i], n) for i, n in t.inputs])
     reads = {t.name: sum(inputs[i].tensors[n].row_bytes * t.rows for i, n in (t.inputs if t.merged else t.inputs[:1]))
              for t in tensors}
     plan = Plan(
@@ -417,6 +475,7 @@ def _stacked_plan(config: MergeConfig, opts: MergeOptions, inputs: list[Checkpoi
         peak_memory=0,
         max_memory=max_memory,
         layers=layers,
+        quantized_inputs=quantized_inputs(inputs),
     )
     in_dtypes = {t.name: [DTYPES[inputs[i].tensors[n].dtype] for i, n in t.inputs] for t in tensors}
     return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
@@ -565,12 +624,17 @@ def job_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], chunked: 
     row_elems = tp.row_elems
     if whole_tensor(tp, plan):
         return tp.rows
-    out_size = itemsize(tp.out_dtype)
+    out_size = itemsize(tp.block_dtype)
     limit = pool_buffer_bytes(plan) // max(1, row_elems * out_size)
     per_elem = held if chunked else bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), out_size)
     if per_elem:
         limit = min(limit, int(plan.max_memory * WORK_SHARE) // max(1, row_elems * per_elem))
-    return max(1, min(tp.rows, limit))
+    return fp8_rows(tp, max(1, min(tp.rows, limit)))
+
+
+def fp8_rows(tp: TensorPlan, rows: int) -> int:
+    """Rows per block of a tensor written as FP8: whole 128-row blocks, each quantized on its own."""
+    return rows if not tp.quantized or rows >= tp.rows else max(quant.BLOCK, rows // quant.BLOCK * quant.BLOCK)
 
 
 def whole_tensor(tp: TensorPlan, plan: Plan) -> bool:
@@ -585,13 +649,13 @@ def whole_tensor(tp: TensorPlan, plan: Plan) -> bool:
 
 def device_rows(tp: TensorPlan, plan: Plan, in_dtypes: list[torch.dtype], budget: int) -> int:
     """Rows per block whose working set (inputs, float32 work, output) fits `budget` bytes of GPU memory."""
-    per_elem = bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), itemsize(tp.out_dtype))
+    per_elem = bytes_per_element(len(plan.sources), max(d.itemsize for d in in_dtypes), itemsize(tp.block_dtype))
     return min(tp.rows, budget // max(1, tp.row_elems * per_elem))
 
 
 def pool_buffer_bytes(plan: Plan) -> int:
     """One output buffer: a fifth of the pool share, or less when no tensor needs that much."""
-    largest = max((t.nbytes for t in plan.tensors), default=0)
+    largest = max((t.numel * itemsize(t.block_dtype) for t in plan.tensors), default=0)
     return max(1, min(int(plan.max_memory * POOL_SHARE / 5), largest))
 
 
@@ -600,7 +664,7 @@ def pool_shape(plan: Plan, rows: list[int]) -> tuple[int, int]:
     (mergekit) or one row may exceed the target size; 2 to 8 buffers."""
     capacity = pool_buffer_bytes(plan)
     for t, r in zip(plan.tensors, rows):
-        capacity = max(capacity, r * t.row_elems * itemsize(t.out_dtype))
+        capacity = max(capacity, r * t.row_elems * itemsize(t.block_dtype))
     return capacity, min(8, max(2, int(plan.max_memory * POOL_SHARE) // capacity))
 
 
@@ -618,7 +682,7 @@ def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) ->
     rows = [job_rows(t, plan, in_dtypes[t.name], c) for t, c in zip(plan.tensors, chunked)]
     capacity, count = pool_shape(plan, rows)
     n = len(plan.sources)
-    work = max((r * t.row_elems * bytes_per_element(n, max(d.itemsize for d in in_dtypes[t.name]), itemsize(t.out_dtype))
+    work = max((r * t.row_elems * bytes_per_element(n, max(d.itemsize for d in in_dtypes[t.name]), itemsize(t.block_dtype))
                 for t, r, c in zip(plan.tensors, rows, chunked) if not c), default=0)
     return capacity * count + SCRATCH_BYTES + work
 

@@ -1,0 +1,134 @@
+"""Benchmark: the same merge from FP8 and from bf16 inputs (issue 21).
+
+    python benchmarks/fp8.py --data /data/bench-fp8                      # TinyLlama shape, 8 layers
+    python benchmarks/fp8.py --data /data/bench-fp8 --layers 22          # the whole TinyLlama-1.1B shape
+
+Writes a Llama-shaped base and two fine-tunes in bf16 (make_models.py's synthetic weights), and the
+same three models as fine-grained FP8 (every linear weight but lm_head quantized in 128x128 blocks,
+`weight_scale_inv`, streammerge's own quantizer). Then, from a cold page cache each time (posix_fadvise
+DONTNEED), the same dare_ties merge (weights 0.5, density 0.5, dtype bfloat16, --max-memory 1GiB)
+runs as its own process on each set of inputs, and on the FP8 inputs with out_dtype float8_e4m3fn;
+wall time and peak anonymous memory (RssAnon) are recorded. Prints a table and saves JSON.
+`--compile off` by default: the fused kernel would compile once per input dtype inside the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from make_models import SHAPES, make_tensor, tensor_shapes  # noqa: E402
+from run import evict, run_measured  # noqa: E402
+
+from streammerge.io import quant  # noqa: E402
+
+CONFIG = """\
+merge_method: dare_ties
+base_model: {data}/base
+models:
+  - model: {data}/ft1
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {data}/ft2
+    parameters: {{weight: 0.5, density: 0.5}}
+dtype: bfloat16
+{extra}"""
+
+
+def write_pair(root: Path, shapes: dict, model: int, config: dict, shard_bytes: int) -> None:
+    """One model in bf16 (root/bf16/<name>) and as fine-grained FP8 (root/fp8/<name>), shard by shard."""
+    name = "base" if model == 0 else f"ft{model}"
+    for kind in ("bf16", "fp8"):
+        folder = root / kind / name
+        if (folder / "model.safetensors.index.json").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        groups, size = [[]], 0
+        for n, shape in shapes.items():
+            nbytes = torch.Size(shape).numel() * (1 if kind == "fp8" and quant.quantizable(n, shape) else 2)
+            if groups[-1] and size + nbytes > shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(n)
+            size += nbytes
+        weight_map = {}
+        for i, names in enumerate(groups):
+            fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            state = {}
+            for n in names:
+                t = make_tensor(n, shapes[n], model)
+                if kind == "fp8" and quant.quantizable(n, t.shape):
+                    state[n], state[quant.scale_name(n)] = quant.quantize(t)
+                else:
+                    state[n] = t
+            save_file(state, folder / fname, metadata={"format": "pt"})
+            weight_map |= {k: fname for k in state}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        cfg = dict(config)
+        if kind == "fp8":
+            cfg["quantization_config"] = quant.quantization_config([])
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        print(f"wrote {folder}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=8, help="TinyLlama's widths with this many layers (22: the real one)")
+    ap.add_argument("--max-memory", default="1GiB")
+    ap.add_argument("--compile", default="off", choices=["auto", "on", "off"],
+                    help="off by default: the fused kernel compiles once per input dtype, which would land in the timings")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "fp8.json")
+    args = ap.parse_args()
+    hidden, inter, _, heads, kv, vocab = SHAPES["tinyllama"]
+    shapes = tensor_shapes(hidden, inter, args.layers, heads, kv, vocab)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": args.layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    for model in range(3):
+        write_pair(args.data, shapes, model, config, int(2e9))
+
+    rows = []
+    runs = [("bf16", "bf16 in, bf16 out", ""), ("fp8", "FP8 in, bf16 out", ""),
+            ("fp8", "FP8 in, FP8 out", "out_dtype: float8_e4m3fn\n")]
+    with tempfile.TemporaryDirectory(dir=args.data) as tmp:
+        for kind, label, extra in runs:
+            data = args.data / kind
+            files = sorted(p for m in ("base", "ft1", "ft2") for p in (data / m).glob("*.safetensors"))
+            cfg = Path(tmp) / "merge.yaml"
+            cfg.write_text(CONFIG.format(data=data, extra=extra))
+            out = Path(tmp) / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            evict(files)
+            # no supervisor process: RssAnon is then the merge's own
+            m = run_measured([sys.executable, "-m", "streammerge", "merge", str(cfg), str(out), "--quiet",
+                              "--max-memory", args.max_memory, "--compile", args.compile],
+                             env={**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1"})
+            read = sum(f.stat().st_size for f in files)
+            wrote = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            rows.append({"run": label, "input_bytes": read, "output_bytes": wrote, **m})
+            print(f"{label}: {m['wall_s']:.1f} s, read {read / 1e9:.2f} GB, wrote {wrote / 1e9:.2f} GB, "
+                  f"peak anon {m['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
+    print("\n| inputs -> output | read (GB) | written (GB) | wall (s) | peak anon (MiB) |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['input_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['wall_s']:.1f} | "
+              f"{r['peak_anon_bytes'] / 2**20:.0f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"layers": args.layers, "compile": args.compile, "max_memory": args.max_memory, "cpus": os.cpu_count(), "torch": torch.__version__,
+                                    "runs": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
