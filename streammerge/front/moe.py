@@ -101,7 +101,7 @@ def output_config(arch: str, base_cfg, cfg: MoEConfig, out_dtype: torch.dtype | 
         out.num_local_experts = n
         out.num_experts_per_tok = cfg.experts_per_token or 2
         out.sliding_window = None
-        out.torch_dtype = out_dtype
+        _set_dtype(out, out_dtype)
     else:
         from transformers.models.qwen2_moe import Qwen2MoeConfig
 
@@ -116,10 +116,18 @@ def output_config(arch: str, base_cfg, cfg: MoEConfig, out_dtype: torch.dtype | 
         out.shared_expert_intermediate_size = out.intermediate_size
         out.moe_intermediate_size = out.intermediate_size
         if out_dtype is not None:
-            out.torch_dtype = out_dtype
+            _set_dtype(out, out_dtype)
     if n & (n - 1):
         log.warning("the model has %d experts, not a power of two: llama.cpp cannot use it", n)
     return out
+
+
+def _set_dtype(config, dtype: torch.dtype | None) -> None:
+    """mergekit sets `torch_dtype`, which transformers 5 names `dtype` (and warns about the old name):
+    the same config.json either way."""
+    import transformers
+
+    setattr(config, "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype", dtype)
 
 
 def _out_dtype(cfg: MoEConfig, base_cfg) -> torch.dtype | None:

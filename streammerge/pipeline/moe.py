@@ -68,18 +68,26 @@ class LiveBytes:
     """Back-pressure on computed blocks: the engine hands a copied block to its writer thread without
     a pool buffer, so without this a writer slower than the reads would let computed blocks pile up.
     A new block waits while `limit` bytes of earlier ones are still alive (each is counted until it is
-    garbage, i.e. written). A wait longer than `patience` seconds goes on anyway: never a deadlock."""
+    garbage, i.e. written). Two blocks stay alive whatever the writer does (the one the engine just
+    handed over and the one the writer thread last wrote, until its next): a block waits only while
+    more than two of the largest blocks are alive, when the writer surely has one queued to free. A
+    wait longer than `patience` seconds goes on anyway: never a deadlock."""
 
     def __init__(self, limit: int, patience: float = 10.0):
         self.limit, self.patience = limit, patience
         self.live = 0
+        self.largest = 0
         self.cond = threading.Condition()
 
     def track(self, tensor: torch.Tensor) -> torch.Tensor:
         n = tensor.numel() * tensor.element_size()
         with self.cond:
             deadline = time.monotonic() + self.patience
-            while self.live and self.live + n > self.limit and time.monotonic() < deadline:
+            self.largest = max(self.largest, n)
+            while self.live + n > self.limit and self.live > 2 * self.largest:
+                if time.monotonic() > deadline:
+                    log.debug("computed blocks: %d bytes still unwritten after %.0f s; going on", self.live, self.patience)
+                    break
                 self.cond.wait(0.1)
             self.live += n
         weakref.finalize(tensor, self._release, n)
