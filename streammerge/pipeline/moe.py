@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -296,5 +296,6 @@ def moe_plan(ckpt: MoECheckpoint, options, config, max_shard_size: int, max_memo
     shards: list[ShardPlan] = _assign_shards(tensors, sizes, max_shard_size)
     plan = Plan(config=config, options=options, reference=ckpt.label, sources=(), tensors=tuple(tensors),
                 shards=tuple(shards), input_bytes=sum(sizes.values()), peak_memory=0, max_memory=max_memory)
+    # the engine's pool, and computed blocks waiting for the writer (LiveBytes)
     capacity, count = pool_shape(plan, [t.rows for t in tensors])
-    return plan
+    return replace(plan, peak_memory=capacity * count + ckpt.live.limit)
