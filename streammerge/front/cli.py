@@ -897,5 +897,83 @@ def format_extract_table(result) -> str:
     return "\n".join(lines) + (f"\n({unchanged} tensor(s) equal to the base: left out)" if unchanged else "")
 
 
+@main.command("moe", epilog="mergekit-moe's flags about its own engine (--cuda, --lazy-unpickle, --load-in-4bit, -v, ...) "
+              "are accepted and ignored; docs/moe.md.")
+@click.argument("config_path", metavar="CONFIG.yaml")
+@click.argument("output", metavar="OUTPUT_DIR")
+@click.option("--force", is_flag=True, help="Replace a previous output in OUTPUT_DIR.")
+@click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--max-shard-size", type=Size(), default=str(constants.DEFAULT_MAX_SHARD_SIZE), show_default="5GB")
+@click.option("--out-shard-size", type=mergekit_flags.KmbSize(), help="mergekit's shard limit (5B = 5e9 bytes).")
+@click.option("--max-memory", type=Size(), default=str(constants.DEFAULT_MAX_MEMORY), show_default="1GiB",
+              help="Working memory for tensor blocks.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores).")
+@click.option("--random-seed", "--seed", "seed", type=int, default=0, show_default=True,
+              help="Seed of random gates and expert noise (mergekit-moe's --random-seed gives its random gates).")
+@click.option("--i-understand-this-is-not-useful-without-training", "allow_all_same", is_flag=True,
+              help="Build it even if every expert is the same model.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, help="Write the base's tokenizer (default: yes).")
+@click.option("--write-model-card/--no-write-model-card", default=True, help="Write README.md and mergekit_moe_config.yml.")
+@_push_options
+@click.option("--load-in-4bit", "--load-in-8bit", "--cuda/--no-cuda", "--lazy-unpickle/--no-lazy-unpickle",
+              "--low-cpu-memory/--no-low-cpu-memory", "--read-to-gpu/--no-read-to-gpu", "--multi-gpu/--no-multi-gpu",
+              "--allow-crimes/--no-allow-crimes", "--trust-remote-code/--no-trust-remote-code", "--gpu-rich",
+              "--async-write/--no-async-write", "--clone-tensors/--no-clone-tensors", "--safe-serialization/--no-safe-serialization",
+              "moot", default=None, hidden=True)
+@click.option("-v", "verbosity", count=True, hidden=True)
+@click.option("--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype", "--device", "--write-threads", "-j",
+              "--num-threads", "moot_value", hidden=True)
+def moe_command(config_path: str, output: str, force: bool, quiet: bool, as_json: bool, debug: bool, max_shard_size: int,
+                out_shard_size: int | None, max_memory: int, threads: int | None, seed: int, allow_all_same: bool,
+                copy_tokenizer: bool, write_model_card: bool, push_to_hub: str | None, private: bool, hub_branch: str | None,
+                moot: Any, verbosity: int, moot_value: Any) -> None:
+    """Build a Mixtral (or Qwen2-MoE) from a base and dense experts, from a mergekit-moe CONFIG.yaml.
+
+    Expert tensors are streamed into the output shards in bounded memory; a rerun resumes (docs/moe.md).
+    """
+    from tqdm.auto import tqdm
+
+    from streammerge.front import moe as moe_front
+    from streammerge.front.moe_config import MoEConfig
+
+    _verbosity(quiet, verbosity)
+    if moot is not None or moot_value is not None:
+        logging.getLogger("streammerge.cli").info("mergekit-moe flags about its own engine are ignored here (docs/moe.md)")
+    if push_to_hub and "@" in push_to_hub:
+        raise click.UsageError("--push-to-hub takes ORG/NAME; give the branch with --hub-branch")
+    if out_shard_size is not None:
+        max_shard_size = out_shard_size if out_shard_size > 0 else 1 << 62
+    _supervise(output)
+    cfg = _run(debug, MoEConfig.from_yaml, config_path)
+    upload = None
+    if push_to_hub:
+        from streammerge.io.hub import HubUpload
+
+        upload = _run(debug, HubUpload, push_to_hub, private=private, branch=hub_branch)
+    with tqdm(unit="B", unit_scale=True, desc="moe", disable=True if quiet else None, file=sys.stderr) as bar:
+
+        def set_total(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        result = _run(debug, moe_front.build_moe, cfg, output, max_shard_size=max_shard_size, max_memory=max_memory,
+                      force=force, progress=bar.update, on_total=set_total, seed=seed, allow_all_same=allow_all_same,
+                      copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, threads=threads,
+                      on_shard_file=upload.add_shard if upload is not None else None)
+    pushed = _push(debug, result.output_dir, push_to_hub, private, hub_branch, True if as_json else quiet, upload) \
+        if push_to_hub else None
+    if as_json:
+        click.echo(json.dumps({"ok": True, "status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})},
+                              indent=2))
+    elif result.already_complete and not quiet:
+        click.echo(f"{result.output_dir} already holds this MoE, complete ({len(result.shards)} shard(s)); nothing to do")
+    elif not quiet:
+        resumed = f" ({result.reused_shards} shard(s) kept from an interrupted run)" if result.reused_shards else ""
+        click.echo(f"built a {result.tensors}-tensor MoE into {len(result.shards)} shard(s){resumed}, "
+                   f"{result.total_size / 1e9:.3f} GB, in {result.seconds:.1f} s -> {result.output_dir}")
+
+
 if __name__ == "__main__":
     main()
