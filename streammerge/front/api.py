@@ -504,7 +504,7 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint], side: dict | None
     identity = input_identities(inputs)  # a recipe stage's fingerprint among them
     payload = {
         "version": __version__,
-        "options": {k: str(v) for k, v in vars(the_plan.options).items()},
+        "options": the_plan.options.as_strings(),
         "seed": the_plan.config.seed,
         "tensors": [[t.name, list(t.shape), t.out_dtype, t.merged, t.weights, t.densities, t.trim_densities, t.lam, t.dare,
                      t.gammas, t.epsilons] + ([t.inputs, t.scale] if t.inputs else []) + ([t.params] if t.params else [])
@@ -935,7 +935,7 @@ def manifest(the_plan: Plan) -> dict:
         "versions": {"torch": torch.__version__.split("+")[0], "safetensors": safetensors.__version__, "python": platform.python_version()},
         "config": the_plan.config.to_dict(),
         "seed": the_plan.config.seed,
-        "options": {k: str(v) for k, v in vars(the_plan.options).items()},
+        "options": the_plan.options.as_strings(),
         "total_size": the_plan.total_size,
     }
 

@@ -564,7 +564,7 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
         "input_bytes": p.input_bytes,
         "output_bytes": p.total_size,
         "estimated_peak_memory": p.peak_memory,
-        "options": {k: str(v) for k, v in vars(p.options).items()},
+        "options": p.options.as_strings(),
     }
     if p.layers is not None:
         summary["layers"] = p.layers

@@ -38,6 +38,8 @@ mergekit's, so that with its compute dtype (e.g. bf16) every rounding step falls
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
@@ -78,12 +80,17 @@ class MergeOptions:
         sorted_whole = self.sparsify in ("trim", "band", "magprune") and self.trim_rule == "argsort"
         return sorted_whole or (self.sparsify != "none" and self.rescale == "l1")
 
-    @property
+    def as_strings(self) -> dict[str, str]:
+        """The fields, as the manifest and the fingerprint record them (not the cached lookups below)."""
+        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    # looked up once: the kernels read these for every chunk
+    @functools.cached_property
     def sparsify(self) -> Sparsify:
         """The method's sparsifier (methods/task_vectors.py); "none" for a method of its own (hooks)."""
         return getattr(_method(self.method), "sparsify", "none")
 
-    @property
+    @functools.cached_property
     def combine(self) -> Combine | None:
         """The method's combiner; None for a method that merges through its own hooks (methods/base.py)."""
         return getattr(_method(self.method), "combine", None)
