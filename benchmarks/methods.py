@@ -52,15 +52,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--models", type=Path, help="existing base/, ft1/, ft2/ to merge instead (e.g. make_models.py tinyllama); "
+                    "read once first, so the times are warm-cache")
+    ap.add_argument("--compile", default="off", choices=["auto", "on", "off"])
     args = ap.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="streammerge-methods-"))
-    params = make_models(root)
+    root = args.models or args.dir or Path(tempfile.mkdtemp(prefix="streammerge-methods-"))
+    if args.models:
+        from streammerge.io.sources import Checkpoint
+
+        params = sum(t.numel for t in Checkpoint(args.models / "base").tensors.values())
+        for f in args.models.glob("*/*.safetensors"):  # into the page cache
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+    else:
+        params = make_models(root)
     print("| method | wall (s) | M params/s |\n|---|---|---|")
     for method in args.methods:
         (root / f"{method}.yaml").write_text(config(method))
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "streammerge", "merge", str(root / f"{method}.yaml"), str(root / "out"),
-                        "-q", "--force", "--compile", "off"], check=True)
+                        "-q", "--force", "--compile", args.compile], check=True)
         wall = time.perf_counter() - start
         print(f"| {method} | {wall:.1f} | {params / wall / 1e6:.1f} |", flush=True)
 

@@ -8,8 +8,9 @@ value only where it changed both much and where it matters.
 
 Q_j is mergekit's quantile rule, no interpolation: the sorted importances' element floor(q·(n − 1)),
 q = 1/4, 1/2, 3/4. Default semantics, streamed: the importance of a row needs only that row (float64
-softmax and KL, exp/log on the CPU: the same bits whatever the block), so the three order statistics
-come from an exact radix selection over row blocks (a high-16-bit histogram pass, a low-16-bit pass).
+softmax and KL, exp/log on the CPU: the same bits whatever the block), computed once per softmax
+row in a first pass; the three order statistics then come from an exact radix selection over row
+blocks (a high-16-bit histogram pass, a low-16-bit pass).
 A vector's softmax spans all of it: three passes first find its maxima, Σexp and KL (float64 partial
 sums added exactly). mergekit semantics: its ops in its dtype over the whole tensor, its result in
 float32 (mergekit multiplies by a float32 mask); above 10⁶ elements mergekit takes its quantiles from
@@ -46,6 +47,7 @@ class _State:
     maxima: tuple[float, float] = (0.0, 0.0)
     sums: tuple[float, float] = (1.0, 1.0)
     kl: float = 0.0
+    row_kl: torch.Tensor | None = None  # a matrix's KL per softmax row (pass 0), float64
     selects: list[ops.RadixSelect] = field(default_factory=list)
     threshold: float = 0.0
 
@@ -73,11 +75,17 @@ class ArceeFusion(Method):
 
     @staticmethod
     def _vector_passes(ctx: TensorCtx) -> int:
-        return 3 if len(ctx.shape) <= 1 else 0  # a vector's (or scalar's) softmax needs the whole of it
+        # a vector's (or scalar's) softmax needs the whole of it: its maxima, Σexp, KL; a matrix's
+        # KL per row, once, so that the selection and merge passes need no exp/log
+        return 3 if len(ctx.shape) <= 1 else 1
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: _State | None):
         a, b = _inputs(ctx, rows)
-        if self._vector_passes(ctx):
+        if self._vector_passes(ctx) == 1:
+            if p == 0:  # as Python floats: small tensors kept across blocks would pin the allocator's heap
+                return _row_kl(ctx, a, b).tolist()
+            p -= 1
+        elif self._vector_passes(ctx):
             if p == 0:
                 return b.max().item() if b.numel() else -torch.inf, a.max().item() if a.numel() else -torch.inf
             if p == 1:
@@ -85,7 +93,7 @@ class ArceeFusion(Method):
             if p == 2:
                 return _kl_terms(b, a, state)
             p -= 3
-        imp = self._importance(ctx, a, b, state)
+        imp = self._importance(ctx, a, b, state, rows.r0)
         if p == 0:
             return ops.radix_hist_high(imp)
         highs = sorted({s.high for s in state.selects})
@@ -93,7 +101,12 @@ class ArceeFusion(Method):
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: _State | None) -> _State:
         state = state or _State()
-        if self._vector_passes(ctx):
+        if self._vector_passes(ctx) == 1:
+            if p == 0:
+                state.row_kl = torch.tensor([v for part in partials for v in part], dtype=torch.float64)
+                return state
+            p -= 1
+        elif self._vector_passes(ctx):
             if p == 0:
                 state.maxima = (max(x[0] for x in partials), max(x[1] for x in partials))
                 return state
@@ -123,20 +136,27 @@ class ArceeFusion(Method):
         a, b = _inputs(ctx, rows)
         if ctx.numel == 0:
             return a
-        keep = self._importance(ctx, a, b, state).double() >= state.threshold
+        keep = self._importance(ctx, a, b, state, rows.r0).double() >= state.threshold
         return torch.where(keep.to(a.device), b, a)
 
-    def _importance(self, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor, state: _State) -> torch.Tensor:
+    def _importance(self, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor, state: _State, r0: int) -> torch.Tensor:
         """|θ₁ − θ₀| · KL of the element's row, float64 rounded to float32 once (≥ 0: radix-selectable)."""
         diff = (b - a).abs().double().cpu()
-        if self._vector_passes(ctx):
+        if len(ctx.shape) <= 1:
             return (diff * state.kl).float()
         last = ctx.shape[-1]  # softmax rows: the last dimension (a block row may hold several)
-        x, y = b.double().cpu().reshape(-1, last), a.double().cpu().reshape(-1, last)
-        p = _softmax_rows(x) + EPS
-        q = _softmax_rows(y) + EPS
-        kl = row_sums(p * torch.log(p / q)).clamp(min=0)  # ≥ 0 but for rounding
+        first = r0 * ctx.row_elems // last  # the block's first softmax row
+        kl = state.row_kl[first : first + diff.numel() // last]
         return (diff.reshape(-1, last) * kl[:, None]).float().reshape(diff.shape)
+
+
+def _row_kl(ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(softmax θ₁ ‖ softmax θ₀) of each softmax row (the last dimension) of a block, float64, ≥ 0."""
+    last = ctx.shape[-1]
+    x, y = b.double().cpu().reshape(-1, last), a.double().cpu().reshape(-1, last)
+    p = _softmax_rows(x) + EPS
+    q = _softmax_rows(y) + EPS
+    return row_sums(p * torch.log(p / q)).clamp(min=0)  # ≥ 0 but for rounding
 
 
 def _inputs(ctx: TensorCtx, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
