@@ -261,3 +261,88 @@ def test_tokenizer_source_base_a_model_or_a_folder(tmp_path, folder):
     with pytest.raises(Exception, match=r"^tokenizer_source: 'biomistral' \(.*biomistral\) holds no tokenizer"):
         merge(MergeConfig.from_yaml(folder / "tok.yml"), tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+# ---- the other official examples (arcee-ai/mergekit examples/), as written but for model names and
+# layer counts (their 40-layer 13B models are this 5-layer model here) -----------------------------
+
+GRADIENT_SLERP_YML = """\
+slices:
+  - sources:
+      - model: orca_mini
+        layer_range: [0, 5]
+      - model: platypus
+        layer_range: [0, 5]
+merge_method: slerp
+base_model: orca_mini
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: float16
+"""
+
+LINEAR_YML = """\
+models:
+  - model: orca_mini
+    parameters:
+      weight: 1.0
+  - model: instruct
+    parameters:
+      weight: 0.3
+  - model: platypus
+    parameters:
+      weight: 0.5
+merge_method: linear
+dtype: float16
+"""
+
+ORCAMINI_PLATY_YML = """\
+slices:
+  - sources:
+    - model: orca_mini
+      layer_range: [0, 3]
+  - sources:
+    - model: platypus
+      layer_range: [2, 5]
+merge_method: passthrough
+dtype: float16
+"""
+
+MEGA_YML = GRADIENT_SLERP_YML + "name: gradient-slerp\n---\n" + """\
+models:
+  - model: gradient-slerp
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: wizardmath
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: llama2
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
+
+@pytest.mark.parametrize("text", [GRADIENT_SLERP_YML, LINEAR_YML, ORCAMINI_PLATY_YML, MEGA_YML],
+                         ids=["gradient-slerp.yml", "linear.yml", "orcamini-platy-44layer.yml", "mega.yml"])
+def test_the_other_official_examples_run_as_they_are(folder, tmp_path, text):
+    path = folder / f"{tmp_path.name}.yml"
+    path.write_text(text)
+    result = merge(MergeConfig.from_yaml(path), tmp_path / "out")
+    assert result.tensors and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    dtypes = {t.dtype for shard in set(index["weight_map"].values()) for t in load_file(tmp_path / "out" / shard).values()}
+    assert dtypes == {torch.float16}
+    layers = json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"]
+    assert layers == (6 if "passthrough" in text else 5)  # the frankenmerge stacks 3 + 3 layers
