@@ -443,6 +443,18 @@ class Checkpoint:
         self.close()
 
 
+class ComputedCheckpoint(Checkpoint):
+    """A checkpoint whose tensors are computed when read (a recipe stage, a mixture of experts):
+    subclasses give `view`; `read` copies its rows, into `out` when given."""
+
+    def read(self, name: str, row_start: int = 0, row_end: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.view(name, row_start, row_end)
+        if out is None:
+            return rows.clone()
+        flat = out[:rows.numel() * rows.element_size()].view(rows.dtype)
+        flat.copy_(rows.reshape(-1))
+        return flat.view(rows.shape)
+
 def _inside(folder: Path, name: str, listed_in: str = SAFETENSORS_INDEX) -> Path:
     """Resolves a shard name from an index, refusing anything that escapes the model folder.
 

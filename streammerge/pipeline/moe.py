@@ -32,7 +32,7 @@ import torch
 
 from streammerge.errors import MismatchError
 from streammerge.front.moe_config import Expert
-from streammerge.io.sources import DTYPE_NAMES, DTYPES, Checkpoint, TensorInfo
+from streammerge.io.sources import DTYPE_NAMES, DTYPES, Checkpoint, ComputedCheckpoint, TensorInfo
 from streammerge.pipeline.plan import Plan, ShardPlan, TensorPlan, _assign_shards, pool_shape
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def noise_and_scale(t: torch.Tensor, expert: Expert, residual: bool, seed: int) 
     return t
 
 
-class MoECheckpoint(Checkpoint):
+class MoECheckpoint(ComputedCheckpoint):
     """The MoE's tensors, computed when read (see the module docstring)."""
 
     def __init__(self, folder: Path, parts: dict[str, tuple[Part, str, tuple[int, ...]]], gates: Callable[[], torch.Tensor],
@@ -153,14 +153,6 @@ class MoECheckpoint(Checkpoint):
                     ckpt.advise(src)
                 except (OSError, ValueError):  # only a hint
                     pass
-
-    def read(self, name: str, row_start: int = 0, row_end: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        rows = self.view(name, row_start, row_end)
-        if out is None:
-            return rows.clone()
-        flat = out[:rows.numel() * rows.element_size()].view(rows.dtype)
-        flat.copy_(rows.reshape(-1))
-        return flat.view(rows.shape)
 
     def view(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
         part, dtype, shape = self.parts[name]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from streammerge.io.sources import DTYPES, Checkpoint, TensorInfo
+from streammerge.io.sources import DTYPES, Checkpoint, ComputedCheckpoint, TensorInfo
 from streammerge.pipeline.passes import (
     TensorJob,
     global_pass_needed,
@@ -35,7 +35,7 @@ from streammerge.pipeline.plan import Plan, pool_shape
 log = logging.getLogger(__name__)
 
 
-class StageCheckpoint(Checkpoint):
+class StageCheckpoint(ComputedCheckpoint):
     """A recipe stage's output, computed tensor by tensor when read."""
 
     def __init__(self, name: str, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], folder: Path,
@@ -92,14 +92,6 @@ class StageCheckpoint(Checkpoint):
                 self._held = (name, self._compute(name))
             whole = self._held[1]
         return whole[row_start:row_end] if info.shape else whole
-
-    def read(self, name: str, row_start: int = 0, row_end: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        rows = self.view(name, row_start, row_end)
-        if out is None:
-            return rows.clone()
-        flat = out[:rows.numel() * rows.element_size()].view(rows.dtype)
-        flat.copy_(rows.reshape(-1))
-        return flat.view(rows.shape)
 
     def advise(self, name: str) -> None:
         """Nothing to read ahead: the tensor is computed when read."""
