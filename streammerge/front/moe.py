@@ -21,8 +21,20 @@ import torch
 import yaml
 
 from streammerge import __version__
-from streammerge.constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, MAX_INDEX_BYTES, STATE_DIR, STATE_PLAN
-from streammerge.errors import CheckpointError, ConfigError, HubError, StreammergeError, UnsupportedFeatureError
+from streammerge.constants import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_SHARD_SIZE,
+    MAX_INDEX_BYTES,
+    STATE_DIR,
+    STATE_PLAN,
+)
+from streammerge.errors import (
+    CheckpointError,
+    ConfigError,
+    HubError,
+    StreammergeError,
+    UnsupportedFeatureError,
+)
 from streammerge.front import api
 from streammerge.front.config import DTYPES as CONFIG_DTYPES
 from streammerge.front.config import MergeConfig

@@ -70,8 +70,26 @@ class Param:
         return None
 
 
+class Shaped:
+    """A tensor's rows as the engine splits it: the first dimension (a scalar is one row of one element)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elems(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 @dataclass(frozen=True)
-class TensorCtx:
+class TensorCtx(Shaped):
     """Everything about one tensor's merge except its data."""
 
     name: str
@@ -86,17 +104,6 @@ class TensorCtx:
     seed: int = 0
     keys: tuple[int, ...] = ()  # per model: a counter-based random key (mask.mask_key) for this tensor
 
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_elems(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass

@@ -101,8 +101,7 @@ def hidden_gates(read: Callable[[str], torch.Tensor], rows: Callable[[torch.Tens
     transformers config. The arithmetic is transformers' own (its decoder layer, rotary embedding
     and attention mask, sdpa attention, in bf16), as in mergekit's AutoModelForCausalLM forward pass."""
     try:
-        from transformers import AutoModelForCausalLM
-        from transformers import masking_utils
+        from transformers import AutoModelForCausalLM, masking_utils
     except ImportError:  # pragma: no cover - the moe command checks first
         raise ConfigError("gate_mode hidden needs transformers: pip install transformers") from None
     dtype = torch.bfloat16

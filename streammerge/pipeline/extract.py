@@ -30,12 +30,29 @@ from pathlib import Path
 import torch
 
 from streammerge import __version__
-from streammerge.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, MODEL_CARD, STATE_DIR
+from streammerge.constants import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MANIFEST,
+    MODEL_CARD,
+    STATE_DIR,
+)
 from streammerge.errors import CheckpointError, ConfigError, MismatchError, OutputError
 from streammerge.io import hub
 from streammerge.io.lora import AdaptedModel, LoraAdapter
-from streammerge.io.sources import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, Checkpoint, itemsize
-from streammerge.io.writer import ShardWriter, fsync_dir, write_json_atomic, write_text_atomic
+from streammerge.io.sources import (
+    DTYPE_NAMES,
+    DTYPES,
+    FLOAT_DTYPES,
+    Checkpoint,
+    itemsize,
+)
+from streammerge.io.writer import (
+    ShardWriter,
+    fsync_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from streammerge.methods import lowrank
 
 log = logging.getLogger(__name__)

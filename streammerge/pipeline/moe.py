@@ -32,8 +32,20 @@ import torch
 
 from streammerge.errors import MismatchError
 from streammerge.front.moe_config import Expert
-from streammerge.io.sources import DTYPE_NAMES, DTYPES, Checkpoint, ComputedCheckpoint, TensorInfo
-from streammerge.pipeline.plan import Plan, ShardPlan, TensorPlan, _assign_shards, pool_shape
+from streammerge.io.sources import (
+    DTYPE_NAMES,
+    DTYPES,
+    Checkpoint,
+    ComputedCheckpoint,
+    TensorInfo,
+)
+from streammerge.pipeline.plan import (
+    Plan,
+    ShardPlan,
+    TensorPlan,
+    _assign_shards,
+    pool_shape,
+)
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from streammerge.io.sources import (
     read_json,
 )
 from streammerge.methods import TensorCtx, kernels, registry
+from streammerge.methods.base import Shaped
 from streammerge.methods.ops import MergeOptions
 from streammerge.methods.task_vectors import TaskVectorMethod
 
@@ -50,7 +51,7 @@ def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
 
 
 @dataclass(frozen=True)
-class TensorPlan:
+class TensorPlan(Shaped):
     """What happens to one output tensor."""
 
     name: str
@@ -93,18 +94,6 @@ class TensorPlan:
             shape = (-(-self.rows // quant.BLOCK), self.shape[1] // quant.BLOCK)
             own.append((quant.scale_name(self.name), "F32", shape, 4 * math.prod(shape)))
         return own
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_elems(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
 
     @property
     def della_row(self) -> int:
