@@ -12,10 +12,11 @@ for Qwen2 (attention biases). The real `mergekit-moe` builds from them:
   a residual_scale);
 - hidden: Mixtral, gates from the base's hidden states on the prompts (bf16 forward pass);
 - random: Mixtral, `--random-seed 7` (mergekit draws the gates from torch's global RNG);
-- qwen_cheap_embed: Qwen2-MoE from the Qwen2 models, one shared expert with prompts.
+- qwen_cheap_embed: Qwen2-MoE from the Qwen2 models, one shared expert with prompts;
+- qwen3_cheap_embed: Qwen3-MoE from Qwen3 models (q_norm/k_norm, no biases), no shared expert.
 
 Layout (FIX = tests/fixtures/mergekit_moe):
-    FIX/inputs/{base,e1,e2,e3,qbase,q1,q2,q3}/  config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+    FIX/inputs/{base,e1,e2,e3,qbase,q1,q2,q3,q3base,q3e1,q3e2,q3e3}/  config.json, model.safetensors, tokenizer.json, tokenizer_config.json
     FIX/configs/<name>.yaml
     FIX/outputs/<name>/  the mergekit-moe output folder, as written
 """
@@ -76,6 +77,10 @@ def model_config(kind: str) -> dict:
     if kind == "llama":
         return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
                 "head_dim": 8, "mlp_bias": False, "pretraining_tp": 1, "rope_scaling": None}
+    if kind == "qwen3":
+        return {**common, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+                "head_dim": 8, "use_sliding_window": False, "sliding_window": None, "max_window_layers": LAYERS,
+                "rope_scaling": None}
     return {**common, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
             "sliding_window": None, "max_window_layers": LAYERS}
 
@@ -86,6 +91,8 @@ def layer_shapes(kind: str) -> dict[str, tuple[int, ...]]:
               "mlp.down_proj.weight": (16, 32), "input_layernorm.weight": (16,), "post_attention_layernorm.weight": (16,)}
     if kind == "qwen2":
         shapes |= {"self_attn.q_proj.bias": (16,), "self_attn.k_proj.bias": (8,), "self_attn.v_proj.bias": (8,)}
+    if kind == "qwen3":
+        shapes |= {"self_attn.q_norm.weight": (8,), "self_attn.k_norm.weight": (8,)}
     return shapes
 
 
@@ -129,6 +136,8 @@ CONFIGS = {
     "qwen_cheap_embed": ("base_model: qbase\ngate_mode: cheap_embed\ndtype: bfloat16\nexperts_per_token: 2\n"
                          + EXPERTS.format(e1="q1", e2="q2", e3="q3")
                          + "shared_experts:\n  - source_model: qbase\n    positive_prompts: [\"a b c\"]\n", []),
+    "qwen3_cheap_embed": ("base_model: q3base\ngate_mode: cheap_embed\ndtype: bfloat16\nexperts_per_token: 2\n"
+                          + EXPERTS.format(e1="q3e1", e2="q3e2", e3="q3e3"), []),
 }
 
 
@@ -146,13 +155,14 @@ def main():
         shutil.rmtree(FIX / sub, ignore_errors=True)
     g = torch.Generator().manual_seed(SEED)
     tokenizer, tok_config = tokenizer_files()
-    models = {**build_models("llama", ["base", "e1", "e2", "e3"], g), **build_models("qwen2", ["qbase", "q1", "q2", "q3"], g)}
+    models = {**build_models("llama", ["base", "e1", "e2", "e3"], g), **build_models("qwen2", ["qbase", "q1", "q2", "q3"], g),
+              **build_models("qwen3", ["q3base", "q3e1", "q3e2", "q3e3"], g)}  # last: the others' draws unchanged
     for name, tensors in models.items():
         folder = FIX / "inputs" / name
         folder.mkdir(parents=True)
         (folder / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2) + "\n")
         (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        kind = "qwen2" if name.startswith("q") else "llama"
+        kind = "qwen3" if name.startswith("q3") and name != "q3" else "qwen2" if name.startswith("q") else "llama"
         (folder / "config.json").write_text(json.dumps(model_config(kind), indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (FIX / "configs").mkdir()
