@@ -37,7 +37,7 @@ def build(name: str, out: Path, **kw):
     return build_moe(config(name), out, seed=SEEDS.get(name, 0), **kw)
 
 
-@pytest.mark.parametrize("name", ["cheap_embed", "random", "hidden", "qwen_cheap_embed"])
+@pytest.mark.parametrize("name", ["cheap_embed", "random", "hidden", "qwen_cheap_embed", "qwen3_cheap_embed"])
 def test_same_as_mergekit(tmp_path, name):
     build(name, tmp_path / "out")
     ours, theirs = load(tmp_path / "out"), load(FIX / "outputs" / name)
@@ -58,13 +58,14 @@ def test_same_as_mergekit(tmp_path, name):
     assert (tmp_path / "out" / "mergekit_moe_config.yml").read_text() == (FIX / "configs" / f"{name}.yaml").read_text()
 
 
-@pytest.mark.parametrize("name", ["cheap_embed", "qwen_cheap_embed"])
+@pytest.mark.parametrize("name", ["cheap_embed", "qwen_cheap_embed", "qwen3_cheap_embed"])
 def test_transformers_loads_and_runs(tmp_path, name):
     transformers = pytest.importorskip("transformers")
     build(name, tmp_path / "out")
     model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    expected = "MixtralForCausalLM" if name == "cheap_embed" else "Qwen2MoeForCausalLM"
+    expected = {"cheap_embed": "MixtralForCausalLM", "qwen_cheap_embed": "Qwen2MoeForCausalLM",
+                "qwen3_cheap_embed": "Qwen3MoeForCausalLM"}[name]
     assert type(model).__name__ == expected
     # every tensor loaded as written (Qwen2-MoE's per-expert tensors are fused on load: checked by the keys above)
     written = load(tmp_path / "out")

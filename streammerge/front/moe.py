@@ -1,4 +1,4 @@
-"""`streammerge moe`: a Mixtral (or Qwen2-MoE) model from a base and dense experts, from a mergekit-moe config.
+"""`streammerge moe`: a Mixtral (or Qwen2-MoE, Qwen3-MoE) model from a base and dense experts, from a mergekit-moe config.
 
 The output goes through the merge's own machinery (front/api.py): the folder's lock, the fingerprint
 that a rerun resumes against, shards written by the engine and checked by sha256, the manifest and
@@ -52,6 +52,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
+ARCH_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
+
+
 def _transformers():
     try:
         import transformers
@@ -64,7 +67,7 @@ def _transformers():
 def select_architecture(cfg: MoEConfig, model_types: dict[str, str]) -> str:
     """mergekit-moe's choice (scripts/moe.py select_output_arch): Mixtral when it fits, else the first
     that does of DeepSeek, Qwen MoE, Qwen3 MoE; `architecture:` narrows the candidates by name prefix.
-    Returns "mixtral" or "qwen2_moe"; DeepSeek and Qwen3 outputs are refused by name (not built yet)."""
+    Returns "mixtral", "qwen2_moe" or "qwen3_moe"; a DeepSeek output is refused by name (not built yet)."""
     types = set(model_types.values())
     shared = cfg.shared_experts
     one_type = types.pop() if len(types) == 1 else None
@@ -92,14 +95,11 @@ def select_architecture(cfg: MoEConfig, model_types: dict[str, str]) -> str:
         raise UnsupportedFeatureError("shared_experts: mergekit-moe would build a DeepSeek MoE here (a shared expert "
                                       "without prompts), which streammerge does not build yet; give the shared expert "
                                       "positive_prompts for a Qwen2-MoE, or drop shared_experts for a Mixtral")
-    if chosen == "Qwen3 MoE":
-        raise UnsupportedFeatureError("experts: Qwen3 models make a Qwen3 MoE in mergekit-moe, which streammerge does not "
-                                      "build yet; Llama, Mistral and Qwen2 models work")
-    return "mixtral" if chosen == "Mixtral" else "qwen2_moe"
+    return {"Mixtral": "mixtral", "Qwen MoE": "qwen2_moe", "Qwen3 MoE": "qwen3_moe"}[chosen]
 
 
 def output_config(arch: str, base_cfg, cfg: MoEConfig, out_dtype: torch.dtype | None):
-    """config.json of the output: mergekit-moe's MixtralMoE/QwenMoE._generate_config, line for line."""
+    """config.json of the output: mergekit-moe's MixtralMoE/QwenMoE/Qwen3MoE._generate_config, line for line."""
     transformers = _transformers()
     n = len(cfg.experts)
     if arch == "mixtral":
@@ -114,6 +114,18 @@ def output_config(arch: str, base_cfg, cfg: MoEConfig, out_dtype: torch.dtype | 
         out.num_experts_per_tok = cfg.experts_per_token or 2
         out.sliding_window = None
         _set_dtype(out, out_dtype)
+    elif arch == "qwen3_moe":
+        from transformers.models.qwen3_moe import Qwen3MoeConfig
+
+        out = Qwen3MoeConfig(**base_cfg.to_dict())
+        out.architectures = ["Qwen3MoeForCausalLM"]
+        out.num_experts = n
+        out.num_experts_per_tok = cfg.experts_per_token or 2
+        out.decoder_sparse_step = 1
+        out.norm_topk_prob = True
+        out.moe_intermediate_size = out.intermediate_size
+        if out_dtype is not None:
+            _set_dtype(out, out_dtype)
     else:
         from transformers.models.qwen2_moe import Qwen2MoeConfig
 
@@ -238,7 +250,7 @@ def build_moe(
                                         DTYPE_NAMES[out_dtype] if out_dtype is not None else None, gate_dtype, heads)
             if left_out:
                 log.warning("base_model: %d tensor(s) that a %s model has not are left out, as mergekit-moe leaves them, "
-                            "e.g. %r", len(left_out), "Mixtral" if arch == "mixtral" else "Qwen2-MoE", left_out[0])
+                            "e.g. %r", len(left_out), ARCH_NAMES[arch], left_out[0])
 
             tokenizer = None
             if cfg.gate_mode in ("cheap_embed",) or hidden_mode or copy_tokenizer:

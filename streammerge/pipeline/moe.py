@@ -8,9 +8,9 @@ engine: shards, resume, sha256 receipts and finalize are the merge's own, and th
 engine's row blocks: a block of a stacked expert tensor is one or more whole experts, each read from
 its model's file, so the MoE (several times any input) never sits in memory.
 
-Tensor names and layouts are mergekit-moe 0.1.5's (mergekit/moe/mixtral.py, qwen.py) under
+Tensor names and layouts are mergekit-moe 0.1.5's (mergekit/moe/mixtral.py, qwen.py, qwen3.py) under
 transformers 5:
-- Mixtral: `model.layers.L.mlp.experts.gate_up_proj` (experts, 2 x intermediate, hidden): each expert's
+- Mixtral, and Qwen3-MoE (with the base's q_norm/k_norm, as qwen3.py copies them): `model.layers.L.mlp.experts.gate_up_proj` (experts, 2 x intermediate, hidden): each expert's
   gate_proj rows then its up_proj rows; `...experts.down_proj` (experts, hidden, intermediate);
   `...mlp.gate.weight` (experts, hidden).
 - Qwen2-MoE: `...mlp.experts.E.{gate,up,down}_proj.weight`, `...mlp.shared_expert.*`, `...mlp.gate.weight`,
@@ -53,6 +53,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 ATTENTION = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
              "input_layernorm.weight", "post_attention_layernorm.weight")
 QWEN_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+QWEN3_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def moe_parts(arch: str, base: Checkpoint, layers: int, experts: list[tuple[Chec
               shared: tuple[Checkpoint, Expert] | None, n_gated: int, out_dtype: str | None, gate_dtype: str,
               head_dims: dict[str, int]) -> tuple[dict[str, tuple[Part, str, tuple[int, ...]]], list[str]]:
     """The output tensors in file order, each (its Part, dtype name, shape); and the base tensors left
-    out (not in the output architecture, as mergekit leaves them out). `arch`: "mixtral" or "qwen2_moe".
+    out (not in the output architecture, as mergekit leaves them out). `arch`: "mixtral", "qwen2_moe" or "qwen3_moe".
     Raises MismatchError naming each expert tensor that is missing or of another shape than the base's."""
     problems: list[str] = []
 
@@ -232,7 +233,7 @@ def moe_parts(arch: str, base: Checkpoint, layers: int, experts: list[tuple[Chec
         return info
 
     parts: dict[str, tuple[Part, str, tuple[int, ...]]] = {}
-    kept_layer = ATTENTION + (QWEN_BIASES if arch == "qwen2_moe" else ())
+    kept_layer = ATTENTION + {"qwen2_moe": QWEN_BIASES, "qwen3_moe": QWEN3_NORMS}.get(arch, ())
     wanted = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     wanted |= {f"model.layers.{i}.{n}" for i in range(layers) for n in kept_layer}
     order = sorted(base.tensors, key=lambda n: (base.tensors[n].file.name, base.tensors[n].offset))
@@ -262,7 +263,7 @@ def moe_parts(arch: str, base: Checkpoint, layers: int, experts: list[tuple[Chec
         if any(v is None for v in mlp.values()) or any(v is None for _, _, d in infos for v in d.values()):
             continue
         gate_dtype_here = out_dtype or gate_dtype
-        if arch == "mixtral":
+        if arch in ("mixtral", "qwen3_moe"):  # the same stacked layout (mergekit's convert_checkpoint_tensors)
             inter, width = mlp["gate_proj"].shape
             parts[prefix + "mlp.experts.gate_up_proj"] = (
                 Part("stack", ckpts=tuple(c for c, _, _ in infos), experts=tuple(e for _, e, _ in infos),
