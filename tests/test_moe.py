@@ -192,3 +192,30 @@ def test_live_bytes_waits_for_the_writer():
     assert 0.2 < time.monotonic() - t0 < 4 and live.live == 25
     del new
     assert live.live == 0
+
+
+def test_split_over_workers_gives_the_same_bytes(tmp_path):
+    whole, out = tmp_path / "whole", tmp_path / "split"
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text((FIX / "configs" / "qwen3_cheap_embed.yaml").read_text()
+                        .replace("q3base", str(FIX / "inputs" / "q3base")).replace("q3e", str(FIX / "inputs" / "q3e")))
+    runner = CliRunner()
+    r = runner.invoke(main, ["moe", str(cfg_path), str(whole), "--max-shard-size", "3000"])
+    assert r.exit_code == 0, r.output
+    for rank in (1, 0):
+        r = runner.invoke(main, ["moe", str(cfg_path), str(out), "--max-shard-size", "3000", "--rank", str(rank),
+                                 "--world-size", "2"])
+        assert r.exit_code == 0, r.output
+        assert "streammerge finalize" in r.output
+        assert not (out / "model.safetensors.index.json").exists()
+    r = runner.invoke(main, ["finalize", str(out)])
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in whole.iterdir() if p.is_file() and p.name != "README.md")
+    assert len([n for n in names if n.endswith(".safetensors")]) > 3
+    assert names == sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "README.md")
+    for n in names:
+        if n != "streammerge_manifest.json":
+            assert (whole / n).read_bytes() == (out / n).read_bytes(), n
+    # a rerun of a worker on the finished output does nothing
+    r = runner.invoke(main, ["moe", str(cfg_path), str(out), "--max-shard-size", "3000", "--rank", "1", "--world-size", "2"])
+    assert r.exit_code == 0, r.output

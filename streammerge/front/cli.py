@@ -916,6 +916,8 @@ def format_extract_table(result) -> str:
               help="Build it even if every expert is the same model.")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, help="Write the base's tokenizer (default: yes).")
 @click.option("--write-model-card/--no-write-model-card", default=True, help="Write README.md and mergekit_moe_config.yml.")
+@click.option("--rank", type=click.IntRange(0), help="This worker's index in a split build (default: $SLURM_ARRAY_TASK_ID, or 0).")
+@click.option("--world-size", type=click.IntRange(1), help="Number of workers splitting the build (default: $SLURM_ARRAY_TASK_COUNT, or 1).")
 @_push_options
 @click.option("--load-in-4bit", "--load-in-8bit", "--cuda/--no-cuda", "--lazy-unpickle/--no-lazy-unpickle",
               "--low-cpu-memory/--no-low-cpu-memory", "--read-to-gpu/--no-read-to-gpu", "--multi-gpu/--no-multi-gpu",
@@ -927,16 +929,19 @@ def format_extract_table(result) -> str:
               "--num-threads", "moot_value", hidden=True)
 def moe_command(config_path: str, output: str, force: bool, quiet: bool, as_json: bool, debug: bool, max_shard_size: int,
                 out_shard_size: int | None, max_memory: int, threads: int | None, seed: int, allow_all_same: bool,
-                copy_tokenizer: bool, write_model_card: bool, push_to_hub: str | None, private: bool, hub_branch: str | None,
+                copy_tokenizer: bool, write_model_card: bool, rank: int | None, world_size: int | None,
+                push_to_hub: str | None, private: bool, hub_branch: str | None,
                 moot: Any, verbosity: int, moot_value: Any) -> None:
-    """Build a Mixtral (or Qwen2-MoE) from a base and dense experts, from a mergekit-moe CONFIG.yaml.
+    """Build a Mixtral (or Qwen2-MoE, Qwen3-MoE) from a base and dense experts, from a mergekit-moe CONFIG.yaml.
 
-    Expert tensors are streamed into the output shards in bounded memory; a rerun resumes (docs/moe.md).
+    Expert tensors are streamed into the output shards in bounded memory; a rerun resumes. Split over
+    workers as `merge` is (torchrun, or --rank/--world-size then `streammerge finalize`) (docs/moe.md).
     """
     from tqdm.auto import tqdm
 
     from streammerge.front import moe as moe_front
     from streammerge.front.moe_config import MoEConfig
+    from streammerge.pipeline import distributed
 
     _verbosity(quiet, verbosity)
     if moot is not None or moot_value is not None:
@@ -947,26 +952,47 @@ def moe_command(config_path: str, output: str, force: bool, quiet: bool, as_json
         max_shard_size = out_shard_size if out_shard_size > 0 else 1 << 62
     _supervise(output)
     cfg = _run(debug, MoEConfig.from_yaml, config_path)
+    torchrun = distributed.torchrun_env()
+    if torchrun is not None and (rank, world_size) != (None, None) and (rank, world_size) != torchrun:
+        raise click.UsageError("--rank/--world-size are set by torchrun here; leave them out")
+    if torchrun is not None:
+        rank, world_size = _run(debug, distributed.init_torchrun)
+    else:
+        slurm = distributed.slurm_array_env() or (0, 1)
+        rank = slurm[0] if rank is None else rank
+        world_size = slurm[1] if world_size is None else world_size
     upload = None
-    if push_to_hub:
+    if push_to_hub and world_size == 1:
         from streammerge.io.hub import HubUpload
 
         upload = _run(debug, HubUpload, push_to_hub, private=private, branch=hub_branch)
-    with tqdm(unit="B", unit_scale=True, desc="moe", disable=True if quiet else None, file=sys.stderr) as bar:
+    try:
+        with tqdm(unit="B", unit_scale=True, desc="moe", disable=True if quiet or rank != 0 else None, file=sys.stderr) as bar:
 
-        def set_total(total: int) -> None:
-            bar.total = total
-            bar.refresh()
+            def set_total(total: int) -> None:
+                bar.total = total
+                bar.refresh()
 
-        result = _run(debug, moe_front.build_moe, cfg, output, max_shard_size=max_shard_size, max_memory=max_memory,
-                      force=force, progress=bar.update, on_total=set_total, seed=seed, allow_all_same=allow_all_same,
-                      copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, threads=threads,
-                      on_shard_file=upload.add_shard if upload is not None else None)
+            result = _run(debug, moe_front.build_moe, cfg, output, max_shard_size=max_shard_size, max_memory=max_memory,
+                          force=force, progress=bar.update, on_total=set_total, seed=seed, allow_all_same=allow_all_same,
+                          copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, threads=threads,
+                          on_shard_file=upload.add_shard if upload is not None else None, rank=rank, world_size=world_size)
+    finally:
+        distributed.shutdown()
+    if torchrun is not None and rank != 0:  # rank 0 speaks for the job
+        return
+    if push_to_hub and not result.finalized:
+        click.echo("streammerge: --push-to-hub skipped: this worker's share is not a finished MoE; run "
+                   f"streammerge push {result.output_dir} {push_to_hub} after streammerge finalize", err=True)
+        push_to_hub = None
     pushed = _push(debug, result.output_dir, push_to_hub, private, hub_branch, True if as_json else quiet, upload) \
         if push_to_hub else None
     if as_json:
         click.echo(json.dumps({"ok": True, "status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})},
                               indent=2))
+    elif not result.finalized and not quiet:
+        click.echo(f"worker {rank} of {world_size}: {len(result.shards)} shard(s) done in {result.seconds:.1f} s; when every "
+                   f"worker is done, run: streammerge finalize {result.output_dir}")
     elif result.already_complete and not quiet:
         click.echo(f"{result.output_dir} already holds this MoE, complete ({len(result.shards)} shard(s)); nothing to do")
     elif not quiet:

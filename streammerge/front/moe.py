@@ -43,6 +43,7 @@ from streammerge.io import hub
 from streammerge.io.sources import DTYPE_NAMES, Checkpoint, read_json
 from streammerge.io.writer import copy_file_atomic, write_json_atomic
 from streammerge.methods import gates as gate_fns
+from streammerge.pipeline.distributed import Group, check_worker
 from streammerge.pipeline.engine import Progress, run_plan
 from streammerge.pipeline.moe import MoECheckpoint, moe_parts, moe_plan
 
@@ -191,16 +192,28 @@ def build_moe(
     write_model_card: bool = True,
     threads: int | None = None,
     on_shard_file=None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> api.MergeResult:
     """Builds the MoE into `output_dir`, resumable like a merge (api.merge): a rerun keeps finished
     shards, a finished build is left as it is, `force` replaces another output there.
 
     `seed`: the random gates' (and noise's) seed, mergekit-moe's --random-seed.
+    `rank`, `world_size`: this worker's share of a build split as api.merge splits a merge (the shards
+    api.worker_shards gives it; `streammerge finalize` once all are done; under torchrun both come from
+    the process group, rank 0 prepares the folder first and finalizes). Any split gives the same bytes.
     Raises ConfigError, CheckpointError, MismatchError, OutputError: one line each, before any output."""
     start = time.perf_counter()
     out = Path(output_dir)
     cfg.check(allow_all_same)
     transformers = _transformers()
+    group = Group.current()
+    if group is not None:
+        rank, world_size = group.rank, group.world_size
+    check_worker(rank, world_size)
+    if force and world_size > 1 and group is None:
+        raise ConfigError("--force cannot be combined with independent workers (--world-size > 1): they would delete "
+                          "each other's shards; empty the output directory first, or launch with torchrun")
     held = ExitStack()
     try:
         with ExitStack() as stack:
@@ -280,35 +293,57 @@ def build_moe(
             inputs = list({id(c): c for c in [base, *experts, *shared]}.values())
             side = {"copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card}
             fingerprint = _fingerprint(cfg, plan, inputs, seed, side)
+            mine = api.worker_shards(plan, rank, world_size)
             if on_total is not None:
-                on_total(sum(s.input_bytes for s in plan.shards))
-            complete = api._prepare_output(out, inputs, force, fingerprint, exclusive=True, lock="exclusive", held=held)
-            done: dict = {}
-            if not complete:
-                _write_state(out, cfg, plan, inputs, fingerprint, arch, output_config(arch, base_cfg, cfg, out_dtype),
-                             tokenizer if copy_tokenizer else None, base, seed, write_model_card)
-                done = api._resume(out, [s.filename for s in plan.shards])
-                todo = [s for s in plan.shards if s.filename not in done]
-                api._check_free_space(out, todo)
+                on_total(sum(s.input_bytes for s in mine))
 
-                def on_shard(receipt: dict) -> None:
-                    tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
-                    write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json", {**receipt, "tensors": list(tensors),
-                                                                                   "worker": [0, 1]})
-                    if on_shard_file is not None:
-                        on_shard_file(out / receipt["file"])
+            def prepare() -> bool:  # as api.merge: one process alone, rank 0 of torchrun, or a worker on its rank
+                lock = "exclusive" if world_size == 1 or (group is not None and rank == 0) else (
+                    None if group is not None else f"rank-{rank}-of-{world_size}")
+                return api._prepare_output(out, inputs, force, fingerprint, exclusive=lock == "exclusive", lock=lock,
+                                           held=held)
 
-                run_plan(plan, moe, [], out, progress=progress, compile="off", todo=todo, on_shard=on_shard, device="cpu",
-                         threads=threads)
+            error: BaseException | None = None
+            complete, done, shards = False, {}, []
+            try:
+                complete = group.rank0_first(prepare) if group is not None else prepare()
+                if not complete:
+                    _write_state(out, cfg, plan, inputs, fingerprint, arch, output_config(arch, base_cfg, cfg, out_dtype),
+                                 tokenizer if copy_tokenizer else None, base, seed, write_model_card)
+                    done = api._resume(out, [s.filename for s in mine])
+                    todo = [s for s in mine if s.filename not in done]
+                    api._check_free_space(out, todo)
+
+                    def on_shard(receipt: dict) -> None:
+                        tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
+                        write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
+                                          {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
+                        if on_shard_file is not None:
+                            on_shard_file(out / receipt["file"])
+
+                    new = run_plan(plan, moe, [], out, progress=progress, compile="off", todo=todo, on_shard=on_shard,
+                                   device="cpu", threads=threads)
+                    shards = [done.get(s.filename) or new[s.filename] for s in mine]
+            except Exception as e:
+                if group is None:
+                    raise
+                error = e
+            if group is not None:
+                group.all_statuses(error)
+        finalizes = world_size == 1 or (group is not None and rank == 0)
         if complete:
-            data = json.loads((out / api.MANIFEST).read_text("utf-8"))
-            shards = data["shards"]
-        else:
+            by_file = {r["file"]: r for r in json.loads((out / api.MANIFEST).read_text("utf-8"))["shards"]}
+            shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
+        elif group is not None:
+            final = group.rank0_first(lambda: api._finalize(out, rehash=False) if rank == 0 else None)
+            shards = final.shards if final is not None else shards
+        elif world_size == 1:
             shards = api._finalize(out, rehash=False).shards
         return api.MergeResult(output_dir=out, shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
                                total_size=plan.total_size, tensors=len(plan.tensors), merged_tensors=0,
-                               seconds=time.perf_counter() - start, reused_shards=len(shards) if complete else len(done),
-                               already_complete=complete)
+                               seconds=time.perf_counter() - start, reused_shards=len(mine) if complete else len(done),
+                               already_complete=complete, rank=rank, world_size=world_size,
+                               finalized=complete or world_size == 1 or group is not None)
     finally:
         held.close()
 
