@@ -186,10 +186,13 @@ def test_live_bytes_waits_for_the_writer():
     live = LiveBytes(limit=100, patience=5.0)
     held = [live.track(torch.zeros(25, dtype=torch.uint8)) for _ in range(4)]  # 100 bytes: at the limit
     assert live.live == 100
-    threading.Timer(0.3, lambda: held.clear()).start()  # the writer frees them
+    writer = threading.Timer(0.3, lambda: held.clear())  # the writer frees them
+    writer.start()
     t0 = time.monotonic()
-    new = live.track(torch.zeros(25, dtype=torch.uint8))
-    assert 0.2 < time.monotonic() - t0 < 4 and live.live == 25
+    new = live.track(torch.zeros(25, dtype=torch.uint8))  # goes on once the first of them is freed
+    assert 0.2 < time.monotonic() - t0 < 4
+    writer.join()  # the other three are freed by then
+    assert live.live == 25
     del new
     assert live.live == 0
 
