@@ -1,7 +1,7 @@
-"""Every golden vector of shared/SEMANTICS.md, through the real engine (plan -> passes -> writer).
+"""Golden vectors of the merge semantics (docs/methods.md), worked out by hand, through the real engine (plan -> passes -> writer).
 
 One "model" is a single 12-element tensor (stored 3x4 so that it counts as a linear weight). The
-DARE goldens use SEMANTICS.md's masks M1..M3, injected in place of the counter-based mask.
+DARE goldens use fixed masks M1..M3, injected in place of the counter-based mask.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _merge(tmp_path, method, *, semantics="default", weights=(1, 1, 1), density=
         if density is not None:
             p["density"] = density
         models.append(ModelSpec(str(tmp_path / f"ft{i}.safetensors"), p))
-    if masks:  # SEMANTICS.md's M1..M3 in place of the counter-based mask
+    if masks:  # the fixed M1..M3 in place of the counter-based mask
         masks(lambda i, name, start, count: torch.tensor(M[i][start:start + count]))
     cfg = MergeConfig(method=method, base=str(tmp_path / "base.safetensors"), models=tuple(models),
                       parameters=params, semantics=semantics)
@@ -174,7 +174,7 @@ def test_mergekit_dare_ties_l1_rescale(tmp_path, inject_masks):
 
 
 def test_tie_rule_lowest_index_first(tmp_path):
-    # SEMANTICS.md's tie case: x = [.5, −.5, .5, .1, .2, .5], keep 50 %: ours keeps indices {0, 1, 2}.
+    # The spec's tie case: x = [.5, −.5, .5, .1, .2, .5], keep 50 %: ours keeps indices {0, 1, 2}.
     x = torch.tensor([0.5, -0.5, 0.5, 0.1, 0.2, 0.5])
     save_file({NAME: torch.zeros(2, 3)}, tmp_path / "base.safetensors")
     save_file({NAME: x.view(2, 3)}, tmp_path / "ft.safetensors")

@@ -1,6 +1,6 @@
 """The merge math: pure functions over tensors. No I/O, no globals, any device.
 
-Notation (as in SEMANTICS.md): θ₀ base, θ_t fine-tune t, τ_t = θ_t − θ₀ its task vector, w_t its
+Notation (as in docs/methods.md): θ₀ base, θ_t fine-tune t, τ_t = θ_t − θ₀ its task vector, w_t its
 weight, λ the global scale. Every function works on a *block of rows* of a tensor; whatever needs the
 whole tensor (a top-k threshold, an L1 norm) is computed beforehand into `TensorStats`, so a tensor
 merged in one block or in many gives the same bits.
