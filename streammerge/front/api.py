@@ -305,57 +305,22 @@ def merge(
             if on_total is not None:
                 on_total(sum(s.input_bytes for s in mine))
 
-            def prepare() -> bool:  # under torchrun rank 0 runs this before the others start
-                # the folder's lock: one process alone, or rank 0 for a torchrun job, or each independent worker
-                # sharing it (and alone on its rank); torchrun's other ranks follow rank 0
-                lock = "exclusive" if world_size == 1 or (group is not None and rank == 0) else (
-                    None if group is not None else f"rank-{rank}-of-{world_size}")
-                return _prepare_output(out, inputs, force, fingerprint, exclusive=lock == "exclusive", lock=lock, held=held)
+            def state() -> None:
+                _write_state(out, the_plan, reference, finetuned, tokenizer_from if copy_tokenizer or the_plan.reindex else None,
+                             fingerprint, write_model_card)
 
-            error: BaseException | None = None
-            complete, done, shards = False, {}, []
-            try:
-                complete = group.rank0_first(prepare) if group is not None else prepare()
-                if not complete:
-                    _write_state(out, the_plan, reference, finetuned, tokenizer_from if copy_tokenizer or the_plan.reindex else None,
-                                 fingerprint, write_model_card)
-                    digests = (lambda name: shard_input_digests(the_plan, inputs, name)) if verify_inputs else None
-                    done = _resume(out, [s.filename for s in mine], digests)
-                    todo = [s for s in mine if s.filename not in done]
-                    _check_free_space(out, todo)
-                    remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
-                    downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
+            digests = (lambda name: shard_input_digests(the_plan, inputs, name)) if verify_inputs else None
 
-                    def on_shard(receipt: dict) -> None:
-                        tensors = next(the_plan.stored_names(s) for s in todo if s.filename == receipt["file"])
-                        log.debug("wrote %s: %d tensors, %d bytes, sha256 %s", receipt["file"], len(tensors), receipt["bytes"],
-                                  receipt["sha256"])
-                        extra = {"inputs": digests(receipt["file"])} if digests is not None else {}
-                        write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
-                                          {**receipt, "tensors": list(tensors), "worker": [rank, world_size], **extra})
-                        if on_shard_file is not None:
-                            on_shard_file(out / receipt["file"])
+            def run(todo: list[ShardPlan], on_shard: Callable[[dict], None]) -> dict[str, dict]:
+                remote = list({id(c): c for c in inputs if isinstance(c, hub.HubCheckpoint)}.values())
+                downloads = hub.Downloads(remote, budget=download_budget, delete=delete_downloaded) if remote else None
+                return run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
+                                check_finite=check_finite, device=str(target), gpu_memory=gpu_memory, threads=threads,
+                                on_shard=on_shard, downloads=downloads)
 
-                    new = run_plan(the_plan, reference, finetuned, out, progress=progress, compile=compile, todo=todo,
-                                   check_finite=check_finite, device=str(target), gpu_memory=gpu_memory, threads=threads, on_shard=on_shard,
-                                   downloads=downloads)
-                    shards = [done.get(s.filename) or new[s.filename] for s in mine]
-            except Exception as e:
-                if group is None:
-                    raise
-                error = e
-            if group is not None:
-                group.all_statuses(error)
-        finalizes = world_size == 1 or (group is not None and rank == 0)  # who writes (or reports) the whole merge
-        if complete:
-            by_file = {r["file"]: r for r in json.loads((out / MANIFEST).read_text("utf-8"))["shards"]}
-            shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
-        elif group is not None:
-            # every rank hashed its shards as it wrote them (or on resume): no second read here
-            final = group.rank0_first(lambda: _finalize(out, rehash=False) if rank == 0 else None)
-            shards = final.shards if final is not None else shards
-        elif world_size == 1:
-            shards = _finalize(out, rehash=False).shards
+            complete, shards, reused = write_output(out, the_plan, inputs, fingerprint, mine, force=force, rank=rank,
+                                                    world_size=world_size, group=group, held=held, write_state=state,
+                                                    run=run, digests=digests, on_shard_file=on_shard_file)
         return MergeResult(
             output_dir=out,
             shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
@@ -363,7 +328,7 @@ def merge(
             tensors=len(the_plan.tensors),
             merged_tensors=sum(t.merged for t in the_plan.tensors),
             seconds=time.perf_counter() - start,
-            reused_shards=len(mine) if complete else len(done),
+            reused_shards=reused,
             already_complete=complete,
             rank=rank,
             world_size=world_size,
@@ -372,6 +337,64 @@ def merge(
         )
     finally:
         held.close()
+
+
+def write_output(out: Path, the_plan: Plan, inputs: list[Checkpoint], fingerprint: str, mine: list[ShardPlan], *,
+                 force: bool, rank: int, world_size: int, group: Group | None, held: ExitStack,
+                 write_state: Callable[[], None], run: Callable[[list[ShardPlan], Callable[[dict], None]], dict[str, dict]],
+                 digests: Callable[[str], dict] | None = None,
+                 on_shard_file: Callable[[Path], None] | None = None) -> tuple[bool, list[dict], int]:
+    """The output folder's lifecycle for this worker's shards `mine`, whatever writes them (a merge,
+    a mixture of experts): lock and prepare the folder (under torchrun rank 0 first), record the state
+    `finalize` needs, keep finished shards, `run(todo, on_shard)` the rest, then finalize where this
+    process speaks for the whole output. Returns (already complete, the shards' receipts, shards reused)."""
+
+    def prepare() -> bool:
+        # the folder's lock: one process alone, or rank 0 for a torchrun job, or each independent worker
+        # sharing it (and alone on its rank); torchrun's other ranks follow rank 0
+        lock = "exclusive" if world_size == 1 or (group is not None and rank == 0) else (
+            None if group is not None else f"rank-{rank}-of-{world_size}")
+        return _prepare_output(out, inputs, force, fingerprint, exclusive=lock == "exclusive", lock=lock, held=held)
+
+    error: BaseException | None = None
+    complete, done, shards = False, {}, []
+    try:
+        complete = group.rank0_first(prepare) if group is not None else prepare()
+        if not complete:
+            write_state()
+            done = _resume(out, [s.filename for s in mine], digests)
+            todo = [s for s in mine if s.filename not in done]
+            _check_free_space(out, todo)
+
+            def on_shard(receipt: dict) -> None:
+                tensors = next(the_plan.stored_names(s) for s in todo if s.filename == receipt["file"])
+                log.debug("wrote %s: %d tensors, %d bytes, sha256 %s", receipt["file"], len(tensors), receipt["bytes"],
+                          receipt["sha256"])
+                extra = {"inputs": digests(receipt["file"])} if digests is not None else {}
+                write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
+                                  {**receipt, "tensors": list(tensors), "worker": [rank, world_size], **extra})
+                if on_shard_file is not None:
+                    on_shard_file(out / receipt["file"])
+
+            new = run(todo, on_shard)
+            shards = [done.get(s.filename) or new[s.filename] for s in mine]
+    except Exception as e:
+        if group is None:
+            raise
+        error = e
+    if group is not None:
+        group.all_statuses(error)
+    finalizes = world_size == 1 or (group is not None and rank == 0)  # who writes (or reports) the whole output
+    if complete:
+        by_file = {r["file"]: r for r in json.loads((out / MANIFEST).read_text("utf-8"))["shards"]}
+        shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
+    elif group is not None:
+        # every rank hashed its shards as it wrote them (or on resume): no second read here
+        final = group.rank0_first(lambda: _finalize(out, rehash=False) if rank == 0 else None)
+        shards = final.shards if final is not None else shards
+    elif world_size == 1:
+        shards = _finalize(out, rehash=False).shards
+    return complete, shards, len(mine) if complete else len(done)
 
 
 def worker_shards(the_plan: Plan, rank: int = 0, world_size: int = 1) -> list[ShardPlan]:

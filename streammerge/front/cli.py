@@ -151,6 +151,20 @@ def _run(debug: bool, fn, *args, **kwargs):
         _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3, e)
 
 
+def _worker(debug: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's (rank, world size): torchrun's (initialising its process group), else the flags,
+    else a Slurm job array's, else (0, 1)."""
+    from streammerge.pipeline import distributed
+
+    torchrun = distributed.torchrun_env()
+    if torchrun is not None and (rank, world_size) != (None, None) and (rank, world_size) != torchrun:
+        raise click.UsageError("--rank/--world-size are set by torchrun here; leave them out")
+    if torchrun is not None:
+        return _run(debug, distributed.init_torchrun)
+    slurm = distributed.slurm_array_env() or (0, 1)
+    return (slurm[0] if rank is None else rank), (slurm[1] if world_size is None else world_size)
+
+
 def _supervise(output: str) -> None:
     """Runs the rest of this command in a forked child and waits for it, so that a merge killed by
     SIGBUS still ends with one line and exit 1. Inputs are read as mapped files: a file truncated
@@ -428,14 +442,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
     if push_to_hub and "@" in push_to_hub:
         raise click.UsageError("--push-to-hub takes ORG/NAME; give the branch with --hub-branch")
     torchrun = distributed.torchrun_env()
-    if torchrun is not None and (rank, world_size) != (None, None) and (rank, world_size) != torchrun:
-        raise click.UsageError("--rank/--world-size are set by torchrun here; leave them out")
-    if torchrun is not None:
-        rank, world_size = _run(debug, distributed.init_torchrun)
-    else:
-        slurm = distributed.slurm_array_env() or (0, 1)
-        rank = slurm[0] if rank is None else rank
-        world_size = slurm[1] if world_size is None else world_size
+    rank, world_size = _worker(debug, rank, world_size)
     upload = None
     if push_to_hub and world_size == 1:  # shards upload as each is final; no write access fails here, before the merge
         from streammerge.io.hub import HubUpload
@@ -953,14 +960,7 @@ def moe_command(config_path: str, output: str, force: bool, quiet: bool, as_json
     _supervise(output)
     cfg = _run(debug, MoEConfig.from_yaml, config_path)
     torchrun = distributed.torchrun_env()
-    if torchrun is not None and (rank, world_size) != (None, None) and (rank, world_size) != torchrun:
-        raise click.UsageError("--rank/--world-size are set by torchrun here; leave them out")
-    if torchrun is not None:
-        rank, world_size = _run(debug, distributed.init_torchrun)
-    else:
-        slurm = distributed.slurm_array_env() or (0, 1)
-        rank = slurm[0] if rank is None else rank
-        world_size = slurm[1] if world_size is None else world_size
+    rank, world_size = _worker(debug, rank, world_size)
     upload = None
     if push_to_hub and world_size == 1:
         from streammerge.io.hub import HubUpload

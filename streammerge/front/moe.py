@@ -297,51 +297,20 @@ def build_moe(
             if on_total is not None:
                 on_total(sum(s.input_bytes for s in mine))
 
-            def prepare() -> bool:  # as api.merge: one process alone, rank 0 of torchrun, or a worker on its rank
-                lock = "exclusive" if world_size == 1 or (group is not None and rank == 0) else (
-                    None if group is not None else f"rank-{rank}-of-{world_size}")
-                return api._prepare_output(out, inputs, force, fingerprint, exclusive=lock == "exclusive", lock=lock,
-                                           held=held)
+            def state() -> None:
+                _write_state(out, cfg, plan, inputs, fingerprint, arch, output_config(arch, base_cfg, cfg, out_dtype),
+                             tokenizer if copy_tokenizer else None, base, seed, write_model_card)
 
-            error: BaseException | None = None
-            complete, done, shards = False, {}, []
-            try:
-                complete = group.rank0_first(prepare) if group is not None else prepare()
-                if not complete:
-                    _write_state(out, cfg, plan, inputs, fingerprint, arch, output_config(arch, base_cfg, cfg, out_dtype),
-                                 tokenizer if copy_tokenizer else None, base, seed, write_model_card)
-                    done = api._resume(out, [s.filename for s in mine])
-                    todo = [s for s in mine if s.filename not in done]
-                    api._check_free_space(out, todo)
+            def run(todo: list, on_shard) -> dict[str, dict]:
+                return run_plan(plan, moe, [], out, progress=progress, compile="off", todo=todo, on_shard=on_shard,
+                                device="cpu", threads=threads)
 
-                    def on_shard(receipt: dict) -> None:
-                        tensors = next(s.tensors for s in todo if s.filename == receipt["file"])
-                        write_json_atomic(out / STATE_DIR / f"{receipt['file']}.json",
-                                          {**receipt, "tensors": list(tensors), "worker": [rank, world_size]})
-                        if on_shard_file is not None:
-                            on_shard_file(out / receipt["file"])
-
-                    new = run_plan(plan, moe, [], out, progress=progress, compile="off", todo=todo, on_shard=on_shard,
-                                   device="cpu", threads=threads)
-                    shards = [done.get(s.filename) or new[s.filename] for s in mine]
-            except Exception as e:
-                if group is None:
-                    raise
-                error = e
-            if group is not None:
-                group.all_statuses(error)
-        finalizes = world_size == 1 or (group is not None and rank == 0)
-        if complete:
-            by_file = {r["file"]: r for r in json.loads((out / api.MANIFEST).read_text("utf-8"))["shards"]}
-            shards = list(by_file.values()) if finalizes else [by_file[s.filename] for s in mine]
-        elif group is not None:
-            final = group.rank0_first(lambda: api._finalize(out, rehash=False) if rank == 0 else None)
-            shards = final.shards if final is not None else shards
-        elif world_size == 1:
-            shards = api._finalize(out, rehash=False).shards
+            complete, shards, reused = api.write_output(out, plan, inputs, fingerprint, mine, force=force, rank=rank,
+                                                        world_size=world_size, group=group, held=held, write_state=state,
+                                                        run=run, on_shard_file=on_shard_file)
         return api.MergeResult(output_dir=out, shards=[{k: r[k] for k in ("file", "sha256", "bytes")} for r in shards],
                                total_size=plan.total_size, tensors=len(plan.tensors), merged_tensors=0,
-                               seconds=time.perf_counter() - start, reused_shards=len(mine) if complete else len(done),
+                               seconds=time.perf_counter() - start, reused_shards=reused,
                                already_complete=complete, rank=rank, world_size=world_size,
                                finalized=complete or world_size == 1 or group is not None)
     finally:
