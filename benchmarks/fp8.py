@@ -9,7 +9,7 @@ same three models as fine-grained FP8 (every linear weight but lm_head quantized
 DONTNEED), the same dare_ties merge (weights 0.5, density 0.5, dtype bfloat16, --max-memory 1GiB)
 runs as its own process on each set of inputs, and on the FP8 inputs with out_dtype float8_e4m3fn;
 wall time and peak anonymous memory (RssAnon) are recorded. Prints a table and saves JSON.
-`--compile off` by default: the fused kernel would compile once per input dtype inside the timings.
+`--compile off` by default: the compiled kernel would compile once per input dtype inside the timings.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="TinyLlama's widths with this many layers (22: the real one)")
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--compile", default="off", choices=["auto", "on", "off"],
-                    help="off by default: the fused kernel compiles once per input dtype, which would land in the timings")
+                    help="off by default: the compiled kernel compiles once per input dtype, which would land in the timings")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "fp8.json")
     args = ap.parse_args()
     hidden, inter, _, heads, kv, vocab = SHAPES["tinyllama"]

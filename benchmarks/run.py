@@ -3,11 +3,15 @@
     python benchmarks/run.py --shape tinyllama --data /data/bench-tl                # generates models if missing
     python benchmarks/run.py --shape tinyllama --data /data/bench-tl --mergekit benchmarks/mergekit/.venv
 
-For each method (base + 2 fine-tunes, weights 0.5, density 0.5, bf16): the page cache is emptied of
-the inputs (posix_fadvise DONTNEED: no root needed), the merge runs as its own process, and its
-wall time and peak anonymous memory (RssAnon, sampled from /proc every 10 ms) are recorded.
+For each method (base + 2 fine-tunes, weights 0.5, density 0.5, bf16), each merge its own process,
+wall time and peak anonymous memory (RssAnon, sampled from /proc every 10 ms) recorded:
+- first run: inputs in the page cache, and an empty compiled-kernel cache (NUMBA_CACHE_DIR pointed
+  at a new folder), as on a fresh machine or CI container;
+- warm: the same again, the kernel now cached: the repeat run;
+- cold: the page cache emptied of the inputs first (posix_fadvise DONTNEED: no root needed).
 The floor is the time to read every input once from a cold cache plus to write the output's size
-with fsync. Prints a table, saves it as JSON and, with matplotlib installed, as a PNG.
+with fsync. mergekit runs warm and cold in the same run when given. Prints a table, saves it as
+JSON and, with matplotlib installed, as a PNG.
 """
 
 from __future__ import annotations
@@ -119,45 +123,55 @@ def main() -> None:
     print(f"I/O floor: read {floor['input_bytes'] / 1e9:.2f} GB in {floor['read_s']:.1f} s, "
           f"write {out_bytes / 1e9:.2f} GB in {floor['write_s']:.1f} s -> {floor['floor_s']:.1f} s", flush=True)
 
-    # The fused kernels compile once per machine (inductor caches them); do it outside the timings.
-    if args.compile != "off":
-        t = time.perf_counter()
-        tiny = work / "tiny"
-        subprocess.run([sys.executable, str(HERE / "make_models.py"), "tiny", str(tiny), "--finetunes", "2"], check=True, capture_output=True)
-        for method in args.methods:
-            (work / "warm.yaml").write_text(CONFIG.format(method=method, data=tiny))
-            subprocess.run([sys.executable, "-m", "streammerge", "merge", str(work / "warm.yaml"), str(work / "warm"), "--force", "-q", "--compile", "on"], check=True)
-        print(f"one-time kernel compile: {time.perf_counter() - t:.1f} s", flush=True)
+    def warm_inputs() -> None:
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
 
+    buf = bytearray(16 << 20)
     for method in args.methods:
         cfg = work / f"{method}.yaml"
         cfg.write_text(CONFIG.format(method=method, data=args.data))
-        evict(files)
         # the merge in this process, not in the CLI's SIGBUS supervisor's child: its memory is what is sampled
-        r = run_measured([sys.executable, "-m", "streammerge", "merge", str(cfg), str(work / "out"), "--force", "-q",
-                          "--max-memory", args.max_memory, "--compile", args.compile, "--device", args.device],
-                         env={**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1"})
-        rows.append({"tool": "streammerge", "method": method, **r})
-        print(f"streammerge {method}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
+        cmd = [sys.executable, "-m", "streammerge", "merge", str(cfg), str(work / "out"), "--force", "-q",
+               "--max-memory", args.max_memory, "--compile", args.compile, "--device", args.device]
+        env = {**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1", "NUMBA_CACHE_DIR": tempfile.mkdtemp(dir=work)}
+        timings = {}
+        for run in ("first run", "warm", "cold"):
+            evict(files) if run == "cold" else warm_inputs()
+            timings[run] = r = run_measured(cmd, env=env)
+            print(f"streammerge {method} {run}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
+        rows.append({"tool": "streammerge", "method": method, **timings["cold"], "warm_s": timings["warm"]["wall_s"],
+                     "first_run_s": timings["first run"]["wall_s"]})
     if args.mergekit:
         for method in args.mergekit_methods:
             cfg = work / f"{method}.yaml"
             cfg.write_text(CONFIG.format(method=method, data=args.data))
-            evict(files)
             out = work / "mk-out"
-            r = run_measured([str(args.mergekit / "bin" / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0",
-                              "--no-copy-tokenizer", "--no-write-model-card", "--allow-crimes"])
-            rows.append({"tool": "mergekit 0.1.5", "method": method, **r})
-            print(f"mergekit {method}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
+            cmd = [str(args.mergekit / "bin" / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0",
+                   "--no-copy-tokenizer", "--no-write-model-card", "--allow-crimes"]
+            warm_inputs()
+            warm = run_measured(cmd)
+            evict(files)
+            r = run_measured(cmd)
+            rows.append({"tool": "mergekit 0.1.5", "method": method, **r, "warm_s": warm["wall_s"], "first_run_s": None})
+            print(f"mergekit {method}: cold {r['wall_s']:.1f} s, warm {warm['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
 
     mk = {r["method"]: r["wall_s"] for r in rows if r["tool"].startswith("mergekit")}
-    print("\n| tool | method | wall (s) | peak anon (MiB) | GB/s in | x floor | x mergekit |\n|---|---|---|---|---|---|---|")
+    mk_warm = {r["method"]: r["warm_s"] for r in rows if r["tool"].startswith("mergekit")}
+    print("\n| tool | method | cold (s) | peak anon (MiB) | GB/s in | x floor | x mergekit | warm (s) | x mergekit warm | first run (s) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["gb_per_s"] = floor["input_bytes"] / r["wall_s"] / 1e9
         r["x_floor"] = r["wall_s"] / floor["floor_s"]
         r["x_mergekit"] = r["wall_s"] / mk[r["method"]] if r["method"] in mk else None
+        r["x_mergekit_warm"] = r["warm_s"] / mk_warm[r["method"]] if r["method"] in mk_warm else None
         xm = f"{r['x_mergekit']:.2f}" if r["x_mergekit"] is not None else "-"
-        print(f"| {r['tool']} | {r['method']} | {r['wall_s']:.1f} | {r['peak_anon_bytes'] / 2**20:.0f} | {r['gb_per_s']:.2f} | {r['x_floor']:.2f} | {xm} |")
+        xw = f"{r['x_mergekit_warm']:.2f}" if r["x_mergekit_warm"] is not None else "-"
+        first = f"{r['first_run_s']:.1f}" if r["first_run_s"] is not None else "-"
+        print(f"| {r['tool']} | {r['method']} | {r['wall_s']:.1f} | {r['peak_anon_bytes'] / 2**20:.0f} | {r['gb_per_s']:.2f} | "
+              f"{r['x_floor']:.2f} | {xm} | {r['warm_s']:.1f} | {xw} | {first} |")
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"shape": args.shape, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

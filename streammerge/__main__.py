@@ -1,3 +1,3 @@
-from streammerge.front.cli import main
+from streammerge.front.cli import run
 
-main()
+run()

@@ -216,12 +216,53 @@ def test_a_lock_left_by_a_killed_merge_does_not_block(models, fresh_b, tmp_path)
 
 
 class Disk:
-    """A disk with `free` bytes left, for the files streammerge.io.writer opens: writes are buffered
-    (8 KiB, as Python's BufferedWriter) and a flush past the end fails with ENOSPC, also in close(),
-    as a real buffered file does; fsync fails once the disk is full (NFS reports ENOSPC there)."""
+    """A disk with `free` bytes left, for the files streammerge.io.writer writes. Shards go through
+    os.open/os.write (direct or plain): a write past the end fails with ENOSPC, after writing what fits,
+    as the kernel does. Side files go through open(): buffered (8 KiB, as Python's BufferedWriter), a
+    flush past the end fails, also in close(). fsync fails once the disk is full (NFS reports ENOSPC there)."""
 
     def __init__(self, free: int | None):
         self.free, self.used = free, 0
+        self.fds: set[int] = set()
+
+    def full(self, more: int = 0) -> bool:
+        return self.free is not None and self.used + more > self.free
+
+    def patch(self, monkeypatch, module) -> None:
+        real_open, real_write, real_fsync, real_close = os.open, os.write, os.fsync, os.close
+        disk = self
+
+        class FakeOs:  # the writer's os, with the shard files on this disk
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            def open(self, path, flags, mode=0o777):
+                fd = real_open(path, flags, mode)
+                if flags & os.O_WRONLY:
+                    disk.fds.add(fd)
+                return fd
+
+            def write(self, fd, data):
+                if fd in disk.fds and disk.full(len(data)):
+                    room = max(0, disk.free - disk.used)
+                    if room == 0:
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    data = memoryview(data)[:room]
+                if fd in disk.fds:
+                    disk.used += len(data)
+                return real_write(fd, data)
+
+            def fsync(self, fd):
+                if disk.full(1) and (fd in disk.fds or disk.used >= disk.free):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real_fsync(fd)
+
+            def close(self, fd):
+                disk.fds.discard(fd)
+                return real_close(fd)
+
+        monkeypatch.setattr(module, "os", FakeOs())
+        monkeypatch.setattr(module, "open", self.open, raising=False)
 
     def open(self, path, mode="r", *args, **kwargs):
         if "w" not in mode:
@@ -238,7 +279,7 @@ class Disk:
                 return len(data)
 
             def flush(self):
-                if disk.free is not None and disk.used + len(self.pending) > disk.free:
+                if disk.full(len(self.pending)):
                     raise OSError(errno.ENOSPC, "No space left on device")
                 disk.used += len(self.pending)
                 real.write(self.pending)
@@ -273,7 +314,7 @@ def test_disk_full_at_any_point_is_the_clean_error(models, tmp_path, monkeypatch
 
     def run(out: Path, free: int | None):
         disk = Disk(free)
-        monkeypatch.setattr(streammerge.io.writer, "open", disk.open, raising=False)
+        disk.patch(monkeypatch, streammerge.io.writer)
         result = CliRunner().invoke(main, ["merge", str(models / "b.yaml"), str(out), "-q", "--max-shard-size", "60KB"])
         monkeypatch.undo()
         return result, disk.used

@@ -144,30 +144,29 @@ def test_disk_full_gives_a_clear_error_and_no_complete_looking_output(models, tm
 
 
 def test_real_enospc_from_the_os_is_reported(models, tmp_path, monkeypatch):
-    writes = []
+    writes, shards = [], set()
+    real_os = os
 
-    class Full:
-        """A shard file on a disk that fills up after a few writes."""
+    class FullOs:
+        """The writer's os, its shard files on a disk that fills up after a few writes."""
 
-        def write(self, data):
-            writes.append(len(data))
-            if len(writes) > 4:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return len(data)
+        def __getattr__(self, name):
+            return getattr(real_os, name)
 
-        def flush(self):
-            pass
+        def open(self, path, flags, mode=0o777):
+            fd = real_os.open(path, flags, mode)
+            if str(path).endswith(".safetensors.partial"):
+                shards.add(fd)
+            return fd
 
-        def fileno(self):
-            raise OSError(errno.ENOSPC, "No space left on device")
+        def write(self, fd, data):
+            if fd in shards:
+                writes.append(len(data))
+                if len(writes) > 4:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return real_os.write(fd, data)
 
-        def close(self):
-            pass
-
-    def fake_open(path, mode="r", *args, **kwargs):
-        return Full() if str(path).endswith(".safetensors.partial") else open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(streammerge.io.writer, "open", fake_open, raising=False)
+    monkeypatch.setattr(streammerge.io.writer, "os", FullOs())
     with pytest.raises(OutputError, match="No space left on device"):
         merge(_config(models), tmp_path / "out", max_shard_size=60_000)
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

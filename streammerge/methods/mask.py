@@ -323,7 +323,7 @@ def _hash32_torch(key: int, index: torch.Tensor) -> torch.Tensor:
     """hash32 of an int64 tensor of flat indices (>= 0), as int64 values in [0, 2**32).
 
     A literal transcription of the spec in exact int64 arithmetic; pure tensor ops with no
-    data-dependent control flow, so it runs on any device and can be fused by torch.compile.
+    data-dependent control flow, so it runs on any device.
 
     Args:
         key: the mask key.
@@ -332,13 +332,7 @@ def _hash32_torch(key: int, index: torch.Tensor) -> torch.Tensor:
     Returns:
         An int64 tensor of the same shape holding the 32-bit hashes.
     """
-    return hash32_halves(index, key & _M32, key >> 32)
-
-
-def hash32_halves(index: torch.Tensor, k0: int | torch.Tensor, k1: int | torch.Tensor) -> torch.Tensor:
-    """hash32 with the key given as its two 32-bit halves (ints, or int64 tensors: the compiled
-    kernel passes them as arguments so that one compiled graph serves every key)."""
-    return _fmix32_torch(_fmix32_torch((index & _M32) ^ k0) ^ (index >> 32) ^ k1)
+    return _fmix32_torch(_fmix32_torch((index & _M32) ^ (key & _M32)) ^ (index >> 32) ^ (key >> 32))
 
 
 def _fill_torch(key: int, start: int, out: torch.Tensor, threshold: int | torch.Tensor) -> None:

@@ -44,6 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 
 Sparsify = Literal["none", "trim", "dare", "band", "magprune"]
@@ -70,8 +71,8 @@ class MergeOptions:
     trim_scope: Literal["tensor", "global"] = "tensor"
     compute_dtype: torch.dtype | None = torch.float32  # None: the promotion of the inputs' dtypes
     fused_linear: bool = False  # mergekit's linear accumulates with a fused multiply-add
-    # Merged zeros are written as +0 so every float32 path (numpy, compiled, torch) gives the same
-    # bytes; the compiled kernel may not keep a zero's sign. mergekit's own bits keep theirs.
+    # Merged zeros are written as +0 (a +0 added last), as every float32 path (numpy, compiled,
+    # torch) does. mergekit's own bits keep a zero's sign.
     positive_zeros: bool = True
 
     @property
@@ -184,10 +185,10 @@ def radix_hist_low(abs_block: torch.Tensor, high: int) -> torch.Tensor:
     return torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=65536)
 
 
-def radix_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+def radix_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest element (1-based), and how many elements lie above that bin."""
-    above_or_at = hist.flip(0).cumsum(0)  # above_or_at[j] = count in bins >= 65535 - j
-    j = int(torch.searchsorted(above_or_at, k))
+    above_or_at = np.cumsum(hist[::-1])  # above_or_at[j] = count in bins >= 65535 - j
+    j = int(np.searchsorted(above_or_at, k))
     above = int(above_or_at[j - 1]) if j > 0 else 0
     return 65535 - j, above
 
@@ -197,27 +198,28 @@ class RadixSelect:
 
     Pass 1 counts the top 16 bits of each float32 bit pattern, which finds the bin of the k-th
     largest; pass 2 counts the low 16 bits inside that bin. The same for one block, many blocks, or
-    every tensor of a model (the global trim domain). Histograms may come from torch or numpy.
+    every tensor of a model (the global trim domain). Histograms may come from torch or numpy; they
+    are summed with numpy (small torch ops between the compute threads' work cost milliseconds each).
     """
 
     def __init__(self, k: int):
         self.k = k
-        self.hist = torch.zeros(65536, dtype=torch.int64)
+        self.hist = np.zeros(65536, dtype=np.int64)
         self.high: int | None = None  # None during pass 1
         self.above_high = 0
 
     def add(self, hist) -> None:
-        self.hist += torch.as_tensor(hist).cpu()
+        self.hist += hist.cpu().numpy() if isinstance(hist, torch.Tensor) else hist
 
     def end_pass(self) -> None:
         """Call after pass 1."""
         self.high, self.above_high = radix_bin(self.hist, self.k)
-        self.hist = torch.zeros(65536, dtype=torch.int64)
+        self.hist = np.zeros(65536, dtype=np.int64)
 
     def result(self) -> tuple[float, int, int]:
         """After pass 2: (the k-th largest value, count strictly greater, count equal)."""
         low, above_low = radix_bin(self.hist, self.k - self.above_high)
-        value = torch.tensor([(self.high << 16) | low], dtype=torch.int32).view(torch.float32).item()
+        value = float(np.array([(self.high << 16) | low], dtype=np.int32).view(np.float32)[0])
         return value, self.above_high + above_low, int(self.hist[low])
 
 

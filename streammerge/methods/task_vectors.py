@@ -1,7 +1,7 @@
 """The task-vector family: each τ_t = θ_t − θ₀ sparsified, then combined (mergekit's generalized
 task arithmetic). A method is a (sparsifier, combiner) pair; `ops.py` holds their formulas, the
 engine their stats passes (exact radix trims, the tie positions, mergekit's L1 factors), and
-`kernels.py` / `fused.py` their fast CPU paths.
+`kernels.py` (numpy) / `jit.py` (numba) their fast CPU paths.
 
 The fast paths are opt-in: a method runs on a path only when both its sparsifier and its combiner
 declare it (`paths`).
@@ -33,16 +33,15 @@ SPARSIFIERS = {s.name: s for s in (
     Part("none", "τ"),
     Part("trim", "top_k(τ): the k = int(d·density) largest |τ|, ties lowest index first", "exact radix trim"),
     Part("dare", "τ ⊙ m / density, m a counter-based keep mask (p = density)", "none (exact radix trim with trim_density)"),
-    Part("band", "top_k(o'+t) minus top_k(o'): drops the gamma share of outliers and the small ones", "outlier band (two radix trims)",
-         NO_COMPILED),
+    Part("band", "top_k(o'+t) minus top_k(o'): drops the gamma share of outliers and the small ones", "outlier band (two radix trims)"),
     Part("magprune", "τ ⊙ m / p, p by |τ| rank within each row in density ± epsilon", "none (ranks within rows)", NO_COMPILED),
 )}
 COMBINERS = {c.name: c for c in (
     Part("sum", "θ₀ + λ Σ w_t τ̂_t (÷ Σ w_t with normalize)"),
     Part("ties", "θ₀ + λ disjoint_merge(elect(τ̂)): the sign elected per element, then the agreeing τ̂ merged",
          "majority sign (fusionbench)"),
-    Part("average", "Σ w_t θ_t / Σ w_t", paths=NO_COMPILED),
-    Part("copy", "θ (times scale)", paths=NO_COMPILED),
+    Part("average", "Σ w_t θ_t / Σ w_t"),
+    Part("copy", "θ (times scale)"),
 )}
 
 # ---- parameters, as configs write them ----------------------------------------------------------------

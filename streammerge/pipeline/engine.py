@@ -26,7 +26,6 @@ import torch
 from streammerge.errors import DeviceError, NonFiniteError
 from streammerge.io.sources import Checkpoint
 from streammerge.io.writer import ShardWriter
-from streammerge.methods.fused import FusedMerger, worth_compiling
 from streammerge.pipeline.device import device_budget, resolve_device
 from streammerge.pipeline.passes import (
     Block,
@@ -44,6 +43,9 @@ Progress = Callable[[int], None]  # called with the number of input bytes just p
 log = logging.getLogger(__name__)
 
 
+# merged elements (x models) from which the compiled kernel pays for its first compile (~4 s, once
+# per machine: numba caches it on disk) over the numpy kernel
+JIT_MIN_ELEMENTS = 50_000_000
 READAHEAD_BYTES = 1 << 30  # input bytes the reader keeps requested ahead (page cache, reclaimable)
 
 
@@ -184,6 +186,19 @@ class AsyncWriter:
             self.writer = None
 
 
+def _jit(merged_elements: int, mode: str):
+    """The compiled CPU kernel's module when compiling it pays off (or is asked for), else None.
+    Imported here, not at start-up: numba takes ~0.3 s to import."""
+    if mode == "off" or (mode == "auto" and merged_elements < JIT_MIN_ELEMENTS):
+        return None
+    try:
+        from streammerge.methods import jit
+    except ImportError as e:  # numba missing or broken: the numpy kernel gives the same bytes
+        log.warning("the compiled kernel is unavailable (%s); using the numpy kernel", e)
+        return None
+    return jit
+
+
 def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
     for ckpt, name, tensor in zip(job.sources, job.names, ([block.base] if job.read_base else []) + block.fts):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -211,7 +226,8 @@ def run_plan(
     """Writes shards of the plan into `out_dir`; returns {file: {file, sha256, bytes}} per shard written.
 
     Args:
-        compile: "auto" uses the torch.compile'd kernel for big merges, "on" always, "off" never.
+        compile: "auto" uses the compiled kernel (numba, jit.py) for big merges, "on" always, "off" never
+            (the numpy kernel); the same bytes either way.
         todo: the shards to write (default: all). Whole-model quantities (a global trim threshold,
             the majority sign) still come from every tensor, so a shard's bytes never depend on
             which other shards are written with it.
@@ -228,9 +244,9 @@ def run_plan(
     pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
     by_name = {t.name: t for t in plan.tensors}
     merged = sum(t.numel for t in plan.tensors if t.merged)
-    fused = FusedMerger() if worth_compiling(merged * len(finetuned), compile) else None
+    jit = _jit(merged * max(1, len(finetuned)), compile)
     budget = device_budget(target, gpu_memory)
-    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, fused, target, budget) for t in plan.tensors}
+    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, jit, target, budget) for t in plan.tensors}
     capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])
     buffers = BufferPool(capacity, count, pinned=target.type == "cuda")
     writer = AsyncWriter(buffers, on_shard)

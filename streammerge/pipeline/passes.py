@@ -23,7 +23,6 @@ from streammerge.io import lora, quant
 from streammerge.io.sources import DTYPES, Checkpoint
 from streammerge.io.vocab import RowGather
 from streammerge.methods import Method, Rows, kernels, ops, registry
-from streammerge.methods.fused import FusedMerger
 from streammerge.methods.mask import keep_mask, keep_mask_varying, mask_key
 from streammerge.methods.task_vectors import TaskVectorMethod
 from streammerge.pipeline.device import Staging, record_event
@@ -55,11 +54,12 @@ class Block:
 
 
 class NumpyBackend:
-    """float32 arithmetic on the CPU, fused per cache-sized chunk (kernels.py)."""
+    """float32 arithmetic on the CPU: numba's compiled kernel (jit.py) where it applies, else numpy
+    per cache-sized chunk (kernels.py); the same bytes either way."""
 
-    def __init__(self, pool: ThreadPoolExecutor | None, fused: FusedMerger | None = None):
+    def __init__(self, pool: ThreadPoolExecutor | None, jit=None):
         self.pool = pool
-        self.fused = fused
+        self.jit = jit  # the streammerge.methods.jit module when compiling pays off (engine), else None
 
     @staticmethod
     def _np(block: Block) -> tuple:
@@ -68,6 +68,8 @@ class NumpyBackend:
 
     def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
         base, fts = self._np(block)
+        if self.jit is not None and self.jit.supports(spec, base, fts, base):
+            return self.jit.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
         return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
 
     def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
@@ -80,11 +82,10 @@ class NumpyBackend:
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
         """Writes the merged block into `out`, done on return."""
-        if self.fused is not None and self.fused.supports(spec, block.fts):
-            flat = [t.reshape(-1) for t in block.fts]
-            if self.fused.merge(spec, block.base.reshape(-1), flat, out, block.start):
-                return
         base, fts = self._np(block)
+        if self.jit is not None and self.jit.supports(spec, base, fts, kernels.as_numpy(out)):
+            self.jit.merge(spec, base, fts, kernels.as_numpy(out), block.start, self.pool)
+            return
         kernels.merge_block(spec, base if base is not None else fts[0], fts, kernels.as_numpy(out), block.start, self.pool)
 
 
@@ -277,7 +278,7 @@ class HooksBackend(TorchBackend):
 class TensorJob:
     """How one tensor is read and merged: its blocks, its parameters, its backend."""
 
-    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, fused=None,
+    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, jit=None,
                  device: torch.device = torch.device("cpu"), device_budget: int | None = None):
         self.tp, self.opts = tp, plan.options
         base_name, ft_names = tp.name, [tp.name] * len(finetuned)
@@ -320,7 +321,7 @@ class TensorJob:
         if tp.merged and "gpu" not in self.method.paths:
             device = torch.device("cpu")
         self.backend = (HooksBackend(self.method, self.compute, device, pool) if self.hooks else
-                        NumpyBackend(pool, fused) if use_numpy else TorchBackend(self.compute, device))
+                        NumpyBackend(pool, jit) if use_numpy else TorchBackend(self.compute, device))
 
         n = len(self.finetuned)
         self.row_elems = tp.row_elems

@@ -1,0 +1,338 @@
+"""The fast CPU kernel: kernels.py's float32 arithmetic, op for op, compiled by numba.
+
+The numpy kernel makes one pass over a chunk per operation (dozens for a TIES merge); here every
+element goes through the whole merge in registers, in loops LLVM vectorizes, and the DARE hash runs
+in 32-bit lanes. It compiles in about a second the first time on a machine and is cached on disk
+after that (numba's cache), so a fresh CI container pays little for it, unlike torch.compile.
+
+Bits: every step is the same IEEE float32 operation, in the same order, as `kernels.merge_chunk`
+(numba compiles without fast-math, so no fused multiply-add and no reassociation), and the tests
+check the two give identical bytes. Inputs are read in place from the mapped files: no staging copy.
+Covers the task-vector family in float32 with bf16/float32 storage, except DELLA's row ranking
+(`supports`); the rest stays on the numpy kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import numba
+from numba import njit
+from numba.extending import overload
+
+from streammerge.methods import kernels, registry
+from streammerge.methods.mask import _C1, _C2, keep_threshold
+from streammerge.methods.ops import ALL_TIES, TensorSpec
+
+log = logging.getLogger(__name__)
+
+CHUNK = 2048  # elements per inner step: the per-model scratch rows stay in L1
+_STORAGE = (np.uint16, np.float32)  # bf16 as its bits, float32
+
+# what the kernel does with a chunk (an int, so one compiled function serves every method)
+COPY, SUM, TIES, AVERAGE = 0, 1, 2, 3
+MERGE_SUM, MERGE_MEAN, MERGE_MAX = 0, 1, 2
+
+
+
+def supports(spec: TensorSpec, base: np.ndarray | None, fts: list[np.ndarray], out: np.ndarray) -> bool:
+    opts = spec.opts
+    arrays = ([base] if base is not None else []) + fts + [out]
+    if not all(a.dtype in _STORAGE for a in arrays) or len({f.dtype for f in fts}) > 1:
+        return False
+    if not spec.merged:
+        return base is not None
+    declared = "compiled" in registry.get(opts.method).paths  # opt-in: methods/task_vectors.py
+    return declared and (base is not None or opts.combine == "average")
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+_K1, _K2 = np.uint64(_C1), np.uint64(_C2)
+f0, f1 = np.float32(0.0), np.float32(1.0)
+# error_model numpy: x/0 is inf or NaN as in IEEE, no exception; cached on disk after the first compile
+JIT = dict(nogil=True, cache=True, error_model="numpy")
+
+@njit(**JIT)
+def fmix32(x):  # MurmurHash3's finalizer on a value < 2**32 held in 64 bits (mask.py)
+    x ^= x >> np.uint64(16)
+    x = (x * _K1) & _M32
+    x ^= x >> np.uint64(13)
+    x = (x * _K2) & _M32
+    return x ^ (x >> np.uint64(16))
+
+# load/store are chosen by the storage dtype when the kernel is typed (numba's overload)
+def load(src, c, m, out):
+    """float32 of src[c:c+m] into out[:m], exactly (bf16: its bits shifted into the high half)."""
+
+def store(x, out, c, m):
+    """float32 -> the output's storage, rounding to nearest even as torch does (bf16 NaN -> 0x7FC0)."""
+
+@overload(load)
+def _load(src, c, m, out):
+    if src.dtype == numba.types.uint16:
+        def bf16(src, c, m, out):
+            part = src[c : c + m]  # indices from 0: no negative-index check in the loop
+            bits = out.view(np.uint32)
+            for j in range(m):
+                bits[j] = np.uint32(part[j]) << np.uint32(16)
+        return bf16
+
+    def f32(src, c, m, out):
+        part = src[c : c + m]
+        for j in range(m):
+            out[j] = part[j]
+    return f32
+
+@overload(store)
+def _store(x, out, c, m):
+    if out.dtype == numba.types.uint16:
+        def bf16(x, out, c, m):
+            part = out[c : c + m]
+            bits = x.view(np.uint32)
+            for j in range(m):
+                v = bits[j]
+                r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                part[j] = np.uint16(0x7FC0) if x[j] != x[j] else np.uint16(r)
+        return bf16
+
+    def f32(x, out, c, m):
+        part = out[c : c + m]
+        for j in range(m):
+            part[j] = x[j]
+    return f32
+
+@njit(**JIT)
+def sign(x):  # np.sign: NaN stays NaN, ±0 -> +0
+    return f1 if x > f0 else (-f1 if x < f0 else (f0 if x == f0 else x))
+
+@njit(**JIT)
+def trim(d, m, idx0, value, last_tie, drop):
+    """Keeps |d| > value and the ties at it up to flat index last_tie (kernels._trim_chunk); `drop` removes them instead."""
+    for j in range(m):
+        a = abs(d[j])
+        keep = a > value or (a == value and idx0 + j <= last_tie)
+        if drop:
+            keep = not keep
+        d[j] = d[j] * (f1 if keep else f0)
+
+@njit(**JIT)
+def deltas(base, fts, c, m, idx0, b, d, sparsify):
+    """θ₀ into b and τ_i (DARE, then the trims) into d[i] for elements [c, c+m) (kernels.deltas_chunk)."""
+    given, dare, thr, k0, k1, scale, divide, density, trimmed, trim_value, trim_tie, band, outlier, out_value, out_tie = sparsify
+    load(base, c, m, b)
+    for i in range(len(fts)):
+        di = d[i]
+        load(fts[i], c, m, di)
+        if not given[i]:
+            for j in range(m):
+                di[j] = di[j] - b[j]
+        if dare:
+            t, key0, key1 = thr[i], k0[i], k1[i]
+            for j in range(m):
+                idx = np.uint64(idx0 + j)
+                h = fmix32(fmix32((idx & _M32) ^ key0) ^ (idx >> np.uint64(32)) ^ key1)
+                di[j] = di[j] * (f1 if h < t else f0)
+            if divide[i]:
+                for j in range(m):
+                    di[j] = di[j] / density[i]
+            elif scale[i] != f1:
+                for j in range(m):
+                    di[j] = di[j] * scale[i]
+        if trimmed[i]:
+            trim(di, m, idx0, trim_value[i], trim_tie[i], False)
+        if outlier[i]:
+            trim(di, m, idx0, out_value[i], out_tie[i], True)
+        if band and (trimmed[i] or outlier[i]) and scale[i] != f1:
+            for j in range(m):
+                di[j] = di[j] * scale[i]
+
+
+@njit(**JIT)
+def merge_range(base, fts, out, lo, hi, start, sparsify, mode, weights, lam,
+                weighted_sign, sign_count, zero_majority, merge_func, mean_count, normalize, norm, majority, positive):
+    """Merges elements [lo, hi) of the flat inputs into `out` (kernels.merge_chunk's steps, per element)."""
+    n = len(fts)
+    b = np.empty(CHUNK, np.float32)
+    d = np.empty((n, CHUNK), np.float32)
+    acc = np.empty(CHUNK, np.float32)
+    score, gamma, side, div = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
+    for c in range(lo, hi, CHUNK):
+        m = min(CHUNK, hi - c)
+        if mode == COPY:
+            load(base, c, m, b)
+            store(b, out, c, m)
+            continue
+        if mode == AVERAGE:
+            for i in range(n):
+                load(fts[i], c, m, d[i])
+            for j in range(m):
+                s = f0 + d[0, j] * weights[0]
+                for i in range(1, n):
+                    s = s + d[i, j] * weights[i]
+                if normalize:
+                    s = s / norm
+                acc[j] = s + f0 if positive else s  # −0 + 0 = +0
+            store(acc, out, c, m)
+            continue
+        deltas(base, fts, c, m, start + c, b, d, sparsify)
+        # the combine, a model at a time: every loop below is plain enough for LLVM to vectorize
+        if mode == TIES:
+            for j in range(m):
+                score[j] = f0
+            for i in range(n):
+                di, wi = d[i], weights[i]
+                for j in range(m):
+                    v = di[j] * wi if weighted_sign else di[j]
+                    score[j] = score[j] + (sign(v) if sign_count else v)
+            for j in range(m):
+                if zero_majority:
+                    g = sign(score[j])
+                    g = majority if g == f0 else g
+                    gamma[j], side[j] = g, (f1 if g > f0 else -f1)
+                else:
+                    gamma[j] = side[j] = f1 if score[j] >= f0 else -f1
+                acc[j] = f0
+                div[j] = f0
+            for i in range(n):
+                di, wi = d[i], weights[i]
+                for j in range(m):
+                    w = di[j] * wi
+                    agree = f1 if (w if weighted_sign else di[j]) * side[j] > f0 else f0
+                    if merge_func == MERGE_MAX:
+                        x = abs(di[j]) * agree
+                        # np.maximum: the first when it is >= or NaN, else the second
+                        acc[j] = x if i == 0 or not (acc[j] >= x or acc[j] != acc[j]) else acc[j]
+                    else:
+                        acc[j] = acc[j] + w * agree
+                        div[j] = div[j] + (agree if mean_count else agree * wi)
+            for j in range(m):
+                if merge_func == MERGE_MAX:
+                    acc[j] = acc[j] * gamma[j]
+                elif merge_func == MERGE_MEAN:
+                    acc[j] = acc[j] / (f1 if div[j] == f0 else div[j])
+        else:
+            for j in range(m):
+                acc[j] = f0
+            for i in range(n):
+                di, wi = d[i], weights[i]
+                for j in range(m):
+                    acc[j] = acc[j] + di[j] * wi
+            if normalize:
+                for j in range(m):
+                    acc[j] = acc[j] / norm
+        for j in range(m):
+            x = acc[j] * lam if lam != f1 else acc[j]
+            acc[j] = (b[j] + x) + f0 if positive else b[j] + x
+        store(acc, out, c, m)
+
+
+
+@njit(**JIT)
+def hist_range(base, fts, lo, hi, start, sparsify, high, wanted, hists):
+    """Adds to hists[i] the histogram of |τ_i|'s top 16 bits (high[i] < 0) or of the low 16 bits of
+    the elements whose top bits are high[i], over elements [lo, hi) (kernels.radix_hist)."""
+    n = len(fts)
+    b = np.empty(CHUNK, np.float32)
+    d = np.empty((n, CHUNK), np.float32)
+    counts = np.zeros((n, 4, 65537), np.uint32)  # hi - lo <= 2**31 elements (radix_hist): no overflow
+    for c in range(lo, hi, CHUNK):
+        m = min(CHUNK, hi - c)
+        deltas(base, fts, c, m, start + c, b, d, sparsify)
+        for i in range(n):
+            if not wanted[i]:
+                continue
+            bits = d[i].view(np.uint32)
+            h, top = counts[i], high[i]
+            if top < 0:  # four interleaved counters: |τ| clusters in few bins, and one counter per bin
+                for j in range(m):  # would make every increment wait for the previous one
+                    h[j & 3, (bits[j] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+            else:  # the low bits inside bin `top`; the others counted in a spare bin (no branch)
+                top32 = np.uint32(top)
+                for j in range(m):
+                    v = bits[j] & np.uint32(0x7FFFFFFF)  # |τ|
+                    h[j & 3, v & np.uint32(0xFFFF) if (v >> np.uint32(16)) == top32 else np.uint32(65536)] += 1
+    for i in range(n):
+        for k in range(4):
+            hists[i] += counts[i, k, :65536]
+
+
+def _f32(xs) -> np.ndarray:
+    return np.array(xs, dtype=np.float32)
+
+
+def merge(spec: TensorSpec, base: np.ndarray | None, fts: list[np.ndarray], out: np.ndarray, start: int, pool=None) -> None:
+    """Merges flat `base`/`fts` (storage arrays, as kernels.as_numpy gives them) into flat `out`."""
+    opts, n = spec.opts, len(fts)
+    mode = (COPY if not spec.merged else AVERAGE if opts.combine == "average" else
+            TIES if opts.combine == "ties" else SUM)
+    weights = _f32(spec.weights) if spec.weights else _f32([0.0] * max(n, 1))
+    norm = np.float32(0.0)
+    for w in weights:  # (0 + w0) + w1 + ... in float32, as the numpy kernel sums
+        norm = norm + w
+    if mode == SUM and abs(norm) < 1e-8:
+        norm = np.float32(1.0)
+    normalize = opts.normalize and mode in (SUM, AVERAGE)
+    args = (
+        _sparsify(spec), mode,
+        weights, np.float32(spec.lam),
+        bool(opts.weighted_sign), opts.sign_method == "count", opts.zero_sign == "majority",
+        {"sum": MERGE_SUM, "mean": MERGE_MEAN, "max": MERGE_MAX}.get(opts.merge_func, MERGE_SUM),
+        opts.mean_divisor == "count", bool(normalize), norm, np.float32(spec.majority), bool(opts.positive_zeros),
+    )
+    src = base if base is not None else fts[0]
+    inputs = tuple(fts) if fts else (src,)
+
+    def work(c0: int, c1: int) -> None:
+        merge_range(src, inputs, out, c0, c1, start, *args)
+
+    kernels.run_parallel(work, len(out), pool)
+
+
+def _sparsify(spec: TensorSpec) -> tuple:
+    """`deltas`' per-model parameters, as arrays."""
+    opts, n = spec.opts, len(spec.weights)
+    none = (None,) * n
+    trims, outliers = spec.trims or none, spec.outliers or none
+    keys = spec.keys if spec.dare else (0,) * n
+    scales = spec.dare_scales or (1.0,) * n
+    return (
+        np.array(spec.given or (False,) * n, dtype=np.bool_), bool(spec.dare),
+        np.array([keep_threshold(d) if spec.dare else 0 for d in (spec.densities or (1.0,) * n)], dtype=np.uint64),
+        np.array([k & 0xFFFFFFFF for k in keys], dtype=np.uint64), np.array([k >> 32 for k in keys], dtype=np.uint64),
+        _f32(scales),
+        np.array([bool(spec.dare and s != 1.0 and opts.divide_by_density) for s in scales], dtype=np.bool_),
+        _f32(spec.densities or (1.0,) * n),
+        np.array([t is not None for t in trims], dtype=np.bool_),
+        _f32([t.value if t is not None else 0.0 for t in trims]),
+        np.array([t.last_tie if t is not None else -1 for t in trims], dtype=np.int64).clip(-1, ALL_TIES),
+        opts.sparsify == "band",
+        np.array([t is not None for t in outliers], dtype=np.bool_),
+        _f32([t.value if t is not None else 0.0 for t in outliers]),
+        np.array([t.last_tie if t is not None else -1 for t in outliers], dtype=np.int64),
+    )
+
+
+def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, high: list[int | None],
+               wanted: list[bool], pool=None) -> list[np.ndarray]:
+    """kernels.radix_hist, compiled: the same counts."""
+    n = len(fts)
+    args = (_sparsify(spec), np.array([-1 if h is None else h for h in high], dtype=np.int64), np.array(wanted, dtype=np.bool_))
+    # one histogram set per thread (zeroing one per range would cost more than the counting)
+    workers = 1 if pool is None or len(base) <= 4 * kernels.CHUNK else pool._max_workers
+    per = -(-len(base) // workers)
+    hists = np.zeros((workers, n, 65536), np.int64)
+
+    def work(w: int) -> None:
+        end = min(len(base), (w + 1) * per)
+        for c in range(w * per, end, 1 << 31):  # hist_range counts in uint32
+            hist_range(base, tuple(fts), c, min(end, c + (1 << 31)), start, *args, hists[w])
+
+    if workers == 1:
+        work(0)
+    else:
+        for f in [pool.submit(work, w) for w in range(workers)]:
+            f.result()
+    for w in range(1, workers):
+        hists[0] += hists[w]
+    return list(hists[0])

@@ -1,0 +1,171 @@
+"""The three CPU paths give the same bytes: the numpy chunk kernel, the numba-compiled kernel
+(jit.py), and torch eager ops (the path of other devices)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import shard_hashes
+
+import streammerge.methods.jit
+import streammerge.methods.kernels
+from streammerge.methods import jit, kernels, ops
+from streammerge.methods.mask import mask_key
+from streammerge import MergeConfig, ModelSpec, merge
+from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+
+SHAPE = TinyLlama(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=2, vocab=50)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    base = random_state(SHAPE, seed=3)
+    base["model.layers.0.mlp.up_proj.weight"][::7] = -0.0  # signed zeros in the base
+    save_checkpoint(base, root / "base", shards=1)
+    for i in range(3):
+        ft = finetune_of(base, seed=20 + i, scale=0.01)
+        ft["model.layers.0.mlp.up_proj.weight"][::5] = base["model.layers.0.mlp.up_proj.weight"][::5]  # zero deltas
+        save_checkpoint(ft, root / f"ft{i}", shards=1)
+    return root
+
+
+def _bytes(tmp_path, root, method, semantics, mode, options=None, **params):
+    models = tuple(ModelSpec(str(root / f"ft{i}"), {"weight": [0.5, -0.3, 0.4][i], "density": [0.5, 0.3, 0.8][i]}) for i in range(3))
+    cfg = MergeConfig(method=method, base=str(root / "base"), models=models, semantics=semantics, parameters=params, seed=5)
+    out = tmp_path / f"{method}-{semantics}-{mode}"
+    merge(cfg, out, compile="on" if mode == "fused" else "off", **(options or {}))
+    return shard_hashes(out)
+
+
+CASES = [("dare_ties", "default", {}), ("ties", "default", {"lambda": 0.7})]
+SLOW_CASES = [("task_arithmetic", "default", {"normalize": True}), ("dare_linear", "peft", {}), ("ties", "peft", {"sign_method": "count"}),
+              ("ties", "fusionbench", {"merge_func": "max"}), ("dare_ties", "fusionbench", {"trim_density": 0.5}),
+              ("magnitude_prune", "default", {})]
+
+
+@pytest.mark.parametrize(("method", "semantics", "params"), CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES])
+def test_compiled_numpy_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, caplog, method, semantics, params):
+    calls = []
+    monkeypatch.setattr(streammerge.methods.jit, "merge", lambda *a, real=streammerge.methods.jit.merge: calls.append(1) or real(*a))
+    fused = _bytes(tmp_path, models, method, semantics, "fused", **params)
+    assert calls and "unavailable" not in caplog.text  # the compiled kernel really ran
+    numpy = _bytes(tmp_path, models, method, semantics, "numpy", **params)
+    monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)  # torch eager ops
+    eager = _bytes(tmp_path, models, method, semantics, "torch", **params)
+    assert fused == numpy == eager
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_numpy_kernel_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, method):
+    # The band (top trim plus dropped outliers) runs in the numpy chunk kernel; torch eager is the reference.
+    numpy = _bytes(tmp_path, models, method, "default", "numpy", gamma=0.05)
+    monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)
+    assert numpy == _bytes(tmp_path, models, method, "default", "torch", gamma=0.05)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_numpy_kernel_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, method, rescale):
+    # DELLA ranks within rows in the numpy kernel; torch eager is the reference. A small budget splits
+    # tensors into row blocks, and two threads split the blocks; the compiled kernel never takes DELLA.
+    ranked = []
+    monkeypatch.setattr(streammerge.methods.kernels, "_magprune_chunk", lambda *a, real=streammerge.methods.kernels._magprune_chunk: ranked.append(1) or real(*a))
+    numpy = _bytes(tmp_path, models, method, "default", "fused", rescale=rescale, epsilon=0.1, options={"max_memory": 20_000, "threads": 2})
+    assert ranked  # the kernel really ran
+    monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)
+    assert numpy == _bytes(tmp_path, models, method, "default", "torch", rescale=rescale, epsilon=0.1)
+
+
+# ---- the compiled kernel against the numpy kernel, option by option, on hostile values ----------
+
+N = 70_001  # over one 64K chunk, and not a multiple of the kernel's inner step
+
+
+def _inputs(dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(N, generator=g)
+    base[::97] = -0.0
+    base[5], base[6], base[7] = float("nan"), float("inf"), -float("inf")
+    fts = []
+    for i in range(3):
+        f = base + 0.01 * torch.randn(N, generator=g)
+        f[::11] = base[::11]  # zero deltas
+        f[100 + i] = float("nan")
+        f[200 + i] = 1e38  # overflow to inf in the weighted sums
+        fts.append(f.to(dtype))
+    return base.to(dtype), fts
+
+
+def _spec(method: str, n: int, trims: bool, outliers: bool, **options) -> ops.TensorSpec:
+    dare = method.startswith("dare")
+    densities = (0.5, 0.3, 0.8)[:n]
+    return ops.TensorSpec(
+        opts=ops.MergeOptions(method=method, **options), weights=(0.5, -0.3, 0.4)[:n], lam=0.7, dare=dare,
+        keys=tuple(mask_key(3, i, "t") for i in range(n)) if dare else (), densities=densities,
+        dare_scales=tuple(1 / d for d in densities) if dare else (1.0,) * n,
+        trims=tuple(ops.TrimThreshold(0.005, 1000 * (i + 1)) for i in range(n)) if trims else (None,) * n,
+        outliers=tuple(ops.TrimThreshold(0.02, 5000) for _ in range(n)) if outliers else (), majority=-1.0)
+
+
+OPTIONS = [{}, {"merge_func": "sum"}, {"merge_func": "max"}, {"sign_method": "count", "weighted_sign": False, "mean_divisor": "count"},
+           {"zero_sign": "majority"}, {"normalize": True}, {"divide_by_density": True}, {"positive_zeros": False}]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "dare_ties", "ties", "linear"])
+def test_compiled_kernel_gives_the_numpy_kernels_bits(method, dtype):
+    # Every option the kernel takes, 1-3 models, trims with a last tie, breadcrumbs' outlier band,
+    # over NaN, ±Inf, −0, zero deltas and overflowing sums: bit for bit the numpy kernel's result.
+    base, fts = _inputs(dtype)
+    storage = np.uint16 if dtype == torch.bfloat16 else np.float32
+    for options in OPTIONS:
+        for n in (1, 2, 3):
+            for trims, outliers in ((False, False), (True, False), (True, True)):
+                spec = _spec(method, n, trims, outliers, **options)
+                b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts[:n]]
+                want, got = np.empty(N, storage), np.empty(N, storage)
+                with np.errstate(all="ignore"):
+                    kernels.merge_block(spec, b, fs, want, 12345)
+                assert jit.supports(spec, b, fs, got)
+                jit.merge(spec, b, fs, got, 12345)
+                assert want.tobytes() == got.tobytes(), (method, options, n, trims, outliers)
+
+
+def test_compiled_kernel_copies_and_converts_unmerged_tensors():
+    base, _ = _inputs(torch.bfloat16)
+    spec = ops.TensorSpec(opts=ops.MergeOptions(method="ties"), weights=(), lam=1.0, dare=False, keys=(), densities=(),
+                          dare_scales=(), trims=(), merged=False)
+    want, got = np.empty(N, np.float32), np.empty(N, np.float32)
+    kernels.merge_block(spec, kernels.as_numpy(base), [], want, 0)
+    jit.merge(spec, kernels.as_numpy(base), [], got, 0)
+    assert want.tobytes() == got.tobytes()
+
+
+def test_compiled_kernel_hashes_across_a_2_to_the_32_boundary():
+    # The DARE mask hashes the flat index's two 32-bit halves: a block straddling 2**32 must too.
+    base, fts = _inputs(torch.bfloat16)
+    spec = _spec("dare_linear", 2, False, False)
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts[:2]]
+    want, got = np.empty(N, np.uint16), np.empty(N, np.uint16)
+    with np.errstate(all="ignore"):
+        kernels.merge_block(spec, b, fs, want, 2**32 - 1000)
+    jit.merge(spec, b, fs, got, 2**32 - 1000)
+    assert want.tobytes() == got.tobytes()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+def test_compiled_radix_histograms_count_as_the_numpy_kernels(method):
+    # The TIES trim's exact threshold comes from two histogram passes over |τ|: the same counts.
+    base, fts = _inputs(torch.bfloat16)
+    spec = _spec(method, 3, False, method == "breadcrumbs")
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+    with np.errstate(all="ignore"):
+        top = kernels.radix_hist(spec, b, fs, 777, [None] * 3, [True, False, True])
+        high = [int(h[1:].argmax()) + 1 for h in kernels.radix_hist(spec, b, fs, 777, [None] * 3, [True] * 3)]  # busiest nonzero bins
+        low = kernels.radix_hist(spec, b, fs, 777, high, [True] * 3)
+    got_top = jit.radix_hist(spec, b, fs, 777, [None] * 3, [True, False, True])
+    got_low = jit.radix_hist(spec, b, fs, 777, high, [True] * 3)
+    assert [h.tolist() for h in top[::2]] == [h.tolist() for h in got_top[::2]] and not got_top[1].any()
+    assert [h.tolist() for h in low] == [h.tolist() for h in got_low] and all(h.sum() for h in got_low)

@@ -1,0 +1,71 @@
+"""The shard writer's direct I/O: the bytes on disk are the safetensors layout whatever path wrote them."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import streammerge.io.writer
+from streammerge.io.writer import STAGE, ShardWriter
+
+
+def _write_shard(path, pieces: int = 7) -> dict[str, torch.Tensor]:
+    """A shard just over two staging buffers, written in uneven blocks, with an unaligned tail."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(STAGE // 4 + 1001, generator=g), "b": torch.randn(3, STAGE // 8 + 7, generator=g).bfloat16()}
+    entries = [(n, "F32" if t.dtype == torch.float32 else "BF16", tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors.items()]
+    w = ShardWriter(path, entries, {"format": "pt"})
+    for t in tensors.values():
+        flat = t.reshape(-1)
+        step = -(-flat.numel() // pieces)
+        for i in range(0, flat.numel(), step):
+            w.write(flat[i : i + step])
+    digest = w.finish()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not path.with_name(path.name + ".partial").exists()
+    return tensors
+
+
+def _check(path, tensors) -> None:
+    loaded = load_file(path)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_a_big_shard_is_written_with_direct_io(tmp_path, monkeypatch):
+    opened = []
+    real = os.open
+    monkeypatch.setattr(streammerge.io.writer.os, "open", lambda p, flags, mode=0o777: opened.append(flags) or real(p, flags, mode))
+    tensors = _write_shard(tmp_path / "s.safetensors")
+    if not any(f & os.O_DIRECT for f in opened):
+        pytest.skip("this file system refuses O_DIRECT (the buffered path is what ran)")
+    _check(tmp_path / "s.safetensors", tensors)
+
+
+def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, monkeypatch):
+    real = os.open
+
+    def no_direct(path, flags, mode=0o777):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, mode)
+
+    monkeypatch.setattr(streammerge.io.writer.os, "open", no_direct)
+    _check(tmp_path / "s.safetensors", _write_shard(tmp_path / "s.safetensors"))
+
+
+def test_a_short_direct_write_goes_on_buffered(tmp_path, monkeypatch):
+    real = os.write
+    calls = []
+
+    def short(fd, data):
+        calls.append(len(data))
+        return real(fd, memoryview(data)[: 3 * 4096] if len(calls) == 2 else data)  # the second write stops short
+
+    monkeypatch.setattr(streammerge.io.writer.os, "write", short)
+    _check(tmp_path / "s.safetensors", _write_shard(tmp_path / "s.safetensors"))
+    assert len(calls) > 3
