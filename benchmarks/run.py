@@ -10,7 +10,7 @@ wall time and peak anonymous memory (RssAnon, sampled from /proc every 10 ms) re
 - warm: the same again, the kernel now cached: the repeat run;
 - cold: the page cache emptied of the inputs first (posix_fadvise DONTNEED: no root needed).
 The floor is the time to read every input once from a cold cache plus to write the output's size
-with fsync. mergekit runs warm and cold in the same run when given. Prints a table, saves it as
+(O_DIRECT where the disk takes it, as the shards are written) with fsync. mergekit runs warm and cold in the same run when given. Prints a table, saves it as
 JSON and, with matplotlib installed, as a PNG.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
 import re
@@ -66,13 +67,19 @@ def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> dict:
             while n := fh.readinto(buf):
                 total += n
     read_s = time.perf_counter() - t
+    # the output's size written the fastest way this disk allows: O_DIRECT from an aligned buffer
+    # (as streammerge writes shards), else buffered; then fsync
+    aligned = mmap.mmap(-1, len(buf))
     t = time.perf_counter()
-    with open(scratch, "wb") as fh:
-        left = out_bytes
-        while left > 0:
-            left -= fh.write(memoryview(buf)[: min(len(buf), left)])
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+    except OSError:
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    left = -(-out_bytes // 4096) * 4096
+    while left > 0:
+        left -= os.write(fd, memoryview(aligned)[: min(len(aligned), left)])
+    os.fsync(fd)
+    os.close(fd)
     write_s = time.perf_counter() - t
     scratch.unlink()
     return {"read_s": read_s, "write_s": write_s, "floor_s": read_s + write_s, "input_bytes": total}
