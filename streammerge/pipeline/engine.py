@@ -193,7 +193,7 @@ def _jit(merged_elements: int, mode: str):
         return None
     try:
         from streammerge.methods import jit
-    except ImportError as e:  # numba missing or broken: the numpy kernel gives the same bytes
+    except (ImportError, RuntimeError) as e:  # numba missing, or no writable cache folder: the numpy kernel gives the same bytes
         log.warning("the compiled kernel is unavailable (%s); using the numpy kernel", e)
         return None
     return jit
