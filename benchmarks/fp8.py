@@ -30,20 +30,12 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from make_models import SHAPES, make_tensor, tensor_shapes  # noqa: E402
+import run  # noqa: E402
 from run import evict, run_measured  # noqa: E402
 
 from streammerge.io import quant  # noqa: E402
 
-CONFIG = """\
-merge_method: dare_ties
-base_model: {data}/base
-models:
-  - model: {data}/ft1
-    parameters: {{weight: 0.5, density: 0.5}}
-  - model: {data}/ft2
-    parameters: {{weight: 0.5, density: 0.5}}
-dtype: bfloat16
-{extra}"""
+CONFIG = run.CONFIG.replace("{method}", "dare_ties") + "{extra}"  # run.py's merge, plus FP8 output where asked
 
 
 def write_pair(root: Path, shapes: dict, model: int, config: dict, shard_bytes: int) -> None:

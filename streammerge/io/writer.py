@@ -89,12 +89,9 @@ class ShardWriter:
     def _write(self, data: bytes | memoryview) -> None:
         self._sha.update(data)
         try:
-            if self._stage is None:
-                self._write_all(memoryview(data))
-                return
             data = memoryview(data)
             while len(data):
-                if self._stage is None:  # a short direct write turned direct I/O off
+                if self._stage is None:  # buffered writes (no direct I/O here, or not any more)
                     self._write_all(data)
                     return
                 n = min(len(data), STAGE - self._fill)

@@ -68,7 +68,7 @@ class NumpyBackend:
 
     def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
         base, fts = self._np(block)
-        if self.jit is not None and self.jit.supports(spec, base, fts, base):
+        if self.jit is not None and self.jit.supports(spec, base, fts):
             return self.jit.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
         return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
 
@@ -83,10 +83,11 @@ class NumpyBackend:
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
         """Writes the merged block into `out`, done on return."""
         base, fts = self._np(block)
-        if self.jit is not None and self.jit.supports(spec, base, fts, kernels.as_numpy(out)):
-            self.jit.merge(spec, base, fts, kernels.as_numpy(out), block.start, self.pool)
+        flat = kernels.as_numpy(out)
+        if self.jit is not None and self.jit.supports(spec, base, fts, flat):
+            self.jit.merge(spec, base, fts, flat, block.start, self.pool)
             return
-        kernels.merge_block(spec, base if base is not None else fts[0], fts, kernels.as_numpy(out), block.start, self.pool)
+        kernels.merge_block(spec, base if base is not None else fts[0], fts, flat, block.start, self.pool)
 
 
 class TorchBackend:
