@@ -169,3 +169,16 @@ def test_compiled_radix_histograms_count_as_the_numpy_kernels(method):
     got_low = jit.radix_hist(spec, b, fs, 777, high, [True] * 3)
     assert [h.tolist() for h in top[::2]] == [h.tolist() for h in got_top[::2]] and not got_top[1].any()
     assert [h.tolist() for h in low] == [h.tolist() for h in got_low] and all(h.sum() for h in got_low)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_compiled_tie_scan_finds_the_numpy_kernels_tie(method):
+    # The last kept tie at a TIES threshold: the same flat index, and the same count when not found.
+    base, fts = _inputs(torch.bfloat16)
+    spec = _spec(method, 3, False, False)
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+    with np.errstate(all="ignore"):
+        for i in range(3):
+            value = float(np.abs(kernels.deltas_chunk(spec, b[:5000], [f[:5000] for f in fs], 900, kernels._scratch(3))[1][i][4321]))
+            for needed in (1, 7, 10**9):
+                assert jit.find_tie(spec, b, fs, 900, i, value, needed) == kernels.find_tie(spec, b, fs, 900, i, value, needed)

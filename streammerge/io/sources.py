@@ -63,7 +63,7 @@ GGUF_HINT = ("a GGUF file (llama.cpp's quantized format): streammerge merges saf
 
 
 def itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPES[dtype].itemsize
 
 
 @dataclass(frozen=True)

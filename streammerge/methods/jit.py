@@ -246,6 +246,24 @@ def hist_range(base, fts, lo, hi, start, sparsify, high, wanted, hists):
             hists[i] += counts[i, k, :65536]
 
 
+@njit(**JIT)
+def tie_range(base, ft, lo, hi, start, sparsify, value, needed):
+    """Scans τ of one model over [lo, hi) in flat order for the `needed`-th element with |τ| == value:
+    (its flat index, or -1, and how many such elements were seen) (kernels.find_tie)."""
+    b = np.empty(CHUNK, np.float32)
+    d = np.empty((1, CHUNK), np.float32)
+    seen = 0
+    for c in range(lo, hi, CHUNK):
+        m = min(CHUNK, hi - c)
+        deltas(base, ft, c, m, start + c, b, d, sparsify)
+        for j in range(m):
+            if abs(d[0, j]) == value:
+                seen += 1
+                if seen == needed:
+                    return start + c + j, seen
+    return -1, seen
+
+
 def _f32(xs) -> np.ndarray:
     return np.array(xs, dtype=np.float32)
 
@@ -300,6 +318,14 @@ def _sparsify(spec: TensorSpec) -> tuple:
         _f32([t.value if t is not None else 0.0 for t in outliers]),
         np.array([t.last_tie if t is not None else -1 for t in outliers], dtype=np.int64),
     )
+
+
+def find_tie(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, i: int, value: float,
+             needed: int) -> tuple[int | None, int]:
+    """kernels.find_tie, compiled: model i's τ alone (its parameters sliced out of the others')."""
+    one = tuple(p[i : i + 1] if isinstance(p, np.ndarray) else p for p in _sparsify(spec))
+    pos, seen = tie_range(base, (fts[i],), 0, len(base), start, one, np.float32(value), needed)
+    return (None if pos < 0 else int(pos)), int(seen)
 
 
 def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, high: list[int | None],

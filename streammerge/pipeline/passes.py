@@ -74,6 +74,8 @@ class NumpyBackend:
 
     def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
         base, fts = self._np(block)
+        if self.jit is not None and self.jit.supports(spec, base, fts):
+            return self.jit.find_tie(spec, base, fts, block.start, i, value, needed)
         return kernels.find_tie(spec, base, fts, block.start, i, value, needed)
 
     def sign_total(self, block: Block, spec: ops.TensorSpec) -> float:
