@@ -154,22 +154,36 @@ def config_for(method: str, base: Path, fts: list[Path], extra: str = "") -> Mer
     return MergeConfig.from_dict(yaml.safe_load(text))
 
 
+@pytest.mark.parametrize("compile", ["off", "on"])  # dequantized rows in the numpy kernel, FP8 rows in the compiled one
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_fp8_merges_to_the_bytes_of_its_dequantization(models, tmp_path, method):
+def test_fp8_merges_to_the_bytes_of_its_dequantization(models, tmp_path, method, compile, monkeypatch):
     fts = ["ft1", "ft2"] if method != "slerp" else ["ft1"]
+    read_as_stored = count_fp8_sources(monkeypatch)
     # small memory budget: many row blocks, which must not change a byte
-    merge(config_for(method, models["base_fp8"], [models[f] for f in fts]), tmp_path / "a", max_memory=1 << 20)
+    merge(config_for(method, models["base_fp8"], [models[f] for f in fts]), tmp_path / "a", max_memory=1 << 20, compile=compile)
     merge(config_for(method, models["base_deq"], [models[f + "_deq"] for f in fts]), tmp_path / "b")
     assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
     assert "quantization_config" not in json.loads((tmp_path / "a" / "config.json").read_text())
+    assert bool(read_as_stored) == (compile == "on" and method != "slerp")  # slerp has its own hooks, in torch
 
 
-def test_mixed_bf16_base_and_fp8_finetunes(models, tmp_path):
+def count_fp8_sources(monkeypatch) -> list:
+    """Records each FP8 block the compiled kernel reads as stored."""
+    from streammerge.methods import jit
+    calls = []
+    monkeypatch.setattr(jit, "fp8_source", lambda rows, real=jit.fp8_source: calls.append(1) or real(rows))
+    return calls
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_mixed_bf16_base_and_fp8_finetunes(models, tmp_path, compile, monkeypatch):
+    read_as_stored = count_fp8_sources(monkeypatch)
     merge(config_for("ties", models["base"], [models["ft1"], models["ct1"]], "dtype: bfloat16\n"), tmp_path / "a",
-          max_memory=1 << 20)
+          max_memory=1 << 20, compile=compile)
     merge(config_for("ties", models["base"], [models["ft1_deq"], models["ct1_deq"]], "dtype: bfloat16\n"), tmp_path / "b")
     assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
     assert verify(tmp_path / "a").ok
+    assert bool(read_as_stored) == (compile == "on")  # block-wise and per-channel FP8 fine-tunes side by side
 
 
 # ---- FP8 out ----------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from streammerge.methods import jit, kernels, ops
 from streammerge.methods.mask import mask_key
 from streammerge import MergeConfig, ModelSpec, merge
 from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+from streammerge.io import quant
+from streammerge.io.sources import TensorInfo
 
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=2, vocab=50)
 
@@ -182,3 +186,68 @@ def test_compiled_tie_scan_finds_the_numpy_kernels_tie(method):
             value = float(np.abs(kernels.deltas_chunk(spec, b[:5000], [f[:5000] for f in fs], 900, kernels._scratch(3))[1][i][4321]))
             for needed in (1, 7, 10**9):
                 assert jit.find_tie(spec, b, fs, 900, i, value, needed) == kernels.find_tie(spec, b, fs, 900, i, value, needed)
+
+
+# ---- FP8 rows dequantized as the compiled kernel reads them -------------------------------------
+
+
+def _fp8_rows(rows: int, cols: int, scheme: str, dtype: torch.dtype, r0: int, r1: int, seed: int,
+              block: tuple[int, int] = (128, 128)) -> quant.QuantRows:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * 50).clamp(-440, 440).to(dtype)
+    w.view(torch.uint8)[::13, ::7] = 0x80  # −0
+    if dtype == torch.float8_e4m3fn:
+        w.view(torch.uint8)[3, 5] = 0x7F  # its NaN
+    br, bc = (rows, cols) if scheme == "tensor" else (1, cols) if scheme == "channel" else block
+    s = torch.rand(-(-rows // br), -(-cols // bc), generator=g) * 1e-3
+    s = s.reshape(()) if scheme == "tensor" else s
+    weight = TensorInfo("w", "F8_E4M3" if dtype == torch.float8_e4m3fn else "F8_E5M2", (rows, cols), Path("x"), 0, rows * cols)
+    scale = TensorInfo("w_scale", "F32", tuple(s.shape), Path("x"), 0, 4 * s.numel())
+    info = quant.QuantTensor("w", "F32", (rows, cols), Path("x"), 0, 0, weight=weight, scale=scale, block=(br, bc), scheme=scheme)
+    s0, s1 = quant.scale_rows(info, r0, r1)
+    return quant.QuantRows(info, w[r0:r1], s.reshape(-1, s.shape[-1] if s.dim() else 1)[s0:s1] if scheme != "tensor" else s, r0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(("scheme", "rows", "cols", "r0", "r1", "block"), [
+    ("block", 300, 200, 0, 300, (128, 128)),  # partial edge blocks in both dimensions
+    ("block", 300, 200, 130, 261, (128, 128)),  # rows starting inside a row block
+    ("block", 96, 320, 17, 96, (32, 64)),  # a declared block other than 128x128
+    ("channel", 70, 150, 9, 61, None),
+    ("tensor", 40, 100, 3, 40, None),
+])
+def test_compiled_kernel_reads_fp8_rows_as_their_dequantization(dtype, scheme, rows, cols, r0, r1, block):
+    # Merging FP8 rows gives the bytes of merging their float32 dequantization (quant.dequantize):
+    # the kernel finds each element's scale from its flat position in the block.
+    fts = [_fp8_rows(rows, cols, scheme, dtype, r0, r1, seed=i, block=block or (128, 128)) for i in range(3)]
+    g = torch.Generator().manual_seed(9)
+    base = (torch.randn(r1 - r0, cols, generator=g) * 0.01).to(torch.bfloat16)
+    for method, trims in (("dare_ties", False), ("ties", True), ("linear", False)):
+        spec = _spec(method, 3, trims, False)
+        b = kernels.as_numpy(base)
+        deq = [kernels.as_numpy(f.dequantize()) for f in fts]
+        srcs = [jit.fp8_source(f) for f in fts]
+        want, got = np.empty(base.numel(), np.uint16), np.empty(base.numel(), np.uint16)
+        with np.errstate(all="ignore"):
+            kernels.merge_block(spec, b, deq, want, 4321)
+        assert jit.supports(spec, b, srcs, got)
+        jit.merge(spec, b, srcs, got, 4321)
+        assert want.tobytes() == got.tobytes(), (method, scheme)
+    # an FP8 base too, and the stats passes
+    spec = _spec("ties", 2, False, False)
+    b, deq, srcs = jit.fp8_source(fts[2]), [kernels.as_numpy(f.dequantize()) for f in fts[:2]], [jit.fp8_source(f) for f in fts[:2]]
+    deq_base = kernels.as_numpy(fts[2].dequantize())
+    want, got = np.empty(base.numel(), np.float32), np.empty(base.numel(), np.float32)
+    with np.errstate(all="ignore"):
+        kernels.merge_block(spec, deq_base, deq, want, 0)
+        hist = kernels.radix_hist(spec, deq_base, deq, 0, [None, None], [True, True])
+    jit.merge(spec, b, srcs, got, 0)
+    assert want.tobytes() == got.tobytes()
+    assert [h.tolist() for h in hist] == [h.tolist() for h in jit.radix_hist(spec, b, srcs, 0, [None, None], [True, True])]
+
+
+def test_fp8_rows_next_to_other_dtypes_go_to_the_numpy_kernel():
+    # the compiled kernel loops over fine-tunes of one storage kind; a mix is dequantized instead
+    f = _fp8_rows(128, 128, "block", torch.float8_e4m3fn, 0, 128, 0)
+    b = np.zeros(128 * 128, np.uint16)
+    assert not jit.supports(_spec("ties", 2, False, False), b, [jit.fp8_source(f), b], np.empty_like(b))

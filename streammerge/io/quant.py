@@ -197,6 +197,35 @@ def scale_rows(info: QuantTensor, r0: int, r1: int) -> tuple[int, int]:
     return r0 // info.block[0], -(-r1 // info.block[0])
 
 
+@dataclass(frozen=True)
+class QuantRows:
+    """Rows r0.. of an FP8 weight as stored (a view of the mapped file) and the scale rows they need:
+    the compiled kernel dequantizes them as it reads (methods/jit.py); every other path calls
+    `dequantize` for the float32 rows."""
+
+    info: QuantTensor
+    weight: torch.Tensor  # (rows, cols), float8
+    scale: torch.Tensor  # the scale tensor's rows `scale_rows` gives
+    r0: int
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.info, self.weight, self.scale, self.r0)
+
+    def scale_grid(self) -> tuple[torch.Tensor, int]:
+        """The scales as a float32 (scale rows, column blocks) grid, and the row of the grid's first
+        row block where these rows start: weight row r's scale column j is grid[(first + r) // br, j // bc]."""
+        rows, cols = self.weight.shape
+        br, bc = self.info.block
+        width = 1 if self.info.scheme != "block" else -(-cols // bc)
+        grid = self.scale.to(torch.float32).reshape(-1, width)
+        return grid, self.r0 - scale_rows(self.info, self.r0, self.r0 + rows)[0] * br
+
+
+def decode_table(dtype: torch.dtype) -> torch.Tensor:
+    """float32 value of each of the 256 bit patterns of an FP8 dtype (torch's own conversion)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(torch.float32)
+
+
 def dequantize(info: QuantTensor, weight: torch.Tensor, scale: torch.Tensor, r0: int) -> torch.Tensor:
     """Rows r0.. of the weight (as stored, FP8) times their scales (`scale`: the rows `scale_rows`
     gives), in float32: a new (rows, cols) tensor."""

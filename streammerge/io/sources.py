@@ -372,17 +372,19 @@ class Checkpoint:
             mm = self._maps[file] = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
         return mm
 
-    def view(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+    def view(self, name: str, row_start: int = 0, row_end: int | None = None, *, dequantize: bool = True) -> torch.Tensor | quant.QuantRows:
         """Rows [row_start, row_end) of a tensor as a read-only view of the mapped file (no copy).
 
         The view must not be written to. Falls back to a copy for a tensor not aligned to its dtype.
-        An FP8 weight comes as its float32 dequantization, a new tensor (quant.py).
+        An FP8 weight comes as its float32 dequantization, a new tensor (quant.py), or with
+        `dequantize=False` as its stored rows and scales (quant.QuantRows).
         """
         info = self.tensors[name]
         row_end = info.rows if row_end is None else row_end
         if isinstance(info, quant.QuantTensor):
             s0, s1 = quant.scale_rows(info, row_start, row_end)
-            return quant.dequantize(info, self._view(info.weight, row_start, row_end), self._view(info.scale, s0, s1), row_start)
+            rows = quant.QuantRows(info, self._view(info.weight, row_start, row_end), self._view(info.scale, s0, s1), row_start)
+            return rows.dequantize() if dequantize else rows
         return self._view(info, row_start, row_end)
 
     def _view(self, info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:

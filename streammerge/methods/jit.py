@@ -16,26 +16,54 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
 from numba import njit
 from numba.extending import overload
 
+from streammerge.io import quant
+from streammerge.io.quant import QuantRows
 from streammerge.methods import kernels, registry
 from streammerge.methods.mask import _C1, _C2, keep_threshold
 from streammerge.methods.ops import ALL_TIES, TensorSpec
 
 CHUNK = 2048  # elements per inner step: the per-model scratch rows stay in L1
-_STORAGE = (np.uint16, np.float32)  # bf16 as its bits, float32
+_KINDS = ("uint16", "float32", "fp8")  # bf16 as its bits, float32, FP8 rows with their scales (fp8_source)
 
 # what the kernel does with a chunk (an int, so one compiled function serves every method)
 COPY, SUM, TIES, AVERAGE = 0, 1, 2, 3
 MERGE_SUM, MERGE_MEAN, MERGE_MAX = 0, 1, 2
 
 
-def supports(spec: TensorSpec, base: np.ndarray | None, fts: list[np.ndarray], out: np.ndarray | None = None) -> bool:
-    """Whether the kernel merges (or, without `out`, histograms) these storage arrays."""
+def fp8_source(rows: QuantRows) -> tuple:
+    """FP8 rows as the kernel reads them: (bytes, float32 scale grid, decode table, first, cols, br, bc)."""
+    grid, first = rows.scale_grid()
+    table = _TABLES.get(rows.weight.dtype)
+    if table is None:
+        table = _TABLES[rows.weight.dtype] = quant.decode_table(rows.weight.dtype).numpy()
+    br, bc = rows.info.block
+    return (rows.weight.reshape(-1).view(torch.uint8).numpy(), np.ascontiguousarray(grid.numpy()), table, np.int64(first),
+            np.int64(rows.weight.shape[1]), np.int64(br), np.int64(bc))
+
+
+_TABLES: dict = {}
+
+
+def numel(src: np.ndarray | tuple) -> int:
+    return len(src[0] if isinstance(src, tuple) else src)
+
+
+def _kind(src: np.ndarray | tuple) -> str:
+    return "fp8" if isinstance(src, tuple) else src.dtype.name
+
+
+def supports(spec: TensorSpec, base, fts: list, out: np.ndarray | None = None) -> bool:
+    """Whether the kernel merges (or, without `out`, histograms) these storage arrays (or FP8
+    sources, `fp8_source`)."""
     opts = spec.opts
     arrays = [a for a in (base, *fts, out) if a is not None]
-    if not all(a.dtype in _STORAGE for a in arrays) or len({f.dtype for f in fts}) > 1:
+    if not all(_kind(a) in _KINDS for a in arrays) or len({_kind(f) for f in fts}) > 1:
+        return False
+    if out is not None and _kind(out) == "fp8":
         return False
     if not spec.merged:
         return base is not None
@@ -67,6 +95,23 @@ def store(x, out, c, m):
 
 @overload(load)
 def _load(src, c, m, out):
+    if isinstance(src, numba.types.BaseTuple):  # FP8 rows (`fp8_source`): byte -> float32 by table, times its block's scale
+        def fp8(src, c, m, out):
+            w, grid, table, first, cols, br, bc = src
+            row, col = c // cols, c % cols
+            j = 0
+            while j < m:  # a run of elements sharing one scale: within a column block and a row
+                run = min(m - j, bc - col % bc, cols - col)
+                s = grid[(first + row) // br, col // bc]
+                part, dst = w[c + j : c + j + run], out[j : j + run]
+                for k in range(run):
+                    dst[k] = table[part[k]] * s  # fp32(W)·fp32(s), one rounding, as quant.dequantize
+                j += run
+                col += run
+                if col == cols:
+                    row, col = row + 1, 0
+        return fp8
+
     if src.dtype == numba.types.uint16:
         def bf16(src, c, m, out):
             part = src[c : c + m]  # indices from 0: no negative-index check in the loop
@@ -324,7 +369,7 @@ def find_tie(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: i
              needed: int) -> tuple[int | None, int]:
     """kernels.find_tie, compiled: model i's τ alone (its parameters sliced out of the others')."""
     one = tuple(p[i : i + 1] if isinstance(p, np.ndarray) else p for p in _sparsify(spec))
-    pos, seen = tie_range(base, (fts[i],), 0, len(base), start, one, np.float32(value), needed)
+    pos, seen = tie_range(base, (fts[i],), 0, numel(base), start, one, np.float32(value), needed)
     return (None if pos < 0 else int(pos)), int(seen)
 
 
@@ -334,12 +379,13 @@ def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start:
     n = len(fts)
     args = (_sparsify(spec), np.array([-1 if h is None else h for h in high], dtype=np.int64), np.array(wanted, dtype=np.bool_))
     # one histogram set per thread (zeroing one per range would cost more than the counting)
-    workers = 1 if pool is None or len(base) <= 4 * kernels.CHUNK else pool._max_workers
-    per = -(-len(base) // workers)
+    size = numel(base)
+    workers = 1 if pool is None or size <= 4 * kernels.CHUNK else pool._max_workers
+    per = -(-size // workers)
     hists = np.zeros((workers, n, 65536), np.int64)
 
     def work(w: int) -> None:
-        end = min(len(base), (w + 1) * per)
+        end = min(size, (w + 1) * per)
         for c in range(w * per, end, 1 << 31):  # hist_range counts in uint32
             hist_range(base, tuple(fts), c, min(end, c + (1 << 31)), start, *args, hists[w])
 

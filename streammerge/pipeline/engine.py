@@ -30,6 +30,7 @@ from streammerge.pipeline.device import device_budget, resolve_device
 from streammerge.pipeline.passes import (
     Block,
     TensorJob,
+    dequantized,
     global_pass_needed,
     prepare_global,
     prepare_tensor,
@@ -201,6 +202,7 @@ def _jit(merged_elements: int, mode: str):
 
 def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
     for ckpt, name, tensor in zip(job.sources, job.names, ([block.base] if job.read_base else []) + block.fts):
+        tensor = dequantized(tensor)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f"{ckpt.tensors[name].file}: tensor {name!r} holds NaN or Inf")
     if not bool(torch.isfinite(out).all()):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from streammerge.io import lora, quant
@@ -61,35 +62,51 @@ class NumpyBackend:
         self.pool = pool
         self.jit = jit  # the streammerge.methods.jit module when compiling pays off (engine), else None
 
-    @staticmethod
-    def _np(block: Block) -> tuple:
-        base = kernels.as_numpy(block.base) if block.base is not None else None
-        return base, [kernels.as_numpy(t) for t in block.fts]
+    def _inputs(self, block: Block, spec: ops.TensorSpec, out: np.ndarray | None = None, merging: bool = True) -> tuple:
+        """The block's inputs as the kernel reads them, and whether the compiled kernel takes them:
+        FP8 rows stay as stored for it (dequantized as it reads), and are dequantized otherwise."""
+        if self.jit is not None:
+            base = self._jit_source(block.base)
+            fts = [self._jit_source(t) for t in block.fts]
+            if self.jit.supports(spec, base, fts, out if merging else None):
+                return base, fts, True
+        base = kernels.as_numpy(dequantized(block.base)) if block.base is not None else None
+        return base, [kernels.as_numpy(dequantized(t)) for t in block.fts], False
+
+    def _jit_source(self, t):
+        if t is None:
+            return None
+        return self.jit.fp8_source(t) if isinstance(t, quant.QuantRows) else kernels.as_numpy(t)
 
     def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
-        base, fts = self._np(block)
-        if self.jit is not None and self.jit.supports(spec, base, fts):
+        base, fts, compiled = self._inputs(block, spec, merging=False)
+        if compiled:
             return self.jit.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
         return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
 
     def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
-        base, fts = self._np(block)
-        if self.jit is not None and self.jit.supports(spec, base, fts):
+        base, fts, compiled = self._inputs(block, spec, merging=False)
+        if compiled:
             return self.jit.find_tie(spec, base, fts, block.start, i, value, needed)
         return kernels.find_tie(spec, base, fts, block.start, i, value, needed)
 
     def sign_total(self, block: Block, spec: ops.TensorSpec) -> float:
-        base, fts = self._np(block)
-        return kernels.sign_total(spec, base, fts, block.start)
+        base = kernels.as_numpy(dequantized(block.base))
+        return kernels.sign_total(spec, base, [kernels.as_numpy(dequantized(t)) for t in block.fts], block.start)
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
         """Writes the merged block into `out`, done on return."""
-        base, fts = self._np(block)
         flat = kernels.as_numpy(out)
-        if self.jit is not None and self.jit.supports(spec, base, fts, flat):
+        base, fts, compiled = self._inputs(block, spec, flat)
+        if compiled:
             self.jit.merge(spec, base, fts, flat, block.start, self.pool)
             return
         kernels.merge_block(spec, base if base is not None else fts[0], fts, flat, block.start, self.pool)
+
+
+def dequantized(t):
+    """An input's rows as a tensor: FP8 rows read as stored (quant.QuantRows) dequantized to float32."""
+    return t.dequantize() if isinstance(t, quant.QuantRows) else t
 
 
 class TorchBackend:
@@ -337,7 +354,11 @@ class TensorJob:
         # inputs built per block (gathered rows, a LoRA's float32 τ) are memory of their own, unlike mapped views
         given = sum(d is not None for d in self.delta_rows)
         held = sum(self.gather.dtype.itemsize for c in self.sources if self._gathered(c)) + 4 * given + (lora.PRODUCT_SCRATCH if given else 0)
-        held += 4 * sum(dequantized)  # an FP8 input's float32 rows
+        # FP8 inputs: the compiled kernel dequantizes the mapped rows as it reads them (the same
+        # fine-tunes' layout, as its model loop needs); else each one's float32 rows are built per block
+        fp8_fts = {dequantized[i] for i in range(self.read_base, len(self.sources))}
+        self.raw_fp8 = any(dequantized) and isinstance(self.backend, NumpyBackend) and jit is not None and len(fp8_fts) <= 1
+        held += 0 if self.raw_fp8 else 4 * sum(dequantized)
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough, held)
         if device_budget is not None and tp.merged and not use_numpy:
             fits = device_rows(tp, plan, in_dtypes, device_budget)
@@ -380,7 +401,7 @@ class TensorJob:
     def _rows(self, ckpt: Checkpoint, name: str, r0: int, r1: int) -> torch.Tensor:
         if self._gathered(ckpt):
             return self.gather.rows(ckpt.label, r0, r1)
-        return ckpt.view(name, r0, r1)
+        return ckpt.view(name, r0, r1, dequantize=not self.raw_fp8)
 
     def read(self, r0: int, r1: int) -> Block:
         base = self._rows(self.reference, self.base_name, r0, r1) if self.read_base else None
