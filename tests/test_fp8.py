@@ -203,10 +203,15 @@ def merged_state(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for p in sorted(folder.glob("model-*.safetensors")) for k, v in load_file(p).items()}
 
 
-def test_fp8_output_is_the_bf16_merge_quantized(even, tmp_path):
+@pytest.mark.parametrize("compile", ["off", "on"])  # quantized by torch, or by the compiled kernel
+def test_fp8_output_is_the_bf16_merge_quantized(even, tmp_path, compile, monkeypatch):
+    from streammerge.methods import jit
+    compiled = []
+    monkeypatch.setattr(jit, "quantize_rows", lambda *a, real=jit.quantize_rows: compiled.append(1) or real(*a))
     fts = [even["ft1"], even["ft2"]]
     merge(config_for("dare_ties", even["base"], fts, "dtype: bfloat16\nout_dtype: float8_e4m3fn\n"), tmp_path / "fp8",
-          max_memory=1 << 20, max_shard_size=400_000)
+          max_memory=1 << 20, max_shard_size=400_000, compile=compile)
+    assert bool(compiled) == (compile == "on")
     merge(config_for("dare_ties", even["base"], fts, "dtype: bfloat16\n"), tmp_path / "bf16")
     got, want = merged_state(tmp_path / "fp8"), merged_state(tmp_path / "bf16")
     quantized = [n for n, t in got.items() if t.dtype == torch.float8_e4m3fn]
@@ -243,7 +248,8 @@ def test_exactly_representable_values_round_trip(tmp_path):
     assert torch.equal(quant.quantize(torch.zeros(128, 128))[1], torch.ones(1, 1))  # an all-zero block: scale 1
 
 
-def test_fp8_in_fp8_out_keeps_the_bytes(tmp_path):
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_fp8_in_fp8_out_keeps_the_bytes(tmp_path, compile):
     """One FP8 model through linear (weight 1): what it dequantizes to quantizes back to its own bytes
     when its scales are powers of two and each block reaches 448."""
     gen = torch.Generator().manual_seed(1)
@@ -263,7 +269,7 @@ def test_fp8_in_fp8_out_keeps_the_bytes(tmp_path):
                                                                   "quantization_config": {"quant_method": "fp8"}})
     cfg = MergeConfig.from_dict({"merge_method": "linear", "models": [{"model": str(src), "parameters": {"weight": 1.0}}],
                                  "dtype": "bfloat16", "out_dtype": "float8_e4m3fn"})
-    merge(cfg, tmp_path / "out")
+    merge(cfg, tmp_path / "out", compile=compile)
     got = merged_state(tmp_path / "out")
     assert set(got) == set(fp8)
     for name, t in fp8.items():

@@ -251,3 +251,24 @@ def test_fp8_rows_next_to_other_dtypes_go_to_the_numpy_kernel():
     f = _fp8_rows(128, 128, "block", torch.float8_e4m3fn, 0, 128, 0)
     b = np.zeros(128 * 128, np.uint16)
     assert not jit.supports(_spec("ties", 2, False, False), b, [jit.fp8_source(f), b], np.empty_like(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("rows", "cols"), [(300, 256), (128, 384), (1, 128)])
+def test_compiled_fp8_quantizer_gives_torchs_bytes_in_place(dtype, rows, cols):
+    # FP8 output: the scales (amax / 448, 1 for an all-zero block) and torch's round-to-nearest-even
+    # e4m3fn bytes, written over the merged rows' own buffer; NaN, ±Inf, −0 and e4m3 subnormals included.
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, cols, generator=g) * torch.logspace(-12, 2, cols)).to(dtype)
+    x[5:20, :128] = 0.0
+    x[0, 3] = -0.0
+    if rows > 200:
+        x[200, 7], x[201, 130], x[202, 5] = float("nan"), -float("nan"), float("inf")
+        x[260:, 128:] *= 1e-30
+    want_q, want_s = quant.quantize(x)
+    buf = torch.empty(x.numel() * x.element_size(), dtype=torch.uint8)
+    buf.view(dtype)[:] = x.reshape(-1)
+    scales = np.empty((-(-rows // 128), cols // 128), np.float32)
+    jit.quantize_rows(kernels.as_numpy(buf.view(dtype)), cols, buf.numpy(), scales)
+    assert buf[: x.numel()].tolist() == want_q.view(torch.uint8).reshape(-1).tolist()
+    assert scales.tobytes() == want_s.numpy().tobytes()

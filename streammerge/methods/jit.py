@@ -309,6 +309,56 @@ def tie_range(base, ft, lo, hi, start, sparsify, value, needed):
     return -1, seen
 
 
+@njit(**JIT)
+def quantize_range(x, cols, dst, scales):
+    """quant.quantize_rows, compiled: rows of x (storage, flat) as float8_e4m3fn bytes into dst and
+    their per-128x128-block scales into scales (⌈rows/128⌉ × cols/128). dst may be x's own buffer: an
+    element's byte is written after its own value and every earlier one are read, and a slab's
+    bytes land on slabs already done."""
+    rows, blocks = len(x) // cols, cols // 128
+    y = np.empty(cols, np.float32)
+    bits = y.view(np.uint32)
+    amax = np.empty(blocks, np.float32)
+    for r in range(0, rows, 128):
+        h = min(128, rows - r)
+        amax[:] = f0
+        for i in range(h):
+            load(x, (r + i) * cols, cols, y)
+            for k in range(blocks):
+                a = amax[k]
+                for j in range(k * 128, k * 128 + 128):
+                    v = abs(y[j])
+                    a = v if v > a or v != v else a  # torch's amax: NaN wins
+                amax[k] = a
+        s = scales[r // 128]
+        for k in range(blocks):
+            s[k] = amax[k] / np.float32(448.0) if amax[k] > f0 else f1  # an all-zero (or NaN) block keeps 1
+        for i in range(h):
+            c = (r + i) * cols
+            load(x, c, cols, y)
+            for k in range(blocks):
+                sk = s[k]
+                for j in range(k * 128, k * 128 + 128):
+                    v = y[j] / sk
+                    y[j] = np.float32(448.0) if v > np.float32(448.0) else (np.float32(-448.0) if v < np.float32(-448.0) else v)
+            out = dst[c : c + cols]
+            for j in range(cols):  # float32 -> e4m3fn, to nearest even (c10's fp8e4m3fn_from_fp32_value)
+                b = bits[j]
+                a = b & np.uint32(0x7FFFFFFF)
+                if a > np.uint32(0x7F800000):  # NaN
+                    q = np.uint32(0x7F)
+                elif a < np.uint32(0x3C800000):  # below 2^-6: a subnormal step is 2^-9
+                    q = np.uint32(np.rint(abs(y[j]) * np.float32(512.0)))
+                else:  # round the mantissa to 3 bits, rebias the exponent from 127 to 7
+                    q = ((a + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)) - np.uint32(960)
+                out[j] = np.uint8(q | ((b >> np.uint32(24)) & np.uint32(0x80)))
+
+
+def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray) -> None:
+    """quant.quantize_rows' bytes and scales from the merged rows `x` (bf16 bits or float32, flat)."""
+    quantize_range(x, cols, dst, scales)
+
+
 def _f32(xs) -> np.ndarray:
     return np.array(xs, dtype=np.float32)
 
