@@ -272,33 +272,3 @@ def test_compiled_fp8_quantizer_gives_torchs_bytes_in_place(dtype, rows, cols):
     jit.quantize_rows(kernels.as_numpy(buf.view(dtype)), cols, buf.numpy(), scales)
     assert buf[: x.numel()].tolist() == want_q.view(torch.uint8).reshape(-1).tolist()
     assert scales.tobytes() == want_s.numpy().tobytes()
-
-
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties"])
-def test_guessed_threshold_bins_spare_the_second_pass_and_keep_the_bytes(tmp_path, models, monkeypatch, method):
-    # The compiled kernel counts the low bits of the bins a sample guesses beside the top bits: a
-    # right guess ends the exact selection after one pass, a wrong one runs pass 2; the same bytes.
-    from streammerge.pipeline import passes
-    params = {"gamma": 0.05} if method == "breadcrumbs_ties" else {"trim_density": 0.5} if method == "dare_ties" else {}
-    semantics = "fusionbench" if method == "dare_ties" else "default"
-    want = _bytes(tmp_path, models, method, semantics, "numpy", **params)
-    # the test's tensors are small: sampled whole, and their thresholds' ±4σ spans more bins
-    monkeypatch.setattr(passes, "GUESS_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(passes, "SAMPLE_ELEMENTS", 1 << 20)
-    monkeypatch.setattr(passes, "GUESSED_BINS", 32)
-    passes_run = []  # per call: "guessed" (pass 1 counting guessed bins), "second" (pass 2), or "" (pass 1, a sample)
-    monkeypatch.setattr(jit, "radix_hist", lambda spec, b, f, s, high, wanted, pool=None, guess=None, real=jit.radix_hist:
-                        passes_run.append("second" if any(h is not None for h in high) else "guessed" if guess else "")
-                        or real(spec, b, f, s, high, wanted, pool, guess))
-    assert _bytes(tmp_path / "right", models, method, semantics, "fused", **params) == want
-    assert passes_run.count("guessed"), passes_run
-    right = passes_run.count("second")
-    def wrong(jobs, selectors, wanted, real=passes.guess_bins):
-        guess = real(jobs, selectors, wanted)
-        if guess is not None:
-            guess.lo[:] = 3  # bins of tiny values: never the threshold's
-        return guess
-    monkeypatch.setattr(passes, "guess_bins", wrong)
-    passes_run.clear()
-    assert _bytes(tmp_path / "wrong", models, method, semantics, "fused", **params) == want
-    assert passes_run.count("second") > right  # the selections a right guess finished in one pass took two

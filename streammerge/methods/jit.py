@@ -24,7 +24,7 @@ from streammerge.io import quant
 from streammerge.io.quant import QuantRows
 from streammerge.methods import kernels, registry
 from streammerge.methods.mask import _C1, _C2, keep_threshold
-from streammerge.methods.ops import ALL_TIES, BinGuess, TensorSpec
+from streammerge.methods.ops import ALL_TIES, TensorSpec
 
 CHUNK = 2048  # elements per inner step: the per-model scratch rows stay in L1
 _KINDS = ("uint16", "float32", "fp8")  # bf16 as its bits, float32, FP8 rows with their scales (fp8_source)
@@ -263,16 +263,13 @@ def merge_range(base, fts, out, lo, hi, start, sparsify, mode, weights, lam,
 
 
 @njit(**JIT)
-def hist_range(base, fts, lo, hi, start, sparsify, high, wanted, hists, guess_lo, lows):
+def hist_range(base, fts, lo, hi, start, sparsify, high, wanted, hists):
     """Adds to hists[i] the histogram of |τ_i|'s top 16 bits (high[i] < 0) or of the low 16 bits of
-    the elements whose top bits are high[i], over elements [lo, hi) (kernels.radix_hist). Counting
-    the top bits, it also counts into lows[i, b] the low bits of the elements in the guessed bins
-    guess_lo[i] + b (ops.BinGuess), so that a right guess spares the second pass."""
-    n, guessed = len(fts), lows.shape[1]
+    the elements whose top bits are high[i], over elements [lo, hi) (kernels.radix_hist)."""
+    n = len(fts)
     b = np.empty(CHUNK, np.float32)
     d = np.empty((n, CHUNK), np.float32)
     counts = np.zeros((n, 4, 65537), np.uint32)  # hi - lo <= 2**31 elements (radix_hist): no overflow
-    low_counts = np.zeros((n, guessed, 65536), np.uint32)
     for c in range(lo, hi, CHUNK):
         m = min(CHUNK, hi - c)
         deltas(base, fts, c, m, start + c, b, d, sparsify)
@@ -282,14 +279,8 @@ def hist_range(base, fts, lo, hi, start, sparsify, high, wanted, hists, guess_lo
             bits = d[i].view(np.uint32)
             h, top = counts[i], high[i]
             if top < 0:  # four interleaved counters: |τ| clusters in few bins, and one counter per bin
-                first, low = guess_lo[i], low_counts[i]  # would make every increment wait for the previous one
-                for j in range(m):
-                    v = bits[j] & np.uint32(0x7FFFFFFF)  # |τ|
-                    t = v >> np.uint32(16)
-                    h[j & 3, t] += 1
-                    g = np.int64(t) - first
-                    if g >= 0 and g < guessed:
-                        low[g, v & np.uint32(0xFFFF)] += 1
+                for j in range(m):  # would make every increment wait for the previous one
+                    h[j & 3, (bits[j] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
             else:  # the low bits inside bin `top`; the others counted in a spare bin (no branch)
                 top32 = np.uint32(top)
                 for j in range(m):
@@ -298,7 +289,6 @@ def hist_range(base, fts, lo, hi, start, sparsify, high, wanted, hists, guess_lo
     for i in range(n):
         for k in range(4):
             hists[i] += counts[i, k, :65536]
-        lows[i] += low_counts[i]
 
 
 @njit(**JIT)
@@ -433,24 +423,21 @@ def find_tie(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: i
     return (None if pos < 0 else int(pos)), int(seen)
 
 
-def radix_hist(spec: TensorSpec, base, fts: list, start: int, high: list[int | None], wanted: list[bool], pool=None,
-               guess: BinGuess | None = None) -> list[np.ndarray]:
-    """kernels.radix_hist, compiled: the same counts; with a `guess` (top-bit passes only), the low
-    bits of its bins are counted into it as well."""
+def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, high: list[int | None],
+               wanted: list[bool], pool=None) -> list[np.ndarray]:
+    """kernels.radix_hist, compiled: the same counts."""
     n = len(fts)
-    guess_lo = guess.lo if guess is not None else np.zeros(n, np.int64)
     args = (_sparsify(spec), np.array([-1 if h is None else h for h in high], dtype=np.int64), np.array(wanted, dtype=np.bool_))
     # one histogram set per thread (zeroing one per range would cost more than the counting)
     size = numel(base)
     workers = 1 if pool is None or size <= 4 * kernels.CHUNK else pool._max_workers
     per = -(-size // workers)
     hists = np.zeros((workers, n, 65536), np.int64)
-    lows = np.zeros((workers, n, guess.bins if guess is not None else 0, 65536), np.int64)
 
     def work(w: int) -> None:
         end = min(size, (w + 1) * per)
         for c in range(w * per, end, 1 << 31):  # hist_range counts in uint32
-            hist_range(base, tuple(fts), c, min(end, c + (1 << 31)), start, *args, hists[w], guess_lo, lows[w])
+            hist_range(base, tuple(fts), c, min(end, c + (1 << 31)), start, *args, hists[w])
 
     if workers == 1:
         work(0)
@@ -459,7 +446,4 @@ def radix_hist(spec: TensorSpec, base, fts: list, start: int, high: list[int | N
             f.result()
     for w in range(1, workers):
         hists[0] += hists[w]
-        lows[0] += lows[w]
-    if guess is not None:
-        guess.lows += lows[0]
     return list(hists[0])

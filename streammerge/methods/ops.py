@@ -193,19 +193,6 @@ def radix_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     return 65535 - j, above
 
 
-@dataclass
-class BinGuess:
-    """Bins guessed (from a sample) to hold each model's threshold: a pass counting the top bits
-    also counts the low bits of the elements in bins lo[i] .. lo[i] + bins - 1 into lows[i], so
-    that a right guess completes the selection in one pass. A backend that cannot count them
-    clears `complete`, and the second pass runs as before."""
-
-    lo: np.ndarray  # int64 per model: the first guessed bin (far below every bin when none)
-    bins: int
-    lows: np.ndarray  # int64 (models, bins, 65536)
-    complete: bool = True
-
-
 class RadixSelect:
     """Exact k-th largest |τ| over any number of blocks, in two passes, holding two 64K-bin histograms.
 
@@ -224,15 +211,10 @@ class RadixSelect:
     def add(self, hist) -> None:
         self.hist += hist.cpu().numpy() if isinstance(hist, torch.Tensor) else hist
 
-    def end_pass(self, guessed: tuple[int, np.ndarray] | None = None) -> bool:
-        """Call after pass 1, with the (first bin, low-bit histograms) counted for guessed bins (BinGuess).
-        Returns whether pass 2 is still needed (the threshold's bin was not among the guessed ones)."""
+    def end_pass(self) -> None:
+        """Call after pass 1."""
         self.high, self.above_high = radix_bin(self.hist, self.k)
         self.hist = np.zeros(65536, dtype=np.int64)
-        if guessed is not None and 0 <= self.high - guessed[0] < len(guessed[1]):
-            self.hist = guessed[1][self.high - guessed[0]]
-            return False
-        return True
 
     def result(self) -> tuple[float, int, int]:
         """After pass 2: (the k-th largest value, count strictly greater, count equal)."""

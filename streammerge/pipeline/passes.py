@@ -78,13 +78,10 @@ class NumpyBackend:
             return None
         return self.jit.fp8_source(t) if isinstance(t, quant.QuantRows) else kernels.as_numpy(t)
 
-    def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool],
-             guess: ops.BinGuess | None = None) -> list:
+    def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
         base, fts, compiled = self._inputs(block, spec, merging=False)
         if compiled:
-            return self.jit.radix_hist(spec, base, fts, block.start, high, wanted, self.pool, guess)
-        if guess is not None:
-            guess.complete = False
+            return self.jit.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
         return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
 
     def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
@@ -162,10 +159,7 @@ class TorchBackend:
                     d.mul_(scale)
         return base, deltas
 
-    def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool],
-             guess: ops.BinGuess | None = None) -> list:
-        if guess is not None:  # guessed bins are counted by the compiled kernel only
-            guess.complete = False
+    def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
         _, deltas = self.deltas(block, spec)
         return [
             None if not w else ops.radix_hist_high(d.abs()) if h is None else ops.radix_hist_low(d.abs(), h)
@@ -409,7 +403,7 @@ class TensorJob:
         if self._gathered(ckpt):
             return self.gather.rows(ckpt.label, r0, r1)
         if self.raw_fp8 and isinstance(ckpt, Checkpoint) and isinstance(ckpt.tensors[name], quant.QuantTensor):
-            return ckpt.view(name, r0, r1, dequantize=False)
+            return ckpt.view(name, r0, r1, dequantize=False)  # (a LoRA adapter's view has no such option)
         return ckpt.view(name, r0, r1)
 
     def read(self, r0: int, r1: int) -> Block:
@@ -480,21 +474,18 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
         return [_sorted_thresholds(jobs[0], ranks, rule)]  # one block in memory anyway: no radix passes
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
     wanted = [s is not None for s in selectors]
-    guess = guess_bins(jobs, selectors, wanted)
     for pass_index in range(2):
         high = [None if s is None else s.high for s in selectors]
         for job in jobs:
             spec = replace(job.spec, trims=(None,) * n, outliers=())
             for block in job.blocks_read():
-                for sel, hist in zip(selectors, job.backend.hist(block, spec, high, wanted, guess if pass_index == 0 else None)):
-                    if sel is not None and hist is not None:
+                for sel, hist in zip(selectors, job.backend.hist(block, spec, high, wanted)):
+                    if sel is not None:
                         sel.add(hist)
         if pass_index == 0:
-            counted = guess is not None and guess.complete
-            wanted = [sel is not None and sel.end_pass((int(guess.lo[i]), guess.lows[i]) if counted else None)
-                      for i, sel in enumerate(selectors)]
-            if not any(wanted):  # every threshold's bin was guessed: its low bits are counted already
-                break
+            for sel in selectors:
+                if sel is not None:
+                    sel.end_pass()
 
     per_job: list[list[ops.TrimThreshold | None]] = [[None] * n for _ in jobs]
     for i, (k, sel) in enumerate(zip(ranks, selectors)):
@@ -510,47 +501,6 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
         for j, row in enumerate(per_job):
             row[i] = ops.TrimThreshold(value, last[j])
     return per_job
-
-
-SAMPLE_ELEMENTS = 1 << 18  # elements sampled to guess the threshold bins (guess_bins)
-GUESSED_BINS = 8  # at most this many bins counted beside the top bits, per model
-GUESS_MIN_ELEMENTS = 1 << 22  # below this, a second pass is too cheap to be worth guessing
-
-
-def guess_bins(jobs: list[TensorJob], selectors: list[ops.RadixSelect | None], wanted: list[bool]) -> ops.BinGuess | None:
-    """The bins each threshold likely falls in, from the top-bit histogram of evenly spread row
-    blocks (SAMPLE_ELEMENTS in all): the bins of ranks k·p ± 4·sqrt(k·p) + 2 in the sample, p its
-    share of the elements. None where the compiled kernel does not count (small domains: the two
-    passes are cheap). A wrong guess costs nothing but the counting: pass 2 then runs as always."""
-    total = sum(job.tp.numel for job in jobs)
-    if total < GUESS_MIN_ELEMENTS or not all(isinstance(j.backend, NumpyBackend) and j.backend.jit for j in jobs):
-        return None
-    n = len(selectors)
-    sample, counted = [np.zeros(65536, np.int64) for _ in range(n)], 0
-    for job in jobs:
-        rows = max(1, math.ceil(SAMPLE_ELEMENTS * job.tp.numel / total / job.row_elems))
-        pieces = min(16, rows, job.tp.rows)
-        per = min(job.tp.rows, math.ceil(rows / pieces))
-        spec = replace(job.spec, trims=(None,) * n, outliers=())
-        for p in range(pieces):
-            r0 = (job.tp.rows - per) * p // max(1, pieces - 1)
-            for i, hist in enumerate(job.backend.hist(job.read(r0, r0 + per), spec, [None] * n, wanted)):
-                if hist is not None and wanted[i]:
-                    sample[i] += hist
-            counted += per * job.row_elems
-    lo = np.full(n, -(1 << 40), np.int64)  # no guess: no bin is that far below
-    for i, sel in enumerate(selectors):
-        if sel is None:
-            continue
-        expected = sel.k * counted / total
-        spread = 4 * math.sqrt(expected) + 2
-        first = ops.radix_bin(sample[i], min(counted, max(1, round(expected + spread))))[0]
-        last = ops.radix_bin(sample[i], min(counted, max(1, round(expected - spread))))[0]
-        if 0 <= first <= last < first + GUESSED_BINS:
-            lo[i] = first
-    if (lo < 0).all():
-        return None
-    return ops.BinGuess(lo, GUESSED_BINS, np.zeros((n, GUESSED_BINS, 65536), np.int64))
 
 
 def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None]:
