@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -253,9 +254,10 @@ def test_fp8_rows_next_to_other_dtypes_go_to_the_numpy_kernel():
     assert not jit.supports(_spec("ties", 2, False, False), b, [jit.fp8_source(f), b], np.empty_like(b))
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # 1100 rows on 2 threads: slabs split, staged, copied back
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("rows", "cols"), [(300, 256), (128, 384), (1, 128)])
-def test_compiled_fp8_quantizer_gives_torchs_bytes_in_place(dtype, rows, cols):
+@pytest.mark.parametrize(("rows", "cols"), [(300, 256), (128, 384), (1, 128), (1100, 256)])
+def test_compiled_fp8_quantizer_gives_torchs_bytes_in_place(dtype, rows, cols, threads):
     # FP8 output: the scales (amax / 448, 1 for an all-zero block) and torch's round-to-nearest-even
     # e4m3fn bytes, written over the merged rows' own buffer; NaN, ±Inf, −0 and e4m3 subnormals included.
     g = torch.Generator().manual_seed(rows)
@@ -269,6 +271,7 @@ def test_compiled_fp8_quantizer_gives_torchs_bytes_in_place(dtype, rows, cols):
     buf = torch.empty(x.numel() * x.element_size(), dtype=torch.uint8)
     buf.view(dtype)[:] = x.reshape(-1)
     scales = np.empty((-(-rows // 128), cols // 128), np.float32)
-    jit.quantize_rows(kernels.as_numpy(buf.view(dtype)), cols, buf.numpy(), scales)
+    with ThreadPoolExecutor(threads) as pool:
+        jit.quantize_rows(kernels.as_numpy(buf.view(dtype)), cols, buf.numpy(), scales, pool if threads > 1 else None)
     assert buf[: x.numel()].tolist() == want_q.view(torch.uint8).reshape(-1).tolist()
     assert scales.tobytes() == want_s.numpy().tobytes()

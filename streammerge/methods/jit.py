@@ -354,9 +354,22 @@ def quantize_range(x, cols, dst, scales):
                 out[j] = np.uint8(q | ((b >> np.uint32(24)) & np.uint32(0x80)))
 
 
-def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray) -> None:
-    """quant.quantize_rows' bytes and scales from the merged rows `x` (bf16 bits or float32, flat)."""
-    quantize_range(x, cols, dst, scales)
+def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray, pool=None) -> None:
+    """quant.quantize_rows' bytes and scales from the merged rows `x` (bf16 bits or float32, flat),
+    the 128-row slabs split over the pool's threads. Each thread writes its own slabs' bytes into a
+    staging array (in place, one thread's bytes would land on another's unread input), then they
+    are copied into dst: one copy of a byte per element."""
+    slab = 128 * cols
+    if pool is None or len(x) <= 2 * slab:
+        quantize_range(x, cols, dst, scales)
+        return
+    staged = np.empty(len(x), np.uint8)
+
+    def work(c0: int, c1: int) -> None:
+        quantize_range(x[c0:c1], cols, staged[c0:c1], scales[c0 // slab : -(-c1 // slab)])
+
+    kernels.run_parallel(work, len(x), pool, slab)
+    dst[: len(x)] = staged
 
 
 def _f32(xs) -> np.ndarray:

@@ -301,7 +301,7 @@ class TensorJob:
     def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, jit=None,
                  device: torch.device = torch.device("cpu"), device_budget: int | None = None):
         self.tp, self.opts = tp, plan.options
-        self.jit = jit  # the compiled kernel's module, or None (engine._jit)
+        self.jit, self.pool = jit, pool  # the compiled kernel's module, or None (engine._jit); compute threads
         base_name, ft_names = tp.name, [tp.name] * len(finetuned)
         if tp.inputs:  # stacked layers: this tensor's own inputs and their names (plan.stacked_tensors)
             every = [reference, *finetuned]
@@ -447,7 +447,7 @@ class TensorJob:
         first, rows = block.r0 // quant.BLOCK, block.r1 - block.r0
         scales = self.scales[first : first + -(-rows // quant.BLOCK)]
         if self.jit is not None and out.dtype in (torch.bfloat16, torch.float32):  # the same bytes, compiled
-            self.jit.quantize_rows(kernels.as_numpy(out), self.row_elems, buf.numpy(), scales.numpy())
+            self.jit.quantize_rows(kernels.as_numpy(out), self.row_elems, buf.numpy(), scales.numpy(), self.pool)
             return buf[: rows * self.row_elems].view(torch.float8_e4m3fn).view(rows, self.row_elems)
         return quant.quantize_rows(out.view(rows, self.row_elems), buf, scales)
 
