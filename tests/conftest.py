@@ -106,3 +106,23 @@ def write_tokenizer(folder: Path, tokens: list[str], added: list[str] = ()) -> N
     (folder / "tokenizer.json").write_text(json.dumps(data))
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                               "unk_token": tokens[0], "added_tokens_decoder": decoder}))
+
+
+@pytest.fixture
+def fakehub(tmp_path, monkeypatch):
+    """A fake Hub on 127.0.0.1 with huggingface_hub pointed at it, a fresh cache and no token."""
+    from huggingface_hub import constants
+
+    from fakehub import FakeHub
+
+    server = FakeHub()
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # uploads through the LFS protocol the fake speaks
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield server
+    server.close()

@@ -217,33 +217,19 @@ def test_cuda_matches_cpu_within_rounding(models, tmp_path):
         assert c.rank == g.rank and abs(c.error - g.error) < 1e-6
 
 
-def test_hub_inputs_and_push(models, tmp_path, monkeypatch):
+def test_hub_inputs_and_push(models, tmp_path, monkeypatch, fakehub):
     """Hub ids as FINETUNE and --base (the merge's machinery), and --push-to-hub of the finished adapter."""
-    from fakehub import FakeHub
-    from huggingface_hub import constants
-
     root, _, _ = models
-    server = FakeHub()
-    try:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-        monkeypatch.setenv("HF_TOKEN", server.token)
-        server.add_folder("org/base", root / "base")
-        server.add_folder("org/ft", root / "ft")
-        out = tmp_path / "hub"
-        r = CliRunner().invoke(main, ["extract-lora", "org/ft", str(out), "--base", "org/base", "--rank", "4", "-q",
-                                      "--push-to-hub", "me/adapter"])
-        assert r.exit_code == 0, r.output
-        assert json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "org/base"
-        local = extract_lora(str(root / "ft"), tmp_path / "local", base=str(root / "base"), options=ExtractOptions(max_rank=4))
-        assert _sha(out / ADAPTER_WEIGHTS) == _sha(local.output_dir / ADAPTER_WEIGHTS)
-        pushed = server.files("me/adapter")
-        for p in out.iterdir():
-            assert pushed[p.name] == p.read_bytes(), p.name
-    finally:
-        server.close()
+    monkeypatch.setenv("HF_TOKEN", fakehub.token)
+    fakehub.add_folder("org/base", root / "base")
+    fakehub.add_folder("org/ft", root / "ft")
+    out = tmp_path / "hub"
+    r = CliRunner().invoke(main, ["extract-lora", "org/ft", str(out), "--base", "org/base", "--rank", "4", "-q",
+                                  "--push-to-hub", "me/adapter"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "org/base"
+    local = extract_lora(str(root / "ft"), tmp_path / "local", base=str(root / "base"), options=ExtractOptions(max_rank=4))
+    assert _sha(out / ADAPTER_WEIGHTS) == _sha(local.output_dir / ADAPTER_WEIGHTS)
+    pushed = fakehub.files("me/adapter")
+    for p in out.iterdir():
+        assert pushed[p.name] == p.read_bytes(), p.name

@@ -345,26 +345,12 @@ def test_cli_plan_and_inspect_show_fp8(models, tmp_path):
 
 
 @pytest.mark.slow  # transformers' import / subprocesses / a local HTTP Hub: seconds each
-def test_fp8_repo_on_the_hub_merges_like_its_local_folder(models, tmp_path, monkeypatch):
+def test_fp8_repo_on_the_hub_merges_like_its_local_folder(models, tmp_path, fakehub):
     """An FP8 fine-tune as a Hub repo: config.json fetched for its quantization_config, the scales'
     shards scheduled with their weights', shards deleted after use."""
-    from fakehub import FakeHub
-    from huggingface_hub import constants
-
-    server = FakeHub()
-    try:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        server.add_folder("org/ft1", models["ft1"])
-        with Checkpoint(models["ft1"]) as local:  # some scale lies in another shard than its weight
-            assert any(len(t.files) == 2 for t in local.tensors.values())
-        merge(config_for("ties", models["base"], ["org/ft1", models["ft2"]]), tmp_path / "remote", delete_downloaded=True)
-        merge(config_for("ties", models["base"], [models["ft1"], models["ft2"]]), tmp_path / "local")
-        assert shard_hashes(tmp_path / "remote") == shard_hashes(tmp_path / "local")
-    finally:
-        server.close()
+    fakehub.add_folder("org/ft1", models["ft1"])
+    with Checkpoint(models["ft1"]) as local:  # some scale lies in another shard than its weight
+        assert any(len(t.files) == 2 for t in local.tensors.values())
+    merge(config_for("ties", models["base"], ["org/ft1", models["ft2"]]), tmp_path / "remote", delete_downloaded=True)
+    merge(config_for("ties", models["base"], [models["ft1"], models["ft2"]]), tmp_path / "local")
+    assert shard_hashes(tmp_path / "remote") == shard_hashes(tmp_path / "local")

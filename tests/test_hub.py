@@ -12,7 +12,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import tokenizer_json
-from fakehub import FakeHub
 from safetensors.torch import load_file
 
 from streammerge import MergeConfig
@@ -30,24 +29,6 @@ from streammerge.front.demo import (
 from streammerge.io import hub
 
 SHAPE = TinyLlama(hidden=32, intermediate=64, layers=2, vocab=64)
-
-
-@pytest.fixture
-def fakehub(tmp_path, monkeypatch):
-    """A fake Hub on 127.0.0.1 with huggingface_hub pointed at it, a fresh cache and no token."""
-    from huggingface_hub import constants
-
-    server = FakeHub()
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # uploads through the LFS protocol the fake speaks
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    yield server
-    server.close()
 
 
 @pytest.fixture
