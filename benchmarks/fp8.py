@@ -27,13 +27,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from make_models import SHAPES, make_tensor, tensor_shapes  # noqa: E402
+from make_models import SHAPES, tensor_shapes, write_model  # noqa: E402
 import run  # noqa: E402
 from run import evict, io_floor, run_measured  # noqa: E402
 
@@ -49,33 +48,25 @@ def write_pair(root: Path, shapes: dict, model: int, config: dict, shard_bytes: 
         folder = root / kind / name
         if (folder / "model.safetensors.index.json").exists():
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        groups, size = [[]], 0
-        for n, shape in shapes.items():
-            nbytes = torch.Size(shape).numel() * (1 if kind == "fp8" and quant.quantizable(n, shape) else 2)
-            if groups[-1] and size + nbytes > shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(n)
-            size += nbytes
-        weight_map = {}
-        for i, names in enumerate(groups):
-            fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-            state = {}
-            for n in names:
-                t = make_tensor(n, shapes[n], model)
-                if kind == "fp8" and quant.quantizable(n, t.shape):
-                    state[n], state[quant.scale_name(n)] = quant.quantize(t)
-                else:
-                    state[n] = t
-            save_file(state, folder / fname, metadata={"format": "pt"})
-            weight_map |= {k: fname for k in state}
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        cfg = dict(config)
-        if kind == "fp8":
-            cfg["quantization_config"] = quant.quantization_config([])
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        if kind == "bf16":
+            write_model(folder, shapes, model, config, shard_bytes)
+        else:
+            write_model(folder, shapes, model, {**config, "quantization_config": quant.quantization_config([])}, shard_bytes,
+                        encode=fp8_weight, stored_bytes=fp8_bytes)
         print(f"wrote {folder}", flush=True)
+
+
+def fp8_weight(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A linear weight as fine-grained FP8 and its scales; anything else as it is."""
+    if not quant.quantizable(name, t.shape):
+        return {name: t}
+    q, s = quant.quantize(t)
+    return {name: q, quant.scale_name(name): s}
+
+
+def fp8_bytes(name: str, shape: tuple[int, ...]) -> int:
+    """The bytes fp8_weight stores for a tensor (its weight; the scales are 1/4096 of that)."""
+    return torch.Size(shape).numel() * (1 if quant.quantizable(name, shape) else 2)
 
 
 def main() -> None:

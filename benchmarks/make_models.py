@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -62,12 +63,18 @@ def make_tensor(name: str, shape: tuple[int, ...], model: int) -> torch.Tensor:
     return base.to(torch.bfloat16)
 
 
-def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], model: int, config: dict, shard_bytes: int) -> None:
+def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], model: int, config: dict, shard_bytes: int,
+                encode: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+                stored_bytes: Callable[[str, tuple[int, ...]], int] | None = None) -> None:
+    """One model (make_tensor's weights) in shards of about shard_bytes. `encode` turns a bf16 tensor
+    into the tensors stored for it (default: itself), `stored_bytes` says how many bytes they take."""
+    encode = encode or (lambda name, t: {name: t})
+    stored_bytes = stored_bytes or (lambda name, shape: 2 * torch.Size(shape).numel())
     folder.mkdir(parents=True, exist_ok=True)
     groups: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
-        nbytes = 2 * torch.Size(shape).numel()
+        nbytes = stored_bytes(name, shape)
         if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
@@ -76,9 +83,10 @@ def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], model: int, co
     weight_map = {}
     for i, names in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: make_tensor(n, shapes[n], model) for n in names}, folder / fname, metadata={"format": "pt"})
-        weight_map |= {n: fname for n in names}
-    total = sum(2 * torch.Size(s).numel() for s in shapes.values())
+        state = {k: v for n in names for k, v in encode(n, make_tensor(n, shapes[n], model)).items()}
+        save_file(state, folder / fname, metadata={"format": "pt"})
+        weight_map |= {k: fname for k in state}
+    total = sum(stored_bytes(n, s) for n, s in shapes.items())
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
