@@ -218,7 +218,7 @@ def _fp8_rows(rows: int, cols: int, scheme: str, dtype: torch.dtype, r0: int, r1
     ("tensor", 40, 100, 3, 40, None),
 ])
 def test_compiled_kernel_reads_fp8_rows_as_their_dequantization(dtype, scheme, rows, cols, r0, r1, block):
-    # Merging FP8 rows gives the bytes of merging their float32 dequantization (quant.dequantize):
+    # Merging FP8 rows gives the bytes of merging their float32 dequantization (quant.QuantRows.dequantize):
     # the kernel finds each element's scale from its flat position in the block.
     fts = [_fp8_rows(rows, cols, scheme, dtype, r0, r1, seed=i, block=block or (128, 128)) for i in range(3)]
     g = torch.Generator().manual_seed(9)

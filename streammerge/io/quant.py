@@ -1,7 +1,7 @@
 """Quantized checkpoints: FP8 weights read as their dequantization, FP8 written back, other formats named.
 
 In: an FP8 weight W (float8_e4m3fn or float8_e5m2) with a float scale tensor next to it reads as the
-float32 tensor W·s, the scale applied per block of rows and columns (`dequantize`). Two layouts:
+float32 tensor W·s, the scale applied per block of rows and columns (`QuantRows.dequantize`). Two layouts:
 
 - fine-grained (DeepSeek-V3/R1, transformers' FineGrainedFP8): `X.weight_scale_inv` of shape
   (⌈R/128⌉, ⌈C/128⌉), one float32 per 128×128 block; the last block row and column cover what is left
@@ -210,7 +210,22 @@ class QuantRows:
     r0: int
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.info, self.weight, self.scale, self.r0)
+        """The rows times their scales, in float32: a new (rows, cols) tensor."""
+        out = self.weight.to(torch.float32)
+        if out.numel() == 0:
+            return out
+        grid, first = self.scale_grid()
+        if self.info.scheme == "tensor":
+            return out.mul_(grid.reshape(()))
+        rows, cols = out.shape
+        br, bc = self.info.block
+        s = grid.repeat_interleave(br, dim=0)[first : first + rows]  # (rows, column blocks): small
+        full, rem = divmod(cols, bc)
+        if full:  # broadcast over a view of the weight rather than expanding the scales to its size
+            out[:, : full * bc].unflatten(1, (full, bc)).mul_(s[:, :full, None])
+        if rem:
+            out[:, full * bc :].mul_(s[:, full : full + 1])
+        return out
 
     def scale_grid(self) -> tuple[torch.Tensor, int]:
         """The scales as a float32 (scale rows, column blocks) grid, and the row of the grid's first
@@ -225,27 +240,6 @@ class QuantRows:
 def decode_table(dtype: torch.dtype) -> torch.Tensor:
     """float32 value of each of the 256 bit patterns of an FP8 dtype (torch's own conversion)."""
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(torch.float32)
-
-
-def dequantize(info: QuantTensor, weight: torch.Tensor, scale: torch.Tensor, r0: int) -> torch.Tensor:
-    """Rows r0.. of the weight (as stored, FP8) times their scales (`scale`: the rows `scale_rows`
-    gives), in float32: a new (rows, cols) tensor."""
-    rows, cols = weight.shape
-    out = weight.to(torch.float32)
-    if out.numel() == 0:
-        return out
-    br, bc = info.block
-    s = scale.to(torch.float32).reshape(-1, 1 if info.scheme != "block" else -(-cols // bc))
-    if info.scheme == "tensor":
-        return out.mul_(s.reshape(()))
-    first = r0 - scale_rows(info, r0, r0 + rows)[0] * br
-    s = s.repeat_interleave(br, dim=0)[first : first + rows]  # (rows, column blocks): small
-    full, rem = divmod(cols, bc)
-    if full:  # broadcast over a view of the weight rather than expanding the scales to its size
-        out[:, : full * bc].unflatten(1, (full, bc)).mul_(s[:, :full, None])
-    if rem:
-        out[:, full * bc :].mul_(s[:, full : full + 1])
-    return out
 
 
 # ---- writing FP8 ---------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ COPY, SUM, TIES, AVERAGE = 0, 1, 2, 3
 MERGE_SUM, MERGE_MEAN, MERGE_MAX = 0, 1, 2
 
 
+_TABLES: dict = {}  # FP8 dtype -> its decode table
+
+
 def fp8_source(rows: QuantRows) -> tuple:
     """FP8 rows as the kernel reads them: (bytes, float32 scale grid, decode table, first, cols, br, bc)."""
     grid, first = rows.scale_grid()
@@ -43,9 +46,6 @@ def fp8_source(rows: QuantRows) -> tuple:
     br, bc = rows.info.block
     return (rows.weight.reshape(-1).view(torch.uint8).numpy(), np.ascontiguousarray(grid.numpy()), table, np.int64(first),
             np.int64(rows.weight.shape[1]), np.int64(br), np.int64(bc))
-
-
-_TABLES: dict = {}
 
 
 def numel(src: np.ndarray | tuple) -> int:
@@ -105,7 +105,7 @@ def _load(src, c, m, out):
                 s = grid[(first + row) // br, col // bc]
                 part, dst = w[c + j : c + j + run], out[j : j + run]
                 for k in range(run):
-                    dst[k] = table[part[k]] * s  # fp32(W)·fp32(s), one rounding, as quant.dequantize
+                    dst[k] = table[part[k]] * s  # fp32(W)·fp32(s), one rounding, as quant.QuantRows.dequantize
                 j += run
                 col += run
                 if col == cols:

@@ -62,13 +62,14 @@ class NumpyBackend:
         self.pool = pool
         self.jit = jit  # the streammerge.methods.jit module when compiling pays off (engine), else None
 
-    def _inputs(self, block: Block, spec: ops.TensorSpec, out: np.ndarray | None = None, merging: bool = True) -> tuple:
-        """The block's inputs as the kernel reads them, and whether the compiled kernel takes them:
-        FP8 rows stay as stored for it (dequantized as it reads), and are dequantized otherwise."""
+    def _inputs(self, block: Block, spec: ops.TensorSpec, out: np.ndarray | None = None) -> tuple:
+        """The block's inputs as the kernel reads them (to merge into `out`, or for a stats pass), and
+        whether the compiled kernel takes them: FP8 rows stay as stored for it (dequantized as it
+        reads), and are dequantized otherwise."""
         if self.jit is not None:
             base = self._jit_source(block.base)
             fts = [self._jit_source(t) for t in block.fts]
-            if self.jit.supports(spec, base, fts, out if merging else None):
+            if self.jit.supports(spec, base, fts, out):
                 return base, fts, True
         base = kernels.as_numpy(dequantized(block.base)) if block.base is not None else None
         return base, [kernels.as_numpy(dequantized(t)) for t in block.fts], False
@@ -79,13 +80,13 @@ class NumpyBackend:
         return self.jit.fp8_source(t) if isinstance(t, quant.QuantRows) else kernels.as_numpy(t)
 
     def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
-        base, fts, compiled = self._inputs(block, spec, merging=False)
+        base, fts, compiled = self._inputs(block, spec)
         if compiled:
             return self.jit.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
         return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
 
     def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
-        base, fts, compiled = self._inputs(block, spec, merging=False)
+        base, fts, compiled = self._inputs(block, spec)
         if compiled:
             return self.jit.find_tie(spec, base, fts, block.start, i, value, needed)
         return kernels.find_tie(spec, base, fts, block.start, i, value, needed)
