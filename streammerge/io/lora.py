@@ -564,7 +564,7 @@ class AdaptedModel:
         row_end = info.rows if row_end is None else row_end
         delta = self.adapter.delta_rows(name, row_start, row_end)
         weight = self.model.view(name, row_start, row_end)
-        return delta.double().add_(weight.double()).to(weight.dtype)
+        return delta.double().add_(weight).to(weight.dtype)  # the sum in float64, weight widened as it is read
 
     def read(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
         return self.view(name, row_start, row_end).clone()

@@ -44,6 +44,7 @@ from streammerge.pipeline.plan import (
     ShardPlan,
     TensorPlan,
     _assign_shards,
+    _file_order,
     pool_shape,
 )
 
@@ -183,8 +184,7 @@ class MoECheckpoint(ComputedCheckpoint):
             with self._lock:
                 if self._held is None or self._held[0] != name:
                     self._held = None
-                    t = part.ckpt.read(part.src) if part.expert.noise_scale is not None else part.ckpt.view(part.src)
-                    t = noise_and_scale(t, part.expert, "down_proj" in part.src, noise_seed(self.seed, name))
+                    t = noise_and_scale(part.ckpt.view(part.src), part.expert, "down_proj" in part.src, noise_seed(self.seed, name))
                     self._held = (name, t.to(out_dtype))
                 return self._held[1][r0:r1]
         # "stack": one whole expert per row; the block is the concatenation of each expert's sources
@@ -236,7 +236,7 @@ def moe_parts(arch: str, base: Checkpoint, layers: int, experts: list[tuple[Chec
     kept_layer = ATTENTION + {"qwen2_moe": QWEN_BIASES, "qwen3_moe": QWEN3_NORMS}.get(arch, ())
     wanted = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     wanted |= {f"model.layers.{i}.{n}" for i in range(layers) for n in kept_layer}
-    order = sorted(base.tensors, key=lambda n: (base.tensors[n].file.name, base.tensors[n].offset))
+    order = _file_order(base)
     left_out = [n for n in order if n not in wanted and ".mlp." not in n]
     hidden = base.tensors["model.embed_tokens.weight"].shape[1] if "model.embed_tokens.weight" in base.tensors else 0
 

@@ -337,13 +337,16 @@ class TensorJob:
         rounds = self.opts.combine == "copy" and in_dtypes[0].is_floating_point and (
             tp.scale != 1.0 or torch.promote_types(in_dtypes[0], self.compute) != self.compute)
         # FP8 inputs read as new float32 tensors (quant.py): through the pool, not straight out
-        dequantized = [isinstance(c.tensors[n], quant.QuantTensor) for c, n in zip(self.sources, self.names)]
-        self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype and not rounds and not any(dequantized) and not tp.quantized
+        fp8_inputs = [isinstance(c.tensors[n], quant.QuantTensor) for c, n in zip(self.sources, self.names)]
+        self.passthrough = not tp.merged and in_dtypes[0] == self.out_dtype and not rounds and not any(fp8_inputs) and not tp.quantized
         use_numpy = uses_chunk_kernel(self.opts, tp, in_dtypes, self.compute, device.type)
         if tp.merged and "gpu" not in self.method.paths:
             device = torch.device("cpu")
-        self.backend = (HooksBackend(self.method, self.compute, device, pool) if self.hooks else
-                        NumpyBackend(pool, jit) if use_numpy else TorchBackend(self.compute, device))
+
+        def backend(on: torch.device):
+            return (HooksBackend(self.method, self.compute, on, pool) if self.hooks else
+                    NumpyBackend(pool, jit) if use_numpy else TorchBackend(self.compute, on))
+        self.backend = backend(device)
 
         n = len(self.finetuned)
         self.row_elems = tp.row_elems
@@ -358,29 +361,29 @@ class TensorJob:
         held = sum(self.gather.dtype.itemsize for c in self.sources if self._gathered(c)) + 4 * given + (lora.PRODUCT_SCRATCH if given else 0)
         # FP8 inputs: the compiled kernel dequantizes the mapped rows as it reads them (the same
         # fine-tunes' layout, as its model loop needs); else each one's float32 rows are built per block
-        fp8_fts = {dequantized[i] for i in range(self.read_base, len(self.sources))}
-        self.raw_fp8 = any(dequantized) and isinstance(self.backend, NumpyBackend) and jit is not None and len(fp8_fts) <= 1
-        held += 0 if self.raw_fp8 else 4 * sum(dequantized)
+        fp8_fts = set(fp8_inputs[self.read_base :])
+        self.raw_fp8 = any(fp8_inputs) and isinstance(self.backend, NumpyBackend) and jit is not None and len(fp8_fts) <= 1
+        held += 0 if self.raw_fp8 else 4 * sum(fp8_inputs)
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough, held)
         if device_budget is not None and tp.merged and not use_numpy:
             fits = device_rows(tp, plan, in_dtypes, device_budget)
             if fits < self.rows and whole_tensor(tp, plan):
                 log.info("%s: the whole tensor's working set exceeds the GPU memory budget; merged on the CPU (the same bytes)", tp.name)
-                self.backend = HooksBackend(self.method, self.compute, pool=pool) if self.hooks else TorchBackend(self.compute)
+                self.backend = backend(torch.device("cpu"))
             else:
-                self.rows = max(1, min(self.rows, fits))
-        self.rows = fp8_rows(tp, self.rows)
+                self.rows = fp8_rows(tp, max(1, min(self.rows, fits)))  # (job_rows' rows are whole FP8 slabs already)
         self.blocks = [(r, min(r + self.rows, tp.rows)) for r in range(0, tp.rows, self.rows)]
         self.scales = None  # FP8 output: the tensor's weight_scale_inv, filled block by block (quantize)
         self.prepared = False
         self.given_cache: dict[int, torch.Tensor] = {}
         densities = tuple(1.0 if d is not None and d.drops_factors else x for d, x in zip(self.delta_rows, tp.densities))
+        keys = tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n))
         self.spec = ops.TensorSpec(
             opts=self.opts,
             weights=tp.weights,
             lam=tp.lam,
             dare=tp.dare,
-            keys=tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n)) if tp.dare or tp.epsilons else (),
+            keys=keys if tp.dare or tp.epsilons else (),
             densities=densities,
             dare_scales=tuple(1.0 / d if tp.dare and self.opts.rescale == "inverse" else 1.0 for d in densities),
             trims=(None,) * n,
@@ -390,8 +393,7 @@ class TensorJob:
             epsilons=tp.epsilons,
             della_row=tp.della_row if tp.epsilons else 0,
             scale=tp.scale,
-            ctx=tensor_ctx(tp, plan, self.compute, tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n)))
-            if self.hooks else None,
+            ctx=tensor_ctx(tp, plan, self.compute, keys) if self.hooks else None,
         )
 
     def _gathered(self, ckpt: Checkpoint) -> bool:
