@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,14 +209,10 @@ def _supervise(output: str) -> None:
         if pid:
             break
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
-        from streammerge.constants import STATE_DIR, STATE_PLAN
+        from streammerge.constants import STATE_DIR
         from streammerge.front import api
 
-        try:
-            recorded = json.loads((Path(output) / STATE_DIR / STATE_PLAN).read_text("utf-8")).get("inputs")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        changed = api.changed_inputs(recorded)
+        changed = api.changed_inputs(api._state_inputs(Path(output) / STATE_DIR))
         what = (f"{changed[0]}: changed while the merge read it" if changed else
                 "an input file changed while the merge read it (the process got SIGBUS reading a mapped file)")
         _fail(f"{what}; the merge stopped and completed nothing more (no index): restore the file and rerun the same "
@@ -285,11 +282,11 @@ def _build_config(config_path: str | None, o: dict) -> MergeConfig:
         for key in ("semantics", "seed", "dtype", "out_dtype", "vocab"):
             if o[key] is not None:
                 extra[key] = o[key]
-        return c.__class__(**{**c.__dict__, **extra}) if extra else c
+        return replace(c, **extra) if extra else c
 
     cfg = override(cfg)
     if cfg.recipe is not None:  # a recipe's stages: as if each ran with this command line (docs/recipes.md)
-        cfg = cfg.__class__(**{**cfg.__dict__, "recipe": cfg.recipe.map(override)})
+        cfg = replace(cfg, recipe=cfg.recipe.map(override))
     return cfg
 
 
@@ -552,7 +549,7 @@ def plan(args: tuple[str, ...], as_json: bool, debug: bool, show_tensors: bool, 
     cfg = _run(debug, _build_config, config_path, o)
     order = "file"
     if out_shard_size is not None:
-        o["max_shard_size"], order = (out_shard_size if out_shard_size > 0 else 1 << 62), "name"
+        o["max_shard_size"], order = mergekit_flags.shard_limit(out_shard_size), "name"
     p = _run(debug, api.plan, cfg, max_shard_size=o["max_shard_size"], max_memory=o["max_memory"], shard_order=order,
              allow_crimes=allow_crimes)
     labels = [p.reference, *p.sources]
@@ -958,7 +955,7 @@ def moe_command(config_path: str, output: str, force: bool, quiet: bool, as_json
     if push_to_hub and "@" in push_to_hub:
         raise click.UsageError("--push-to-hub takes ORG/NAME; give the branch with --hub-branch")
     if out_shard_size is not None:
-        max_shard_size = out_shard_size if out_shard_size > 0 else 1 << 62
+        max_shard_size = mergekit_flags.shard_limit(out_shard_size)
     _supervise(output)
     cfg = _run(debug, MoEConfig.from_yaml, config_path)
     torchrun = distributed.torchrun_env()

@@ -148,17 +148,7 @@ class MergeConfig:
         several YAML documents is a mergekit-multi recipe (docs/recipes.md): the final merge, carrying
         the named stages in `recipe`; `overrides` then apply to every stage."""
         path = Path(path)
-        try:
-            if not path.is_file():  # a FIFO or a device would block or never end
-                raise ConfigError(f"{path}: cannot read config: {'not a regular file' if path.exists() else 'no such file'}")
-            with open(path, "rb") as f:
-                raw = f.read(MAX_CONFIG_BYTES + 1)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not valid YAML: not UTF-8 text") from None
+        text = read_config_text(path)
         docs = load_yaml_all(text, str(path))
         if len(docs) > 1:  # a mergekit-multi recipe: named stages and a final merge (front/recipe.py)
             from streammerge.front.recipe import recipe_config
@@ -690,6 +680,22 @@ def _plain_problems(value: Any, where: str, *, mapping: bool = False, depth: int
     kind = {bytes: "binary data (!!binary)", set: "a set (!!set)"}.get(type(value)) or (
         "a date" if type(value).__name__ in ("date", "datetime") else f"a {type(value).__name__}")
     return [f"{where}: {kind} is not a config value; use numbers, strings, lists and mappings"]
+
+
+def read_config_text(path: Path) -> str:
+    """A config file's text: a regular file, at most MAX_CONFIG_BYTES (+1 read, for load_yaml to
+    refuse), UTF-8; ConfigError naming the file otherwise."""
+    try:
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise ConfigError(f"{path}: cannot read config: {'not a regular file' if path.exists() else 'no such file'}")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid YAML: not UTF-8 text") from None
 
 
 def load_yaml(text: str, where: str) -> Any:

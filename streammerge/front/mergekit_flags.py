@@ -147,6 +147,11 @@ def options(f):
     return f
 
 
+def shard_limit(out_shard_size: int) -> int:
+    """mergekit's --out-shard-size as a shard size limit: a limit <= 0 writes one shard."""
+    return out_shard_size if out_shard_size > 0 else 1 << 62
+
+
 def resolve(o: dict[str, Any], raw_args: list[str]) -> tuple[dict[str, Any], list[str]]:
     """Turns the mergekit flags in the parsed options `o` into streammerge's: (options to set, info lines).
 
@@ -179,7 +184,7 @@ def resolve(o: dict[str, Any], raw_args: list[str]) -> tuple[dict[str, Any], lis
         out["device"] = "cpu"
     if o.get("out_shard_size") is not None:
         size = o["out_shard_size"]
-        out["max_shard_size"] = size if size > 0 else 1 << 62  # mergekit: a limit <= 0 writes one shard
+        out["max_shard_size"] = shard_limit(size)
         out["shard_order"] = "name"
     out["allow_crimes"] = bool(o.get("allow_crimes"))
     out["copy_tokenizer"] = o.get("copy_tokenizer") is not False

@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from streammerge.constants import MAX_CONFIG_BYTES
 from streammerge.errors import ConfigError
-from streammerge.front.config import DTYPES, load_yaml
+from streammerge.front.config import DTYPES, load_yaml, read_config_text
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +63,9 @@ class MoEConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> MoEConfig:
         path = Path(path)
-        try:
-            if not path.is_file():
-                raise ConfigError(f"{path}: cannot read config: {'not a regular file' if path.exists() else 'no such file'}")
-            with open(path, "rb") as f:
-                raw = f.read(MAX_CONFIG_BYTES + 1)
-            text = raw.decode("utf-8")
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not valid YAML: not UTF-8 text") from None
+        text = read_config_text(path)
         data = load_yaml(text, str(path))
-        cfg = cls.from_dict(data, base_dir=str(path.parent), where=str(path))
-        return cls(**{**cfg.__dict__, "source_text": text})
+        return replace(cls.from_dict(data, base_dir=str(path.parent), where=str(path)), source_text=text)
 
     @classmethod
     def from_dict(cls, data: Any, *, base_dir: str | None = None, where: str = "config") -> MoEConfig:
