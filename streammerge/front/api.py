@@ -297,7 +297,8 @@ def merge(
                                                    allow_crimes)
             inputs = [reference, *finetuned]
             side = {"copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card}
-            fingerprint = plan_fingerprint(the_plan, inputs, side)
+            identity = input_identities(inputs)  # one snapshot, fingerprinted and recorded in the state
+            fingerprint = plan_fingerprint(the_plan, inputs, side, identity)
             mine = worker_shards(the_plan, rank, world_size)
             log.debug("plan: %d tensors (%d merged) in %d shard(s) of at most %d bytes, filled in %s order; this worker "
                       "writes %d; device %s; fingerprint %s", len(the_plan.tensors), sum(t.merged for t in the_plan.tensors),
@@ -306,8 +307,8 @@ def merge(
                 on_total(sum(s.input_bytes for s in mine))
 
             def state() -> None:
-                _write_state(out, the_plan, reference, finetuned, tokenizer_from if copy_tokenizer or the_plan.reindex else None,
-                             fingerprint, write_model_card)
+                _write_state(out, the_plan, reference, tokenizer_from if copy_tokenizer or the_plan.reindex else None,
+                             fingerprint, identity, write_model_card)
 
             digests = (lambda name: shard_input_digests(the_plan, inputs, name)) if verify_inputs else None
 
@@ -520,11 +521,13 @@ def _owners(missing: list[str], plan_shards: list[dict], receipts: list[dict]) -
     return ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
 
 
-def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint], side: dict | None = None) -> str:
+def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint], side: dict | None = None, identity: list | None = None) -> str:
     """sha256 of everything that decides the output bytes: the plan and the inputs' identity
     (each file's size, modification time and header), so a resume never mixes two merges.
-    `side`: which side files are written (tokenizer, model card), when not the default all."""
-    identity = input_identities(inputs)  # a recipe stage's fingerprint among them
+    `side`: which side files are written (tokenizer, model card), when not the default all;
+    `identity`: input_identities(inputs), when already taken."""
+    if identity is None:
+        identity = input_identities(inputs)  # a recipe stage's fingerprint among them
     payload = {
         "version": __version__,
         "options": the_plan.options.as_strings(),
@@ -742,8 +745,8 @@ def _unmark_complete(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], tokenizer_from: Path | None,
-                 fingerprint: str, write_model_card: bool = True) -> None:
+def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, tokenizer_from: Path | None, fingerprint: str,
+                 identity: list, write_model_card: bool = True) -> None:
     """Everything `finalize` needs, so it can run from the output folder alone (on any node).
     Each worker writes the same bytes; atomic renames make concurrent writers safe."""
     state = out / STATE_DIR
@@ -754,7 +757,7 @@ def _write_state(out: Path, the_plan: Plan, reference: Checkpoint, finetuned: li
     _copy_side_files(reference, tokenizer_from, state / "files", the_plan)
     write_json_atomic(state / STATE_PLAN, {
         "fingerprint": fingerprint,
-        "inputs": input_identities([reference, *finetuned]),  # to name an input that changes (resume, SIGBUS)
+        "inputs": identity,  # to name an input that changes (resume, SIGBUS)
         "shards": [{"file": s.filename, "tensors": the_plan.stored_names(s), "input_bytes": s.input_bytes} for s in the_plan.shards],
         "manifest": manifest(the_plan),
         "model_card": model_card(the_plan) if write_model_card else None,

@@ -41,7 +41,7 @@ from streammerge.front.config import MergeConfig
 from streammerge.front.moe_config import MoEConfig
 from streammerge.io import hub
 from streammerge.io.sources import DTYPE_NAMES, Checkpoint, read_json
-from streammerge.io.writer import copy_file_atomic, write_json_atomic
+from streammerge.io.writer import copy_file_atomic, write_json_atomic, write_text_atomic
 from streammerge.methods import gates as gate_fns
 from streammerge.pipeline.distributed import Group, check_worker
 from streammerge.pipeline.engine import Progress, run_plan
@@ -229,7 +229,7 @@ def build_moe(
                     except (CheckpointError, HubError) as e:
                         problems.append(e)
                         return None
-                    if not isinstance(ckpt, Checkpoint) or type(ckpt).__name__ == "LoraAdapter":
+                    if not isinstance(ckpt, Checkpoint):  # a LoRA adapter (or a model with one applied)
                         problems.append(ConfigError(f"{who}: {source!r} is a LoRA adapter; an expert is a whole model "
                                                     "(merge the adapter first)"))
                         return None
@@ -287,18 +287,19 @@ def build_moe(
             live_limit = max(int(max_memory * 0.5), 1)
             moe = MoECheckpoint(out / STATE_DIR / "files", parts, compute_gates, seed, live_limit)
             stack.callback(moe.close)
-            options = MergeConfig.from_dict({"merge_method": "passthrough", "models": [{"model": "moe"}]}).merge_options()
             plan_cfg = MergeConfig.from_dict({"merge_method": "passthrough", "models": [{"model": cfg.base_model}]})
+            options = plan_cfg.merge_options()
             plan = moe_plan(moe, options, plan_cfg, max_shard_size, max_memory)
             inputs = list({id(c): c for c in [base, *experts, *shared]}.values())
             side = {"copy_tokenizer": copy_tokenizer, "write_model_card": write_model_card}
-            fingerprint = _fingerprint(cfg, plan, inputs, seed, side)
+            identity = api.input_identities(inputs)  # one snapshot, fingerprinted and recorded in the state
+            fingerprint = _fingerprint(cfg, plan, identity, seed, side)
             mine = api.worker_shards(plan, rank, world_size)
             if on_total is not None:
                 on_total(sum(s.input_bytes for s in mine))
 
             def state() -> None:
-                _write_state(out, cfg, plan, inputs, fingerprint, arch, output_config(arch, base_cfg, cfg, out_dtype),
+                _write_state(out, cfg, plan, identity, fingerprint, arch, output_config(arch, base_cfg, cfg, out_dtype),
                              tokenizer if copy_tokenizer else None, base, seed, write_model_card)
 
             def run(todo: list, on_shard) -> dict[str, dict]:
@@ -341,17 +342,17 @@ def gates(cfg: MoEConfig, n_gated: int, base: Checkpoint, base_cfg, prompts: lis
     return gate_fns.hidden_gates(lambda name: base.view(name), rows, base_cfg, prompts, average=cfg.gate_mode == "hidden_avg")
 
 
-def _fingerprint(cfg: MoEConfig, plan, inputs: list[Checkpoint], seed: int, side: dict) -> str:
+def _fingerprint(cfg: MoEConfig, plan, identity: list, seed: int, side: dict) -> str:
     payload = {
         "version": __version__, "kind": "moe", "config": cfg.to_dict(), "seed": seed, "side": side,
         "tensors": [[t.name, list(t.shape), t.out_dtype] for t in plan.tensors],
         "shards": [[s.filename, list(s.tensors)] for s in plan.shards],
-        "inputs": api.input_identities(inputs),
+        "inputs": identity,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _write_state(out: Path, cfg: MoEConfig, plan, inputs: list[Checkpoint], fingerprint: str, arch: str, out_cfg,
+def _write_state(out: Path, cfg: MoEConfig, plan, identity: list, fingerprint: str, arch: str, out_cfg,
                  tokenizer, base: Checkpoint, seed: int, write_model_card: bool) -> None:
     """What `finalize` needs (api._write_state's format): the side files in .streammerge/files/
     (config.json, the tokenizer, mergekit_moe_config.yml), the plan, the manifest and the model card."""
@@ -366,7 +367,7 @@ def _write_state(out: Path, cfg: MoEConfig, plan, inputs: list[Checkpoint], fing
     if (base.folder / "generation_config.json").is_file():  # mergekit-moe writes none; a MoE generates as its base does
         copy_file_atomic(base.folder / "generation_config.json", files / "generation_config.json")
     if write_model_card and cfg.source_text is not None:  # as mergekit-moe writes it
-        (files / "mergekit_moe_config.yml").write_text(cfg.source_text, "utf-8")
+        write_text_atomic(files / "mergekit_moe_config.yml", cfg.source_text)
     manifest = {
         "format": "streammerge-manifest/1", "streammerge_version": __version__, "kind": "moe",
         "versions": {"torch": torch.__version__.split("+")[0], "python": __import__("platform").python_version()},
@@ -383,7 +384,7 @@ def _write_state(out: Path, cfg: MoEConfig, plan, inputs: list[Checkpoint], fing
                 + "```\n")
     write_json_atomic(out / STATE_DIR / STATE_PLAN, {
         "fingerprint": fingerprint,
-        "inputs": api.input_identities(inputs),
+        "inputs": identity,
         "shards": [{"file": s.filename, "tensors": list(s.tensors), "input_bytes": s.input_bytes} for s in plan.shards],
         "manifest": manifest,
         "model_card": card,
