@@ -138,9 +138,7 @@ def _open(config: MergeConfig, stack: ExitStack, stages: object = None) -> tuple
             except StreammergeError as e:
                 problems.append(e)
                 return None
-        if not isinstance(source, str) or "\x00" in source:  # reported by validate; the OS cannot even look
-            return None
-        path = config._path(source)
+        path = config._path(source)  # a string without NUL: _type_problems refused anything else
         key = os.path.realpath(path) if hub.parse_source(path) is None else path
         if key not in opened:
             try:  # a checkpoint or a LoRA adapter, local or a Hub repo
@@ -355,7 +353,7 @@ def write_output(out: Path, the_plan: Plan, inputs: list[Checkpoint], fingerprin
         # sharing it (and alone on its rank); torchrun's other ranks follow rank 0
         lock = "exclusive" if world_size == 1 or (group is not None and rank == 0) else (
             None if group is not None else f"rank-{rank}-of-{world_size}")
-        return _prepare_output(out, inputs, force, fingerprint, exclusive=lock == "exclusive", lock=lock, held=held)
+        return _prepare_output(out, inputs, force, fingerprint, lock, held)
 
     error: BaseException | None = None
     complete, done, shards = False, {}, []
@@ -584,17 +582,18 @@ def changed_inputs(recorded: object, now: list[list] | None = None) -> list[str]
     return changed
 
 
-def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str, exclusive: bool = True,
-                    lock: str | None = None, held: ExitStack | None = None) -> bool:
+def _prepare_output(out: Path, inputs: list[Checkpoint], force: bool, fingerprint: str, lock: str | None,
+                    held: ExitStack) -> bool:
     """Readies the output folder for this merge; True when this exact merge is already complete there.
 
-    `exclusive`: no other worker uses the folder yet, so stale files may be cleared (and `force`
-    applies); otherwise the folder must be empty or hold this same merge. `lock`: "exclusive", a
-    worker's name (the folder's lock shared, the worker's own held), or None; taken before anything
-    is deleted or written and kept open in `held` (a finished merge found there takes no lock)."""
+    `lock`: "exclusive" (no other worker uses the folder yet, so stale files may be cleared and
+    `force` applies), a worker's name (the folder's lock shared, the worker's own held; the folder
+    must be empty or hold this same merge), or None (a torchrun rank after rank 0); taken before
+    anything is deleted or written and kept open in `held` (a finished merge found there takes no lock)."""
+    exclusive = lock == "exclusive"
 
     def take_lock() -> None:
-        if lock is not None and held is not None:
+        if lock is not None:
             held.enter_context(_folder_lock(out, lock))
     resolved = out.resolve()
     for ckpt in expand(inputs)[0]:  # a recipe stage's own inputs too

@@ -57,13 +57,9 @@ class Flag:
         """Every way to write it on the command line: ['--cuda', '--no-cuda'], ['-j', '--num-threads']."""
         return [s for d in self.decls for s in d.split("/") if s.startswith("-")]
 
-    @property
-    def takes_value(self) -> bool:
-        return not ("/" in self.decls[0] or self.kwargs.get("is_flag") or self.kwargs.get("count"))
 
-
-def _pair(name: str, default: bool) -> tuple[str, ...]:
-    """`--name/--no-name`; `default` is mergekit's (the info lines show for the other one)."""
+def _pair(name: str) -> tuple[str, ...]:
+    """`--name/--no-name` (mergekit's defaults, where an info line depends on them: _MERGEKIT_DEFAULT)."""
     flag = name.replace("_", "-")
     return (f"--{flag}/--no-{flag}",)
 
@@ -86,11 +82,11 @@ MOOT = {
 
 FLAGS: tuple[Flag, ...] = (
     # Dangerous Options
-    Flag(_pair("allow_crimes", False), "allow_crimes", "merges models whose config.json names different architectures "
+    Flag(_pair("allow_crimes"), "allow_crimes", "merges models whose config.json names different architectures "
          "(refused without it, as mergekit does); their tensors must still match", True, {"default": None}),
-    Flag(_pair("unsafe_truncate_embeddings", False), "unsafe_truncate_embeddings",
+    Flag(_pair("unsafe_truncate_embeddings"), "unsafe_truncate_embeddings",
          "`--vocab truncate_to_smallest`: embedding and output rows cut to the smallest vocabulary", True, {"default": None}),
-    Flag(_pair("trust_remote_code", False), "trust_remote_code", "info line: " + MOOT["trust_remote_code"], False,
+    Flag(_pair("trust_remote_code"), "trust_remote_code", "info line: " + MOOT["trust_remote_code"], False,
          {"default": None}),
     # Storage
     Flag(("--transformers-cache",), "transformers_cache", "Hub downloads go into this folder (huggingface_hub's cache "
@@ -101,32 +97,32 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--random-seed",), "random_seed", "`--seed`: the seed of the DARE/DELLA masks", True, {"type": int}),
     Flag(("-v", "--verbose", "verbosity"), "verbosity", "debug lines (`streammerge: debug: ...`) on stderr; "
          "streammerge's info lines show without it", True, {"count": True}),
-    Flag(_pair("quiet", False), "quiet", "no progress bar or summary, warnings only (`-q`)", True, {}),
+    Flag(_pair("quiet"), "quiet", "no progress bar or summary, warnings only (`-q`)", True, {}),
     # Performance
-    Flag(_pair("cuda", False), "cuda", "`--device cuda` (without CUDA: the CPU, with a warning); `--no-cuda`: "
+    Flag(_pair("cuda"), "cuda", "`--device cuda` (without CUDA: the CPU, with a warning); `--no-cuda`: "
          "`--device cpu`", True, {"default": None}),
     Flag(("--device",), "device", "the same option: auto, cpu, cuda, cuda:N (default auto: a GPU when there is one)", True, {}),
-    Flag(_pair("low_cpu_memory", False), "low_cpu_memory", "info line: " + MOOT["low_cpu_memory"], False, {"default": None}),
-    Flag(_pair("lazy_unpickle", False), "lazy_unpickle", "info line: " + MOOT["lazy_unpickle"], False, {"default": None}),
-    Flag(_pair("read_to_gpu", False), "read_to_gpu", "info line: " + MOOT["read_to_gpu"], False, {"default": None}),
-    Flag(_pair("multi_gpu", False), "multi_gpu", "info line with the torchrun command that merges on every GPU "
+    Flag(_pair("low_cpu_memory"), "low_cpu_memory", "info line: " + MOOT["low_cpu_memory"], False, {"default": None}),
+    Flag(_pair("lazy_unpickle"), "lazy_unpickle", "info line: " + MOOT["lazy_unpickle"], False, {"default": None}),
+    Flag(_pair("read_to_gpu"), "read_to_gpu", "info line: " + MOOT["read_to_gpu"], False, {"default": None}),
+    Flag(_pair("multi_gpu"), "multi_gpu", "info line with the torchrun command that merges on every GPU "
          "(one process per GPU); this run uses one device", True, {"default": None}),
     Flag(("-j", "--num-threads"), "num_threads", "`--threads`: CPU threads for the arithmetic", True, {"type": int}),
     Flag(("--gpu-rich",), "gpu_rich", "`--cuda`, and the --multi-gpu line (mergekit: --cuda --low-cpu-memory "
          "--read-to-gpu --multi-gpu)", True, {"is_flag": True, "default": None}),
-    Flag(_pair("async_write", False), "async_write", "info line: " + MOOT["async_write"], False, {"default": None}),
+    Flag(_pair("async_write"), "async_write", "info line: " + MOOT["async_write"], False, {"default": None}),
     Flag(("--write-threads",), "write_threads", "info line: " + MOOT["write_threads"], False, {"type": int}),
     # Output Settings
     Flag(("--out-shard-size",), "out_shard_size", "the shard limit in mergekit's units (5B = 5e9 bytes: mergekit's writer "
          "counts bytes) and mergekit's write order (by tensor name), so the split is mergekit's; 0: one shard", True,
          {"type": KmbSize()}),
-    Flag(_pair("copy_tokenizer", True), "copy_tokenizer", "`--no-copy-tokenizer`: no tokenizer files in the output "
+    Flag(_pair("copy_tokenizer"), "copy_tokenizer", "`--no-copy-tokenizer`: no tokenizer files in the output "
          "(config.json and generation_config.json still; a tokenizer_source's merged vocabulary still)", True,
          {"default": None}),
-    Flag(_pair("clone_tensors", False), "clone_tensors", "info line: " + MOOT["clone_tensors"], False, {"default": None}),
-    Flag(_pair("write_model_card", True), "write_model_card", "`--no-write-model-card`: no README.md", True,
+    Flag(_pair("clone_tensors"), "clone_tensors", "info line: " + MOOT["clone_tensors"], False, {"default": None}),
+    Flag(_pair("write_model_card"), "write_model_card", "`--no-write-model-card`: no README.md", True,
          {"default": None}),
-    Flag(_pair("safe_serialization", True), "safe_serialization", "`--no-safe-serialization`: info line: "
+    Flag(_pair("safe_serialization"), "safe_serialization", "`--no-safe-serialization`: info line: "
          + MOOT["safe_serialization"], False, {"default": None}),
 )
 
@@ -139,11 +135,7 @@ def options(f):
     for flag in reversed(FLAGS):
         if flag.name in ("device", "quiet"):
             continue
-        decls = list(flag.decls)
-        kwargs = {"hidden": True, **flag.kwargs}
-        if flag.name == "verbosity":
-            decls = ["-v", "--verbose", "verbosity"]
-        f = click.option(*decls, **kwargs)(f)
+        f = click.option(*flag.decls, hidden=True, **flag.kwargs)(f)
     return f
 
 
@@ -160,8 +152,8 @@ def resolve(o: dict[str, Any], raw_args: list[str]) -> tuple[dict[str, Any], lis
     out: dict[str, Any] = {}
     info: list[str] = []
 
-    def set_once(key: str, value: Any, flag: str, current: Any, default: Any = None) -> None:
-        if current not in (default, value):
+    def set_once(key: str, value: Any, flag: str, current: Any) -> None:
+        if current not in (None, value):
             raise click.UsageError(f"{flag} contradicts --{key.replace('_', '-')} {current}; give one of them")
         out[key] = value
 

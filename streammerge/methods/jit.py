@@ -239,7 +239,8 @@ def merge_range(base, fts, out, lo, hi, start, sparsify, mode, weights, lam,
                         acc[j] = x if i == 0 or not (acc[j] >= x or acc[j] != acc[j]) else acc[j]
                     else:
                         acc[j] = acc[j] + w * agree
-                        div[j] = div[j] + (agree if mean_count else agree * wi)
+                        if merge_func == MERGE_MEAN:  # only the mean divides
+                            div[j] = div[j] + (agree if mean_count else agree * wi)
             for j in range(m):
                 if merge_func == MERGE_MAX:
                     acc[j] = acc[j] * gamma[j]
