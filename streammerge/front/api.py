@@ -130,7 +130,7 @@ def _open(config: MergeConfig, stack: ExitStack, stages: object = None) -> tuple
         stages = _stage_options(config, DEFAULT_MAX_SHARD_SIZE, DEFAULT_MAX_MEMORY, "file", False)
 
     def get(source: str) -> Checkpoint | None:
-        if config.recipe is not None and config.recipe.stage(source) is not None:  # a stage's name wins, as in mergekit-multi
+        if config.recipe is not None and source in config.recipe.names():  # a stage's name wins, as in mergekit-multi
             from streammerge.front import recipe
 
             try:

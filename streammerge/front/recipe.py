@@ -47,6 +47,10 @@ class Recipe:
         cfg = dict(self.stages).get(name)
         return None if cfg is None else replace(cfg, recipe=self)
 
+    def own(self, name: str) -> MergeConfig:
+        """Stage `name`'s config as written (reading the other stages by name only)."""
+        return dict(self.stages)[name]
+
     def reads(self, cfg: MergeConfig) -> list[str]:
         """The stages `cfg` reads directly, each once, in the order it names them."""
         names = set(self.names())
@@ -58,7 +62,7 @@ class Recipe:
 
         def visit(name: str) -> None:
             if name not in out:
-                for dep in self.reads(dict(self.stages)[name]):
+                for dep in self.reads(self.own(name)):
                     visit(dep)
                 out.append(name)
 
@@ -115,7 +119,7 @@ def recipe_config(docs: list[Any], path: Path) -> MergeConfig:
             final = cfg if cfg is not None else MergeConfig(method="", models=())
         elif cfg is not None:
             named[name] = cfg
-    if final is None and not any("without a name" in p for p in problems):
+    if final is None:  # (a second unnamed document is only reported once a first one was final)
         problems.append(f"{path}: no final merge: every document has a name; add one without name: (the merge written "
                         "to OUTPUT_DIR) that reads the stages")
     if problems:
@@ -269,9 +273,9 @@ def graph(cfg: MergeConfig) -> list[dict]:
     def node(name: str | None, c: MergeConfig) -> dict:
         reads = [s if s in names else c._path(s) for s in dict.fromkeys(s for _, s in _sources(c))]
         return {"name": name, "method": c.method_name, "dtype": output_dtype(c), "reads": reads,
-                "stage_reads": [s for s in dict.fromkeys(s for _, s in _sources(c)) if s in names]}
+                "stage_reads": recipe.reads(c)}
 
-    return [node(n, dict(recipe.stages)[n]) for n in recipe.order(cfg)] + [node(None, cfg)]
+    return [node(n, recipe.own(n)) for n in recipe.order(cfg)] + [node(None, cfg)]
 
 
 def with_paths(cfg: MergeConfig, paths: dict[str, str]) -> MergeConfig:
@@ -293,6 +297,6 @@ def write_stages(cfg: MergeConfig, directory: str | os.PathLike, run: Callable[[
     paths: dict[str, str] = {}
     for name in recipe.order():
         folder = Path(directory) / name
-        run(with_paths(replace(dict(recipe.stages)[name], recipe=None), paths), folder)
+        run(with_paths(replace(recipe.own(name), recipe=None), paths), folder)
         paths[name] = str(folder.resolve())
     return with_paths(replace(cfg, recipe=None), paths)
