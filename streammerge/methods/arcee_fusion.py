@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from streammerge.methods import ops
 
-from .base import Method, Rows, TensorCtx, row_sums, total
+from .base import Method, Rows, TensorCtx, row_sums, row_sums_, total
 from .inputs import work_dtype
 from .registry import register
 
@@ -156,7 +156,7 @@ def _row_kl(ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     x, y = b.double().cpu().reshape(-1, last), a.double().cpu().reshape(-1, last)
     p = _softmax_rows(x) + EPS
     q = _softmax_rows(y) + EPS
-    return row_sums(p * torch.log(p / q)).clamp(min=0)  # ≥ 0 but for rounding
+    return row_sums_(p * torch.log(p / q)).clamp(min=0)  # ≥ 0 but for rounding; summed in the product's own buffer
 
 
 def _inputs(ctx: TensorCtx, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:

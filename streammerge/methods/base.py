@@ -189,13 +189,17 @@ def row_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-row sums of a [rows, cols] tensor in float64, each row reduced by a tree fixed by the row
     length alone (first half plus last half, again and again), in elementwise ops: the same bits on
     any device and thread count. Returns float64 [rows]."""
-    work = x.to(torch.float64, copy=True)
+    return row_sums_(x.to(torch.float64, copy=True)).clone()  # (the sums alone, not the whole buffer)
+
+
+def row_sums_(work: torch.Tensor) -> torch.Tensor:
+    """row_sums on a float64 [rows, cols] buffer it overwrites; returns a view of it (float64 [rows])."""
     cols = work.shape[1]
     while cols > 1:
         half = cols // 2
         work[:, :half] += work[:, cols - half : cols]
         cols -= half
-    return work[:, 0].clone() if work.shape[1] else torch.zeros(work.shape[0], dtype=torch.float64, device=x.device)
+    return work[:, 0] if work.shape[1] else torch.zeros(work.shape[0], dtype=torch.float64, device=work.device)
 
 
 def total(parts: Sequence[torch.Tensor] | torch.Tensor) -> float:

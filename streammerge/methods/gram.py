@@ -24,7 +24,7 @@ import torch
 
 from streammerge.errors import ConfigError
 
-from .base import Rows, TensorCtx, total
+from .base import Rows, TensorCtx, row_sums_, total
 
 CUTS = ("tensor", "rows", "columns")
 
@@ -81,18 +81,8 @@ def gram_stats(ctx: TensorCtx, lines: str, r0: int, xs: list[torch.Tensor]) -> o
     sums = torch.empty(len(pairs), work.shape[0], dtype=torch.float64, device=work.device)
     for p, (i, j) in enumerate(pairs):
         torch.mul(xs[i].reshape(-1, width), xs[j].reshape(-1, width), out=work)
-        sums[p] = _row_sums_inplace(work)
+        sums[p] = row_sums_(work)
     return sums.cpu()
-
-
-def _row_sums_inplace(work: torch.Tensor) -> torch.Tensor:
-    """base.row_sums (the same tree, so the same bits) on a float64 buffer it may overwrite."""
-    cols = work.shape[1]
-    while cols > 1:
-        half = cols // 2
-        work[:, :half] += work[:, cols - half : cols]
-        cols -= half
-    return work[:, 0] if work.shape[1] else torch.zeros(work.shape[0], dtype=torch.float64, device=work.device)
 
 
 def gram_reduce(ctx: TensorCtx, lines: str, partials: list) -> torch.Tensor:

@@ -47,6 +47,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
+from streammerge.methods.base import row_sums_
+
 Sparsify = Literal["none", "trim", "dare", "band", "magprune"]
 Combine = Literal["sum", "ties", "average", "copy"]
 
@@ -521,13 +523,7 @@ def slerp_row_sums(base: torch.Tensor, other: torch.Tensor, rows: int) -> torch.
     out = torch.empty((3, rows), dtype=torch.float64, device=a.device)
     work = torch.empty_like(a)
     for k, (x, y) in enumerate(((a, a), (b, b), (a, b))):
-        torch.mul(x, y, out=work)
-        cols = work.shape[1]
-        while cols > 1:
-            half = cols // 2
-            work[:, :half] += work[:, cols - half : cols]
-            cols -= half
-        out[k] = work[:, 0] if work.shape[1] else 0.0
+        out[k] = row_sums_(torch.mul(x, y, out=work))
     return out
 
 
