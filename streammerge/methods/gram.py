@@ -18,6 +18,7 @@ index alone) and `gram_reduce` joins sibling spans the same way, whatever the sp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -151,9 +152,5 @@ def mergekit_inputs(ctx: TensorCtx, tensors: list[torch.Tensor]) -> list[torch.T
     """The whole tensors as mergekit 0.1.5 hands them to a method: in its `dtype` (else all in the
     inputs' promoted dtype), shaped as stored, on the CPU: mergekit's whole-tensor reductions sum
     in each device's own order, and the fixtures are the CPU's."""
-    dtype = ctx.dtype
-    if dtype is None:
-        dtype = tensors[0].dtype
-        for t in tensors[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
+    dtype = ctx.dtype or functools.reduce(torch.promote_types, [t.dtype for t in tensors])
     return [t.cpu().reshape(ctx.shape).to(dtype) for t in tensors]

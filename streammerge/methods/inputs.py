@@ -3,6 +3,7 @@ in, and their parameters, checked against their declaration."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -18,12 +19,7 @@ def work_dtype(ctx: TensorCtx, rows: Rows) -> torch.dtype:
     float32, float64 inputs stay float64."""
     dtypes = [t.dtype for t in (rows.base, *rows.models) if t is not None]
     if ctx.semantics == "mergekit":
-        if ctx.dtype is not None:
-            return ctx.dtype
-        out = dtypes[0]
-        for d in dtypes[1:]:
-            out = torch.promote_types(out, d)
-        return out
+        return ctx.dtype or functools.reduce(torch.promote_types, dtypes)
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
