@@ -265,12 +265,13 @@ def merge_range(base, fts, out, lo, hi, start, sparsify, mode, weights, lam,
 
 @njit(**JIT)
 def hist_range(base, fts, lo, hi, start, sparsify, high, wanted, hists):
-    """Adds to hists[i] the histogram of |τ_i|'s top 16 bits (high[i] < 0) or of the low 16 bits of
-    the elements whose top bits are high[i], over elements [lo, hi) (kernels.radix_hist)."""
-    n = len(fts)
+    """Adds to hists[i] the histogram of |τ_i|'s top 16 bits, split by whether the low 16 bits are
+    zero (high[i] < 0; bin 2·top + (low != 0)), or of the low 16 bits of the elements whose top bits
+    are high[i], over elements [lo, hi) (kernels.radix_hist)."""
+    n, bins = len(fts), hists.shape[1]
     b = np.empty(CHUNK, np.float32)
     d = np.empty((n, CHUNK), np.float32)
-    counts = np.zeros((n, 4, 65537), np.uint32)  # hi - lo <= 2**31 elements (radix_hist): no overflow
+    counts = np.zeros((n, 4, bins + 1), np.uint32)  # hi - lo <= 2**31 elements (radix_hist): no overflow
     for c in range(lo, hi, CHUNK):
         m = min(CHUNK, hi - c)
         deltas(base, fts, c, m, start + c, b, d, sparsify)
@@ -281,15 +282,16 @@ def hist_range(base, fts, lo, hi, start, sparsify, high, wanted, hists):
             h, top = counts[i], high[i]
             if top < 0:  # four interleaved counters: |τ| clusters in few bins, and one counter per bin
                 for j in range(m):  # would make every increment wait for the previous one
-                    h[j & 3, (bits[j] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+                    v = bits[j] & np.uint32(0x7FFFFFFF)  # |τ|
+                    h[j & 3, ((v >> np.uint32(15)) & np.uint32(0xFFFFFFFE)) | np.uint32((v & np.uint32(0xFFFF)) != 0)] += 1
             else:  # the low bits inside bin `top`; the others counted in a spare bin (no branch)
                 top32 = np.uint32(top)
                 for j in range(m):
-                    v = bits[j] & np.uint32(0x7FFFFFFF)  # |τ|
-                    h[j & 3, v & np.uint32(0xFFFF) if (v >> np.uint32(16)) == top32 else np.uint32(65536)] += 1
+                    v = bits[j] & np.uint32(0x7FFFFFFF)
+                    h[j & 3, v & np.uint32(0xFFFF) if (v >> np.uint32(16)) == top32 else np.uint32(bins)] += 1
     for i in range(n):
         for k in range(4):
-            hists[i] += counts[i, k, :65536]
+            hists[i] += counts[i, k, :bins]
 
 
 @njit(**JIT)
@@ -446,7 +448,8 @@ def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start:
     size = numel(base)
     workers = 1 if pool is None or size <= 4 * kernels.CHUNK else pool._max_workers
     per = -(-size // workers)
-    hists = np.zeros((workers, n, 65536), np.int64)
+    bins = 2 * 65536 if any(h is None for h, w in zip(high, wanted) if w) else 65536
+    hists = np.zeros((workers, n, bins), np.int64)
 
     def work(w: int) -> None:
         end = min(size, (w + 1) * per)

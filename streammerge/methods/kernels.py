@@ -357,16 +357,18 @@ def _abs_bits(spec: TensorSpec, base, fts, c, e, start, s, i) -> np.ndarray:
 
 
 def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], wanted: list[bool], pool=None) -> list[np.ndarray]:
-    """Per model, the histogram of |τ|'s top 16 bits (high[i] None) or of the low 16 bits of the
-    elements whose top bits equal high[i]. `spec.trims` must be None for the models being selected."""
+    """Per model, the histogram of |τ|'s top 16 bits (high[i] None; each bin split by whether the low
+    16 bits are zero, as ops.radix_hist_high) or of the low 16 bits of the elements whose top bits
+    equal high[i]. `spec.trims` must be None for the models being selected."""
     n = len(fts)
     lock = threading.Lock()
-    hists = [np.zeros(65536, np.int64) for _ in range(n)]
+    bins = 2 * 65536 if any(h is None for h, w in zip(high, wanted) if w) else 65536
+    hists = [np.zeros(bins, np.int64) for _ in range(n)]
     step = chunk_step(spec)
 
     def work(c0: int, c1: int) -> None:
         s = _scratch(n)
-        local = [np.zeros(65536, np.int64) for _ in range(n)]
+        local = [np.zeros(bins, np.int64) for _ in range(n)]
         keys = [np.empty(STAT_CHUNK, np.int32) for _ in range(n)]
         fill = [0] * n
         for c in range(c0, c1, step):
@@ -377,7 +379,9 @@ def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], 
                     continue
                 bits = np.abs(d, out=s.a[: e - c]).view(np.int32)
                 if high[i] is None:
-                    k = np.right_shift(bits, 16, out=keys[i][fill[i] : fill[i] + e - c])
+                    k = np.right_shift(bits, 15, out=keys[i][fill[i] : fill[i] + e - c])
+                    np.bitwise_and(k, ~1, out=k)
+                    np.bitwise_or(k, np.bitwise_and(bits, 0xFFFF, out=s.tmp[: e - c].view(np.int32)) != 0, out=k)
                     fill[i] += len(k)
                 else:
                     sel = bits[np.right_shift(bits, 16, out=s.tmp[: e - c].view(np.int32)) == high[i]]
@@ -385,11 +389,11 @@ def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], 
                     keys[i][fill[i] : fill[i] + len(sel)] = sel
                     fill[i] += len(sel)
                 if fill[i] > STAT_CHUNK - CHUNK:
-                    local[i] += np.bincount(keys[i][: fill[i]], minlength=65536)
+                    local[i] += np.bincount(keys[i][: fill[i]], minlength=bins)
                     fill[i] = 0
         for i in range(n):
             if fill[i]:
-                local[i] += np.bincount(keys[i][: fill[i]], minlength=65536)
+                local[i] += np.bincount(keys[i][: fill[i]], minlength=bins)
         with lock:
             for i in range(n):
                 hists[i] += local[i]

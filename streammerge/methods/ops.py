@@ -177,8 +177,10 @@ def _abs_bits(abs_block: torch.Tensor) -> torch.Tensor:
 
 
 def radix_hist_high(abs_block: torch.Tensor) -> torch.Tensor:
-    """Pass 1 of the selection: a histogram of the top 16 bits of |τ| (65536 bins)."""
-    return torch.bincount(_abs_bits(abs_block) >> 16, minlength=65536)
+    """Pass 1 of the selection: a histogram of the top 16 bits of |τ|, each bin split in two: bin
+    2·top counts the elements whose low 16 bits are zero, 2·top + 1 the others (131072 bins)."""
+    bits = _abs_bits(abs_block)
+    return torch.bincount((bits >> 16 << 1) | ((bits & 0xFFFF) != 0), minlength=2 * 65536)
 
 
 def radix_hist_low(abs_block: torch.Tensor, high: int) -> torch.Tensor:
@@ -202,27 +204,42 @@ class RadixSelect:
     largest; pass 2 counts the low 16 bits inside that bin. The same for one block, many blocks, or
     every tensor of a model (the global trim domain). Histograms may come from torch or numpy; they
     are summed with numpy (small torch ops between the compute threads' work cost milliseconds each).
+
+    Pass 1 also counts, per bin, the elements whose low 16 bits are zero: the bin's smallest value.
+    When the k-th largest is one of them, pass 1 has found it and pass 2 is skipped (`found`). That
+    is the usual case: τ of bf16 weights, a − b with |a − b| below |b|, has at most 8 significant
+    bits, all in the top 16.
     """
 
     def __init__(self, k: int):
         self.k = k
-        self.hist = np.zeros(65536, dtype=np.int64)
+        self.hist = np.zeros(2 * 65536, dtype=np.int64)  # pass 1: radix_hist_high's split bins
         self.high: int | None = None  # None during pass 1
         self.above_high = 0
+        self.found: tuple[float, int, int] | None = None  # result() when pass 1 settled it
 
     def add(self, hist) -> None:
         self.hist += hist.cpu().numpy() if isinstance(hist, torch.Tensor) else hist
 
     def end_pass(self) -> None:
         """Call after pass 1."""
-        self.high, self.above_high = radix_bin(self.hist, self.k)
+        split = self.hist.reshape(65536, 2)
+        self.high, self.above_high = radix_bin(split.sum(axis=1), self.k)
+        zero_low, nonzero_low = (int(c) for c in split[self.high])
+        if self.k - self.above_high > nonzero_low:  # the k-th largest is the bin's smallest value
+            self.found = (_float(self.high << 16), self.above_high + nonzero_low, zero_low)
         self.hist = np.zeros(65536, dtype=np.int64)
 
     def result(self) -> tuple[float, int, int]:
-        """After pass 2: (the k-th largest value, count strictly greater, count equal)."""
+        """After pass 2 (or pass 1 when `found`): (the k-th largest value, count strictly greater, count equal)."""
+        if self.found is not None:
+            return self.found
         low, above_low = radix_bin(self.hist, self.k - self.above_high)
-        value = float(np.array([(self.high << 16) | low], dtype=np.int32).view(np.float32)[0])
-        return value, self.above_high + above_low, int(self.hist[low])
+        return _float((self.high << 16) | low), self.above_high + above_low, int(self.hist[low])
+
+
+def _float(bits: int) -> float:
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
 def trim_rank(numel: int, density: float, rule: str) -> int | None:

@@ -364,6 +364,7 @@ class TensorJob:
         fp8_fts = set(fp8_inputs[self.read_base :])
         self.raw_fp8 = any(fp8_inputs) and isinstance(self.backend, NumpyBackend) and jit is not None and len(fp8_fts) <= 1
         held += 0 if self.raw_fp8 else 4 * sum(fp8_inputs)
+        self.views_only = held == 0  # every block read is views of mapped bytes: readers side by side cost no memory
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough, held)
         if device_budget is not None and tp.merged and not use_numpy:
             fits = device_rows(tp, plan, in_dtypes, device_budget)
@@ -476,14 +477,16 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
     if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, TorchBackend):
         return [_sorted_thresholds(jobs[0], ranks, rule)]  # one block in memory anyway: no radix passes
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
-    wanted = [s is not None for s in selectors]
     for pass_index in range(2):
+        wanted = [s is not None and s.found is None for s in selectors]
+        if not any(wanted):  # pass 1 settled every threshold
+            break
         high = [None if s is None else s.high for s in selectors]
         for job in jobs:
             spec = replace(job.spec, trims=(None,) * n, outliers=())
             for block in job.blocks_read():
-                for sel, hist in zip(selectors, job.backend.hist(block, spec, high, wanted)):
-                    if sel is not None:
+                for sel, w, hist in zip(selectors, wanted, job.backend.hist(block, spec, high, wanted)):
+                    if w:
                         sel.add(hist)
         if pass_index == 0:
             for sel in selectors:
@@ -491,18 +494,27 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
                     sel.end_pass()
 
     per_job: list[list[ops.TrimThreshold | None]] = [[None] * n for _ in jobs]
-    for i, (k, sel) in enumerate(zip(ranks, selectors)):
-        if k is None:
-            continue
+    for i, k in enumerate(ranks):
         if k == 0:
             for row in per_job:
                 row[i] = ops.TrimThreshold(math.inf, -1)
-            continue
-        value, greater, equal = sel.result()
-        keep_ties = equal if rule == "inclusive" else k - greater
-        last = _last_tie(jobs, i, value, keep_ties, equal)
+
+    def threshold(i: int) -> None:
+        value, greater, equal = selectors[i].result()
+        last = _last_tie(jobs, i, value, equal if rule == "inclusive" else ranks[i] - greater, equal)
         for j, row in enumerate(per_job):
             row[i] = ops.TrimThreshold(value, last[j])
+
+    # each model's tie scan is one thread's work: run side by side on the compute threads (idle here)
+    selected = [i for i, k in enumerate(ranks) if k]
+    side_by_side = len(selected) > 1 and all(isinstance(j.backend, NumpyBackend) and j.views_only for j in jobs)
+    pool = jobs[0].pool if side_by_side else None
+    if pool is None:
+        for i in selected:
+            threshold(i)
+    else:
+        for f in [pool.submit(threshold, i) for i in selected]:
+            f.result()
     return per_job
 
 
