@@ -61,10 +61,10 @@ static inline float from_bits(uint32_t u) { float x; memcpy(&x, &u, 4); return x
 static inline uint32_t to_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 
 /* float32 of src[c : c+m] into out, exactly */
-static void load(const Source *s, int64_t c, int64_t m, float *restrict out) {
+static void load(const Source *s, int64_t c, int m, float *restrict out) {
     if (s->kind == BF16) { /* bf16: its bits are the float32's high half */
         const uint16_t *p = (const uint16_t *)s->data + c;
-        for (int64_t j = 0; j < m; j++) out[j] = from_bits((uint32_t)p[j] << 16);
+        for (int j = 0; j < m; j++) out[j] = from_bits((uint32_t)p[j] << 16);
     } else if (s->kind == F32) {
         memcpy(out, (const float *)s->data + c, m * sizeof(float));
     } else { /* FP8: byte -> float32 by table, times its block's scale, a run sharing one scale at a time */
@@ -87,7 +87,7 @@ static void load(const Source *s, int64_t c, int64_t m, float *restrict out) {
 static void store(const float *restrict x, const Source *s, int64_t c, int64_t m) {
     if (s->kind == BF16) {
         uint16_t *p = (uint16_t *)s->data + c;
-        for (int64_t j = 0; j < m; j++) {
+        for (int j = 0; j < m; j++) {
             uint32_t v = to_bits(x[j]);
             uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) >> 16;
             p[j] = x[j] != x[j] ? 0x7FC0 : (uint16_t)r;
@@ -102,36 +102,41 @@ static inline float sign(float x) { /* np.sign: NaN stays NaN, ±0 -> +0 */
 }
 
 /* keeps |d| > value and the ties at it up to flat index last_tie (kernels._trim_chunk); drop removes them instead */
-static void trim(float *restrict d, int64_t m, int64_t idx0, float value, int64_t last_tie, int drop) {
-    for (int64_t j = 0; j < m; j++) {
+static void trim(float *restrict d, int m, int64_t idx0, float value, int64_t last_tie, int drop) {
+    /* idx0 + j <= last_tie as j <= ties, in 32-bit lanes */
+    int ties = last_tie - idx0 < 0 ? -1 : (last_tie - idx0 >= m ? m : (int)(last_tie - idx0));
+    float kept = drop ? 0.0f : 1.0f, dropped = drop ? 1.0f : 0.0f;
+    for (int j = 0; j < m; j++) {
         float a = fabsf(d[j]);
-        int keep = a > value || (a == value && idx0 + j <= last_tie);
-        if (drop) keep = !keep;
-        d[j] = d[j] * (keep ? 1.0f : 0.0f); /* a product, not a select: NaN stays NaN */
+        d[j] = d[j] * (a > value || (a == value && j <= ties) ? kept : dropped); /* a product, not a select: NaN stays NaN */
     }
 }
 
 /* model md's τ (DARE, then the trims) into d for elements [c, c+m), θ₀ already in b (kernels.deltas_chunk) */
-static void delta(const Merge *p, const Model *md, int64_t c, int64_t m, const float *restrict b, float *restrict d) {
+static void delta(const Merge *p, const Model *md, int64_t c, int m, const float *restrict b, float *restrict d) {
     int64_t idx0 = p->start + c;
     load(&md->src, c, m, d);
     if (!md->given)
-        for (int64_t j = 0; j < m; j++) d[j] = d[j] - b[j];
+        for (int j = 0; j < m; j++) d[j] = d[j] - b[j];
     if (p->dare) {
-        for (int64_t j = 0; j < m; j++) { /* the flat index's two 32-bit halves, hashed (mask.py) */
-            uint64_t idx = (uint64_t)(idx0 + j);
-            uint32_t h = fmix32(fmix32((uint32_t)idx ^ md->key0) ^ (uint32_t)(idx >> 32) ^ md->key1);
-            d[j] = d[j] * ((uint64_t)h < md->keep_below ? 1.0f : 0.0f);
+        /* keep where hash < keep_below, i.e. hash <= last (uint32 lanes), none when keep_below is 0 */
+        uint32_t last = (uint32_t)(md->keep_below - 1), lo0 = (uint32_t)idx0, hi0 = (uint32_t)((uint64_t)idx0 >> 32);
+        uint32_t key0 = md->key0, key1 = md->key1;
+        float on = md->keep_below == 0 ? 0.0f : 1.0f;
+        for (int j = 0; j < m; j++) { /* the flat index's two 32-bit halves (the high one + 1 past a wrap), hashed (mask.py) */
+            uint32_t lo = lo0 + (uint32_t)j, hi = hi0 + (lo < lo0);
+            uint32_t h = fmix32(fmix32(lo ^ key0) ^ hi ^ key1);
+            d[j] = d[j] * (h <= last ? on : 0.0f);
         }
         if (md->divide)
-            for (int64_t j = 0; j < m; j++) d[j] = d[j] / md->density;
+            for (int j = 0; j < m; j++) d[j] = d[j] / md->density;
         else if (md->scale != 1.0f)
-            for (int64_t j = 0; j < m; j++) d[j] = d[j] * md->scale;
+            for (int j = 0; j < m; j++) d[j] = d[j] * md->scale;
     }
     if (md->trimmed) trim(d, m, idx0, md->trim_value, md->trim_tie, 0);
     if (md->outlier) trim(d, m, idx0, md->out_value, md->out_tie, 1);
     if (p->band && (md->trimmed || md->outlier) && md->scale != 1.0f)
-        for (int64_t j = 0; j < m; j++) d[j] = d[j] * md->scale;
+        for (int j = 0; j < m; j++) d[j] = d[j] * md->scale;
 }
 
 /* merges elements [lo, hi) of the flat inputs into p->out (kernels.merge_chunk's steps, per element); 0, or -1 out of memory */
@@ -142,7 +147,7 @@ int merge_range(const Merge *p, int64_t lo, int64_t hi) {
     float *b = buf, *acc = b + CHUNK, *score = acc + CHUNK, *gamma = score + CHUNK, *side = gamma + CHUNK,
           *div = side + CHUNK, *d = div + CHUNK; /* d: model i's τ at d + i*CHUNK */
     for (int64_t c = lo; c < hi; c += CHUNK) {
-        int64_t m = hi - c < CHUNK ? hi - c : CHUNK;
+        int m = hi - c < CHUNK ? (int)(hi - c) : CHUNK;
         if (p->mode == COPY) {
             load(&p->base, c, m, b);
             store(b, &p->out, c, m);
@@ -155,31 +160,30 @@ int merge_range(const Merge *p, int64_t lo, int64_t hi) {
             for (int64_t i = 0; i < n; i++) delta(p, &p->models[i], c, m, b, d + i * CHUNK);
         }
         if (p->mode == TIES) {
-            for (int64_t j = 0; j < m; j++) score[j] = 0.0f;
+            for (int j = 0; j < m; j++) score[j] = 0.0f;
             for (int64_t i = 0; i < n; i++) { /* the sign election */
                 const float *di = d + i * CHUNK;
                 float wi = p->models[i].weight;
-                for (int64_t j = 0; j < m; j++) {
+                for (int j = 0; j < m; j++) {
                     float v = p->weighted_sign ? di[j] * wi : di[j];
                     score[j] = score[j] + (p->sign_count ? sign(v) : v);
                 }
             }
-            for (int64_t j = 0; j < m; j++) {
-                if (p->zero_majority) {
+            if (p->zero_majority) { /* the elected sign; a zero score takes the majority sign */
+                for (int j = 0; j < m; j++) {
                     float g = sign(score[j]);
                     g = g == 0.0f ? p->majority : g;
                     gamma[j] = g;
                     side[j] = g > 0.0f ? 1.0f : -1.0f;
-                } else {
-                    gamma[j] = side[j] = score[j] >= 0.0f ? 1.0f : -1.0f;
                 }
-                acc[j] = 0.0f;
-                div[j] = 0.0f;
+            } else {
+                for (int j = 0; j < m; j++) gamma[j] = side[j] = score[j] >= 0.0f ? 1.0f : -1.0f;
             }
+            for (int j = 0; j < m; j++) acc[j] = div[j] = 0.0f;
             for (int64_t i = 0; i < n; i++) { /* the agreeing τ's, summed or their largest |τ| */
                 const float *di = d + i * CHUNK;
                 float wi = p->models[i].weight;
-                for (int64_t j = 0; j < m; j++) {
+                for (int j = 0; j < m; j++) {
                     float w = di[j] * wi;
                     float agree = (p->weighted_sign ? w : di[j]) * side[j] > 0.0f ? 1.0f : 0.0f;
                     if (p->merge_func == MERGE_MAX) {
@@ -193,23 +197,23 @@ int merge_range(const Merge *p, int64_t lo, int64_t hi) {
                     }
                 }
             }
-            for (int64_t j = 0; j < m; j++) {
+            for (int j = 0; j < m; j++) {
                 if (p->merge_func == MERGE_MAX)
                     acc[j] = acc[j] * gamma[j];
                 else if (p->merge_func == MERGE_MEAN)
                     acc[j] = acc[j] / (div[j] == 0.0f ? 1.0f : div[j]);
             }
         } else { /* SUM, AVERAGE: the weighted sum */
-            for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
+            for (int j = 0; j < m; j++) acc[j] = 0.0f;
             for (int64_t i = 0; i < n; i++) {
                 const float *di = d + i * CHUNK;
                 float wi = p->models[i].weight;
-                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + di[j] * wi;
+                for (int j = 0; j < m; j++) acc[j] = acc[j] + di[j] * wi;
             }
             if (p->normalize)
-                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / p->norm;
+                for (int j = 0; j < m; j++) acc[j] = acc[j] / p->norm;
         }
-        for (int64_t j = 0; j < m; j++) {
+        for (int j = 0; j < m; j++) {
             float x = p->lam != 1.0f ? acc[j] * p->lam : acc[j];
             x = p->mode == AVERAGE ? x : b[j] + x;
             acc[j] = p->positive ? x + 0.0f : x; /* −0 + 0 = +0 */
@@ -236,7 +240,7 @@ int hist_range(const Merge *p, int64_t lo, int64_t hi, const int64_t *high, cons
     }
     float *b = buf, *d = buf + CHUNK;
     for (int64_t c = lo; c < hi; c += CHUNK) {
-        int64_t m = hi - c < CHUNK ? hi - c : CHUNK;
+        int m = hi - c < CHUNK ? (int)(hi - c) : CHUNK;
         load(&p->base, c, m, b);
         for (int64_t i = 0; i < n; i++) {
             if (!wanted[i]) continue;
@@ -244,11 +248,11 @@ int hist_range(const Merge *p, int64_t lo, int64_t hi, const int64_t *high, cons
             uint32_t *h = counts + i * 4 * 65537;
             delta(p, &p->models[i], c, m, b, di);
             if (high[i] < 0) {
-                for (int64_t j = 0; j < m; j++)
+                for (int j = 0; j < m; j++)
                     h[(j & 3) * 65537 + ((to_bits(di[j]) & 0x7FFFFFFFu) >> 16)]++;
             } else {
                 uint32_t top = (uint32_t)high[i];
-                for (int64_t j = 0; j < m; j++) {
+                for (int j = 0; j < m; j++) {
                     uint32_t v = to_bits(di[j]) & 0x7FFFFFFFu; /* |τ| */
                     h[(j & 3) * 65537 + ((v >> 16) == top ? (v & 0xFFFFu) : 65536u)]++;
                 }
@@ -270,10 +274,10 @@ int64_t tie_range(const Merge *p, int64_t i, int64_t lo, int64_t hi, float value
     *seen = 0;
     if (!b) return -1;
     for (int64_t c = lo; c < hi; c += CHUNK) {
-        int64_t m = hi - c < CHUNK ? hi - c : CHUNK;
+        int m = hi - c < CHUNK ? (int)(hi - c) : CHUNK;
         load(&p->base, c, m, b);
         delta(p, &p->models[i], c, m, b, d);
-        for (int64_t j = 0; j < m; j++)
+        for (int j = 0; j < m; j++)
             if (fabsf(d[j]) == value && ++*seen == needed) {
                 free(b);
                 return p->start + c + j;
