@@ -275,3 +275,77 @@ def test_compiled_fp8_quantizer_gives_torchs_bytes_in_place(dtype, rows, cols, t
         ckernel.quantize_rows(kernels.as_numpy(buf.view(dtype)), cols, buf.numpy(), scales, pool if threads > 1 else None)
     assert buf[: x.numel()].tolist() == want_q.view(torch.uint8).reshape(-1).tolist()
     assert scales.tobytes() == want_s.numpy().tobytes()
+
+
+# ---- the C kernel's own edges: subnormals, threads, a missing build -------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
+def test_compiled_kernel_keeps_subnormals_bit_for_bit(method, dtype):
+    # Subnormal inputs and τ, products that underflow to ±0 or a subnormal, and sums rounding to
+    # the largest float32 and past it: the C kernel flushes nothing to zero and rounds as numpy does.
+    g = torch.Generator().manual_seed(1)
+    tiny = torch.finfo(torch.float32).tiny
+    base = torch.randn(N, generator=g) * tiny * torch.rand(N, generator=g)  # subnormals
+    base[::3] = torch.randn(N, generator=g)[::3] * 1e-36
+    base[1::50] = 3.0e38
+    fts = [base + torch.randn(N, generator=g) * tiny * 4 for _ in range(3)]
+    for f in fts:
+        f[::7] = -f[::7]
+    b, fs = kernels.as_numpy(base.to(dtype)), [kernels.as_numpy(f.to(dtype)) for f in fts]
+    storage = np.uint16 if dtype == torch.bfloat16 else np.float32
+    for options in ({}, {"merge_func": "max"}, {"normalize": True}, {"divide_by_density": True}):
+        spec = _spec(method, 3, method == "ties", False, **options)
+        want, got = np.empty(N, storage), np.empty(N, storage)
+        with np.errstate(all="ignore"):
+            kernels.merge_block(spec, b, fs, want, 99)
+        ckernel.merge(spec, b, fs, got, 99)
+        assert want.tobytes() == got.tobytes(), (method, options)
+
+
+def test_compiled_kernel_on_threads_gives_the_one_thread_bytes_and_counts():
+    # Two threads split a block (run_parallel) and keep a histogram set each: the same bytes and counts.
+    g = torch.Generator().manual_seed(2)
+    n = 5 * kernels.CHUNK + 12345  # more than run_parallel's one-thread limit
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    fts = [(base.float() + torch.randn(n, generator=g) * 0.002).bfloat16() for _ in range(2)]
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+    spec = _spec("dare_ties", 2, False, False)
+    with ThreadPoolExecutor(2) as pool:
+        one, two = np.empty(n, np.uint16), np.empty(n, np.uint16)
+        ckernel.merge(spec, b, fs, one, 7, None)
+        ckernel.merge(spec, b, fs, two, 7, pool)
+        want = np.empty(n, np.uint16)
+        with np.errstate(all="ignore"):
+            kernels.merge_block(spec, b, fs, want, 7, pool)
+            hist = kernels.radix_hist(spec, b, fs, 7, [None, None], [True, True], pool)
+        assert one.tobytes() == two.tobytes() == want.tobytes()
+        got = ckernel.radix_hist(spec, b, fs, 7, [None, None], [True, True], pool)
+        assert [h.tolist() for h in got] == [h.tolist() for h in hist]
+
+
+def test_compile_on_without_the_built_kernel_fails_in_one_line(tmp_path, models, monkeypatch, caplog):
+    # Without the C kernel (installed where no C compiler was): "on" says to reinstall, "auto" merges with numpy.
+    import importlib.util
+    import sys
+
+    import streammerge.methods
+    from streammerge.errors import ConfigError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "streammerge.methods._ckernel" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match="not built at install"):
+        ckernel._library()
+    monkeypatch.delattr(streammerge.methods, "ckernel")
+    monkeypatch.setitem(sys.modules, "streammerge.methods.ckernel", None)  # its import fails
+    with pytest.raises(ConfigError, match="reinstall streammerge where a C compiler is available") as e:
+        _bytes(tmp_path, models, "ties", "default", "fused")
+    assert "\n" not in str(e.value)
+    numpy = _bytes(tmp_path, models, "ties", "default", "numpy")
+    auto = tmp_path / "auto"
+    merge(MergeConfig(method="ties", base=str(models / "base"), seed=5,
+                      models=tuple(ModelSpec(str(models / f"ft{i}"), {"weight": [0.5, -0.3, 0.4][i], "density": [0.5, 0.3, 0.8][i]})
+                                   for i in range(3))), auto)
+    assert shard_hashes(auto) == numpy
