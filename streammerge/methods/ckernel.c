@@ -7,8 +7,9 @@
 
    Bits: every step is the same IEEE float32 operation, in the same order, as kernels.merge_chunk.
    Compiled with -ffp-contract=off (no fused multiply-add) and never -ffast-math (no reassociation,
-   NaN and -0 kept); the tests check both kernels give identical bytes. Inputs are read in place
-   from the mapped files. */
+   NaN and -0 kept); -fno-trapping-math only lets the vectorizer compute both sides of a select
+   (no exception flag is read). The tests check both kernels give identical bytes. Inputs are read
+   in place from the mapped files. */
 
 #include <math.h>
 #include <stdint.h>
