@@ -189,6 +189,18 @@ def test_compiled_tie_scan_finds_the_numpy_kernels_tie(method):
                 assert ckernel.find_tie(spec, b, fs, 900, i, value, needed) == kernels.find_tie(spec, b, fs, 900, i, value, needed)
 
 
+def test_compiled_tie_scan_counts_across_chunks():
+    # |τ| == 0 at every 11th element (zero deltas): the needed tie in the first, a middle and the
+    # last chunk, exactly at a chunk's count, and past the last one.
+    base, fts = _inputs(torch.float32)
+    spec = _spec("ties", 3, False, False)
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+    with np.errstate(all="ignore"):
+        total = kernels.find_tie(spec, b, fs, 5, 1, 0.0, 10**9)[1]
+        for needed in (1, 186, 187, 188, 3000, total - 1, total, total + 1):
+            assert ckernel.find_tie(spec, b, fs, 5, 1, 0.0, needed) == kernels.find_tie(spec, b, fs, 5, 1, 0.0, needed), needed
+
+
 # ---- FP8 rows dequantized as the compiled kernel reads them -------------------------------------
 
 

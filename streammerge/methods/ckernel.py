@@ -171,6 +171,7 @@ def find_tie(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: i
     """kernels.find_tie, compiled: model i's τ alone."""
     p, seen = _params(spec, base, fts, start=start), c_int64()
     pos = _lib.tie_range(ctypes.byref(p), i, 0, numel(base), np.float32(value), needed, ctypes.byref(seen))
+    _check(0 if pos >= -1 else -1)
     return (None if pos < 0 else int(pos)), int(seen.value)
 
 
