@@ -288,9 +288,10 @@ MULTIVERSION int hist_range(const Merge *p, int64_t lo, int64_t hi, const int64_
 /* Scans model i's τ over [lo, hi) in flat order for the `needed`-th element with |τ| == value:
    its flat index, or -1, and in *seen how many such elements it saw (kernels.find_tie); -2 out of memory */
 MULTIVERSION int64_t tie_range(const Merge *p, int64_t i, int64_t lo, int64_t hi, float value, int64_t needed, int64_t *seen) {
-    float *b = malloc(2 * CHUNK * sizeof(float)), *d = b + CHUNK;
-    int64_t pos = -1, count = 0;
+    float *b = malloc(2 * CHUNK * sizeof(float));
     if (!b) return -2;
+    float *d = b + CHUNK;
+    int64_t pos = -1, count = 0;
     for (int64_t c = lo; c < hi && pos < 0; c += CHUNK) {
         int m = hi - c < CHUNK ? (int)(hi - c) : CHUNK;
         load(&p->base, c, m, b);
@@ -301,7 +302,7 @@ MULTIVERSION int64_t tie_range(const Merge *p, int64_t i, int64_t lo, int64_t hi
             count += ties;
             continue;
         }
-        for (int j = 0; pos < 0; j++)
+        for (int j = 0; j < m && pos < 0; j++)
             if (fabsf(d[j]) == value && ++count == needed) pos = p->start + c + j;
     }
     free(b);

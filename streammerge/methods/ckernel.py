@@ -69,8 +69,8 @@ _lib.tie_range.restype = c_int64
 _lib.quantize_range.argtypes = [POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
 
 
-def _check(status: int) -> None:
-    if status != 0:
+def _check(ok: bool) -> None:
+    if not ok:
         raise MemoryError("the compiled kernel could not allocate its scratch memory")
 
 
@@ -116,7 +116,7 @@ def _source(src: np.ndarray | tuple) -> _Source:
     caller keeps `src` alive while the kernel reads it."""
     if isinstance(src, tuple):
         w, grid, table, first, cols, br, bc = src
-        return _Source(2, w.ctypes.data, grid.ctypes.data, table.ctypes.data, grid.shape[1], first, cols, br, bc)
+        return _Source(_KINDS["fp8"], w.ctypes.data, grid.ctypes.data, table.ctypes.data, grid.shape[1], first, cols, br, bc)
     if not src.flags.c_contiguous:
         raise ValueError("the compiled kernel reads contiguous arrays only")
     return _Source(_KINDS[src.dtype.name], src.ctypes.data)
@@ -161,7 +161,7 @@ def merge(spec: TensorSpec, base: np.ndarray | None, fts: list[np.ndarray], out:
     p = ctypes.byref(_params(spec, base if base is not None else fts[0], fts, out, start))
 
     def work(c0: int, c1: int) -> None:
-        _check(_lib.merge_range(p, c0, c1))
+        _check(_lib.merge_range(p, c0, c1) == 0)
 
     kernels.run_parallel(work, len(out), pool)
 
@@ -171,7 +171,7 @@ def find_tie(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: i
     """kernels.find_tie, compiled: model i's τ alone."""
     p, seen = _params(spec, base, fts, start=start), c_int64()
     pos = _lib.tie_range(ctypes.byref(p), i, 0, numel(base), np.float32(value), needed, ctypes.byref(seen))
-    _check(0 if pos >= -1 else -1)
+    _check(pos != -2)
     return (None if pos < 0 else int(pos)), int(seen.value)
 
 
@@ -191,7 +191,7 @@ def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start:
     def work(w: int) -> None:
         end = min(size, (w + 1) * per)
         for c in range(w * per, end, 1 << 31):  # hist_range counts in uint32
-            _check(_lib.hist_range(p, c, min(end, c + (1 << 31)), tops.ctypes.data, want.ctypes.data, hists[w].ctypes.data))
+            _check(_lib.hist_range(p, c, min(end, c + (1 << 31)), tops.ctypes.data, want.ctypes.data, hists[w].ctypes.data) == 0)
 
     if workers == 1:
         work(0)
@@ -212,14 +212,14 @@ def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray,
     if not scales.flags.c_contiguous or not dst.flags.c_contiguous:
         raise ValueError("the compiled kernel writes contiguous arrays only")
     if pool is None or len(x) <= 2 * slab:
-        _check(_lib.quantize_range(ctypes.byref(_source(x)), len(x) // cols, cols, dst.ctypes.data, scales.ctypes.data))
+        _check(_lib.quantize_range(ctypes.byref(_source(x)), len(x) // cols, cols, dst.ctypes.data, scales.ctypes.data) == 0)
         return
     staged = np.empty(len(x), np.uint8)
 
     def work(c0: int, c1: int) -> None:
         part = _source(x[c0:c1])
         _check(_lib.quantize_range(ctypes.byref(part), (c1 - c0) // cols, cols, staged[c0:].ctypes.data,
-                                   scales[c0 // slab :].ctypes.data))
+                                   scales[c0 // slab :].ctypes.data) == 0)
 
     kernels.run_parallel(work, len(x), pool, slab)
     dst[: len(x)] = staged
