@@ -16,10 +16,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The exported loops are built for AVX2 too, and the loader picks that one where the CPU has it
-   (GCC's function multi-versioning, an ifunc): not -march=native, since a merge built on one node
-   often runs on another. About twice the plain x86-64 (SSE2) speed of the hash and the histograms. */
-#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+/* With GCC, the exported loops are built for AVX2 too, and the loader picks that one where the CPU
+   has it (function multi-versioning, an ifunc): not -march=native, since a merge built on one node
+   often runs on another. About twice the plain x86-64 (SSE2) speed of the hash and the histograms.
+   Not with clang: clang 14 exports the versions under other names than the function's. */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute) && !defined(__clang__)
 #if __has_attribute(target_clones)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #define INLINE static inline __attribute__((always_inline)) /* into each version: helpers built once would be SSE2 */
