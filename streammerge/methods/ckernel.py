@@ -34,7 +34,10 @@ def _library() -> ctypes.CDLL:
     if spec is None or spec.origin is None:
         raise ImportError("the compiled kernel was not built at install (no C compiler?): "
                           "reinstall streammerge with a C compiler, e.g. pip install -e .")
-    return ctypes.CDLL(spec.origin)
+    try:
+        return ctypes.CDLL(spec.origin)
+    except OSError as e:  # built for another machine or Python, say
+        raise ImportError(f"the compiled kernel does not load ({e}): reinstall streammerge on this machine") from None
 
 
 _KINDS = {"uint16": 0, "float32": 1, "fp8": 2}  # ckernel.c's storage kinds: bf16 as its bits, float32, FP8 rows
