@@ -12,8 +12,6 @@ runs as its own process on each set of inputs, and on the FP8 inputs with out_dt
 wall time and peak anonymous memory (RssAnon) are recorded, and after each run the I/O floor: reading
 the same input files cold and writing as many bytes as the merge wrote (run.io_floor). Prints a table
 and saves JSON.
-The compiled kernel compiles once per machine and input dtype (numba's cache): run the benchmark
-twice, or the TinyLlama shape first, so that the timed runs find it compiled.
 """
 
 from __future__ import annotations

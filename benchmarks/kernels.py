@@ -3,7 +3,7 @@
     python benchmarks/kernels.py
 
 Prints M elements/s for: the DARE mask, the numpy chunk kernel (1 and all threads), the
-numba-compiled kernel (jit.py; its first call, which may compile, printed separately), DELLA in the numpy kernel
+compiled C kernel (ckernel.py, 1 and all threads), DELLA in the numpy kernel
 against the torch eager path (rows of 2048), and the radix passes that find the exact TIES threshold.
 """
 
@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from streammerge.methods import kernels, ops
-from streammerge.methods import jit
+from streammerge.methods import ckernel
 from streammerge.methods.mask import keep_mask_into, mask_key
 from streammerge.pipeline.passes import Block, TorchBackend
 
@@ -52,13 +52,10 @@ def main() -> None:
         sp = spec(method)
         one = rate(lambda: kernels.merge_block(sp, b, f, o, 0, None))
         many = rate(lambda: kernels.merge_block(sp, b, f, o, 0, pool))
-        t = time.perf_counter()
-        jit.merge(sp, b, f, o, 0, pool)
-        compile_s = time.perf_counter() - t
-        comp1 = rate(lambda: jit.merge(sp, b, f, o, 0, None))
-        comp = rate(lambda: jit.merge(sp, b, f, o, 0, pool))
+        comp1 = rate(lambda: ckernel.merge(sp, b, f, o, 0, None))
+        comp = rate(lambda: ckernel.merge(sp, b, f, o, 0, pool))
         print(f"{method:16s} numpy 1 thread {one:5.0f}, numpy {pool._max_workers} threads {many:5.0f}, "
-              f"compiled 1 thread {comp1:5.0f}, {pool._max_workers} threads {comp:5.0f} M elem/s (first call {compile_s:.1f} s)")
+              f"compiled 1 thread {comp1:5.0f}, {pool._max_workers} threads {comp:5.0f} M elem/s")
     for method in ("della", "della_linear"):
         sp = spec(method)
         one = rate(lambda: kernels.merge_block(sp, b, f, o, 0, None))
@@ -69,8 +66,8 @@ def main() -> None:
     sp = spec("dare_ties")
     print(f"radix pass 1 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [None, None], [True, True], pool)):.0f} M elem/s")
     print(f"radix pass 2 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [15300, 15300], [True, True], pool)):.0f} M elem/s")
-    print(f"radix pass 1, compiled:  {rate(lambda: jit.radix_hist(sp, b, f, 0, [None, None], [True, True], pool)):.0f} M elem/s")
-    print(f"radix pass 2, compiled:  {rate(lambda: jit.radix_hist(sp, b, f, 0, [15300, 15300], [True, True], pool)):.0f} M elem/s")
+    print(f"radix pass 1, compiled:  {rate(lambda: ckernel.radix_hist(sp, b, f, 0, [None, None], [True, True], pool)):.0f} M elem/s")
+    print(f"radix pass 2, compiled:  {rate(lambda: ckernel.radix_hist(sp, b, f, 0, [15300, 15300], [True, True], pool)):.0f} M elem/s")
 
 
 if __name__ == "__main__":

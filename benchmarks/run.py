@@ -5,9 +5,9 @@
 
 For each method (base + 2 fine-tunes, weights 0.5, density 0.5, bf16), each merge its own process,
 wall time and peak anonymous memory (RssAnon, sampled from /proc every 10 ms) recorded:
-- first run: inputs in the page cache, and an empty compiled-kernel cache (NUMBA_CACHE_DIR pointed
-  at a new folder), as on a fresh machine or CI container;
-- warm: the same again, the kernel now cached: the repeat run;
+- first run: inputs in the page cache, the method's first merge (the C kernel is built at install:
+  nothing compiles at run time, as on a fresh machine or CI container);
+- warm: the same again: the repeat run;
 - cold: the page cache emptied of the inputs first (posix_fadvise DONTNEED: no root needed).
 The floor is the time to read every input once from a cold cache plus to write the output's size
 (O_DIRECT where the disk takes it, as the shards are written) with fsync. mergekit runs warm and cold in the same run when given. Prints a table, saves it as
@@ -143,7 +143,7 @@ def main() -> None:
         # the merge in this process, not in the CLI's SIGBUS supervisor's child: its memory is what is sampled
         cmd = [sys.executable, "-m", "streammerge", "merge", str(cfg), str(work / "out"), "--force", "-q",
                "--max-memory", args.max_memory, "--compile", args.compile, "--device", args.device]
-        env = {**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1", "NUMBA_CACHE_DIR": tempfile.mkdtemp(dir=work)}
+        env = {**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1"}
         timings = {}
         for run in ("first run", "warm", "cold"):
             evict(files) if run == "cold" else warm_inputs()

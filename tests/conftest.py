@@ -12,9 +12,35 @@ import pytest
 import torch
 
 import streammerge.methods.kernels
+import streammerge.pipeline.engine
 import streammerge.pipeline.passes
 from streammerge.front.demo import TinyLlama
 from streammerge.io.writer import file_sha256
+
+
+try:  # the C kernel, built at install (setup.py); its tests skip without it
+    from streammerge.methods import ckernel as _ckernel
+    NOT_BUILT = ""
+except ImportError as e:
+    _ckernel, NOT_BUILT = None, f"compiled kernel not built: {e}"
+needs_compiled = pytest.mark.skipif(bool(NOT_BUILT), reason=NOT_BUILT)
+COMPILE_MODES = ["off", pytest.param("on", marks=needs_compiled)]  # a merge's compile= with and without the C kernel
+
+
+def spy_compiled(monkeypatch, name: str) -> list:
+    """A list that grows by one at each call of the compiled kernel's function `name` (none if not built)."""
+    calls: list = []
+    if _ckernel is not None:
+        real = getattr(_ckernel, name)
+        monkeypatch.setattr(_ckernel, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def compiled_kernel(allow_module_level: bool = False):
+    """streammerge.methods.ckernel, or the test skipped when it was not built."""
+    if _ckernel is None:
+        pytest.skip(NOT_BUILT, allow_module_level=allow_module_level)
+    return _ckernel
 
 
 @pytest.fixture
@@ -37,6 +63,8 @@ def inject_masks(monkeypatch) -> Callable:
         monkeypatch.setattr(streammerge.pipeline.passes, "keep_mask_varying", keep_mask_varying)
         monkeypatch.setattr(streammerge.methods.kernels, "keep_mask_varying", keep_mask_varying)
         monkeypatch.setattr(streammerge.methods.kernels, "keep_mask_into", keep_mask_into)
+        # the compiled kernel hashes its masks inline: the merge takes the numpy kernel instead
+        monkeypatch.setattr(streammerge.pipeline.engine, "_compiled_kernel", lambda mode: None)
 
     return install
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import shard_hashes
+from conftest import COMPILE_MODES, shard_hashes, spy_compiled
 from streammerge import MergeConfig, merge
 from streammerge.errors import CheckpointError
 from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
@@ -154,7 +154,7 @@ def config_for(method: str, base: Path, fts: list[Path], extra: str = "") -> Mer
     return MergeConfig.from_dict(yaml.safe_load(text))
 
 
-@pytest.mark.parametrize("compile", ["off", "on"])  # dequantized rows in the numpy kernel, FP8 rows in the compiled one
+@pytest.mark.parametrize("compile", COMPILE_MODES)  # dequantized rows in the numpy kernel, FP8 rows in the compiled one
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_fp8_merges_to_the_bytes_of_its_dequantization(models, tmp_path, method, compile, monkeypatch):
     fts = ["ft1", "ft2"] if method != "slerp" else ["ft1"]
@@ -169,13 +169,10 @@ def test_fp8_merges_to_the_bytes_of_its_dequantization(models, tmp_path, method,
 
 def count_fp8_sources(monkeypatch) -> list:
     """Records each FP8 block the compiled kernel reads as stored."""
-    from streammerge.methods import jit
-    calls = []
-    monkeypatch.setattr(jit, "fp8_source", lambda rows, real=jit.fp8_source: calls.append(1) or real(rows))
-    return calls
+    return spy_compiled(monkeypatch, "fp8_source")
 
 
-@pytest.mark.parametrize("compile", ["off", "on"])
+@pytest.mark.parametrize("compile", COMPILE_MODES)
 def test_mixed_bf16_base_and_fp8_finetunes(models, tmp_path, compile, monkeypatch):
     read_as_stored = count_fp8_sources(monkeypatch)
     merge(config_for("ties", models["base"], [models["ft1"], models["ct1"]], "dtype: bfloat16\n"), tmp_path / "a",
@@ -203,11 +200,9 @@ def merged_state(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for p in sorted(folder.glob("model-*.safetensors")) for k, v in load_file(p).items()}
 
 
-@pytest.mark.parametrize("compile", ["off", "on"])  # quantized by torch, or by the compiled kernel
+@pytest.mark.parametrize("compile", COMPILE_MODES)  # quantized by torch, or by the compiled kernel
 def test_fp8_output_is_the_bf16_merge_quantized(even, tmp_path, compile, monkeypatch):
-    from streammerge.methods import jit
-    compiled = []
-    monkeypatch.setattr(jit, "quantize_rows", lambda *a, real=jit.quantize_rows: compiled.append(1) or real(*a))
+    compiled = spy_compiled(monkeypatch, "quantize_rows")
     fts = [even["ft1"], even["ft2"]]
     merge(config_for("dare_ties", even["base"], fts, "dtype: bfloat16\nout_dtype: float8_e4m3fn\n"), tmp_path / "fp8",
           max_memory=1 << 20, max_shard_size=400_000, compile=compile)
@@ -248,7 +243,7 @@ def test_exactly_representable_values_round_trip(tmp_path):
     assert torch.equal(quant.quantize(torch.zeros(128, 128))[1], torch.ones(1, 1))  # an all-zero block: scale 1
 
 
-@pytest.mark.parametrize("compile", ["off", "on"])
+@pytest.mark.parametrize("compile", COMPILE_MODES)
 def test_fp8_in_fp8_out_keeps_the_bytes(tmp_path, compile):
     """One FP8 model through linear (weight 1): what it dequantizes to quantizes back to its own bytes
     when its scales are powers of two and each block reaches 448."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shard_hashes
+from conftest import needs_compiled, shard_hashes
 
 from streammerge import MergeConfig, ModelSpec, merge
 from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
@@ -84,6 +84,7 @@ def test_every_declared_path_gives_torchs_bytes(models, tmp_path, method, semant
 
 
 @pytest.mark.slow
+@needs_compiled
 @pytest.mark.parametrize("method", [m.name for m in registry.all_methods() if "compiled" in m.paths])
 def test_the_compiled_kernel_gives_torchs_bytes(models, tmp_path, method, monkeypatch):
     with monkeypatch.context() as m:

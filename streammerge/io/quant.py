@@ -13,9 +13,9 @@ float32 tensor W·s, the scale applied per block of rows and columns (`QuantRows
 The product is formed in float32, one rounding: fp32(W)·fp32(s). A checkpoint opened here therefore
 looks exactly like its float32 dequantization (dtype "F32"), and merges to the same bytes. The scale
 tensors do not appear among the checkpoint's tensors. The compiled kernel takes the stored rows
-instead (`QuantRows`) and forms the same product as it reads them (methods/jit.py).
+instead (`QuantRows`) and forms the same product as it reads them (methods/ckernel.c).
 
-Out: `quantize_rows` (or its compiled twin, jit.quantize_rows) writes a merged block as float8_e4m3fn with one float32 `weight_scale_inv`
+Out: `quantize_rows` (or its compiled twin, ckernel.quantize_rows) writes a merged block as float8_e4m3fn with one float32 `weight_scale_inv`
 per 128×128 block: s = amax/448 (1 for an all-zero block), q = e4m3(clamp(fp32(x / s), ±448)) rounded to
 nearest even by torch's conversion. Dequantized, q·s is within half an e4m3 step of x.
 
@@ -201,7 +201,7 @@ def scale_rows(info: QuantTensor, r0: int, r1: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class QuantRows:
     """Rows r0.. of an FP8 weight as stored (a view of the mapped file) and the scale rows they need:
-    the compiled kernel dequantizes them as it reads (methods/jit.py); every other path calls
+    the compiled kernel dequantizes them as it reads (methods/ckernel.c); every other path calls
     `dequantize` for the float32 rows."""
 
     info: QuantTensor

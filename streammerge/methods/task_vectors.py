@@ -1,7 +1,7 @@
 """The task-vector family: each τ_t = θ_t − θ₀ sparsified, then combined (mergekit's generalized
 task arithmetic). A method is a (sparsifier, combiner) pair; `ops.py` holds their formulas, the
 engine their stats passes (exact radix trims, the tie positions, mergekit's L1 factors), and
-`kernels.py` (numpy) / `jit.py` (numba) their fast CPU paths.
+`kernels.py` (numpy) / `ckernel.py` (C) their fast CPU paths.
 
 The fast paths are opt-in: a method runs on a path only when both its sparsifier and its combiner
 declare it (`paths`).

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from streammerge.errors import DeviceError, NonFiniteError
+from streammerge.errors import ConfigError, DeviceError, NonFiniteError
 from streammerge.io.sources import Checkpoint
 from streammerge.io.writer import ShardWriter
 from streammerge.pipeline.device import device_budget, resolve_device
@@ -44,9 +44,6 @@ Progress = Callable[[int], None]  # called with the number of input bytes just p
 log = logging.getLogger(__name__)
 
 
-# merged elements (x models) from which the compiled kernel pays for its first compile (~4 s, once
-# per machine: numba caches it on disk) over the numpy kernel
-JIT_MIN_ELEMENTS = 50_000_000
 READAHEAD_BYTES = 1 << 30  # input bytes the reader keeps requested ahead (page cache, reclaimable)
 
 
@@ -187,17 +184,20 @@ class AsyncWriter:
             self.writer = None
 
 
-def _jit(merged_elements: int, mode: str):
-    """The compiled CPU kernel's module when compiling it pays off (or is asked for), else None.
-    Imported here, not at start-up: numba takes ~0.3 s to import."""
-    if mode == "off" or (mode == "auto" and merged_elements < JIT_MIN_ELEMENTS):
+def _compiled_kernel(mode: str):
+    """The compiled C kernel's module (methods/ckernel.py) unless `mode` is "off", or None: built at
+    install, it costs nothing to load; without it the numpy kernel gives the same bytes."""
+    if mode == "off":
         return None
     try:
-        from streammerge.methods import jit
-    except (ImportError, RuntimeError) as e:  # numba missing, or no writable cache folder: the numpy kernel gives the same bytes
-        log.warning("the compiled kernel is unavailable (%s); using the numpy kernel", e)
+        from streammerge.methods import ckernel
+    except ImportError as e:
+        if mode == "on":
+            raise ConfigError("--compile on: the compiled kernel was not built when streammerge was installed; "
+                              "reinstall streammerge where a C compiler is available, or use --compile auto") from None
+        log.debug("the compiled kernel is not available (%s); using the numpy kernel", e)
         return None
-    return jit
+    return ckernel
 
 
 def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
@@ -228,8 +228,8 @@ def run_plan(
     """Writes shards of the plan into `out_dir`; returns {file: {file, sha256, bytes}} per shard written.
 
     Args:
-        compile: "auto" uses the compiled kernel (numba, jit.py) for big merges, "on" always, "off" never
-            (the numpy kernel); the same bytes either way.
+        compile: "auto" uses the compiled C kernel (methods/ckernel.py) when it was built at install,
+            "on" requires it, "off" never uses it (the numpy kernel); the same bytes either way.
         todo: the shards to write (default: all). Whole-model quantities (a global trim threshold,
             the majority sign) still come from every tensor, so a shard's bytes never depend on
             which other shards are written with it.
@@ -245,10 +245,9 @@ def run_plan(
     threads = threads or torch.get_num_threads()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
     by_name = {t.name: t for t in plan.tensors}
-    merged = sum(t.numel for t in plan.tensors if t.merged)
-    jit = _jit(merged * max(1, len(finetuned)), compile)
+    compiled = _compiled_kernel(compile)
     budget = device_budget(target, gpu_memory)
-    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, jit, target, budget) for t in plan.tensors}
+    jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, compiled, target, budget) for t in plan.tensors}
     capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])
     buffers = BufferPool(capacity, count, pinned=target.type == "cuda")
     writer = AsyncWriter(buffers, on_shard)

@@ -55,40 +55,40 @@ class Block:
 
 
 class NumpyBackend:
-    """float32 arithmetic on the CPU: numba's compiled kernel (jit.py) where it applies, else numpy
+    """float32 arithmetic on the CPU: the compiled C kernel (ckernel.py) where it applies, else numpy
     per cache-sized chunk (kernels.py); the same bytes either way."""
 
-    def __init__(self, pool: ThreadPoolExecutor | None, jit=None):
+    def __init__(self, pool: ThreadPoolExecutor | None, compiled=None):
         self.pool = pool
-        self.jit = jit  # the streammerge.methods.jit module when compiling pays off (engine), else None
+        self.compiled = compiled  # the streammerge.methods.ckernel module when it is built and wanted (engine), else None
 
     def _inputs(self, block: Block, spec: ops.TensorSpec, out: np.ndarray | None = None) -> tuple:
         """The block's inputs as the kernel reads them (to merge into `out`, or for a stats pass), and
         whether the compiled kernel takes them: FP8 rows stay as stored for it (dequantized as it
         reads), and are dequantized otherwise."""
-        if self.jit is not None:
-            base = self._jit_source(block.base)
-            fts = [self._jit_source(t) for t in block.fts]
-            if self.jit.supports(spec, base, fts, out):
+        if self.compiled is not None:
+            base = self._compiled_source(block.base)
+            fts = [self._compiled_source(t) for t in block.fts]
+            if self.compiled.supports(spec, base, fts, out):
                 return base, fts, True
         base = kernels.as_numpy(dequantized(block.base)) if block.base is not None else None
         return base, [kernels.as_numpy(dequantized(t)) for t in block.fts], False
 
-    def _jit_source(self, t):
+    def _compiled_source(self, t):
         if t is None:
             return None
-        return self.jit.fp8_source(t) if isinstance(t, quant.QuantRows) else kernels.as_numpy(t)
+        return self.compiled.fp8_source(t) if isinstance(t, quant.QuantRows) else kernels.as_numpy(t)
 
     def hist(self, block: Block, spec: ops.TensorSpec, high: list[int | None], wanted: list[bool]) -> list:
         base, fts, compiled = self._inputs(block, spec)
         if compiled:
-            return self.jit.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
+            return self.compiled.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
         return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
 
     def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
         base, fts, compiled = self._inputs(block, spec)
         if compiled:
-            return self.jit.find_tie(spec, base, fts, block.start, i, value, needed)
+            return self.compiled.find_tie(spec, base, fts, block.start, i, value, needed)
         return kernels.find_tie(spec, base, fts, block.start, i, value, needed)
 
     def sign_total(self, block: Block, spec: ops.TensorSpec) -> float:
@@ -100,7 +100,7 @@ class NumpyBackend:
         flat = kernels.as_numpy(out)
         base, fts, compiled = self._inputs(block, spec, flat)
         if compiled:
-            self.jit.merge(spec, base, fts, flat, block.start, self.pool)
+            self.compiled.merge(spec, base, fts, flat, block.start, self.pool)
             return
         kernels.merge_block(spec, base if base is not None else fts[0], fts, flat, block.start, self.pool)
 
@@ -299,10 +299,10 @@ class HooksBackend(TorchBackend):
 class TensorJob:
     """How one tensor is read and merged: its blocks, its parameters, its backend."""
 
-    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, jit=None,
+    def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, compiled=None,
                  device: torch.device = torch.device("cpu"), device_budget: int | None = None):
         self.tp, self.opts = tp, plan.options
-        self.jit, self.pool = jit, pool  # the compiled kernel's module, or None (engine._jit); compute threads
+        self.compiled, self.pool = compiled, pool  # the compiled kernel's module, or None (engine._compiled_kernel); compute threads
         base_name, ft_names = tp.name, [tp.name] * len(finetuned)
         if tp.inputs:  # stacked layers: this tensor's own inputs and their names (plan.stacked_tensors)
             every = [reference, *finetuned]
@@ -345,7 +345,7 @@ class TensorJob:
 
         def backend(on: torch.device):
             return (HooksBackend(self.method, self.compute, on, pool) if self.hooks else
-                    NumpyBackend(pool, jit) if use_numpy else TorchBackend(self.compute, on))
+                    NumpyBackend(pool, compiled) if use_numpy else TorchBackend(self.compute, on))
         self.backend = backend(device)
 
         n = len(self.finetuned)
@@ -362,7 +362,7 @@ class TensorJob:
         # FP8 inputs: the compiled kernel dequantizes the mapped rows as it reads them (the same
         # fine-tunes' layout, as its model loop needs); else each one's float32 rows are built per block
         fp8_fts = set(fp8_inputs[self.read_base :])
-        self.raw_fp8 = any(fp8_inputs) and isinstance(self.backend, NumpyBackend) and jit is not None and len(fp8_fts) <= 1
+        self.raw_fp8 = any(fp8_inputs) and isinstance(self.backend, NumpyBackend) and compiled is not None and len(fp8_fts) <= 1
         held += 0 if self.raw_fp8 else 4 * sum(fp8_inputs)
         self.views_only = held == 0  # every block read is views of mapped bytes: readers side by side cost no memory
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough, held)
@@ -450,8 +450,8 @@ class TensorJob:
             self.scales = torch.empty(self.tp.entries[1][2], dtype=torch.float32)
         first, rows = block.r0 // quant.BLOCK, block.r1 - block.r0
         scales = self.scales[first : first + -(-rows // quant.BLOCK)]
-        if self.jit is not None and out.dtype in (torch.bfloat16, torch.float32):  # the same bytes, compiled
-            self.jit.quantize_rows(kernels.as_numpy(out), self.row_elems, buf.numpy(), scales.numpy(), self.pool)
+        if self.compiled is not None and out.dtype in (torch.bfloat16, torch.float32):  # the same bytes, compiled
+            self.compiled.quantize_rows(kernels.as_numpy(out), self.row_elems, buf.numpy(), scales.numpy(), self.pool)
             return buf[: rows * self.row_elems].view(torch.float8_e4m3fn).view(rows, self.row_elems)
         return quant.quantize_rows(out.view(rows, self.row_elems), buf, scales)
 

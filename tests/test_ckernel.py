@@ -1,5 +1,6 @@
-"""The three CPU paths give the same bytes: the numpy chunk kernel, the numba-compiled kernel
-(jit.py), and torch eager ops (the path of other devices)."""
+"""The three CPU paths give the same bytes: the numpy chunk kernel, the compiled C kernel
+(ckernel.c through ckernel.py), and torch eager ops (the path of other devices). Skipped when the
+C kernel was not built at install."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shard_hashes
+from conftest import compiled_kernel, shard_hashes, spy_compiled
 
-import streammerge.methods.jit
 import streammerge.methods.kernels
-from streammerge.methods import jit, kernels, ops
+from streammerge.methods import kernels, ops
 from streammerge.methods.mask import mask_key
 from streammerge import MergeConfig, ModelSpec, merge
 from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.io import quant
 from streammerge.io.sources import TensorInfo
 
+ckernel = compiled_kernel(allow_module_level=True)
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=2, vocab=50)
 
 
@@ -52,8 +53,7 @@ SLOW_CASES = [("task_arithmetic", "default", {"normalize": True}), ("dare_linear
 
 @pytest.mark.parametrize(("method", "semantics", "params"), CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES])
 def test_compiled_numpy_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, caplog, method, semantics, params):
-    calls = []
-    monkeypatch.setattr(streammerge.methods.jit, "merge", lambda *a, real=streammerge.methods.jit.merge: calls.append(1) or real(*a))
+    calls = spy_compiled(monkeypatch, "merge")
     fused = _bytes(tmp_path, models, method, semantics, "fused", **params)
     assert calls and "unavailable" not in caplog.text  # the compiled kernel really ran
     numpy = _bytes(tmp_path, models, method, semantics, "numpy", **params)
@@ -133,8 +133,8 @@ def test_compiled_kernel_gives_the_numpy_kernels_bits(method, dtype):
                 want, got = np.empty(N, storage), np.empty(N, storage)
                 with np.errstate(all="ignore"):
                     kernels.merge_block(spec, b, fs, want, 12345)
-                assert jit.supports(spec, b, fs, got)
-                jit.merge(spec, b, fs, got, 12345)
+                assert ckernel.supports(spec, b, fs, got)
+                ckernel.merge(spec, b, fs, got, 12345)
                 assert want.tobytes() == got.tobytes(), (method, options, n, trims, outliers)
 
 
@@ -144,7 +144,7 @@ def test_compiled_kernel_copies_and_converts_unmerged_tensors():
                           dare_scales=(), trims=(), merged=False)
     want, got = np.empty(N, np.float32), np.empty(N, np.float32)
     kernels.merge_block(spec, kernels.as_numpy(base), [], want, 0)
-    jit.merge(spec, kernels.as_numpy(base), [], got, 0)
+    ckernel.merge(spec, kernels.as_numpy(base), [], got, 0)
     assert want.tobytes() == got.tobytes()
 
 
@@ -156,7 +156,7 @@ def test_compiled_kernel_hashes_across_a_2_to_the_32_boundary():
     want, got = np.empty(N, np.uint16), np.empty(N, np.uint16)
     with np.errstate(all="ignore"):
         kernels.merge_block(spec, b, fs, want, 2**32 - 1000)
-    jit.merge(spec, b, fs, got, 2**32 - 1000)
+    ckernel.merge(spec, b, fs, got, 2**32 - 1000)
     assert want.tobytes() == got.tobytes()
 
 
@@ -170,8 +170,8 @@ def test_compiled_radix_histograms_count_as_the_numpy_kernels(method):
         top = kernels.radix_hist(spec, b, fs, 777, [None] * 3, [True, False, True])
         high = [int(h.reshape(-1, 2).sum(1)[1:].argmax()) + 1 for h in kernels.radix_hist(spec, b, fs, 777, [None] * 3, [True] * 3)]  # busiest nonzero bins
         low = kernels.radix_hist(spec, b, fs, 777, high, [True] * 3)
-    got_top = jit.radix_hist(spec, b, fs, 777, [None] * 3, [True, False, True])
-    got_low = jit.radix_hist(spec, b, fs, 777, high, [True] * 3)
+    got_top = ckernel.radix_hist(spec, b, fs, 777, [None] * 3, [True, False, True])
+    got_low = ckernel.radix_hist(spec, b, fs, 777, high, [True] * 3)
     assert [h.tolist() for h in top[::2]] == [h.tolist() for h in got_top[::2]] and not got_top[1].any()
     assert [h.tolist() for h in low] == [h.tolist() for h in got_low] and all(h.sum() for h in got_low)
 
@@ -186,7 +186,19 @@ def test_compiled_tie_scan_finds_the_numpy_kernels_tie(method):
         for i in range(3):
             value = float(np.abs(kernels.deltas_chunk(spec, b[:5000], [f[:5000] for f in fs], 900, kernels._scratch(3))[1][i][4321]))
             for needed in (1, 7, 10**9):
-                assert jit.find_tie(spec, b, fs, 900, i, value, needed) == kernels.find_tie(spec, b, fs, 900, i, value, needed)
+                assert ckernel.find_tie(spec, b, fs, 900, i, value, needed) == kernels.find_tie(spec, b, fs, 900, i, value, needed)
+
+
+def test_compiled_tie_scan_counts_across_chunks():
+    # |τ| == 0 at every 11th element (zero deltas): the needed tie in the first, a middle and the
+    # last chunk, exactly at a chunk's count, and past the last one.
+    base, fts = _inputs(torch.float32)
+    spec = _spec("ties", 3, False, False)
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+    with np.errstate(all="ignore"):
+        total = kernels.find_tie(spec, b, fs, 5, 1, 0.0, 10**9)[1]
+        for needed in (1, 186, 187, 188, 3000, total - 1, total, total + 1):
+            assert ckernel.find_tie(spec, b, fs, 5, 1, 0.0, needed) == kernels.find_tie(spec, b, fs, 5, 1, 0.0, needed), needed
 
 
 # ---- FP8 rows dequantized as the compiled kernel reads them -------------------------------------
@@ -227,31 +239,31 @@ def test_compiled_kernel_reads_fp8_rows_as_their_dequantization(dtype, scheme, r
         spec = _spec(method, 3, trims, False)
         b = kernels.as_numpy(base)
         deq = [kernels.as_numpy(f.dequantize()) for f in fts]
-        srcs = [jit.fp8_source(f) for f in fts]
+        srcs = [ckernel.fp8_source(f) for f in fts]
         want, got = np.empty(base.numel(), np.uint16), np.empty(base.numel(), np.uint16)
         with np.errstate(all="ignore"):
             kernels.merge_block(spec, b, deq, want, 4321)
-        assert jit.supports(spec, b, srcs, got)
-        jit.merge(spec, b, srcs, got, 4321)
+        assert ckernel.supports(spec, b, srcs, got)
+        ckernel.merge(spec, b, srcs, got, 4321)
         assert want.tobytes() == got.tobytes(), (method, scheme)
     # an FP8 base too, and the stats passes
     spec = _spec("ties", 2, False, False)
-    b, deq, srcs = jit.fp8_source(fts[2]), [kernels.as_numpy(f.dequantize()) for f in fts[:2]], [jit.fp8_source(f) for f in fts[:2]]
+    b, deq, srcs = ckernel.fp8_source(fts[2]), [kernels.as_numpy(f.dequantize()) for f in fts[:2]], [ckernel.fp8_source(f) for f in fts[:2]]
     deq_base = kernels.as_numpy(fts[2].dequantize())
     want, got = np.empty(base.numel(), np.float32), np.empty(base.numel(), np.float32)
     with np.errstate(all="ignore"):
         kernels.merge_block(spec, deq_base, deq, want, 0)
         hist = kernels.radix_hist(spec, deq_base, deq, 0, [None, None], [True, True])
-    jit.merge(spec, b, srcs, got, 0)
+    ckernel.merge(spec, b, srcs, got, 0)
     assert want.tobytes() == got.tobytes()
-    assert [h.tolist() for h in hist] == [h.tolist() for h in jit.radix_hist(spec, b, srcs, 0, [None, None], [True, True])]
+    assert [h.tolist() for h in hist] == [h.tolist() for h in ckernel.radix_hist(spec, b, srcs, 0, [None, None], [True, True])]
 
 
 def test_fp8_rows_next_to_other_dtypes_go_to_the_numpy_kernel():
     # the compiled kernel loops over fine-tunes of one storage kind; a mix is dequantized instead
     f = _fp8_rows(128, 128, "block", torch.float8_e4m3fn, 0, 128, 0)
     b = np.zeros(128 * 128, np.uint16)
-    assert not jit.supports(_spec("ties", 2, False, False), b, [jit.fp8_source(f), b], np.empty_like(b))
+    assert not ckernel.supports(_spec("ties", 2, False, False), b, [ckernel.fp8_source(f), b], np.empty_like(b))
 
 
 @pytest.mark.parametrize("threads", [1, 2])  # 1100 rows on 2 threads: slabs split, staged, copied back
@@ -272,6 +284,80 @@ def test_compiled_fp8_quantizer_gives_torchs_bytes_in_place(dtype, rows, cols, t
     buf.view(dtype)[:] = x.reshape(-1)
     scales = np.empty((-(-rows // 128), cols // 128), np.float32)
     with ThreadPoolExecutor(threads) as pool:
-        jit.quantize_rows(kernels.as_numpy(buf.view(dtype)), cols, buf.numpy(), scales, pool if threads > 1 else None)
+        ckernel.quantize_rows(kernels.as_numpy(buf.view(dtype)), cols, buf.numpy(), scales, pool if threads > 1 else None)
     assert buf[: x.numel()].tolist() == want_q.view(torch.uint8).reshape(-1).tolist()
     assert scales.tobytes() == want_s.numpy().tobytes()
+
+
+# ---- the C kernel's own edges: subnormals, threads, a missing build -------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
+def test_compiled_kernel_keeps_subnormals_bit_for_bit(method, dtype):
+    # Subnormal inputs and τ, products that underflow to ±0 or a subnormal, and sums rounding to
+    # the largest float32 and past it: the C kernel flushes nothing to zero and rounds as numpy does.
+    g = torch.Generator().manual_seed(1)
+    tiny = torch.finfo(torch.float32).tiny
+    base = torch.randn(N, generator=g) * tiny * torch.rand(N, generator=g)  # subnormals
+    base[::3] = torch.randn(N, generator=g)[::3] * 1e-36
+    base[1::50] = 3.0e38
+    fts = [base + torch.randn(N, generator=g) * tiny * 4 for _ in range(3)]
+    for f in fts:
+        f[::7] = -f[::7]
+    b, fs = kernels.as_numpy(base.to(dtype)), [kernels.as_numpy(f.to(dtype)) for f in fts]
+    storage = np.uint16 if dtype == torch.bfloat16 else np.float32
+    for options in ({}, {"merge_func": "max"}, {"normalize": True}, {"divide_by_density": True}):
+        spec = _spec(method, 3, method == "ties", False, **options)
+        want, got = np.empty(N, storage), np.empty(N, storage)
+        with np.errstate(all="ignore"):
+            kernels.merge_block(spec, b, fs, want, 99)
+        ckernel.merge(spec, b, fs, got, 99)
+        assert want.tobytes() == got.tobytes(), (method, options)
+
+
+def test_compiled_kernel_on_threads_gives_the_one_thread_bytes_and_counts():
+    # Two threads split a block (run_parallel) and keep a histogram set each: the same bytes and counts.
+    g = torch.Generator().manual_seed(2)
+    n = 5 * kernels.CHUNK + 12345  # more than run_parallel's one-thread limit
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    fts = [(base.float() + torch.randn(n, generator=g) * 0.002).bfloat16() for _ in range(2)]
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+    spec = _spec("dare_ties", 2, False, False)
+    with ThreadPoolExecutor(2) as pool:
+        one, two = np.empty(n, np.uint16), np.empty(n, np.uint16)
+        ckernel.merge(spec, b, fs, one, 7, None)
+        ckernel.merge(spec, b, fs, two, 7, pool)
+        want = np.empty(n, np.uint16)
+        with np.errstate(all="ignore"):
+            kernels.merge_block(spec, b, fs, want, 7, pool)
+            hist = kernels.radix_hist(spec, b, fs, 7, [None, None], [True, True], pool)
+        assert one.tobytes() == two.tobytes() == want.tobytes()
+        got = ckernel.radix_hist(spec, b, fs, 7, [None, None], [True, True], pool)
+        assert [h.tolist() for h in got] == [h.tolist() for h in hist]
+
+
+def test_compile_on_without_the_built_kernel_fails_in_one_line(tmp_path, models, monkeypatch, caplog):
+    # Without the C kernel (installed where no C compiler was): "on" says to reinstall, "auto" merges with numpy.
+    import importlib.util
+    import sys
+
+    import streammerge.methods
+    from streammerge.errors import ConfigError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "streammerge.methods._ckernel" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match="not built at install"):
+        ckernel._library()
+    monkeypatch.delattr(streammerge.methods, "ckernel")
+    monkeypatch.setitem(sys.modules, "streammerge.methods.ckernel", None)  # its import fails
+    with pytest.raises(ConfigError, match="reinstall streammerge where a C compiler is available") as e:
+        _bytes(tmp_path, models, "ties", "default", "fused")
+    assert "\n" not in str(e.value)
+    numpy = _bytes(tmp_path, models, "ties", "default", "numpy")
+    auto = tmp_path / "auto"
+    merge(MergeConfig(method="ties", base=str(models / "base"), seed=5,
+                      models=tuple(ModelSpec(str(models / f"ft{i}"), {"weight": [0.5, -0.3, 0.4][i], "density": [0.5, 0.3, 0.8][i]})
+                                   for i in range(3))), auto)
+    assert shard_hashes(auto) == numpy

@@ -1,0 +1,229 @@
+"""The fast CPU kernel: kernels.py's float32 arithmetic, op for op, in C (ckernel.c), through ctypes.
+
+The numpy kernel makes one pass over a chunk per operation (dozens for a TIES merge); ckernel.c
+takes every 2048-element step through the whole merge while it sits in L1 cache, the DARE hash
+computed per element instead of stored. It is compiled once, when streammerge is installed
+(setup.py); importing this module raises ImportError when it was not (no C compiler then), and
+the numpy kernel gives the same bytes.
+
+Bits: every step is the same IEEE float32 operation, in the same order, as `kernels.merge_chunk`,
+and the tests check the two give identical bytes. Inputs are read in place from the mapped files:
+no staging copy. ctypes releases the GIL during a call: the pool's threads run in parallel.
+Covers the task-vector family in float32 with bf16/float32 storage, except DELLA's row ranking
+(`supports`); the rest stays on the numpy kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from ctypes import POINTER, c_float, c_int32, c_int64, c_uint32, c_uint64, c_void_p
+
+import numpy as np
+import torch
+
+from streammerge.io import quant
+from streammerge.io.quant import QuantRows
+from streammerge.methods import kernels, registry
+from streammerge.methods.mask import keep_threshold
+from streammerge.methods.ops import ALL_TIES, TensorSpec
+
+
+def _library() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("streammerge.methods._ckernel")
+    if spec is None or spec.origin is None:
+        raise ImportError("the compiled kernel was not built at install (no C compiler?): "
+                          "reinstall streammerge with a C compiler, e.g. pip install -e .")
+    try:
+        return ctypes.CDLL(spec.origin)
+    except OSError as e:  # built for another machine or Python, say
+        raise ImportError(f"the compiled kernel does not load ({e}): reinstall streammerge on this machine") from None
+
+
+_KINDS = {"uint16": 0, "float32": 1, "fp8": 2}  # ckernel.c's storage kinds: bf16 as its bits, float32, FP8 rows
+COPY, SUM, TIES, AVERAGE = 0, 1, 2, 3  # what the kernel does with a chunk
+MERGE_SUM, MERGE_MEAN, MERGE_MAX = 0, 1, 2
+
+
+class _Source(ctypes.Structure):  # ckernel.c's Source
+    _fields_ = [("kind", c_int64), ("data", c_void_p), ("grid", c_void_p), ("table", c_void_p),
+                ("grid_cols", c_int64), ("first", c_int64), ("cols", c_int64), ("br", c_int64), ("bc", c_int64)]
+
+
+class _Model(ctypes.Structure):  # ckernel.c's Model
+    _fields_ = [("src", _Source), ("weight", c_float), ("given", c_int32), ("keep_below", c_uint64),
+                ("key0", c_uint32), ("key1", c_uint32), ("scale", c_float), ("density", c_float),
+                ("divide", c_int32), ("trimmed", c_int32), ("outlier", c_int32),
+                ("trim_value", c_float), ("out_value", c_float), ("trim_tie", c_int64), ("out_tie", c_int64)]
+
+
+class _Merge(ctypes.Structure):  # ckernel.c's Merge
+    _fields_ = [("base", _Source), ("out", _Source), ("models", POINTER(_Model)), ("n", c_int64), ("start", c_int64),
+                *((f, c_int32) for f in ("mode", "dare", "band", "weighted_sign", "sign_count", "zero_majority",
+                                         "merge_func", "mean_count", "normalize", "positive")),
+                ("lam", c_float), ("norm", c_float), ("majority", c_float)]
+
+
+_lib = _library()
+_lib.merge_range.argtypes = [POINTER(_Merge), c_int64, c_int64]
+_lib.hist_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_void_p, c_void_p, c_int64, c_void_p]
+_lib.tie_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_float, c_int64, POINTER(c_int64)]
+_lib.tie_range.restype = c_int64
+_lib.quantize_range.argtypes = [POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
+
+
+def _check(ok: bool) -> None:
+    if not ok:
+        raise MemoryError("the compiled kernel could not allocate its scratch memory")
+
+
+_TABLES: dict = {}  # FP8 dtype -> its decode table
+
+
+def fp8_source(rows: QuantRows) -> tuple:
+    """FP8 rows as the kernel reads them: (bytes, float32 scale grid, decode table, first, cols, br, bc)."""
+    grid, first = rows.scale_grid()
+    table = _TABLES.get(rows.weight.dtype)
+    if table is None:
+        table = _TABLES[rows.weight.dtype] = quant.decode_table(rows.weight.dtype).numpy()
+    br, bc = rows.info.block
+    return (rows.weight.reshape(-1).view(torch.uint8).numpy(), np.ascontiguousarray(grid.numpy()), table, int(first),
+            int(rows.weight.shape[1]), int(br), int(bc))
+
+
+def numel(src: np.ndarray | tuple) -> int:
+    return len(src[0] if isinstance(src, tuple) else src)
+
+
+def _kind(src: np.ndarray | tuple) -> str:
+    return "fp8" if isinstance(src, tuple) else src.dtype.name
+
+
+def supports(spec: TensorSpec, base, fts: list, out: np.ndarray | None = None) -> bool:
+    """Whether the kernel merges (or, without `out`, histograms) these storage arrays (or FP8
+    sources, `fp8_source`)."""
+    opts = spec.opts
+    arrays = [a for a in (base, *fts, out) if a is not None]
+    if not all(_kind(a) in _KINDS for a in arrays) or len({_kind(f) for f in fts}) > 1:
+        return False
+    if out is not None and _kind(out) == "fp8":
+        return False
+    if not spec.merged:
+        return base is not None
+    declared = "compiled" in registry.get(opts.method).paths  # opt-in: methods/task_vectors.py
+    return declared and (base is not None or opts.combine == "average")
+
+
+def _source(src: np.ndarray | tuple) -> _Source:
+    """An array (flat, contiguous: kernels.as_numpy's) or an FP8 source as ckernel.c's Source; the
+    caller keeps `src` alive while the kernel reads it."""
+    if isinstance(src, tuple):
+        w, grid, table, first, cols, br, bc = src
+        return _Source(_KINDS["fp8"], w.ctypes.data, grid.ctypes.data, table.ctypes.data, grid.shape[1], first, cols, br, bc)
+    if not src.flags.c_contiguous:
+        raise ValueError("the compiled kernel reads contiguous arrays only")
+    return _Source(_KINDS[src.dtype.name], src.ctypes.data)
+
+
+def _params(spec: TensorSpec, base, fts: list, out=None, start: int = 0) -> _Merge:
+    """One call's parameters: the inputs and each model's weight and sparsification (kernels.deltas_chunk)."""
+    opts, n = spec.opts, len(fts)
+    mode = (COPY if not spec.merged else AVERAGE if opts.combine == "average" else
+            TIES if opts.combine == "ties" else SUM)
+    weights = [np.float32(w) for w in spec.weights] or [np.float32(0.0)] * n
+    norm = np.float32(0.0)
+    for w in weights:  # (0 + w0) + w1 + ... in float32, as the numpy kernel sums
+        norm = norm + w
+    if mode == SUM and abs(norm) < 1e-8:
+        norm = np.float32(1.0)
+    none = (None,) * n
+    trims, outliers = spec.trims or none, spec.outliers or none
+    keys = spec.keys if spec.dare else (0,) * n
+    scales = spec.dare_scales or (1.0,) * n
+    densities = spec.densities or (1.0,) * n
+    given = spec.given or (False,) * n
+    models = (_Model * max(n, 1))(*(
+        _Model(_source(f), weights[i], given[i], keep_threshold(densities[i]) if spec.dare else 0,
+               keys[i] & 0xFFFFFFFF, keys[i] >> 32, scales[i], densities[i],
+               bool(spec.dare and scales[i] != 1.0 and opts.divide_by_density),
+               trims[i] is not None, outliers[i] is not None,
+               trims[i].value if trims[i] is not None else 0.0, outliers[i].value if outliers[i] is not None else 0.0,
+               min(max(trims[i].last_tie, -1), ALL_TIES) if trims[i] is not None else -1,
+               outliers[i].last_tie if outliers[i] is not None else -1)
+        for i, f in enumerate(fts)))
+    return _Merge(
+        _source(base), _source(out) if out is not None else _Source(), models, n, start,
+        mode, bool(spec.dare), opts.sparsify == "band", bool(opts.weighted_sign), opts.sign_method == "count",
+        opts.zero_sign == "majority", {"sum": MERGE_SUM, "mean": MERGE_MEAN, "max": MERGE_MAX}.get(opts.merge_func, MERGE_SUM),
+        opts.mean_divisor == "count", bool(opts.normalize and mode in (SUM, AVERAGE)), bool(opts.positive_zeros),
+        1.0 if mode == AVERAGE else spec.lam, norm, spec.majority)  # linear has no λ
+
+
+def merge(spec: TensorSpec, base: np.ndarray | None, fts: list[np.ndarray], out: np.ndarray, start: int, pool=None) -> None:
+    """Merges flat `base`/`fts` (storage arrays, as kernels.as_numpy gives them) into flat `out`."""
+    p = ctypes.byref(_params(spec, base if base is not None else fts[0], fts, out, start))
+
+    def work(c0: int, c1: int) -> None:
+        _check(_lib.merge_range(p, c0, c1) == 0)
+
+    kernels.run_parallel(work, len(out), pool)
+
+
+def find_tie(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, i: int, value: float,
+             needed: int) -> tuple[int | None, int]:
+    """kernels.find_tie, compiled: model i's τ alone."""
+    p, seen = _params(spec, base, fts, start=start), c_int64()
+    pos = _lib.tie_range(ctypes.byref(p), i, 0, numel(base), np.float32(value), needed, ctypes.byref(seen))
+    _check(pos != -2)
+    return (None if pos < 0 else int(pos)), int(seen.value)
+
+
+def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, high: list[int | None],
+               wanted: list[bool], pool=None) -> list[np.ndarray]:
+    """kernels.radix_hist, compiled: the same counts."""
+    n = len(fts)
+    p = ctypes.byref(_params(spec, base, fts, start=start))
+    tops = np.array([-1 if h is None else h for h in high], dtype=np.int64)
+    want = np.array(wanted, dtype=np.uint8)
+    # one histogram set per thread (zeroing one per range would cost more than the counting)
+    size = numel(base)
+    workers = 1 if pool is None or size <= 4 * kernels.CHUNK else pool._max_workers
+    per = -(-size // workers)
+    bins = 2 * 65536 if any(h is None for h, w in zip(high, wanted) if w) else 65536  # pass 1 splits each bin in two
+    hists = np.zeros((workers, n, bins), np.int64)
+
+    def work(w: int) -> None:
+        end = min(size, (w + 1) * per)
+        for c in range(w * per, end, 1 << 31):  # hist_range counts in uint32
+            _check(_lib.hist_range(p, c, min(end, c + (1 << 31)), tops.ctypes.data, want.ctypes.data, bins, hists[w].ctypes.data) == 0)
+
+    if workers == 1:
+        work(0)
+    else:
+        for f in [pool.submit(work, w) for w in range(workers)]:
+            f.result()
+    for w in range(1, workers):
+        hists[0] += hists[w]
+    return list(hists[0])
+
+
+def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray, pool=None) -> None:
+    """quant.quantize_rows' bytes and scales from the merged rows `x` (bf16 bits or float32, flat),
+    the 128-row slabs split over the pool's threads. Each thread writes its own slabs' bytes into a
+    staging array (in place, one thread's bytes would land on another's unread input), then they
+    are copied into dst: one copy of a byte per element."""
+    slab = 128 * cols
+    if not scales.flags.c_contiguous or not dst.flags.c_contiguous:
+        raise ValueError("the compiled kernel writes contiguous arrays only")
+    if pool is None or len(x) <= 2 * slab:
+        _check(_lib.quantize_range(ctypes.byref(_source(x)), len(x) // cols, cols, dst.ctypes.data, scales.ctypes.data) == 0)
+        return
+    staged = np.empty(len(x), np.uint8)
+
+    def work(c0: int, c1: int) -> None:
+        part = _source(x[c0:c1])
+        _check(_lib.quantize_range(ctypes.byref(part), (c1 - c0) // cols, cols, staged[c0:].ctypes.data,
+                                   scales[c0 // slab :].ctypes.data) == 0)
+
+    kernels.run_parallel(work, len(x), pool, slab)
+    dst[: len(x)] = staged
