@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import streammerge.errors
 import streammerge.io.writer
 from streammerge.io.writer import STAGE, ShardWriter
 
@@ -69,3 +70,22 @@ def test_a_short_direct_write_goes_on_buffered(tmp_path, monkeypatch):
     monkeypatch.setattr(streammerge.io.writer.os, "write", short)
     _check(tmp_path / "s.safetensors", _write_shard(tmp_path / "s.safetensors"))
     assert len(calls) > 3
+
+
+def test_a_direct_write_failing_behind_is_one_error_and_leaves_no_file(tmp_path, monkeypatch):
+    # Full stages are written on a thread of their own: its error comes back at the next write or
+    # at finish, as the one-line OutputError, and the partial file is gone.
+    real = os.write
+    calls = []
+
+    def full(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(streammerge.io.writer.os, "write", full)
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(streammerge.errors.OutputError, match="disk full"):
+        _write_shard(path)
+    assert not path.exists() and not path.with_name(path.name + ".partial").exists()

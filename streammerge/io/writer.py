@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -48,7 +49,8 @@ class ShardWriter:
     Written with O_DIRECT where the file system takes it: the bytes go from an aligned staging
     buffer to the disk without a copy into the page cache, which on a fast disk costs more CPU than
     the merge's arithmetic (benchmarks/README.md), and the final fsync then has little left to do.
-    Elsewhere (tmpfs, some network file systems) plain buffered writes.
+    A direct write waits for the disk, so it runs on a thread of its own while the next stage is
+    hashed and filled (two stages). Elsewhere (tmpfs, some network file systems) plain buffered writes.
 
     Example:
         >>> w = ShardWriter(out / "model-00001-of-00001.safetensors", entries)   # doctest: +SKIP
@@ -65,6 +67,9 @@ class ShardWriter:
         self.file_size = len(header) + self.expected
         self._sha = hashlib.sha256()
         self._stage: mmap.mmap | None = None  # O_DIRECT: page-aligned bytes waiting for a full STAGE
+        self._spare: mmap.mmap | None = None  # the other stage, being written (or free)
+        self._io: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None  # the spare's direct write
         self._fill = 0
         self._fd = -1
         try:
@@ -79,7 +84,8 @@ class ShardWriter:
         if direct and self.file_size >= STAGE and not os.environ.get("STREAMMERGE_BUFFERED_WRITES"):
             try:
                 fd = os.open(self.tmp, flags | direct, 0o644)
-                self._stage = mmap.mmap(-1, STAGE)
+                self._stage, self._spare = mmap.mmap(-1, STAGE), mmap.mmap(-1, STAGE)
+                self._io = ThreadPoolExecutor(1, thread_name_prefix="streammerge-direct-io")
                 return fd
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
@@ -98,9 +104,10 @@ class ShardWriter:
                 self._stage[self._fill : self._fill + n] = data[:n]
                 self._fill += n
                 data = data[n:]
-                if self._fill == STAGE:
-                    self._write_all(memoryview(self._stage))
-                    self._fill = 0
+                if self._fill == STAGE:  # written behind; the spare's write must be done before it is filled
+                    self._wait()
+                    self._pending = self._io.submit(self._write_all, memoryview(self._stage))
+                    self._stage, self._spare, self._fill = self._spare, self._stage, 0
         except OSError as e:
             self.abort()
             raise OutputError(f"{self.path}: write failed: {e.strerror or e} (disk full?)") from None
@@ -108,14 +115,31 @@ class ShardWriter:
     def _write_all(self, data: memoryview) -> None:
         while len(data):
             n = os.write(self._fd, data)
-            if n < len(data) and self._stage is not None:  # a short direct write leaves the rest unaligned
+            if 0 < n < len(data):  # a short direct write leaves the rest unaligned: buffered from here on
                 self._buffered()
             data = data[n:]
+
+    def _wait(self) -> None:
+        """Waits for the write behind (raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _buffered(self) -> None:
         """Turns off O_DIRECT for the rest of the file (the unaligned tail, or after a short write)."""
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        self._stage = None
+
+    def _close_stages(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)  # (after an error too: no write may land once the file is gone)
+            self._io = None
+        for stage in (self._stage, self._spare):
+            try:
+                if stage is not None:
+                    stage.close()
+            except BufferError:  # a failed write's traceback still holds a view of it: it goes with that
+                pass
+        self._stage = self._spare = None
 
     def write(self, tensor: torch.Tensor) -> None:
         """Appends the bytes of a contiguous CPU tensor (a whole tensor or its next row block)."""
@@ -130,11 +154,12 @@ class ShardWriter:
             raise OutputError(f"{self.path}: internal error, wrote {self.written} of {self.expected} data bytes")
         try:
             if self._stage is not None:
+                self._wait()
                 stage, aligned = self._stage, self._fill - self._fill % ALIGN
                 self._write_all(memoryview(stage)[:aligned])
                 self._buffered()
                 self._write_all(memoryview(stage)[aligned : self._fill])
-                stage.close()
+                self._close_stages()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
@@ -147,6 +172,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Closes and deletes the partial file; the shard never appears under its final name. Never
         raises: it runs while an error (often a full disk) is already on its way."""
+        self._close_stages()
+        self._pending = None
         try:
             if self._fd >= 0:
                 os.close(self._fd)
