@@ -5,11 +5,13 @@
 
 For each method (base + 2 fine-tunes, weights 0.5, density 0.5, bf16), each merge its own process,
 wall time and peak anonymous memory (RssAnon, sampled from /proc every 10 ms) recorded:
-- first run: inputs in the page cache, the method's first merge (the C kernel is built at install:
-  nothing compiles at run time, as on a fresh machine or CI container);
+- first run: inputs in the page cache, the method's first merge with streammerge's bytecode caches
+  removed (the C kernel is built at install: nothing else compiles at run time), as on a fresh
+  clone or CI container;
 - warm: the same again: the repeat run;
 - cold: the page cache emptied of the inputs first (posix_fadvise DONTNEED: no root needed).
-The floor is the time to read every input once from a cold cache plus to write the output's size
+The floor is the time to read every input once from a cold cache (the faster of one file after
+another and the three models' files read side by side) plus to write the output's size
 (O_DIRECT where the disk takes it, as the shards are written) with fsync. mergekit runs warm and cold in the same run when given. Prints a table, saves it as
 JSON and, with matplotlib installed, as a PNG.
 """
@@ -17,6 +19,7 @@ JSON and, with matplotlib installed, as a PNG.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import mmap
 import os
@@ -27,9 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PACKAGE = Path(importlib.util.find_spec("streammerge").origin).parent  # the streammerge that runs
 CONFIG = """\
 merge_method: {method}
 base_model: {data}/base
@@ -57,16 +62,31 @@ def evict(files: list[Path]) -> None:
             os.close(fd)
 
 
-def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> dict:
-    evict(files)
-    buf = bytearray(16 << 20)
-    t = time.perf_counter()
-    total = 0
+def read_all(files: list[Path]) -> int:
+    buf, total = bytearray(16 << 20), 0
     for f in files:
         with open(f, "rb", buffering=0) as fh:
             while n := fh.readinto(buf):
                 total += n
-    read_s = time.perf_counter() - t
+    return total
+
+
+def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> dict:
+    # every input read once from a cold cache, the fastest of: one file after another, or each
+    # model's files on a thread of its own (as a merge reads them: a virtual disk often gives
+    # several streams more than one)
+    evict(files)
+    t = time.perf_counter()
+    total = read_all(files)
+    sequential_s = time.perf_counter() - t
+    evict(files)
+    by_model = [[f for f in files if f.parent.name == m] for m in ("base", "ft1", "ft2")]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(len(by_model)) as pool:
+        list(pool.map(read_all, by_model))
+    concurrent_s = time.perf_counter() - t
+    read_s = min(sequential_s, concurrent_s)
+    buf = bytearray(16 << 20)
     # the output's size written the fastest way this disk allows: O_DIRECT from an aligned buffer
     # (as streammerge writes shards), else buffered; then fsync
     aligned = mmap.mmap(-1, len(buf))
@@ -82,7 +102,8 @@ def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> dict:
     os.close(fd)
     write_s = time.perf_counter() - t
     scratch.unlink()
-    return {"read_s": read_s, "write_s": write_s, "floor_s": read_s + write_s, "input_bytes": total}
+    return {"read_s": read_s, "read_sequential_s": sequential_s, "read_concurrent_s": concurrent_s,
+            "write_s": write_s, "floor_s": read_s + write_s, "input_bytes": total}
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
@@ -127,7 +148,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="streammerge-bench-", dir=args.data))
     rows = []
     floor = io_floor(files, out_bytes, work / "floor.bin")
-    print(f"I/O floor: read {floor['input_bytes'] / 1e9:.2f} GB in {floor['read_s']:.1f} s, "
+    print(f"I/O floor: read {floor['input_bytes'] / 1e9:.2f} GB in {floor['read_s']:.1f} s (one file after another "
+          f"{floor['read_sequential_s']:.1f} s, the models side by side {floor['read_concurrent_s']:.1f} s), "
           f"write {out_bytes / 1e9:.2f} GB in {floor['write_s']:.1f} s -> {floor['floor_s']:.1f} s", flush=True)
 
     def warm_inputs() -> None:
@@ -146,6 +168,9 @@ def main() -> None:
         env = {**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1"}
         timings = {}
         for run in ("first run", "warm", "cold"):
+            if run == "first run":  # as a fresh clone: streammerge's own bytecode not compiled yet
+                for cache in PACKAGE.rglob("__pycache__"):
+                    shutil.rmtree(cache)
             evict(files) if run == "cold" else warm_inputs()
             timings[run] = r = run_measured(cmd, env=env)
             print(f"streammerge {method} {run}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
