@@ -115,31 +115,24 @@ def output_config(arch: str, base_cfg, cfg: MoEConfig, out_dtype: torch.dtype | 
         out.num_experts_per_tok = cfg.experts_per_token or 2
         out.sliding_window = None
         _set_dtype(out, out_dtype)
-    elif arch == "qwen3_moe":
-        from transformers.models.qwen3_moe import Qwen3MoeConfig
+    else:  # Qwen2-MoE and Qwen3-MoE: the same fields, and Qwen2's sliding window and shared expert besides
+        qwen3 = arch == "qwen3_moe"
+        if qwen3:
+            from transformers.models.qwen3_moe import Qwen3MoeConfig as config_class
+        else:
+            from transformers.models.qwen2_moe import Qwen2MoeConfig as config_class
 
-        out = Qwen3MoeConfig(**base_cfg.to_dict())
-        out.architectures = ["Qwen3MoeForCausalLM"]
+        out = config_class(**base_cfg.to_dict())
+        out.architectures = ["Qwen3MoeForCausalLM" if qwen3 else "Qwen2MoeForCausalLM"]
         out.num_experts = n
         out.num_experts_per_tok = cfg.experts_per_token or 2
         out.decoder_sparse_step = 1
         out.norm_topk_prob = True
         out.moe_intermediate_size = out.intermediate_size
-        if out_dtype is not None:
-            _set_dtype(out, out_dtype)
-    else:
-        from transformers.models.qwen2_moe import Qwen2MoeConfig
-
-        out = Qwen2MoeConfig(**base_cfg.to_dict())
-        out.architectures = ["Qwen2MoeForCausalLM"]
-        out.num_experts = n
-        out.num_experts_per_tok = cfg.experts_per_token or 2
-        out.decoder_sparse_step = 1
-        out.norm_topk_prob = True
-        out.sliding_window = None
-        out.use_sliding_window = False
-        out.shared_expert_intermediate_size = out.intermediate_size
-        out.moe_intermediate_size = out.intermediate_size
+        if not qwen3:
+            out.sliding_window = None
+            out.use_sliding_window = False
+            out.shared_expert_intermediate_size = out.intermediate_size
         if out_dtype is not None:
             _set_dtype(out, out_dtype)
     if n & (n - 1):
