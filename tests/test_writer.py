@@ -72,6 +72,25 @@ def test_a_short_direct_write_goes_on_buffered(tmp_path, monkeypatch):
     assert len(calls) > 3
 
 
+def test_a_direct_write_refused_goes_on_buffered(tmp_path, monkeypatch):
+    # Some file systems open with O_DIRECT and then refuse the writes (EINVAL): buffered from there.
+    import fcntl
+
+    real = os.write
+    refused = []
+
+    def refuse_direct(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(1)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data)
+
+    monkeypatch.setattr(streammerge.io.writer.os, "write", refuse_direct)
+    _check(tmp_path / "s.safetensors", _write_shard(tmp_path / "s.safetensors"))
+    if not refused:
+        pytest.skip("this file system refuses O_DIRECT at open (the buffered path is what ran)")
+
+
 def test_a_direct_write_failing_behind_is_one_error_and_leaves_no_file(tmp_path, monkeypatch):
     # Full stages are written on a thread of their own: its error comes back at the next write or
     # at finish, as the one-line OutputError, and the partial file is gone.

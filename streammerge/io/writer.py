@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 import threading
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,14 +83,18 @@ class ShardWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         direct = getattr(os, "O_DIRECT", 0)
         if direct and self.file_size >= STAGE and not os.environ.get("STREAMMERGE_BUFFERED_WRITES"):
+            stages = mmap.mmap(-1, STAGE), mmap.mmap(-1, STAGE)  # before the file: nothing to undo if these fail
             try:
                 fd = os.open(self.tmp, flags | direct, 0o644)
-                self._stage, self._spare = mmap.mmap(-1, STAGE), mmap.mmap(-1, STAGE)
-                self._io = ThreadPoolExecutor(1, thread_name_prefix="streammerge-direct-io")
-                return fd
             except OSError as e:
+                for stage in stages:
+                    stage.close()
                 if e.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
                     raise
+            else:
+                self._stage, self._spare = stages
+                self._io = ThreadPoolExecutor(1, thread_name_prefix="streammerge-direct-io")
+                return fd
         return os.open(self.tmp, flags, 0o644)
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -97,7 +102,7 @@ class ShardWriter:
         try:
             data = memoryview(data)
             while len(data):
-                if self._stage is None:  # buffered writes (no direct I/O here, or not any more)
+                if self._stage is None:  # buffered writes (no direct I/O here)
                     self._write_all(data)
                     return
                 n = min(len(data), STAGE - self._fill)
@@ -106,15 +111,23 @@ class ShardWriter:
                 data = data[n:]
                 if self._fill == STAGE:  # written behind; the spare's write must be done before it is filled
                     self._wait()
-                    self._pending = self._io.submit(self._write_all, memoryview(self._stage))
+                    self._pending = self._io.submit(self._write_all, self._stage)
                     self._stage, self._spare, self._fill = self._spare, self._stage, 0
         except OSError as e:
+            _drop_views(e)
             self.abort()
             raise OutputError(f"{self.path}: write failed: {e.strerror or e} (disk full?)") from None
 
-    def _write_all(self, data: memoryview) -> None:
+    def _write_all(self, data) -> None:
+        data = memoryview(data)
         while len(data):
-            n = os.write(self._fd, data)
+            try:
+                n = os.write(self._fd, data)
+            except OSError as e:  # a file system that opens with O_DIRECT but refuses the write: buffered
+                if e.errno != errno.EINVAL or not self._direct():
+                    raise
+                self._buffered()
+                continue
             if 0 < n < len(data):  # a short direct write leaves the rest unaligned: buffered from here on
                 self._buffered()
             data = data[n:]
@@ -125,6 +138,9 @@ class ShardWriter:
         if pending is not None:
             pending.result()
 
+    def _direct(self) -> bool:
+        return bool(fcntl.fcntl(self._fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+
     def _buffered(self) -> None:
         """Turns off O_DIRECT for the rest of the file (the unaligned tail, or after a short write)."""
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
@@ -134,11 +150,8 @@ class ShardWriter:
             self._io.shutdown(wait=True)  # (after an error too: no write may land once the file is gone)
             self._io = None
         for stage in (self._stage, self._spare):
-            try:
-                if stage is not None:
-                    stage.close()
-            except BufferError:  # a failed write's traceback still holds a view of it: it goes with that
-                pass
+            if stage is not None:
+                stage.close()
         self._stage = self._spare = None
 
     def write(self, tensor: torch.Tensor) -> None:
@@ -155,16 +168,18 @@ class ShardWriter:
         try:
             if self._stage is not None:
                 self._wait()
-                stage, aligned = self._stage, self._fill - self._fill % ALIGN
-                self._write_all(memoryview(stage)[:aligned])
-                self._buffered()
-                self._write_all(memoryview(stage)[aligned : self._fill])
+                aligned = self._fill - self._fill % ALIGN
+                with memoryview(self._stage) as stage:
+                    self._write_all(stage[:aligned])
+                    self._buffered()
+                    self._write_all(stage[aligned : self._fill])
                 self._close_stages()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
             os.replace(self.tmp, self.path)
         except OSError as e:
+            _drop_views(e)
             self.abort()
             raise OutputError(f"{self.path}: cannot finish: {e.strerror or e} (disk full?)") from None
         return self._sha.hexdigest()
@@ -184,6 +199,12 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def _drop_views(error: BaseException) -> None:
+    """Clears the finished frames of a failed write: their locals (views of a staging buffer) would
+    keep the buffer from closing for as long as the error lives."""
+    traceback.clear_frames(error.__traceback__)
 
 
 def write_json_atomic(path: Path, obj: object) -> None:

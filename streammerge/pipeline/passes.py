@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from streammerge.io import lora, quant
-from streammerge.io.sources import DTYPES, Checkpoint
+from streammerge.io.sources import DTYPES, Checkpoint, ComputedCheckpoint
 from streammerge.io.vocab import RowGather
 from streammerge.methods import Method, Rows, kernels, ops, registry
 from streammerge.methods.mask import keep_mask, keep_mask_varying, mask_key
@@ -103,6 +103,11 @@ class NumpyBackend:
             self.compiled.merge(spec, base, fts, flat, block.start, self.pool)
             return
         kernels.merge_block(spec, base if base is not None else fts[0], fts, flat, block.start, self.pool)
+
+
+def _mapped(source) -> bool:
+    """Whether a source's rows are views of a mapped file (not computed, nor a LoRA adapter's)."""
+    return isinstance(source, Checkpoint) and not isinstance(source, ComputedCheckpoint)
 
 
 def dequantized(t):
@@ -359,12 +364,17 @@ class TensorJob:
         # inputs built per block (gathered rows, a LoRA's float32 τ) are memory of their own, unlike mapped views
         given = sum(d is not None for d in self.delta_rows)
         held = sum(self.gather.dtype.itemsize for c in self.sources if self._gathered(c)) + 4 * given + (lora.PRODUCT_SCRATCH if given else 0)
-        # FP8 inputs: the compiled kernel dequantizes the mapped rows as it reads them (the same
-        # fine-tunes' layout, as its model loop needs); else each one's float32 rows are built per block
-        fp8_fts = set(fp8_inputs[self.read_base :])
-        self.raw_fp8 = any(fp8_inputs) and isinstance(self.backend, NumpyBackend) and compiled is not None and len(fp8_fts) <= 1
-        held += 0 if self.raw_fp8 else 4 * sum(fp8_inputs)
-        self.views_only = held == 0  # every block read is views of mapped bytes: readers side by side cost no memory
+        # FP8 inputs: the compiled kernel dequantizes a mapped file's rows as it reads them where it
+        # takes every pass of this tensor (ckernel.supports: a method that declares it, a base or an
+        # average, one kind of fine-tune; no majority-sign pass, which reads float32); any other FP8
+        # input's float32 rows are built per block
+        compiled_passes = compiled is not None and isinstance(self.backend, NumpyBackend) and (not tp.merged or (
+            "compiled" in self.method.paths and (self.read_base or self.is_linear)
+            and not (self.opts.zero_sign == "majority" and self.opts.combine == "ties")))
+        self.raw_fp8 = compiled_passes and len(set(fp8_inputs[self.read_base :])) <= 1
+        held += 4 * sum(q and not (self.raw_fp8 and _mapped(c)) for q, c in zip(fp8_inputs, self.sources))
+        # every block read is views of mapped files: readers side by side cost no memory
+        self.views_only = held == 0 and all(_mapped(c) for c in self.sources)
         self.rows = job_rows(tp, plan, in_dtypes, isinstance(self.backend, NumpyBackend) or self.passthrough, held)
         if device_budget is not None and tp.merged and not use_numpy:
             fits = device_rows(tp, plan, in_dtypes, device_budget)
@@ -406,8 +416,8 @@ class TensorJob:
     def _rows(self, ckpt: Checkpoint, name: str, r0: int, r1: int) -> torch.Tensor:
         if self._gathered(ckpt):
             return self.gather.rows(ckpt.label, r0, r1)
-        if self.raw_fp8 and isinstance(ckpt, Checkpoint) and isinstance(ckpt.tensors[name], quant.QuantTensor):
-            return ckpt.view(name, r0, r1, dequantize=False)  # (a LoRA adapter's view has no such option)
+        if self.raw_fp8 and _mapped(ckpt) and isinstance(ckpt.tensors[name], quant.QuantTensor):
+            return ckpt.view(name, r0, r1, dequantize=False)
         return ckpt.view(name, r0, r1)
 
     def read(self, r0: int, r1: int) -> Block:
