@@ -31,12 +31,11 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from make_models import SHAPES, tensor_shapes, write_model  # noqa: E402
-import run  # noqa: E402
-from run import evict, io_floor, run_measured  # noqa: E402
+from run import CONFIG as MERGE_CONFIG, evict, input_files, io_floor, run_measured  # noqa: E402
 
 from streammerge.io import quant  # noqa: E402
 
-CONFIG = run.CONFIG.replace("{method}", "dare_ties") + "{extra}"  # run.py's merge, plus FP8 output where asked
+CONFIG = MERGE_CONFIG.replace("{method}", "dare_ties") + "{extra}"  # run.py's merge, plus FP8 output where asked
 
 
 def write_pair(root: Path, shapes: dict, model: int, config: dict, shard_bytes: int, kinds: list[str]) -> None:
@@ -95,11 +94,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.data) as tmp:
         for kind, label, extra in runs:
             data = args.data / kind
-            files = sorted(p for m in ("base", "ft1", "ft2") for p in (data / m).glob("*.safetensors"))
+            files = input_files(data)
             cfg = Path(tmp) / "merge.yaml"
             cfg.write_text(CONFIG.format(data=data, extra=extra))
             out = Path(tmp) / "out"
-            shutil.rmtree(out, ignore_errors=True)
             evict(files)
             # no supervisor process: RssAnon is then the merge's own
             m = run_measured([sys.executable, "-m", "streammerge", "merge", str(cfg), str(out), "--quiet",

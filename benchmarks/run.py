@@ -86,10 +86,9 @@ def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> dict:
         list(pool.map(read_all, by_model))
     concurrent_s = time.perf_counter() - t
     read_s = min(sequential_s, concurrent_s)
-    buf = bytearray(16 << 20)
     # the output's size written the fastest way this disk allows: O_DIRECT from an aligned buffer
     # (as streammerge writes shards), else buffered; then fsync
-    aligned = mmap.mmap(-1, len(buf))
+    aligned = mmap.mmap(-1, 16 << 20)
     t = time.perf_counter()
     try:
         fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
@@ -152,13 +151,6 @@ def main() -> None:
           f"{floor['read_sequential_s']:.1f} s, the models side by side {floor['read_concurrent_s']:.1f} s), "
           f"write {out_bytes / 1e9:.2f} GB in {floor['write_s']:.1f} s -> {floor['floor_s']:.1f} s", flush=True)
 
-    def warm_inputs() -> None:
-        for f in files:
-            with open(f, "rb", buffering=0) as fh:
-                while fh.readinto(buf):
-                    pass
-
-    buf = bytearray(16 << 20)
     for method in args.methods:
         cfg = work / f"{method}.yaml"
         cfg.write_text(CONFIG.format(method=method, data=args.data))
@@ -171,7 +163,7 @@ def main() -> None:
             if run == "first run":  # as a fresh clone: streammerge's own bytecode not compiled yet
                 for cache in PACKAGE.rglob("__pycache__"):
                     shutil.rmtree(cache)
-            evict(files) if run == "cold" else warm_inputs()
+            evict(files) if run == "cold" else read_all(files)
             timings[run] = r = run_measured(cmd, env=env)
             print(f"streammerge {method} {run}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
         rows.append({"tool": "streammerge", "method": method, **timings["cold"], "warm_s": timings["warm"]["wall_s"],
@@ -183,7 +175,7 @@ def main() -> None:
             out = work / "mk-out"
             cmd = [str(args.mergekit / "bin" / "mergekit-yaml"), str(cfg), str(out), "--random-seed", "0",
                    "--no-copy-tokenizer", "--no-write-model-card", "--allow-crimes"]
-            warm_inputs()
+            read_all(files)
             warm = run_measured(cmd)
             evict(files)
             r = run_measured(cmd)

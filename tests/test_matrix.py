@@ -94,6 +94,7 @@ def test_the_compiled_kernel_gives_torchs_bytes(models, tmp_path, method, monkey
 
 
 @pytest.mark.slow
+@needs_compiled
 def test_a_path_declared_but_not_implemented_fails_the_matrix(models, tmp_path, monkeypatch):
     # DELLA's ranked keep probabilities are not in the compiled kernel: claiming it must be caught
     monkeypatch.setattr(TaskVectorMethod, "paths", property(lambda self: frozenset(PATHS)))

@@ -96,7 +96,7 @@ class ArceeFusion(Method):
         imp = self._importance(ctx, a, b, state, rows.r0)
         if p == 0:
             return ops.radix_hist_high(imp)
-        highs = sorted({s.high for s in state.selects})
+        highs = sorted({s.high for s in state.selects if s.found is None})  # (those pass 1 did not settle)
         return {h: ops.radix_hist_low(imp, h) for h in highs}
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: _State | None) -> _State:
@@ -125,7 +125,8 @@ class ArceeFusion(Method):
                 s.end_pass()
             return state
         for s in state.selects:
-            s.add(torch.stack([hists[s.high] for hists in partials]).sum(dim=0))
+            if s.found is None:
+                s.add(torch.stack([hists[s.high] for hists in partials]).sum(dim=0))
         q1, q2, q3 = (s.result()[0] for s in state.selects)
         state.threshold = q2 + IQR_FACTOR * (q3 - q1)  # float64 from the float32 order statistics
         return state

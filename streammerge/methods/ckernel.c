@@ -284,7 +284,7 @@ MULTIVERSION int hist_range(const Merge *p, int64_t lo, int64_t hi, const int64_
         }
     }
     for (int64_t i = 0; i < n; i++)
-        for (int64_t k = 0; k < 4; k++)
+        for (int64_t k = 0; k < 4 && wanted[i]; k++)
             for (int64_t v = 0; v < bins; v++) hists[i * bins + v] += counts[(i * 4 + k) * stride + v];
     free(buf);
     free(counts);

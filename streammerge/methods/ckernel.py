@@ -26,7 +26,7 @@ from streammerge.io import quant
 from streammerge.io.quant import QuantRows
 from streammerge.methods import kernels, registry
 from streammerge.methods.mask import keep_threshold
-from streammerge.methods.ops import ALL_TIES, TensorSpec
+from streammerge.methods.ops import TensorSpec
 
 
 def _library() -> ctypes.CDLL:
@@ -106,8 +106,6 @@ def supports(spec: TensorSpec, base, fts: list, out: np.ndarray | None = None) -
     arrays = [a for a in (base, *fts, out) if a is not None]
     if not all(_kind(a) in _KINDS for a in arrays) or len({_kind(f) for f in fts}) > 1:
         return False
-    if out is not None and _kind(out) == "fp8":
-        return False
     if not spec.merged:
         return base is not None
     declared = "compiled" in registry.get(opts.method).paths  # opt-in: methods/task_vectors.py
@@ -132,7 +130,7 @@ def _params(spec: TensorSpec, base, fts: list, out=None, start: int = 0) -> _Mer
             TIES if opts.combine == "ties" else SUM)
     weights = [np.float32(w) for w in spec.weights] or [np.float32(0.0)] * n
     norm = np.float32(0.0)
-    for w in weights:  # (0 + w0) + w1 + ... in float32, as the numpy kernel sums
+    for w in weights:  # (0 + w0) + w1 + ... in float32, as the numpy kernel sums (none for a copy)
         norm = norm + w
     if mode == SUM and abs(norm) < 1e-8:
         norm = np.float32(1.0)
@@ -148,7 +146,7 @@ def _params(spec: TensorSpec, base, fts: list, out=None, start: int = 0) -> _Mer
                bool(spec.dare and scales[i] != 1.0 and opts.divide_by_density),
                trims[i] is not None, outliers[i] is not None,
                trims[i].value if trims[i] is not None else 0.0, outliers[i].value if outliers[i] is not None else 0.0,
-               min(max(trims[i].last_tie, -1), ALL_TIES) if trims[i] is not None else -1,
+               trims[i].last_tie if trims[i] is not None else -1,
                outliers[i].last_tie if outliers[i] is not None else -1)
         for i, f in enumerate(fts)))
     return _Merge(
@@ -185,26 +183,25 @@ def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start:
     p = ctypes.byref(_params(spec, base, fts, start=start))
     tops = np.array([-1 if h is None else h for h in high], dtype=np.int64)
     want = np.array(wanted, dtype=np.uint8)
-    # one histogram set per thread (zeroing one per range would cost more than the counting)
-    size = numel(base)
-    workers = 1 if pool is None or size <= 4 * kernels.CHUNK else pool._max_workers
-    per = -(-size // workers)
     bins = 2 * 65536 if any(h is None for h, w in zip(high, wanted) if w) else 65536  # pass 1 splits each bin in two
-    hists = np.zeros((workers, n, bins), np.int64)
+    # one histogram set per thread, and one thread for a tensor whose counting would cost less than
+    # zeroing and adding up another set
+    size = numel(base)
+    ranges = kernels._chunks(size, 1 if pool is None else min(pool._max_workers, max(1, size // (16 * bins))), kernels.CHUNK)
+    hists = np.zeros((len(ranges), n, bins), np.int64)
 
-    def work(w: int) -> None:
-        end = min(size, (w + 1) * per)
-        for c in range(w * per, end, 1 << 31):  # hist_range counts in uint32
-            _check(_lib.hist_range(p, c, min(end, c + (1 << 31)), tops.ctypes.data, want.ctypes.data, bins, hists[w].ctypes.data) == 0)
+    def work(r: int) -> None:
+        c0, c1 = ranges[r]
+        for c in range(c0, c1, 1 << 31):  # hist_range counts in uint32
+            _check(_lib.hist_range(p, c, min(c1, c + (1 << 31)), tops.ctypes.data, want.ctypes.data, bins, hists[r].ctypes.data) == 0)
 
-    if workers == 1:
-        work(0)
+    if pool is None or len(ranges) == 1:
+        for r in range(len(ranges)):
+            work(r)
     else:
-        for f in [pool.submit(work, w) for w in range(workers)]:
+        for f in [pool.submit(work, r) for r in range(len(ranges))]:
             f.result()
-    for w in range(1, workers):
-        hists[0] += hists[w]
-    return list(hists[0])
+    return list(hists.sum(axis=0))
 
 
 def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray, pool=None) -> None:

@@ -381,7 +381,8 @@ def radix_hist(spec: TensorSpec, base, fts, start: int, high: list[int | None], 
                 if high[i] is None:
                     k = np.right_shift(bits, 15, out=keys[i][fill[i] : fill[i] + e - c])
                     np.bitwise_and(k, ~1, out=k)
-                    np.bitwise_or(k, np.bitwise_and(bits, 0xFFFF, out=s.tmp[: e - c].view(np.int32)) != 0, out=k)
+                    low = np.bitwise_and(bits, 0xFFFF, out=s.tmp[: e - c].view(np.int32))
+                    np.bitwise_or(k, np.not_equal(low, 0, out=s.b1[: e - c]), out=k)
                     fill[i] += len(k)
                 else:
                     sel = bits[np.right_shift(bits, 16, out=s.tmp[: e - c].view(np.int32)) == high[i]]

@@ -82,7 +82,8 @@ class Sce(Method):
         if p == 0:
             return ops.radix_hist_high(var), int((var == 0).sum())
         if p == 1:
-            return None if state.select is None else ops.radix_hist_low(var, state.select.high)
+            select = state.select  # (pass 1 may have settled the threshold: RadixSelect.found)
+            return None if select is None or select.found else ops.radix_hist_low(var, select.high)
         if not state.partial_ties:  # p == 2, nothing to locate
             return None
         return (var == state.value).sum(dim=1).cpu()  # ties per row
@@ -106,7 +107,8 @@ class Sce(Method):
             return state
         if p == 1:
             if state.select is not None:
-                state.select.add(torch.stack(partials).sum(dim=0))
+                if state.select.found is None:
+                    state.select.add(torch.stack(partials).sum(dim=0))
                 state.value, greater, equal = state.select.result()
                 kept = state.k - greater  # ≥ 1: the k-th largest is a tie
                 state.partial_ties = kept if kept < equal else 0
