@@ -36,10 +36,10 @@ def spy_compiled(monkeypatch, name: str) -> list:
     return calls
 
 
-def compiled_kernel(allow_module_level: bool = False):
+def compiled_kernel():
     """streammerge.methods.ckernel, or the test skipped when it was not built."""
     if _ckernel is None:
-        pytest.skip(NOT_BUILT, allow_module_level=allow_module_level)
+        pytest.skip(NOT_BUILT, allow_module_level=True)  # (a module-level call skips the whole module)
     return _ckernel
 
 
@@ -64,7 +64,7 @@ def inject_masks(monkeypatch) -> Callable:
         monkeypatch.setattr(streammerge.methods.kernels, "keep_mask_varying", keep_mask_varying)
         monkeypatch.setattr(streammerge.methods.kernels, "keep_mask_into", keep_mask_into)
         # the compiled kernel hashes its masks inline: the merge takes the numpy kernel instead
-        monkeypatch.setattr(streammerge.pipeline.engine, "_compiled_kernel", lambda mode: None)
+        monkeypatch.setattr(streammerge.pipeline.engine, "compiled_kernel", lambda mode: None)
 
     return install
 

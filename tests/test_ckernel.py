@@ -20,13 +20,13 @@ from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_ch
 from streammerge.io import quant
 from streammerge.io.sources import TensorInfo
 
-ckernel = compiled_kernel(allow_module_level=True)
+ckernel = compiled_kernel()
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=2, vocab=50)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fused")
+    root = tmp_path_factory.mktemp("compiled")
     base = random_state(SHAPE, seed=3)
     base["model.layers.0.mlp.up_proj.weight"][::7] = -0.0  # signed zeros in the base
     save_checkpoint(base, root / "base", shards=1)
@@ -41,7 +41,7 @@ def _bytes(tmp_path, root, method, semantics, mode, options=None, **params):
     models = tuple(ModelSpec(str(root / f"ft{i}"), {"weight": [0.5, -0.3, 0.4][i], "density": [0.5, 0.3, 0.8][i]}) for i in range(3))
     cfg = MergeConfig(method=method, base=str(root / "base"), models=models, semantics=semantics, parameters=params, seed=5)
     out = tmp_path / f"{method}-{semantics}-{mode}"
-    merge(cfg, out, compile="on" if mode == "fused" else "off", **(options or {}))
+    merge(cfg, out, compile={"compiled": "on", "auto": "auto"}.get(mode, "off"), **(options or {}))
     return shard_hashes(out)
 
 
@@ -54,12 +54,12 @@ SLOW_CASES = [("task_arithmetic", "default", {"normalize": True}), ("dare_linear
 @pytest.mark.parametrize(("method", "semantics", "params"), CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES])
 def test_compiled_numpy_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, caplog, method, semantics, params):
     calls = spy_compiled(monkeypatch, "merge")
-    fused = _bytes(tmp_path, models, method, semantics, "fused", **params)
+    compiled = _bytes(tmp_path, models, method, semantics, "compiled", **params)
     assert calls and "unavailable" not in caplog.text  # the compiled kernel really ran
     numpy = _bytes(tmp_path, models, method, semantics, "numpy", **params)
     monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)  # torch eager ops
     eager = _bytes(tmp_path, models, method, semantics, "torch", **params)
-    assert fused == numpy == eager
+    assert compiled == numpy == eager
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
@@ -77,7 +77,7 @@ def test_della_numpy_kernel_and_torch_give_identical_bytes(tmp_path, models, mon
     # tensors into row blocks, and two threads split the blocks; the compiled kernel never takes DELLA.
     ranked = []
     monkeypatch.setattr(streammerge.methods.kernels, "_magprune_chunk", lambda *a, real=streammerge.methods.kernels._magprune_chunk: ranked.append(1) or real(*a))
-    numpy = _bytes(tmp_path, models, method, "default", "fused", rescale=rescale, epsilon=0.1, options={"max_memory": 20_000, "threads": 2})
+    numpy = _bytes(tmp_path, models, method, "default", "compiled", rescale=rescale, epsilon=0.1, options={"max_memory": 20_000, "threads": 2})
     assert ranked  # the kernel really ran
     monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)
     assert numpy == _bytes(tmp_path, models, method, "default", "torch", rescale=rescale, epsilon=0.1)
@@ -353,11 +353,7 @@ def test_compile_on_without_the_built_kernel_fails_in_one_line(tmp_path, models,
     monkeypatch.delattr(streammerge.methods, "ckernel")
     monkeypatch.setitem(sys.modules, "streammerge.methods.ckernel", None)  # its import fails
     with pytest.raises(ConfigError, match="reinstall streammerge where a C compiler is available") as e:
-        _bytes(tmp_path, models, "ties", "default", "fused")
+        _bytes(tmp_path, models, "ties", "default", "compiled")
     assert "\n" not in str(e.value)
     numpy = _bytes(tmp_path, models, "ties", "default", "numpy")
-    auto = tmp_path / "auto"
-    merge(MergeConfig(method="ties", base=str(models / "base"), seed=5,
-                      models=tuple(ModelSpec(str(models / f"ft{i}"), {"weight": [0.5, -0.3, 0.4][i], "density": [0.5, 0.3, 0.8][i]})
-                                   for i in range(3))), auto)
-    assert shard_hashes(auto) == numpy
+    assert _bytes(tmp_path, models, "ties", "default", "auto") == numpy

@@ -233,3 +233,17 @@ def test_hub_inputs_and_push(models, tmp_path, monkeypatch, fakehub):
     pushed = fakehub.files("me/adapter")
     for p in out.iterdir():
         assert pushed[p.name] == p.read_bytes(), p.name
+
+
+def test_float64_checkpoints_are_read_not_written(tmp_path):
+    # A float64 row block widened "to float64" on the CPU is the mapped, read-only file itself:
+    # τ must be computed in a copy (this crashed with SIGSEGV).
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(32, 16, generator=gen, dtype=torch.float64)
+    ft = base + torch.randn(32, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 16, generator=gen, dtype=torch.float64)
+    for name, w in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file({"model.layers.0.self_attn.q_proj.weight": w.clone()}, tmp_path / name / "model.safetensors")
+    result = extract_lora(str(tmp_path / "ft"), tmp_path / "out", base=str(tmp_path / "base"), options=ExtractOptions(max_rank=4))
+    assert [t.kind for t in result.tensors] == ["lora"]
+    assert torch.equal(load_file(tmp_path / "ft" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"], ft)

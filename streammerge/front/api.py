@@ -181,13 +181,14 @@ def plan(
         return _build_plan(config, reference, finetuned, max_shard_size, max_memory, shard_order, allow_crimes)[0]
 
 
-def _stage_options(config: MergeConfig, max_shard_size: int, max_memory: int, shard_order: str, allow_crimes: bool) -> object:
-    """A recipe's stages are planned with the final merge's options (front/recipe.py)."""
+def _stage_options(config: MergeConfig, max_shard_size: int, max_memory: int, shard_order: str, allow_crimes: bool,
+                   compile: str = "auto") -> object:
+    """A recipe's stages are planned and merged with the final merge's options (front/recipe.py)."""
     if config.recipe is None:
         return None
     from streammerge.front.recipe import StageOptions
 
-    return StageOptions(max_shard_size, max_memory, shard_order, allow_crimes)
+    return StageOptions(max_shard_size, max_memory, shard_order, allow_crimes, compile)
 
 
 def _build_plan(config: MergeConfig, reference: Checkpoint, finetuned: list[Checkpoint], max_shard_size: int,
@@ -277,21 +278,15 @@ def merge(
     """
     start = time.perf_counter()
     out = Path(output_dir)
-    group = Group.current()
-    if group is not None:
-        rank, world_size = group.rank, group.world_size
-    check_worker(rank, world_size)
+    group, rank, world_size = _workers(rank, world_size, force)
     target = resolve_device(device)
     if gpu_memory is not None and gpu_memory <= 0:
         raise ConfigError(f"gpu_memory (--gpu-memory) must be a positive number of bytes, got {gpu_memory}")
-    if force and world_size > 1 and group is None:
-        raise ConfigError("--force cannot be combined with independent workers (--world-size > 1): they would delete "
-                          "each other's shards; empty the output directory first, or launch with torchrun")
     held = ExitStack()  # the output folder's lock: held until the merge is finalized
     try:
         with ExitStack() as stack:
             reference, finetuned = _open(config, stack, _stage_options(config, max_shard_size, max_memory, shard_order,
-                                                                       allow_crimes))
+                                                                       allow_crimes, compile))
             the_plan, tokenizer_from = _build_plan(config, reference, finetuned, max_shard_size, max_memory, shard_order,
                                                    allow_crimes)
             inputs = [reference, *finetuned]
@@ -544,6 +539,18 @@ def plan_fingerprint(the_plan: Plan, inputs: list[Checkpoint], side: dict | None
     if side and not all(side.values()):
         payload["side"] = side
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _workers(rank: int, world_size: int, force: bool) -> tuple[Group | None, int, int]:
+    """This process's (torchrun process group or None, rank, world size), checked (merge and moe)."""
+    group = Group.current()
+    if group is not None:
+        rank, world_size = group.rank, group.world_size
+    check_worker(rank, world_size)
+    if force and world_size > 1 and group is None:
+        raise ConfigError("--force cannot be combined with independent workers (--world-size > 1): they would delete "
+                          "each other's shards; empty the output directory first, or launch with torchrun")
+    return group, rank, world_size
 
 
 def input_identities(inputs: list[Checkpoint]) -> list[list]:

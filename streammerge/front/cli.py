@@ -152,6 +152,20 @@ def _run(debug: bool, fn, *args, **kwargs):
         _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", 3, e)
 
 
+def _push_target(result: MergeResult, push_to_hub: str | None, what: str) -> str | None:
+    """--push-to-hub's repo, or None (said on stderr) when this worker's share is not a finished model yet."""
+    if push_to_hub and not result.finalized:
+        click.echo(f"streammerge: --push-to-hub skipped: this worker's share is not a finished {what}; run "
+                   f"streammerge push {result.output_dir} {push_to_hub} after streammerge finalize", err=True)
+        return None
+    return push_to_hub
+
+
+def _worker_done(result: MergeResult, rank: int, world_size: int) -> str:
+    return (f"worker {rank} of {world_size}: {len(result.shards)} shard(s) done in {result.seconds:.1f} s; when every "
+            f"worker is done, run: streammerge finalize {result.output_dir}")
+
+
 def _worker(debug: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
     """This process's (rank, world size): torchrun's (initialising its process group), else the flags,
     else a Slurm job array's, else (0, 1)."""
@@ -338,6 +352,17 @@ def _push_options(f):
     return f
 
 
+def _worker_options(what: str):
+    """--rank and --world-size of a split `what` (merge, build)."""
+    def add(f):
+        f = click.option("--world-size", type=click.IntRange(1),
+                         help=f"Number of workers splitting the {what} (default: $SLURM_ARRAY_TASK_COUNT, or 1).")(f)
+        return click.option("--rank", type=click.IntRange(0),
+                            help=f"This worker's index in a split {what} (default: in a Slurm job array, "
+                                 "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN; else 0).")(f)
+    return add
+
+
 def _push(debug: bool, output_dir: Path, repo_id: str, private: bool, branch: str | None, quiet: bool, upload=None) -> str:
     """Pushes a finished merge; with `upload` (a hub.HubUpload), its shards are already on their way."""
     from streammerge.io.hub import push_to_hub
@@ -406,8 +431,7 @@ def main() -> None:
 @_merge_options
 @click.option("--force", is_flag=True, help="Replace a previous merge in OUTPUT_DIR.")
 @click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bar or summary.")
-@click.option("--rank", type=click.IntRange(0), help="This worker's index in a split merge (default: $SLURM_ARRAY_TASK_ID, or 0).")
-@click.option("--world-size", type=click.IntRange(1), help="Number of workers splitting the merge (default: $SLURM_ARRAY_TASK_COUNT, or 1).")
+@_worker_options("merge")
 @click.option("--delete-downloaded", is_flag=True, help="Delete Hub input shards this run downloaded once no tensor needs them.")
 @click.option("--download-budget", type=Size(), help="Disk for downloaded Hub input shards at once, e.g. 50GB (implies --delete-downloaded).")
 @click.option("--intermediate-dir", "-I", "intermediate_dir", type=click.Path(file_okay=False),
@@ -457,10 +481,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
         distributed.shutdown()
     if torchrun is not None and rank != 0:  # rank 0 speaks for the job
         return
-    push = push_to_hub if push_to_hub and result.finalized else None  # a worker's share is not a model yet
-    if push_to_hub and not result.finalized:
-        click.echo("streammerge: --push-to-hub skipped: this worker's share is not a finished merge; run "
-                   f"streammerge push {result.output_dir} {push_to_hub} after streammerge finalize", err=True)
+    push = _push_target(result, push_to_hub, "merge")
     if as_json:
         pushed = _push(debug, result.output_dir, push, private, hub_branch, True, upload) if push else None
         click.echo(json.dumps({"ok": True, "status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})}, indent=2))
@@ -468,8 +489,7 @@ def merge(args: tuple[str, ...], force: bool, quiet: bool, as_json: bool, debug:
     if quiet:
         pass
     elif not result.finalized:
-        click.echo(f"worker {rank} of {world_size}: {len(result.shards)} shard(s) done in {result.seconds:.1f} s; when every "
-                   f"worker is done, run: streammerge finalize {result.output_dir}")
+        click.echo(_worker_done(result, rank, world_size))
     elif result.already_complete:
         click.echo(f"{result.output_dir} already holds this merge, complete ({len(result.shards)} shard(s)); nothing to do")
     else:
@@ -923,8 +943,7 @@ def format_extract_table(result) -> str:
               help="Build it even if every expert is the same model.")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, help="Write the base's tokenizer (default: yes).")
 @click.option("--write-model-card/--no-write-model-card", default=True, help="Write README.md and mergekit_moe_config.yml.")
-@click.option("--rank", type=click.IntRange(0), help="This worker's index in a split build (default: $SLURM_ARRAY_TASK_ID, or 0).")
-@click.option("--world-size", type=click.IntRange(1), help="Number of workers splitting the build (default: $SLURM_ARRAY_TASK_COUNT, or 1).")
+@_worker_options("build")
 @_push_options
 @click.option("--load-in-4bit", "--load-in-8bit", "--cuda/--no-cuda", "--lazy-unpickle/--no-lazy-unpickle",
               "--low-cpu-memory/--no-low-cpu-memory", "--read-to-gpu/--no-read-to-gpu", "--multi-gpu/--no-multi-gpu",
@@ -981,18 +1000,14 @@ def moe_command(config_path: str, output: str, force: bool, quiet: bool, as_json
         distributed.shutdown()
     if torchrun is not None and rank != 0:  # rank 0 speaks for the job
         return
-    if push_to_hub and not result.finalized:
-        click.echo("streammerge: --push-to-hub skipped: this worker's share is not a finished MoE; run "
-                   f"streammerge push {result.output_dir} {push_to_hub} after streammerge finalize", err=True)
-        push_to_hub = None
+    push_to_hub = _push_target(result, push_to_hub, "MoE")
     pushed = _push(debug, result.output_dir, push_to_hub, private, hub_branch, True if as_json else quiet, upload) \
         if push_to_hub else None
     if as_json:
         click.echo(json.dumps({"ok": True, "status": "ok", **result.summary(), **({"pushed": pushed} if pushed else {})},
                               indent=2))
     elif not result.finalized and not quiet:
-        click.echo(f"worker {rank} of {world_size}: {len(result.shards)} shard(s) done in {result.seconds:.1f} s; when every "
-                   f"worker is done, run: streammerge finalize {result.output_dir}")
+        click.echo(_worker_done(result, rank, world_size))
     elif result.already_complete and not quiet:
         click.echo(f"{result.output_dir} already holds this MoE, complete ({len(result.shards)} shard(s)); nothing to do")
     elif not quiet:

@@ -43,7 +43,6 @@ from streammerge.io import hub
 from streammerge.io.sources import DTYPE_NAMES, Checkpoint, read_json
 from streammerge.io.writer import copy_file_atomic, write_json_atomic, write_text_atomic
 from streammerge.methods import gates as gate_fns
-from streammerge.pipeline.distributed import Group, check_worker
 from streammerge.pipeline.engine import Progress, run_plan
 from streammerge.pipeline.moe import MoECheckpoint, moe_parts, moe_plan
 
@@ -200,13 +199,7 @@ def build_moe(
     out = Path(output_dir)
     cfg.check(allow_all_same)
     transformers = _transformers()
-    group = Group.current()
-    if group is not None:
-        rank, world_size = group.rank, group.world_size
-    check_worker(rank, world_size)
-    if force and world_size > 1 and group is None:
-        raise ConfigError("--force cannot be combined with independent workers (--world-size > 1): they would delete "
-                          "each other's shards; empty the output directory first, or launch with torchrun")
+    group, rank, world_size = api._workers(rank, world_size, force)
     held = ExitStack()
     try:
         with ExitStack() as stack:
@@ -292,7 +285,7 @@ def build_moe(
                 on_total(sum(s.input_bytes for s in mine))
 
             def state() -> None:
-                _write_state(out, cfg, plan, identity, fingerprint, arch, output_config(arch, base_cfg, cfg, out_dtype),
+                _write_state(out, cfg, plan, identity, fingerprint, output_config(arch, base_cfg, cfg, out_dtype),
                              tokenizer if copy_tokenizer else None, base, seed, write_model_card)
 
             def run(todo: list, on_shard) -> dict[str, dict]:
@@ -345,7 +338,7 @@ def _fingerprint(cfg: MoEConfig, plan, identity: list, seed: int, side: dict) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _write_state(out: Path, cfg: MoEConfig, plan, identity: list, fingerprint: str, arch: str, out_cfg,
+def _write_state(out: Path, cfg: MoEConfig, plan, identity: list, fingerprint: str, out_cfg,
                  tokenizer, base: Checkpoint, seed: int, write_model_card: bool) -> None:
     """What `finalize` needs (api._write_state's format): the side files in .streammerge/files/
     (config.json, the tokenizer, mergekit_moe_config.yml), the plan, the manifest and the model card."""

@@ -215,6 +215,7 @@ class StageOptions:
     max_memory: int = DEFAULT_MAX_MEMORY
     shard_order: str = "file"
     allow_crimes: bool = False
+    compile: str = "auto"  # the CPU kernel (engine.compiled_kernel)
     opened: dict[str, Any] = field(default_factory=dict)
 
 
@@ -254,7 +255,8 @@ def _open_stage(recipe: Recipe, name: str, stack: ExitStack, options: StageOptio
         raise ConfigError(named(e.problems)) from None
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="streammerge-stage-")))
     api._copy_side_files(reference, tokenizer_from, folder, plan)  # config.json, tokenizer: as its own run writes them
-    stage = StageCheckpoint(name, plan, reference, finetuned, folder, api.plan_fingerprint(plan, [reference, *finetuned]))
+    stage = StageCheckpoint(name, plan, reference, finetuned, folder, api.plan_fingerprint(plan, [reference, *finetuned]),
+                            options.compile)
     stack.callback(stage.close)
     return stage
 

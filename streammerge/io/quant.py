@@ -239,7 +239,7 @@ class QuantRows:
 
 def decode_table(dtype: torch.dtype) -> torch.Tensor:
     """float32 value of each of the 256 bit patterns of an FP8 dtype (torch's own conversion)."""
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(torch.float32)
+    return torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
 
 
 # ---- writing FP8 ---------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ class AsyncWriter:
             self.writer = None
 
 
-def _compiled_kernel(mode: str):
+def compiled_kernel(mode: str):
     """The compiled C kernel's module (methods/ckernel.py) unless `mode` is "off", or None: built at
     install, it costs nothing to load; without it the numpy kernel gives the same bytes."""
     if mode == "off":
@@ -245,7 +245,7 @@ def run_plan(
     threads = threads or torch.get_num_threads()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute") if threads > 1 else None
     by_name = {t.name: t for t in plan.tensors}
-    compiled = _compiled_kernel(compile)
+    compiled = compiled_kernel(compile)
     budget = device_budget(target, gpu_memory)
     jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, compiled, target, budget) for t in plan.tensors}
     capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])

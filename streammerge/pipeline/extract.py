@@ -337,8 +337,9 @@ def _extract_one(item: Item, ft, ref, options: ExtractOptions, max_memory: int, 
     report = TensorReport(item.name, item.kind, list(item.shape))
 
     def read(r0: int, r1: int) -> torch.Tensor:  # rows of τ, exact in float64 (both inputs are float)
-        # moved as stored, widened on the device: a GPU gets 2 bytes an element over PCIe, not 8
-        t = ft.view(item.name, r0, r1).to(device).double()
+        # moved as stored, widened on the device: a GPU gets 2 bytes an element over PCIe, not 8; a copy
+        # always (a float64 view on the CPU would otherwise be the read-only mapped file itself)
+        t = ft.view(item.name, r0, r1).to(device).to(torch.float64, copy=True)
         return t.sub_(ref.view(item.name, r0, r1).to(device).double())
 
     tensors: dict[str, torch.Tensor] = {}

@@ -307,7 +307,7 @@ class TensorJob:
     def __init__(self, tp: TensorPlan, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], pool, compiled=None,
                  device: torch.device = torch.device("cpu"), device_budget: int | None = None):
         self.tp, self.opts = tp, plan.options
-        self.compiled, self.pool = compiled, pool  # the compiled kernel's module, or None (engine._compiled_kernel); compute threads
+        self.compiled, self.pool = compiled, pool  # the compiled kernel's module, or None (engine.compiled_kernel); compute threads
         base_name, ft_names = tp.name, [tp.name] * len(finetuned)
         if tp.inputs:  # stacked layers: this tensor's own inputs and their names (plan.stacked_tensors)
             every = [reference, *finetuned]

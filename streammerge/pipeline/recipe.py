@@ -30,6 +30,7 @@ from streammerge.pipeline.passes import (
     prepare_global,
     prepare_tensor,
 )
+from streammerge.pipeline import engine
 from streammerge.pipeline.plan import Plan, pool_shape
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ class StageCheckpoint(ComputedCheckpoint):
     """A recipe stage's output, computed tensor by tensor when read."""
 
     def __init__(self, name: str, plan: Plan, reference: Checkpoint, finetuned: list[Checkpoint], folder: Path,
-                 fingerprint: str):
+                 fingerprint: str, compile: str = "auto"):
         self.name = name
+        self.compile = compile  # the CPU kernel its merge runs on, as the final merge's (engine.compiled_kernel)
         self.plan = plan
         self.reference, self.finetuned = reference, finetuned
         self.path = folder  # the side files (config.json, tokenizer) the stage's own run writes
@@ -119,7 +121,9 @@ class StageCheckpoint(ComputedCheckpoint):
             threads = torch.get_num_threads()
             if threads > 1:
                 self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"streammerge-stage-{self.name}")
-            self._jobs = {t.name: TensorJob(t, self.plan, self.reference, self.finetuned, self._pool) for t in self.plan.tensors}
+            compiled = engine.compiled_kernel(self.compile)
+            self._jobs = {t.name: TensorJob(t, self.plan, self.reference, self.finetuned, self._pool, compiled)
+                          for t in self.plan.tensors}
         return self._jobs
 
     def _all_jobs(self) -> dict[str, TensorJob]:
