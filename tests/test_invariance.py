@@ -98,6 +98,19 @@ def test_methods_of_their_own_give_the_same_bytes_for_any_threads_budget_and_spl
     assert shard_hashes(tmp_path / "split") == one
 
 
+def test_compute_threads_run_torch_on_one_thread_and_leave_the_callers_count():
+    from streammerge.pipeline.engine import compute_pool
+
+    caller = torch.get_num_threads()
+    pool = compute_pool(2)
+    try:
+        assert set(pool.map(lambda _: torch.get_num_threads(), range(8))) == {1}
+    finally:
+        pool.shutdown()
+    assert torch.get_num_threads() == caller
+    assert compute_pool(1) is None
+
+
 def test_cuda_without_cuda_falls_back_to_the_same_cpu_bytes(models, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.WARNING):

@@ -118,9 +118,7 @@ class StageCheckpoint(ComputedCheckpoint):
     def _built_jobs(self) -> dict[str, TensorJob]:
         """A TensorJob per tensor, as the engine builds them; each keeps what its passes find."""
         if self._jobs is None:
-            threads = torch.get_num_threads()
-            if threads > 1:
-                self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"streammerge-stage-{self.name}")
+            self._pool = engine.compute_pool(torch.get_num_threads(), f"streammerge-stage-{self.name}")
             compiled = engine.compiled_kernel(self.compile)
             self._jobs = {t.name: TensorJob(t, self.plan, self.reference, self.finetuned, self._pool, compiled)
                           for t in self.plan.tensors}
