@@ -357,3 +357,19 @@ def test_compile_on_without_the_built_kernel_fails_in_one_line(tmp_path, models,
     assert "\n" not in str(e.value)
     numpy = _bytes(tmp_path, models, "ties", "default", "numpy")
     assert _bytes(tmp_path, models, "ties", "default", "auto") == numpy
+
+
+@pytest.mark.parametrize(("method", "n", "params"), [
+    ("slerp", 1, {"t": 0.3}), ("model_stock", 3, {}), ("nuslerp", 2, {"nuslerp_flatten": False}),
+    ("multislerp", 3, {}), ("karcher", 3, {})])
+def test_methods_of_their_own_give_torchs_bytes_on_the_compiled_kernels(tmp_path, models, monkeypatch, method, n, params):
+    calls = spy_compiled(monkeypatch, "combine")
+
+    def merged(mode: str) -> dict:
+        specs = tuple(ModelSpec(str(models / f"ft{i}"), {"weight": [0.5, 0.3, 0.4][i]}) for i in range(n))
+        cfg = MergeConfig(method=method, base=str(models / "base"), models=specs, parameters=params)
+        merge(cfg, tmp_path / mode, compile=mode)
+        return shard_hashes(tmp_path / mode)
+
+    assert merged("on") == merged("off")
+    assert calls

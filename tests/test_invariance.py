@@ -167,14 +167,16 @@ def test_slerp_bytes_depend_on_no_block_size_thread_count_or_staging(models, tmp
     # default: per-row float64 sums by a fixed pairwise tree, added with math.fsum; mergekit: whole tensors
     sums = []
     monkeypatch.setattr(ops, "slerp_row_sums", lambda *a: sums.append(1) or row_sums(*a))
-    whole = _merge_slerp(models, tmp_path / "whole", semantics, threads=1)
+    whole = _merge_slerp(models, tmp_path / "whole", semantics, threads=1, compile="off")  # (the C kernel: below)
     blocks_before = len(sums)
-    small = _merge_slerp(models, tmp_path / "small", semantics, threads=2, max_memory=200_000)
+    small = _merge_slerp(models, tmp_path / "small", semantics, threads=2, max_memory=200_000, compile="off")
     if semantics == "default":  # many row blocks: more stats calls than tensors
         assert len(sums) - blocks_before > blocks_before == len(_tensor_names(tmp_path / "whole"))
     _stage_as_on_a_gpu(monkeypatch)
     staged = _merge_slerp(models, tmp_path / "staged", semantics, max_memory=200_000)
-    assert whole == small == staged
+    monkeypatch.undo()
+    compiled = _merge_slerp(models, tmp_path / "compiled", semantics, threads=2, max_memory=200_000)  # auto: the C kernel if built
+    assert whole == small == staged == compiled
 
 
 def _tensor_names(out) -> list[str]:

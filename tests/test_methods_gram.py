@@ -1,21 +1,24 @@
 """model_stock, nuslerp, multislerp and karcher (streammerge/methods/): mergekit 0.1.5's bytes under
 `semantics: mergekit` (tests/fixtures/mergekit_methods_a, made by the real mergekit-yaml), and under
 the default semantics: the same bytes for any row-block split, closed forms on hand-made vectors,
-agreement with mergekit's op sequence run in float64, and each method's input contract."""
+agreement with mergekit's op sequence run in float64, each method's input contract, and the
+compiled kernels' bytes (gram.c, slerp too)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import needs_compiled, spy_compiled
 from safetensors.torch import load_file
 
 from streammerge.errors import ConfigError
 from streammerge.methods import Rows, TensorCtx, registry, run_tensor
-from streammerge.methods.gram import gram_reduce, gram_stats
+from streammerge.methods.gram import combine, gram_reduce, gram_stats, line_count
 
 FIX = Path(__file__).parent / "fixtures" / "mergekit_methods_a"
 NAMES = sorted(p.stem for p in (FIX / "configs").glob("*.yaml"))
@@ -294,3 +297,67 @@ def test_default_writes_zeros_as_positive(name):
     params = {"weight": (1.0, 1.0)} if name in ("nuslerp", "multislerp") else {}
     out = run_tensor(registry.get(name), _ctx((2, 3), params), neg, [neg, neg])
     assert torch.equal(_bits(out), torch.zeros(2, 3, dtype=torch.int32))
+
+
+# ---- the compiled kernels (gram.c) give torch's bytes ---------------------------------------------
+
+
+def _awkward(t: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """t in dtype, its magnitudes spread over 2^±8 (float64 sums of float32 products then round), with signed zeros at
+    the same places in every input, subnormals and huge values sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    t = (t * torch.exp2(torch.randint(-8, 9, t.shape, generator=g).float())).to(dtype).reshape(-1)
+    shared = torch.arange(0, t.numel(), 7)
+    t[shared] = -0.0
+    t[shared[::2]] = 0.0
+    spots = torch.randint(0, t.numel(), (2, max(1, t.numel() // 9)), generator=g)
+    t[spots[0]], t[spots[1]] = 1e-39, -3e38
+    return t
+
+
+COMPILED_CASES = [*CASES, ("slerp", {"t": 0.3}, 1, True)]
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 4, (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16)],
+                         ids=["bf16", "mixed"])
+@pytest.mark.parametrize("shape", [(37, 24), (5, 6, 8), (50,)], ids=["2d", "3d", "1d"])
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: f"{c[0]}-{len(c[1])}-{c[2]}{'b' if c[3] else ''}")
+def test_compiled_kernels_give_the_torch_bytes(case, shape, dtypes, monkeypatch):
+    name, params, n, with_base = case
+    method = registry.get(name)
+    base, models = _inputs(shape, n, torch.float32, seed=4)
+    base = _awkward(base, dtypes[0], 0).reshape(shape) if with_base else None
+    models = [_awkward(m, d, 1 + i).reshape(shape) for i, (m, d) in enumerate(zip(models, dtypes[1:]))]
+    ctx = _ctx(shape, params, base=with_base)
+    lines_cut = name == "nuslerp" and params.get("nuslerp_row_wise") and len(shape) > 1  # "columns": torch only
+    calls = spy_compiled(monkeypatch, "combine")
+    for step in (None, 3):
+        torch_bytes = run_tensor(method, ctx, base, models, rows_per_block=step)
+        compiled = run_tensor(method, replace(ctx, compiled=True), base, models, rows_per_block=step)
+        assert torch.equal(compiled.view(torch.int32), torch_bytes.view(torch.int32)), step
+    assert bool(calls) != bool(lines_cut)  # the kernel took the merge wherever it covers the cut
+
+
+@needs_compiled
+@pytest.mark.parametrize("shape", [(37, 24), (5, 6, 8), (3, 1)], ids=["2d", "3d", "one-column"])
+@pytest.mark.parametrize("lines", ["tensor", "rows"])
+@pytest.mark.parametrize("task_vectors", [False, True])
+def test_compiled_gram_and_combine_are_torchs_float64_bits(shape, lines, task_vectors):
+    """The kernels alone, where a method's float32 output would hide a float64 difference: the
+    sums' tree and the combination's op order, signed zeros included (negative coefficients)."""
+    base, models = _inputs(shape, 3, torch.float32, seed=9)
+    base = _awkward(base, torch.bfloat16, 0).reshape(shape)
+    xs = [_awkward(m, d, 1 + i).reshape(shape) for i, (m, d) in enumerate(zip(models, (torch.float32, torch.bfloat16, torch.float32)))]
+    rows = Rows(0, shape[0], base.reshape(shape[0], -1), [x.reshape(shape[0], -1) for x in xs])
+    ctx = _ctx(shape, {})
+    minus = rows.base if task_vectors else None
+    torch_sums = gram_stats(ctx, lines, 0, rows.models, minus=minus)
+    assert torch.equal(gram_stats(replace(ctx, compiled=True), lines, 0, rows.models, minus=minus), torch_sums)
+    count = line_count(ctx, lines)
+    coefs = torch.randn(3, count, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    coefs[1] = -coefs[1].abs()
+    for add in (None, rows.base):
+        want = combine(ctx, lines, rows, rows.models, coefs, add=add, minus=minus)
+        got = combine(replace(ctx, compiled=True), lines, rows, rows.models, coefs, add=add, minus=minus)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))

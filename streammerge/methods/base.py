@@ -103,6 +103,7 @@ class TensorCtx(Shaped):
     has_base: bool
     seed: int = 0
     keys: tuple[int, ...] = ()  # per model: a counter-based random key (mask.mask_key) for this tensor
+    compiled: bool = False  # the compiled kernels (methods/ckernel.py) may take CPU rows: the same bytes, faster
 
 
 

@@ -11,39 +11,12 @@
    (no exception flag is read). The tests check both kernels give identical bytes. Inputs are read
    in place from the mapped files. */
 
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* With GCC, the exported loops are built for AVX2 too, and the loader picks that one where the CPU
-   has it (function multi-versioning, an ifunc): not -march=native, since a merge built on one node
-   often runs on another. About twice the plain x86-64 (SSE2) speed of the hash and the histograms.
-   Not with clang: clang 14 exports the versions under other names than the function's. */
-#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute) && !defined(__clang__)
-#if __has_attribute(target_clones)
-#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#define INLINE static inline __attribute__((always_inline)) /* into each version: helpers built once would be SSE2 */
-#endif
-#endif
-#ifndef MULTIVERSION
-#define MULTIVERSION
-#define INLINE static inline
-#endif
+#include "ckernel.h"
 
 #define CHUNK 2048 /* elements per inner step: the per-model scratch rows stay in L1 */
 
-enum { BF16, F32, FP8 };                  /* storage kinds: bf16 as its bits, float32, FP8 rows */
 enum { COPY, SUM, TIES, AVERAGE };        /* what the kernel does with a chunk */
 enum { MERGE_SUM, MERGE_MEAN, MERGE_MAX }; /* TIES' merge_func */
-
-typedef struct { /* one input or output array (ckernel.py's _Source) */
-    int64_t kind;
-    void *data;
-    /* FP8 rows: element (row, col) is table[byte] * grid[(first + row) / br][col / bc] */
-    const float *grid, *table;
-    int64_t grid_cols, first, cols, br, bc;
-} Source;
 
 typedef struct { /* one fine-tune: its input and sparsification (ckernel.py's _Model) */
     Source src;
@@ -71,46 +44,6 @@ INLINE uint32_t fmix32(uint32_t x) { /* MurmurHash3's finalizer (mask.py) */
     x ^= x >> 13;
     x *= 0xC2B2AE35u;
     return x ^ (x >> 16);
-}
-
-INLINE float from_bits(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
-INLINE uint32_t to_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
-
-/* float32 of src[c : c+m] into out, exactly */
-INLINE void load(const Source *s, int64_t c, int m, float *restrict out) {
-    if (s->kind == BF16) { /* bf16: its bits are the float32's high half */
-        const uint16_t *p = (const uint16_t *)s->data + c;
-        for (int j = 0; j < m; j++) out[j] = from_bits((uint32_t)p[j] << 16);
-    } else if (s->kind == F32) {
-        memcpy(out, (const float *)s->data + c, m * sizeof(float));
-    } else { /* FP8: byte -> float32 by table, times its block's scale, a run sharing one scale at a time */
-        const uint8_t *w = (const uint8_t *)s->data + c;
-        int64_t row = c / s->cols, col = c % s->cols;
-        for (int64_t j = 0; j < m;) {
-            int64_t run = m - j;
-            if (run > s->bc - col % s->bc) run = s->bc - col % s->bc; /* within a column block */
-            if (run > s->cols - col) run = s->cols - col;             /* and a row */
-            float sc = s->grid[(s->first + row) / s->br * s->grid_cols + col / s->bc];
-            for (int64_t k = 0; k < run; k++) out[j + k] = s->table[w[j + k]] * sc; /* one rounding, as QuantRows.dequantize */
-            j += run;
-            col += run;
-            if (col == s->cols) row++, col = 0;
-        }
-    }
-}
-
-/* float32 -> the output's storage; bf16 rounds to nearest even as torch does (NaN -> 0x7FC0) */
-INLINE void store(const float *restrict x, const Source *s, int64_t c, int m) {
-    if (s->kind == BF16) {
-        uint16_t *p = (uint16_t *)s->data + c;
-        for (int j = 0; j < m; j++) {
-            uint32_t v = to_bits(x[j]);
-            uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) >> 16;
-            p[j] = x[j] != x[j] ? 0x7FC0 : (uint16_t)r;
-        }
-    } else {
-        memcpy((float *)s->data + c, x, m * sizeof(float));
-    }
 }
 
 INLINE float sign(float x) { /* np.sign: NaN stays NaN, ±0 -> +0 */

@@ -70,6 +70,9 @@ _lib.hist_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_void_p, c_void_
 _lib.tie_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_float, c_int64, POINTER(c_int64)]
 _lib.tie_range.restype = c_int64
 _lib.quantize_range.argtypes = [POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
+_lib.gram_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_int64, c_int64, c_void_p]
+_lib.combine_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_void_p, c_int32, POINTER(_Source),
+                               c_int64, c_int64, c_void_p]
 
 
 def _check(ok: bool) -> None:
@@ -224,3 +227,44 @@ def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray,
 
     kernels.run_parallel(work, len(x), pool, slab)
     dst[: len(x)] = staged
+
+
+# ---- the methods of their own (methods/base.py): torch rows in, torch results out ----------------
+
+_TORCH_KINDS = {torch.bfloat16: _KINDS["uint16"], torch.float32: _KINDS["float32"]}
+
+
+def readable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels read these tensors in place (CPU, bf16 or float32, contiguous, not empty);
+    None counts as readable."""
+    return all(t is None or (t.device.type == "cpu" and t.dtype in _TORCH_KINDS and t.is_contiguous() and t.numel() > 0)
+               for t in tensors)
+
+
+def _sources(tensors: list[torch.Tensor]):
+    return (_Source * len(tensors))(*(_Source(_TORCH_KINDS[t.dtype], t.data_ptr()) for t in tensors))
+
+
+def _one(t: torch.Tensor | None):
+    return None if t is None else ctypes.byref(_Source(_TORCH_KINDS[t.dtype], t.data_ptr()))
+
+
+def gram(xs: list[torch.Tensor], minus: torch.Tensor | None, width: int) -> torch.Tensor:
+    """gram.gram_stats' sums, compiled: float64 [pairs, lines], Σ over each `width`-element line of
+    (x_i − minus)(x_j − minus) for the pairs i <= j in order (`readable` inputs of one size)."""
+    k, lines = len(xs), xs[0].numel() // width
+    out = torch.empty(k * (k + 1) // 2, lines, dtype=torch.float64)
+    _check(_lib.gram_lines(_sources(xs), k, _one(minus), width, lines, out.data_ptr()) == 0)
+    return out
+
+
+def combine(xs: list[torch.Tensor], minus: torch.Tensor | None, coefs: torch.Tensor, add: torch.Tensor | None,
+            width: int) -> torch.Tensor:
+    """gram.combine's float32 result, compiled: add + Σ_i coefs[i] (x_i − minus) per `width`-element line,
+    flat; coefs float64 [k, lines] (a coefficient per line) or [k, 1] (one for every line)."""
+    lines = xs[0].numel() // width
+    coefs = coefs.to(torch.float64).contiguous()
+    out = torch.empty(xs[0].numel(), dtype=torch.float32)
+    _check(_lib.combine_lines(_sources(xs), len(xs), _one(minus), coefs.data_ptr(), coefs.shape[1] != 1,
+                              _one(add), width, lines, out.data_ptr()) == 0)
+    return out

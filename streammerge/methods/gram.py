@@ -26,6 +26,7 @@ import torch
 from streammerge.errors import ConfigError
 
 from .base import Rows, TensorCtx, row_sums_, total
+from .inputs import compiled
 
 CUTS = ("tensor", "rows", "columns")
 
@@ -66,10 +67,15 @@ def _pair_tree(x: torch.Tensor) -> torch.Tensor:
     return x[0]
 
 
-def gram_stats(ctx: TensorCtx, lines: str, r0: int, xs: list[torch.Tensor]) -> object:
-    """One block's partial Gram: the float64 products of every pair i ≤ j of the blocks `xs`
-    (each [n, row_elems], rows r0 … r0 + n), summed per line where the line lies in the block."""
-    xs = [x.double() for x in xs]
+def gram_stats(ctx: TensorCtx, lines: str, r0: int, xs: list[torch.Tensor], minus: torch.Tensor | None = None) -> object:
+    """One block's partial Gram: the float64 products of every pair i ≤ j of the blocks `xs` (each
+    [n, row_elems], rows r0 … r0 + n; less `minus` when given: task vectors), summed per line where
+    the line lies in the block."""
+    width = ctx.shape[-1] if lines == "rows" else ctx.row_elems
+    kernel = compiled(ctx, *xs, minus) if lines != "columns" else None
+    if kernel is not None:
+        return kernel.gram(xs, minus, width)
+    xs = [x.double() for x in xs] if minus is None else [x.double() - minus.double() for x in xs]
     pairs = _pairs(len(xs))
     if lines == "columns":
         out = []
@@ -77,7 +83,6 @@ def gram_stats(ctx: TensorCtx, lines: str, r0: int, xs: list[torch.Tensor]) -> o
             part = [x[start - r0 : start - r0 + size] for x in xs]
             out.append((start, size, torch.stack([_pair_tree(part[i] * part[j]) for i, j in pairs])))
         return out
-    width = ctx.shape[-1] if lines == "rows" else ctx.row_elems
     work = torch.empty_like(xs[0]).reshape(-1, width)
     sums = torch.empty(len(pairs), work.shape[0], dtype=torch.float64, device=work.device)
     for p, (i, j) in enumerate(pairs):
@@ -113,9 +118,10 @@ def gram_reduce(ctx: TensorCtx, lines: str, partials: list) -> torch.Tensor:
 
 
 def combine(ctx: TensorCtx, lines: str, rows: Rows, xs: list[torch.Tensor], coefs: torch.Tensor,
-            add: torch.Tensor | None = None) -> torch.Tensor:
+            add: torch.Tensor | None = None, minus: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_i coefs[i, line] · xs[i] (+ add) over the block `rows`, in float64, each line with its own
-    coefficients (float64 [k, lines]); then float32, or float64 when an input is stored in float64."""
+    coefficients (float64 [k, lines]), xs less `minus` when given; then float32, or float64 when an
+    input is stored in float64."""
     r0 = rows.r0
     n = xs[0].shape[0]
     if lines == "rows":
@@ -125,12 +131,17 @@ def combine(ctx: TensorCtx, lines: str, rows: Rows, xs: list[torch.Tensor], coef
         shape, c = (n, ctx.row_elems), coefs[:, None, :]
     else:
         shape, c = (n, ctx.row_elems), coefs[:, :, None]
+    kernel = compiled(ctx, *xs, add, minus) if lines != "columns" else None
+    if kernel is not None:
+        return kernel.combine(xs, minus, c[:, :, 0], add, shape[1]).reshape(n, ctx.row_elems)
     if add is None:
         out = torch.zeros(shape, dtype=torch.float64, device=xs[0].device)
     else:
         out = add.to(torch.float64, copy=True).reshape(shape)
     c, term = c.to(out.device), torch.empty_like(out)
     for i, x in enumerate(xs):
+        if minus is not None:
+            x = x.double() - minus.double()
         # c[i] is a float64 tensor with dimensions, so torch promotes x exactly to float64 first
         torch.mul(x.reshape(shape), c[i], out=term)
         out += term

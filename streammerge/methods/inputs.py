@@ -1,5 +1,5 @@
-"""What sce, nearswap, arcee_fusion, ram and ramplus_tl read besides the rows: the dtype they compute
-in, and their parameters, checked against their declaration."""
+"""What the methods of their own read besides the rows: the dtype they compute in, their parameters
+checked against their declaration, and the compiled kernels where those take the rows."""
 
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ def work_dtype(ctx: TensorCtx, rows: Rows) -> torch.dtype:
     if ctx.semantics == "mergekit":
         return ctx.dtype or functools.reduce(torch.promote_types, dtypes)
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def compiled(ctx: TensorCtx, *tensors: torch.Tensor | None):
+    """The compiled kernels' module (methods/ckernel.py) where the merge may use them and they read
+    these tensors in place (the same bytes as torch, faster), else None."""
+    if not ctx.compiled:
+        return None
+    from streammerge.methods import ckernel
+
+    return ckernel if ckernel.readable(*tensors) else None
 
 
 def resolved(method: Method, ctx: TensorCtx) -> dict[str, Any]:

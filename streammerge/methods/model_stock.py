@@ -50,8 +50,7 @@ class ModelStock(Method):
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: object) -> object:
         if len(rows.models) < 2:
             raise ConfigError(f"{ctx.name}: model_stock needs at least 2 fine-tunes, got {len(rows.models)}")
-        base = rows.base.double()
-        return gram_stats(ctx, self.lines(ctx), rows.r0, [m.double() - base for m in rows.models])
+        return gram_stats(ctx, self.lines(ctx), rows.r0, rows.models, minus=rows.base)
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: object) -> torch.Tensor:
         gram = gram_reduce(ctx, self.lines(ctx), partials)

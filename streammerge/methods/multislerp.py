@@ -54,15 +54,8 @@ class Multislerp(Method):
             raise ConfigError(f"{ctx.name}: multislerp needs a weight for each of its {n} models, got {weights!r}")
         return list(weights)
 
-    @staticmethod
-    def vectors(rows: Rows) -> list[torch.Tensor]:
-        if rows.base is None:
-            return rows.models
-        base = rows.base.double()
-        return [m.double() - base for m in rows.models]
-
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: object) -> object:
-        return gram_stats(ctx, "tensor", rows.r0, self.vectors(rows))
+        return gram_stats(ctx, "tensor", rows.r0, rows.models, minus=rows.base)
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: object) -> torch.Tensor:
         """The coefficients c_i of out = [θ₀ +] Σ_i c_i v_i, float64 [N, 1]."""
@@ -94,7 +87,7 @@ class Multislerp(Method):
             return self._mergekit(ctx, rows)
         if len(rows.models) == 1:  # the model itself, as mergekit (no interpolation)
             return combine(ctx, "tensor", rows, rows.models, state)
-        return combine(ctx, "tensor", rows, self.vectors(rows), state, add=rows.base)
+        return combine(ctx, "tensor", rows, rows.models, state, add=rows.base, minus=rows.base)
 
     def _mergekit(self, ctx: TensorCtx, rows: Rows) -> torch.Tensor:
         """mergekit 0.1.5's op sequence (its dtype, its reductions), reimplemented."""

@@ -66,15 +66,13 @@ class Nuslerp(Method):
 
     @staticmethod
     def vectors(rows: Rows) -> list[torch.Tensor]:
+        """The models, whose task vectors (less the base, when given) are interpolated."""
         if len(rows.models) != 2:
             raise ConfigError(f"nuslerp takes exactly 2 models besides the base, got {len(rows.models)}")
-        if rows.base is None:
-            return rows.models
-        base = rows.base.double()
-        return [m.double() - base for m in rows.models]
+        return rows.models
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: object) -> object:
-        return gram_stats(ctx, self.lines(ctx), rows.r0, self.vectors(rows))
+        return gram_stats(ctx, self.lines(ctx), rows.r0, self.vectors(rows), minus=rows.base)
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: object) -> torch.Tensor:
         """(s₀, s₁) per line, float64 [2, lines]."""
@@ -96,7 +94,7 @@ class Nuslerp(Method):
     def merge(self, ctx: TensorCtx, rows: Rows, state: torch.Tensor | None) -> torch.Tensor:
         if ctx.semantics == "mergekit":
             return self._mergekit(ctx, rows)
-        return combine(ctx, self.lines(ctx), rows, self.vectors(rows), state, add=rows.base)
+        return combine(ctx, self.lines(ctx), rows, self.vectors(rows), state, add=rows.base, minus=rows.base)
 
     def _mergekit(self, ctx: TensorCtx, rows: Rows) -> torch.Tensor:
         """mergekit 0.1.5's op sequence (its dtype, its reductions), reimplemented."""

@@ -19,6 +19,7 @@ import torch
 
 from streammerge.methods import ops
 from streammerge.methods.base import Method, Rows, TensorCtx
+from streammerge.methods.inputs import compiled
 from streammerge.methods.registry import register
 from streammerge.methods.task_vectors import T
 
@@ -52,6 +53,10 @@ class Slerp(Method):
             return ops.slerp_coefficients_mergekit(rows.base, rows.models[0], ctx.params["t"], ctx.dtype)
         # as Python floats: small tensors kept across blocks would pin the allocator's heap between
         # the blocks' big temporaries, and it would grow with each block
+        kernel = compiled(ctx, rows.base, rows.models[0])
+        if kernel is not None:  # the same sums: Σθ₀², Σθ₀θ₁, Σθ₁² (the Gram's pair order)
+            aa, ab, bb = kernel.gram([rows.base, rows.models[0]], None, ctx.row_elems).tolist()
+            return [aa, bb, ab]
         return ops.slerp_row_sums(rows.base, rows.models[0], rows.r1 - rows.r0).cpu().tolist()
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list[Any], state: Any) -> tuple[float, float]:
@@ -63,4 +68,8 @@ class Slerp(Method):
 
     def merge(self, ctx: TensorCtx, rows: Rows, state: tuple[float, float]) -> torch.Tensor:
         mergekit = ctx.semantics == "mergekit"
+        kernel = None if mergekit or ctx.dtype == torch.float64 else compiled(ctx, rows.base, rows.models[0])
+        if kernel is not None:  # the same float64 arithmetic, rounded to float32
+            coefs = torch.tensor([[state[0]], [state[1]]], dtype=torch.float64)
+            return kernel.combine([rows.base, rows.models[0]], None, coefs, None, ctx.row_elems).reshape(rows.base.shape)
         return ops.slerp_block(rows.base, rows.models[0], state, mergekit, ctx.dtype)

@@ -288,11 +288,12 @@ def _hook_params(method, name: str, n: int, param: Callable[[str, int | None], A
     return tuple(out)
 
 
-def tensor_ctx(tp: TensorPlan, plan: Plan, compute: torch.dtype | None, keys: tuple[int, ...] = ()) -> TensorCtx:
+def tensor_ctx(tp: TensorPlan, plan: Plan, compute: torch.dtype | None, keys: tuple[int, ...] = (),
+               compiled: bool = False) -> TensorCtx:
     """What a hooks method knows of one tensor (methods/base.py)."""
     return TensorCtx(name=tp.name, shape=tp.shape, semantics=plan.config.semantics, params=dict(tp.params),
                      dtype=compute, out_dtype=DTYPES[tp.block_dtype], has_base=plan.config.base is not None,
-                     seed=plan.config.seed, keys=keys)
+                     seed=plan.config.seed, keys=keys, compiled=compiled)
 
 
 def output_dtype(config: MergeConfig) -> str | None:
