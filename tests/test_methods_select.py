@@ -14,12 +14,15 @@ import math
 import re
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
+from conftest import needs_compiled, spy_compiled
 from safetensors.torch import load_file
 
 from streammerge.errors import ConfigError
-from streammerge.methods import TensorCtx, get, run_tensor
+from streammerge.methods import Rows, TensorCtx, get, run_tensor
 
 FIX = Path(__file__).parent / "fixtures" / "mergekit_methods_b"
 CASES = json.loads((FIX / "manifest.json").read_text())["cases"]
@@ -148,6 +151,37 @@ def test_default_any_block_split(method, n, params, shape):
         for step in (4, 1):
             got = merge(method, base, models, rows_per_block=step, **params)
             assert torch.equal(bits(got), bits(whole)), f"{method} {shape} {dtype} rows per block {step}"
+
+
+COMPILED = {"ram", "ramplus_tl"}  # the methods with compiled kernels (methods/*.c)
+
+
+@needs_compiled
+@pytest.mark.parametrize("method,n,params", [c for c in SPLIT_CASES if c[0] in COMPILED], ids=str)
+@pytest.mark.parametrize("shape", [(37, 29), (3, 4, 6), (11,), ()], ids=str)
+def test_compiled_kernels_give_the_torch_bytes(method, n, params, shape, monkeypatch):
+    """Whatever the inputs: bf16 or float32, on a grid (ties, whole counts), |τ| at ε itself and the
+    floats beside it (RAM's count compares in float32), signed zeros, huge values, NaN."""
+    eps = params.get("epsilon", 0.0)
+    calls = spy_compiled(monkeypatch, f"{method.removesuffix('plus_tl')}_merge")
+    for dtype, grid in ((torch.bfloat16, False), (torch.float32, True), (torch.float32, False)):
+        base, models = _inputs_for(shape, n, dtype, seed=len(shape) + n, grid=grid)
+        if models[0].numel() > 8 and dtype == torch.float32:
+            edge = torch.tensor(eps, dtype=torch.float32)
+            near = [edge, torch.nextafter(edge, torch.tensor(1.0)), torch.nextafter(edge, torch.tensor(0.0)), -edge]
+            flat = models[0].reshape(-1)
+            base.reshape(-1)[: len(near)] = 0.0  # τ = v exactly
+            for i, v in enumerate(near + [torch.tensor(-0.0), torch.tensor(3e38), torch.tensor(math.nan)]):
+                flat[i] = v
+        for step in (None, 4):
+            want = merge(method, base, models, rows_per_block=step, **params)
+            c = ctx(method, base.shape, params)
+            got = run_tensor(get(method), replace(c, compiled=True), base, models, step)
+            assert torch.equal(bits(got), bits(want)), f"{method} {shape} {dtype} {step}"
+        if get(method).passes(c):  # the stats alone (a clamped λ could hide a wrong count)
+            rows = Rows(0, c.rows, base.reshape(c.rows, -1), [m.reshape(c.rows, -1) for m in models])
+            assert torch.equal(get(method).stats(replace(c, compiled=True), 0, rows, None), get(method).stats(c, 0, rows, None))
+    assert calls
 
 
 def test_default_empty_tensor():

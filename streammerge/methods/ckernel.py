@@ -71,6 +71,8 @@ _lib.tie_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_float, 
 _lib.tie_range.restype = c_int64
 _lib.quantize_range.argtypes = [POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
 _lib.gram_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_int64, c_int64, c_void_p]
+_lib.ram_merge.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_float, c_void_p, c_int64, c_void_p]
+_lib.ram_counts.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_float, c_int64, c_void_p]
 _lib.combine_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_void_p, c_int32, POINTER(_Source),
                                c_int64, c_int64, c_void_p]
 
@@ -268,3 +270,18 @@ def combine(xs: list[torch.Tensor], minus: torch.Tensor | None, coefs: torch.Ten
     _check(_lib.combine_lines(_sources(xs), len(xs), _one(minus), coefs.data_ptr(), coefs.shape[1] != 1,
                               _one(add), width, lines, out.data_ptr()) == 0)
     return out
+
+
+def ram_merge(models: list[torch.Tensor], base: torch.Tensor, eps: float, scales: tuple[float, ...] | None) -> torch.Tensor:
+    """ram._merge's float32 result (default semantics), compiled, flat; scales: RAM+'s λ_t (None: ram)."""
+    out = torch.empty(base.numel(), dtype=torch.float32)
+    lam = None if scales is None else (c_float * len(scales))(*scales)
+    _check(_lib.ram_merge(_sources(models), len(models), _one(base), eps, lam, base.numel(), out.data_ptr()) == 0)
+    return out
+
+
+def ram_counts(models: list[torch.Tensor], base: torch.Tensor, eps: float) -> torch.Tensor:
+    """RAM+'s (shared, unique) counts per model, int64 [2, models], compiled."""
+    counts = torch.empty(2, len(models), dtype=torch.int64)
+    _check(_lib.ram_counts(_sources(models), len(models), _one(base), eps, base.numel(), counts.data_ptr()) == 0)
+    return counts

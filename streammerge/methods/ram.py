@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .base import Method, Param, Rows, TensorCtx
-from .inputs import resolved, work_dtype
+from .inputs import compiled, resolved, work_dtype
 from .registry import register
 
 
@@ -74,7 +74,11 @@ class RamPlusTL(Method):
         return 1
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state) -> torch.Tensor:
-        _, nonzero, count = _contributions(ctx, rows, resolved(self, ctx)["epsilon"])
+        eps = resolved(self, ctx)["epsilon"]
+        kernel = _kernel(ctx, rows)
+        if kernel is not None:
+            return kernel.ram_counts(rows.models, rows.base, eps)
+        _, nonzero, count = _contributions(ctx, rows, eps)
         n = nonzero.shape[0]
         shared = (nonzero & (count > 1)).reshape(n, -1).sum(dim=1)
         unique = (nonzero & (count == 1)).reshape(n, -1).sum(dim=1)
@@ -97,8 +101,16 @@ class RamPlusTL(Method):
         return _merge(ctx, rows, resolved(self, ctx)["epsilon"], state)
 
 
+def _kernel(ctx: TensorCtx, rows: Rows):
+    """The compiled kernels where they take this merge: default semantics (float32 work)."""
+    return None if ctx.semantics == "mergekit" else compiled(ctx, rows.base, *rows.models)
+
+
 def _merge(ctx: TensorCtx, rows: Rows, eps: float, lam) -> torch.Tensor:
     """θ₀ + Σ_t τ̂_t · (λ_t where c = 1, else 1/c); λ None is ram (λ = 1)."""
+    kernel = _kernel(ctx, rows)
+    if kernel is not None:  # the same float32 operations, in one pass
+        return kernel.ram_merge(rows.models, rows.base, eps, lam).reshape(rows.base.shape)
     tv, nonzero, count = _contributions(ctx, rows, eps)
     base = rows.base.to(tv.dtype)
     if ctx.semantics == "mergekit":
