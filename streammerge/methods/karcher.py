@@ -43,6 +43,7 @@ class Karcher(Method):
         Param("tol", 1e-5, low=0.0, per_model=False, doc="norms, angles and steps below this count as zero"),
     )
     stats_kind = "Gram of the inputs (float64 row sums)"
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: gram.c
 
     def passes(self, ctx: TensorCtx) -> int:
         return 0 if ctx.semantics == "mergekit" else 1

@@ -37,6 +37,7 @@ class ModelStock(Method):
     params = (Param("filter_wise", False, kind=bool, per_model=False, per_tensor=False,
                     doc="one t per row (line along the last dimension) instead of per tensor"),)
     stats_kind = "Gram of the task vectors (float64 row sums)"
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: gram.c
 
     def lines(self, ctx: TensorCtx) -> str:
         return cut(ctx, "rows" if param(ctx, self, "filter_wise") else "tensor")

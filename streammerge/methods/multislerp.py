@@ -41,6 +41,7 @@ class Multislerp(Method):
         Param("eps", 1e-8, low=0.0, low_open=True, per_model=False, doc="added to each norm before dividing"),
     )
     stats_kind = "Gram of the models or task vectors (float64 row sums)"
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: gram.c
 
     def passes(self, ctx: TensorCtx) -> int:
         return 0 if ctx.semantics == "mergekit" else 1

@@ -45,6 +45,7 @@ class Nuslerp(Method):
               doc="without flatten: per line along the first dimension (a weight's columns), not the last"),
     )
     stats_kind = "‖v₀‖², ‖v₁‖², ⟨v₀, v₁⟩ per tensor/row/column (float64 row sums)"
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: gram.c
 
     def lines(self, ctx: TensorCtx) -> str:
         if param(ctx, self, "nuslerp_flatten"):

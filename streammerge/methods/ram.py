@@ -45,6 +45,7 @@ class Ram(Method):
     base = "required"
     min_models = 1
     params = (EPSILON,)
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: ram.c
 
     def passes(self, ctx: TensorCtx) -> int:
         resolved(self, ctx)  # checks epsilon before any block
@@ -68,6 +69,7 @@ class RamPlusTL(Method):
         EPSILON,
     )
     stats_kind = "shared and unique counts per model (integers)"
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: ram.c
 
     def passes(self, ctx: TensorCtx) -> int:
         resolved(self, ctx)  # checks r, alpha, epsilon before any block

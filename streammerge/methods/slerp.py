@@ -33,7 +33,7 @@ class Slerp(Method):
     min_models = max_models = 1
     params = (T,)
     stats_kind = "norms and dot product (float64 row sums)"
-    paths = frozenset({"torch", "gpu"})
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: gram.c
 
     def check(self, n_models: int, has_base: bool) -> list[str]:
         problems = [] if has_base else ["base_model: slerp interpolates from base_model (t = 0) to one other model (t = 1)"]

@@ -404,7 +404,7 @@ class TensorJob:
             epsilons=tp.epsilons,
             della_row=tp.della_row if tp.epsilons else 0,
             scale=tp.scale,
-            ctx=tensor_ctx(tp, plan, self.compute, keys, compiled is not None) if self.hooks else None,
+            ctx=tensor_ctx(tp, plan, self.compute, keys, compiled is not None and "compiled" in self.method.paths) if self.hooks else None,
         )
 
     def _gathered(self, ckpt: Checkpoint) -> bool:
