@@ -73,6 +73,7 @@ _lib.quantize_range.argtypes = [POINTER(_Source), c_int64, c_int64, c_void_p, c_
 _lib.gram_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_int64, c_int64, c_void_p]
 _lib.ram_merge.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_float, c_void_p, c_int64, c_void_p]
 _lib.ram_counts.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_float, c_int64, c_void_p]
+_lib.nearswap_merge.argtypes = [POINTER(_Source), POINTER(_Source), c_float, c_float, c_int64, c_void_p]
 _lib.combine_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_void_p, c_int32, POINTER(_Source),
                                c_int64, c_int64, c_void_p]
 
@@ -285,3 +286,10 @@ def ram_counts(models: list[torch.Tensor], base: torch.Tensor, eps: float) -> to
     counts = torch.empty(2, len(models), dtype=torch.int64)
     _check(_lib.ram_counts(_sources(models), len(models), _one(base), eps, base.numel(), counts.data_ptr()) == 0)
     return counts
+
+
+def nearswap_merge(base: torch.Tensor, model: torch.Tensor, t: float, floor: float) -> torch.Tensor:
+    """nearswap's float32 result (default semantics), compiled, flat."""
+    out = torch.empty(base.numel(), dtype=torch.float32)
+    _check(_lib.nearswap_merge(_one(base), _one(model), t, floor, base.numel(), out.data_ptr()) == 0)
+    return out

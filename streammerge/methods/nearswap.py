@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .base import Method, Param, Rows, TensorCtx
-from .inputs import resolved, work_dtype
+from .inputs import compiled, resolved, work_dtype
 from .registry import register
 
 DIFF_FLOOR = 1e-6  # mergekit's guard against ÷0: differences below it count as this
@@ -34,12 +34,16 @@ class NearSwap(Method):
         Param("t", None, low=0.0, per_model=False,
               doc="distance (in weight units) below which θ₁ replaces θ₀; required"),
     )
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: nearswap.c
 
     def passes(self, ctx: TensorCtx) -> int:
         resolved(self, ctx)  # checks t before any block
         return 0
 
     def merge(self, ctx: TensorCtx, rows: Rows, state) -> torch.Tensor:
+        kernel = None if ctx.semantics == "mergekit" else compiled(ctx, rows.base, rows.models[0])
+        if kernel is not None:  # the same float32 operations, in one pass
+            return kernel.nearswap_merge(rows.base, rows.models[0], resolved(self, ctx)["t"], DIFF_FLOOR).reshape(rows.base.shape)
         work = work_dtype(ctx, rows)
         a, b = rows.base.to(work), rows.models[0].to(work)
         w = (resolved(self, ctx)["t"] / (a - b).abs().clamp(min=DIFF_FLOOR)).clamp(min=0, max=1)
