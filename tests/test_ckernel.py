@@ -177,9 +177,9 @@ def _della_spec(method: str, cols: int, params, rescale: str) -> ops.TensorSpec:
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_compiled_kernel_ranks_della_rows_as_the_numpy_kernel_and_torch(method, dtype):
     # Each element's rank of |τ| in its row (ties lowest index first) picks its keep threshold and p:
-    # the compiled kernel's radix ranks give the numpy kernel's bits, and torch's where no NaN is
-    # ranked (NaNs order among themselves differently there, which shows nowhere). A block from the
-    # middle of a tensor, and one whose flat indices cross 2^32: the mask hashes them.
+    # the compiled kernel's radix ranks give the numpy kernel's bits, and torch's (but for bf16 NaNs,
+    # whose sign torch keeps where the CPU kernels store 0x7FC0). A block from the middle of a
+    # tensor, and one whose flat indices cross 2^32: the mask hashes them.
     storage = np.uint16 if dtype == torch.bfloat16 else np.float32
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     with ThreadPoolExecutor(2) as pool:
@@ -197,7 +197,7 @@ def test_compiled_kernel_ranks_della_rows_as_the_numpy_kernel_and_torch(method, 
                             assert ckernel.supports(spec, b, fs, got)
                             ckernel.merge(spec, b, fs, got, start, pool)
                             assert want.tobytes() == got.tobytes(), (rows, cols, hostile, params, rescale, start)
-                        if not hostile:
+                        if not hostile or dtype == torch.float32:
                             eager = torch.empty(rows * cols, dtype=dtype)
                             TorchBackend(torch.float32).merge(Block(0, rows, start, base, fts, 0), spec, eager)
                             assert eager.view(bits).numpy().tobytes() == got.tobytes(), (rows, cols, params, rescale)
