@@ -3,8 +3,8 @@
     python benchmarks/kernels.py
 
 Prints M elements/s for: the DARE mask, the numpy chunk kernel (1 and all threads), the
-compiled C kernel (ckernel.py, 1 and all threads), DELLA in the numpy kernel
-against the torch eager path (rows of 2048), and the radix passes that find the exact TIES threshold.
+compiled C kernel (ckernel.py, 1 and all threads), DELLA in both kernels against the torch eager
+path (rows of 2048), and the radix passes that find the exact TIES threshold.
 """
 
 from __future__ import annotations
@@ -60,9 +60,12 @@ def main() -> None:
         sp = spec(method)
         one = rate(lambda: kernels.merge_block(sp, b, f, o, 0, None))
         many = rate(lambda: kernels.merge_block(sp, b, f, o, 0, pool))
+        comp1 = rate(lambda: ckernel.merge(sp, b, f, o, 0, None))
+        comp = rate(lambda: ckernel.merge(sp, b, f, o, 0, pool))
         block = Block(0, N // 2048, 0, base.view(-1, 2048), [x.view(-1, 2048) for x in fts], 0)
         eager = rate(lambda: TorchBackend(torch.float32).merge(block, sp, out), repeat=1)
-        print(f"{method:16s} numpy 1 thread {one:5.0f}, numpy {pool._max_workers} threads {many:5.0f}, torch eager {eager:5.0f} M elem/s")
+        print(f"{method:16s} numpy 1 thread {one:5.0f}, numpy {pool._max_workers} threads {many:5.0f}, "
+              f"compiled 1 thread {comp1:5.0f}, {pool._max_workers} threads {comp:5.0f}, torch eager {eager:5.0f} M elem/s")
     sp = spec("dare_ties")
     print(f"radix pass 1 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [None, None], [True, True], pool)):.0f} M elem/s")
     print(f"radix pass 2 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [15300, 15300], [True, True], pool)):.0f} M elem/s")

@@ -19,6 +19,7 @@ from streammerge import MergeConfig, ModelSpec, merge
 from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.io import quant
 from streammerge.io.sources import TensorInfo
+from streammerge.pipeline.passes import Block, TorchBackend
 
 ckernel = compiled_kernel()
 SHAPE = TinyLlama(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=2, vocab=50)
@@ -72,15 +73,19 @@ def test_breadcrumbs_numpy_kernel_and_torch_give_identical_bytes(tmp_path, model
 
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("method", ["della", "della_linear"])
-def test_della_numpy_kernel_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, method, rescale):
-    # DELLA ranks within rows in the numpy kernel; torch eager is the reference. A small budget splits
-    # tensors into row blocks, and two threads split the blocks; the compiled kernel never takes DELLA.
+def test_della_compiled_numpy_and_torch_give_identical_bytes(tmp_path, models, monkeypatch, method, rescale):
+    # DELLA ranks within rows in both CPU kernels; torch eager is the reference. A small budget splits
+    # tensors into row blocks, and two threads split the blocks into ranges of whole rows.
+    compiled = spy_compiled(monkeypatch, "merge")
     ranked = []
     monkeypatch.setattr(streammerge.methods.kernels, "_magprune_chunk", lambda *a, real=streammerge.methods.kernels._magprune_chunk: ranked.append(1) or real(*a))
-    numpy = _bytes(tmp_path, models, method, "default", "compiled", rescale=rescale, epsilon=0.1, options={"max_memory": 20_000, "threads": 2})
-    assert ranked  # the kernel really ran
+    small = {"max_memory": 20_000, "threads": 2}
+    got = _bytes(tmp_path, models, method, "default", "compiled", rescale=rescale, epsilon=0.1, options=small)
+    assert compiled and not ranked  # the compiled kernel ranked every row
+    numpy = _bytes(tmp_path, models, method, "default", "numpy", rescale=rescale, epsilon=0.1, options=small)
+    assert ranked  # the numpy kernel really ran
     monkeypatch.setattr(streammerge.methods.kernels, "supported", lambda dtypes, compute: False)
-    assert numpy == _bytes(tmp_path, models, method, "default", "torch", rescale=rescale, epsilon=0.1)
+    assert got == numpy == _bytes(tmp_path, models, method, "default", "torch", rescale=rescale, epsilon=0.1)
 
 
 # ---- the compiled kernel against the numpy kernel, option by option, on hostile values ----------
@@ -136,6 +141,78 @@ def test_compiled_kernel_gives_the_numpy_kernels_bits(method, dtype):
                 assert ckernel.supports(spec, b, fs, got)
                 ckernel.merge(spec, b, fs, got, 12345)
                 assert want.tobytes() == got.tobytes(), (method, options, n, trims, outliers)
+
+
+# DELLA: rows shorter than the kernel's 2048-element step (several per step), of one element, of a step,
+# longer (one per step, up to the numpy kernel's 65536); the 2048- and 65536-wide tensors split into
+# row-aligned ranges over two threads
+DELLA_SHAPES = [(300, 7), (1, 1), (40, 33), (140, 2048), (9, 3000), (3, 5000), (5, 65536)]
+# per model (density, epsilon): density 1 leaves τ as it is, epsilon 0 gives every rank p = density
+DELLA_PARAMS = [((0.5, 0.1), (0.3, 0.2), (0.9, 0.05)), ((0.7, 0.0), (1.0, 0.15), (0.2, 0.15))]
+
+
+def _della_inputs(rows: int, cols: int, dtype: torch.dtype, hostile: bool):
+    """τ in steps of 2^-9: many |τ| ties, of equal and opposite signs; zero deltas; a row of zero
+    deltas and one of a single |τ|; hostile: NaN, ±Inf and −0 too."""
+    g = torch.Generator().manual_seed(rows * cols)
+    base = torch.randn(rows, cols, generator=g) * 0.02
+    step = torch.randint(-6, 7, (rows, cols), generator=g) / 512
+    if rows > 2:
+        base[1], step[1] = 0.0, torch.where(torch.arange(cols) % 3 == 0, -1.0, 1.0) / 256  # one |τ|, both signs
+        step[2] = 0.0
+    if hostile:
+        base[:, ::5] = -0.0
+        step[:, 3 % cols], step[:, 6 % cols] = float("nan"), float("inf")
+    fts = [(base + step * (i + 1)).to(dtype) for i in range(3)]
+    return base.to(dtype), fts
+
+
+def _della_spec(method: str, cols: int, params, rescale: str) -> ops.TensorSpec:
+    return ops.TensorSpec(opts=ops.MergeOptions(method=method, rescale=rescale), weights=(0.6, -0.3, 0.5), lam=0.8, dare=False,
+                          keys=tuple(mask_key(5, i, "t") for i in range(3)), densities=tuple(d for d, _ in params),
+                          dare_scales=(1.0,) * 3, trims=(None,) * 3, epsilons=tuple(e for _, e in params), della_row=cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_compiled_kernel_ranks_della_rows_as_the_numpy_kernel_and_torch(method, dtype):
+    # Each element's rank of |τ| in its row (ties lowest index first) picks its keep threshold and p:
+    # the compiled kernel's radix ranks give the numpy kernel's bits, and torch's (but for bf16 NaNs,
+    # whose sign torch keeps where the CPU kernels store 0x7FC0). A block from the middle of a
+    # tensor, and one whose flat indices cross 2^32: the mask hashes them.
+    storage = np.uint16 if dtype == torch.bfloat16 else np.float32
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    with ThreadPoolExecutor(2) as pool:
+        for rows, cols in DELLA_SHAPES:
+            for hostile in (False, True):
+                base, fts = _della_inputs(rows, cols, dtype, hostile)
+                b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+                for params in DELLA_PARAMS:
+                    for rescale in ("inverse", "none"):
+                        spec = _della_spec(method, cols, params, rescale)
+                        for start in (7 * cols, 2**32 - 3 * cols // 2):
+                            want, got = np.empty(rows * cols, storage), np.empty(rows * cols, storage)
+                            with np.errstate(all="ignore"):
+                                kernels.merge_block(spec, b, fs, want, start, pool)
+                            assert ckernel.supports(spec, b, fs, got)
+                            ckernel.merge(spec, b, fs, got, start, pool)
+                            assert want.tobytes() == got.tobytes(), (rows, cols, hostile, params, rescale, start)
+                        if not hostile or dtype == torch.float32:
+                            eager = torch.empty(rows * cols, dtype=dtype)
+                            TorchBackend(torch.float32).merge(Block(0, rows, start, base, fts, 0), spec, eager)
+                            assert eager.view(bits).numpy().tobytes() == got.tobytes(), (rows, cols, params, rescale)
+
+
+def test_della_ranks_that_keep_nothing_stay_on_the_numpy_kernel():
+    # p < 2^-32 at the lowest ranks (density − epsilon tiny): a threshold of 0, which the kernel's
+    # uint32 "last hash kept" cannot say; that merge stays on the numpy kernel, as do stats passes
+    base, fts = _della_inputs(4, 100, torch.bfloat16, False)
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+    out = np.empty(400, np.uint16)
+    assert ckernel.supports(_della_spec("della", 100, DELLA_PARAMS[0], "inverse"), b, fs, out)
+    assert not ckernel.supports(_della_spec("della", 100, DELLA_PARAMS[0], "inverse"), b, fs)
+    assert not ckernel.supports(_della_spec("della", 100, ((0.3, 0.3 - 1e-12), (0.5, 0.1), (0.5, 0.1)), "inverse"), b, fs, out)
+    assert not ckernel.supports(_della_spec("della", kernels.CHUNK + 1, DELLA_PARAMS[0], "inverse"), b, fs, out)
 
 
 def test_compiled_kernel_copies_and_converts_unmerged_tensors():

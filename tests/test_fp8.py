@@ -144,6 +144,7 @@ CONFIGS = {
     "ties": "merge_method: ties\nparameters: {density: 0.6}\n",
     "dare_ties": "merge_method: dare_ties\nparameters: {density: 0.5}\nseed: 3\n",
     "slerp": "merge_method: slerp\nparameters: {t: 0.3}\n",
+    "della": "merge_method: della\nparameters: {density: 0.5, epsilon: 0.1}\nseed: 3\n",
 }
 
 

@@ -11,8 +11,6 @@ from conftest import needs_compiled, shard_hashes
 from streammerge import MergeConfig, ModelSpec, merge
 from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
 from streammerge.methods import registry
-from streammerge.methods.base import PATHS
-from streammerge.methods.task_vectors import TaskVectorMethod
 from streammerge.pipeline import passes
 from streammerge.pipeline.device import Staging
 
@@ -96,7 +94,10 @@ def test_the_compiled_kernel_gives_torchs_bytes(models, tmp_path, method, monkey
 @pytest.mark.slow
 @needs_compiled
 def test_a_path_declared_but_not_implemented_fails_the_matrix(models, tmp_path, monkeypatch):
-    # DELLA's ranked keep probabilities are not in the compiled kernel: claiming it must be caught
-    monkeypatch.setattr(TaskVectorMethod, "paths", property(lambda self: frozenset(PATHS)))
+    # a compiled kernel that took DELLA without its ranked keep probabilities (τ left whole) must be caught
+    from streammerge.methods import ckernel
+
+    monkeypatch.setattr(ckernel, "ranks_della", lambda *args: True)
+    monkeypatch.setattr(ckernel, "_della_tables", lambda *args: None)
     with pytest.raises(AssertionError):
         test_the_compiled_kernel_gives_torchs_bytes(models, tmp_path, "della", monkeypatch)

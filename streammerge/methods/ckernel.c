@@ -9,7 +9,10 @@
    Compiled with -ffp-contract=off (no fused multiply-add) and never -ffast-math (no reassociation,
    NaN and -0 kept); -fno-trapping-math only lets the vectorizer compute both sides of a select
    (no exception flag is read). The tests check both kernels give identical bytes. Inputs are read
-   in place from the mapped files. */
+   in place from the mapped files.
+
+   DELLA ranks |τ| within rows: its steps hold whole rows, each row's ranks come from a stable radix
+   sort of |τ|'s bits (ties lower index first, as the numpy kernel's and torch's sorts). */
 
 #include "ckernel.h"
 
@@ -28,6 +31,8 @@ typedef struct { /* one fine-tune: its input and sparsification (ckernel.py's _M
     int32_t divide, trimmed, outlier;
     float trim_value, out_value;
     int64_t trim_tie, out_tie; /* last flat index kept (trim) or dropped (outlier) at the value */
+    const uint32_t *della_last; /* DELLA: per rank, the largest hash kept, floor(p·2³²) − 1; NULL: no MagPrune */
+    const float *della_p;       /* DELLA: per rank, p in float32; NULL: kept elements not divided */
 } Model;
 
 typedef struct { /* one merge, hist or tie call (ckernel.py's _Merge) */
@@ -36,7 +41,14 @@ typedef struct { /* one merge, hist or tie call (ckernel.py's _Merge) */
     int64_t n, start; /* models; the flat index of element 0 */
     int32_t mode, dare, band, weighted_sign, sign_count, zero_majority, merge_func, mean_count, normalize, positive;
     float lam, norm, majority;
+    int64_t della_row; /* DELLA: elements per ranked row (<= 65536), or 0 */
 } Merge;
+
+typedef struct { /* DELLA's per-row scratch: (|τ| bits, index) pairs and a second array to sort into; per element, its rank's last and p */
+    uint64_t *pairs, *spare;
+    uint32_t *last;
+    float *p;
+} Ranks;
 
 INLINE uint32_t fmix32(uint32_t x) { /* MurmurHash3's finalizer (mask.py) */
     x ^= x >> 16;
@@ -44,6 +56,12 @@ INLINE uint32_t fmix32(uint32_t x) { /* MurmurHash3's finalizer (mask.py) */
     x ^= x >> 13;
     x *= 0xC2B2AE35u;
     return x ^ (x >> 16);
+}
+
+/* hash32 of flat index (hi0·2³² + lo0) + j: its two 32-bit halves, the high one + 1 past a wrap (mask.py) */
+INLINE uint32_t hash_at(uint32_t key0, uint32_t key1, uint32_t lo0, uint32_t hi0, int j) {
+    uint32_t lo = lo0 + (uint32_t)j, hi = hi0 + (lo < lo0);
+    return fmix32(fmix32(lo ^ key0) ^ hi ^ key1);
 }
 
 INLINE float sign(float x) { /* np.sign: NaN stays NaN, ±0 -> +0 */
@@ -61,8 +79,85 @@ INLINE void trim(float *restrict d, int m, int64_t idx0, float value, int64_t la
     }
 }
 
-/* model md's τ (DARE, then the trims) into d for elements [c, c+m), θ₀ already in b (kernels.deltas_chunk) */
-INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float *restrict b, float *restrict d) {
+/* x[j] times 1 where the hash of flat index at + j is <= last[j], else times 0 (DELLA's mask) */
+INLINE void keep_upto(float *restrict x, const uint32_t *restrict last, int m, uint32_t key0, uint32_t key1, int64_t at) {
+    uint32_t lo0 = (uint32_t)at, hi0 = (uint32_t)((uint64_t)at >> 32);
+    for (int j = 0; j < m; j++) /* times 1.0f or +0.0f, its bits masked: a select here stays a branch, unvectorized */
+        x[j] = x[j] * from_bits(0x3F800000u & -(uint32_t)(hash_at(key0, key1, lo0, hi0, j) <= last[j]));
+}
+
+/* One stable counting-sort pass of a row's (|τ| bits, index) pairs on their 8-bit digit k (of the
+   bits), given its counts: into dst, or (dst NULL: the last pass) each element's rank's last hash
+   kept and p into rk. The front half is placed forward from each digit's first slot and the back
+   half backward from its last: two independent chains of counter updates, where one would wait on
+   itself at a digit most elements share (an exponent's). */
+INLINE void radix_pass(const uint64_t *restrict src, uint64_t *restrict dst, int cols, int k, const uint32_t *count,
+                       const Model *md, Ranks *rk) {
+    uint32_t first[256], end[256], sum = 0;
+    for (int v = 0; v < 256; v++) {
+        first[v] = sum;
+        sum += count[v];
+        end[v] = sum;
+    }
+    const uint8_t *digit = (const uint8_t *)src + 4 + k; /* pair j's digit at digit[8 j] (little-endian) */
+    const uint32_t *last_k = md->della_last;
+    const float *p_k = md->della_p;
+    uint32_t *restrict last = rk->last;
+    float *restrict prob = rk->p;
+    for (int i = 0, j = cols - 1; i <= j; i++, j--) {
+        uint64_t x = src[i], y = src[j];
+        uint32_t a = first[digit[8 * i]]++, b = i < j ? --end[digit[8 * j]] : a; /* the middle one once */
+        if (dst) {
+            dst[a] = x, dst[b] = y;
+        } else { /* a and b are ranks */
+            last[(uint32_t)x] = last_k[a], last[(uint32_t)y] = last_k[b];
+            if (p_k) prob[(uint32_t)x] = p_k[a], prob[(uint32_t)y] = p_k[b];
+        }
+    }
+}
+
+/* DELLA's MagPrune of the whole rows in d[0, m) (kernels._magprune_chunk): an element's rank k by |τ|
+   in its row gives its mask threshold and p; kept where its hash < the threshold, then ÷ p.
+   The ranks: an LSD radix sort of (|τ| bits, index) pairs, 8 bits a pass, which is stable, so ties
+   keep index order; only the digits that differ within the row are sorted on, and the last pass
+   writes each element's threshold and p instead of the pair. */
+INLINE void magprune(const Merge *p, const Model *md, int64_t idx0, int m, float *restrict d, Ranks *rk) {
+    int cols = (int)p->della_row;
+    for (int r = 0; r < m; r += cols) {
+        float *row = d + r;
+        uint64_t *pairs = rk->pairs, *spare = rk->spare;
+        uint32_t v0 = to_bits(row[0]) & 0x7FFFFFFFu, differ = 0;
+        uint32_t count[2][4][256] = {{{0}}}; /* every digit's counts, even and odd elements apart: a digit most share would chain one counter's updates */
+        for (int j = 0; j < cols; j++) {
+            uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu; /* |τ|: non-negative floats order as their bits, NaN last */
+            pairs[j] = (uint64_t)v << 32 | (uint32_t)j;
+            differ |= v ^ v0;
+            uint32_t(*at)[256] = count[j & 1];
+            at[0][v & 255]++, at[1][v >> 8 & 255]++, at[2][v >> 16 & 255]++, at[3][v >> 24]++;
+        }
+        int digits[4], passes = 0;
+        for (int k = 0; k < 4; k++)
+            if (differ >> 8 * k & 255) digits[passes++] = k;
+        if (passes == 0) { /* every |τ| equal: ranks in index order */
+            memcpy(rk->last, md->della_last, cols * sizeof(uint32_t));
+            if (md->della_p) memcpy(rk->p, md->della_p, cols * sizeof(float));
+        }
+        for (int q = 0; q < passes; q++) {
+            int k = digits[q];
+            for (int v = 0; v < 256; v++) count[0][k][v] += count[1][k][v];
+            radix_pass(pairs, q < passes - 1 ? spare : NULL, cols, k, count[0][k], md, rk);
+            uint64_t *t = pairs;
+            pairs = spare, spare = t;
+        }
+        keep_upto(row, rk->last, cols, md->key0, md->key1, idx0 + r);
+        if (md->della_p)
+            for (int j = 0; j < cols; j++) row[j] = row[j] / rk->p[j];
+    }
+}
+
+/* model md's τ (DARE or DELLA's MagPrune, then the trims) into d for elements [c, c+m), θ₀ already in
+   b (kernels.deltas_chunk); MagPrune needs rk and whole rows, only merge_range passes them */
+INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float *restrict b, float *restrict d, Ranks *rk) {
     int64_t idx0 = p->start + c;
     load(&md->src, c, m, d);
     if (!md->given)
@@ -72,16 +167,13 @@ INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float
         uint32_t last = (uint32_t)(md->keep_below - 1), lo0 = (uint32_t)idx0, hi0 = (uint32_t)((uint64_t)idx0 >> 32);
         uint32_t key0 = md->key0, key1 = md->key1;
         float on = md->keep_below == 0 ? 0.0f : 1.0f;
-        for (int j = 0; j < m; j++) { /* the flat index's two 32-bit halves (the high one + 1 past a wrap), hashed (mask.py) */
-            uint32_t lo = lo0 + (uint32_t)j, hi = hi0 + (lo < lo0);
-            uint32_t h = fmix32(fmix32(lo ^ key0) ^ hi ^ key1);
-            d[j] = d[j] * (h <= last ? on : 0.0f);
-        }
+        for (int j = 0; j < m; j++) d[j] = d[j] * (hash_at(key0, key1, lo0, hi0, j) <= last ? on : 0.0f);
         if (md->divide)
             for (int j = 0; j < m; j++) d[j] = d[j] / md->density;
         else if (md->scale != 1.0f)
             for (int j = 0; j < m; j++) d[j] = d[j] * md->scale;
     }
+    if (md->della_last && rk) magprune(p, md, idx0, m, d, rk);
     if (md->trimmed) trim(d, m, idx0, md->trim_value, md->trim_tie, 0);
     if (md->outlier) trim(d, m, idx0, md->out_value, md->out_tie, 1);
     if (p->band && (md->trimmed || md->outlier) && md->scale != 1.0f)
@@ -90,28 +182,39 @@ INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float
 
 /* merges elements [lo, hi) of the flat inputs into p->out (kernels.merge_chunk's steps, per element); 0, or -1 out of memory */
 MULTIVERSION int merge_range(const Merge *p, int64_t lo, int64_t hi) {
-    int64_t n = p->n;
-    float *buf = malloc((6 + n) * CHUNK * sizeof(float));
-    if (!buf) return -1;
-    float *b = buf, *acc = b + CHUNK, *score = acc + CHUNK, *gamma = score + CHUNK, *side = gamma + CHUNK,
-          *div = side + CHUNK, *d = div + CHUNK; /* d: model i's τ at d + i*CHUNK */
-    for (int64_t c = lo; c < hi; c += CHUNK) {
-        int m = hi - c < CHUNK ? (int)(hi - c) : CHUNK;
+    int64_t n = p->n, cols = p->della_row;
+    /* DELLA: a step holds whole rows, as many as fit in CHUNK, or one longer row; lo and hi fall on rows */
+    int step = cols == 0 ? CHUNK : cols <= CHUNK ? CHUNK / (int)cols * (int)cols : (int)cols;
+    float *buf = malloc((6 + n) * step * sizeof(float));
+    Ranks rk = {0};
+    if (cols) {
+        rk.pairs = malloc(2 * cols * sizeof(uint64_t) + cols * (sizeof(uint32_t) + sizeof(float)));
+        if (rk.pairs) rk.spare = rk.pairs + cols, rk.last = (uint32_t *)(rk.spare + cols), rk.p = (float *)(rk.last + cols);
+    }
+    if (!buf || (cols && !rk.pairs)) {
+        free(buf);
+        free(rk.pairs);
+        return -1;
+    }
+    float *b = buf, *acc = b + step, *score = acc + step, *gamma = score + step, *side = gamma + step,
+          *div = side + step, *d = div + step; /* d: model i's τ at d + i*step */
+    for (int64_t c = lo; c < hi; c += step) {
+        int m = hi - c < step ? (int)(hi - c) : step;
         if (p->mode == COPY) {
             load(&p->base, c, m, b);
             store(b, &p->out, c, m);
             continue;
         }
         if (p->mode == AVERAGE) { /* θ_i themselves, no base */
-            for (int64_t i = 0; i < n; i++) load(&p->models[i].src, c, m, d + i * CHUNK);
+            for (int64_t i = 0; i < n; i++) load(&p->models[i].src, c, m, d + i * step);
         } else {
             load(&p->base, c, m, b);
-            for (int64_t i = 0; i < n; i++) delta(p, &p->models[i], c, m, b, d + i * CHUNK);
+            for (int64_t i = 0; i < n; i++) delta(p, &p->models[i], c, m, b, d + i * step, &rk);
         }
         if (p->mode == TIES) {
             for (int j = 0; j < m; j++) score[j] = 0.0f;
             for (int64_t i = 0; i < n; i++) { /* the sign election */
-                const float *di = d + i * CHUNK;
+                const float *di = d + i * step;
                 float wi = p->models[i].weight;
                 for (int j = 0; j < m; j++) {
                     float v = p->weighted_sign ? di[j] * wi : di[j];
@@ -130,7 +233,7 @@ MULTIVERSION int merge_range(const Merge *p, int64_t lo, int64_t hi) {
             }
             for (int j = 0; j < m; j++) acc[j] = div[j] = 0.0f;
             for (int64_t i = 0; i < n; i++) { /* the agreeing τ's, summed or their largest |τ| */
-                const float *di = d + i * CHUNK;
+                const float *di = d + i * step;
                 float wi = p->models[i].weight;
                 for (int j = 0; j < m; j++) {
                     float w = di[j] * wi;
@@ -155,7 +258,7 @@ MULTIVERSION int merge_range(const Merge *p, int64_t lo, int64_t hi) {
         } else { /* SUM, AVERAGE: the weighted sum */
             for (int j = 0; j < m; j++) acc[j] = 0.0f;
             for (int64_t i = 0; i < n; i++) {
-                const float *di = d + i * CHUNK;
+                const float *di = d + i * step;
                 float wi = p->models[i].weight;
                 for (int j = 0; j < m; j++) acc[j] = acc[j] + di[j] * wi;
             }
@@ -170,6 +273,7 @@ MULTIVERSION int merge_range(const Merge *p, int64_t lo, int64_t hi) {
         store(acc, &p->out, c, m);
     }
     free(buf);
+    free(rk.pairs);
     return 0;
 }
 
@@ -199,7 +303,7 @@ MULTIVERSION int hist_range(const Merge *p, int64_t lo, int64_t hi, const int64_
             if (!wanted[i]) continue;
             float *di = d + i * CHUNK;
             uint32_t *h = counts + i * 4 * stride;
-            delta(p, &p->models[i], c, m, b, di);
+            delta(p, &p->models[i], c, m, b, di, NULL);
             if (high[i] < 0) {
                 for (int j = 0; j < m; j++) {
                     uint32_t v = to_bits(di[j]) & 0x7FFFFFFFu; /* |τ| */
@@ -234,7 +338,7 @@ MULTIVERSION int64_t tie_range(const Merge *p, int64_t i, int64_t lo, int64_t hi
     for (int64_t c = lo; c < hi && pos < 0; c += CHUNK) {
         int m = hi - c < CHUNK ? (int)(hi - c) : CHUNK;
         load(&p->base, c, m, b);
-        delta(p, &p->models[i], c, m, b, d);
+        delta(p, &p->models[i], c, m, b, d, NULL);
         int ties = 0; /* counted in a loop that vectorizes; located only in the chunk that holds the needed one */
         for (int j = 0; j < m; j++) ties += fabsf(d[j]) == value;
         if (count + ties < needed) {

@@ -9,13 +9,15 @@ the numpy kernel gives the same bytes.
 Bits: every step is the same IEEE float32 operation, in the same order, as `kernels.merge_chunk`,
 and the tests check the two give identical bytes. Inputs are read in place from the mapped files:
 no staging copy. ctypes releases the GIL during a call: the pool's threads run in parallel.
-Covers the task-vector family in float32 with bf16/float32 storage, except DELLA's row ranking
-(`supports`); the rest stays on the numpy kernel.
+Covers the task-vector family in float32 with bf16/float32/FP8 storage (`supports`), DELLA's
+merge included: its steps hold whole rows, ranked within each (a stable radix sort of |τ|'s bits);
+DELLA's tables of p per rank are the numpy kernel's (kernels._della_tables).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 from ctypes import POINTER, c_float, c_int32, c_int64, c_uint32, c_uint64, c_void_p
 
@@ -54,14 +56,15 @@ class _Model(ctypes.Structure):  # ckernel.c's Model
     _fields_ = [("src", _Source), ("weight", c_float), ("given", c_int32), ("keep_below", c_uint64),
                 ("key0", c_uint32), ("key1", c_uint32), ("scale", c_float), ("density", c_float),
                 ("divide", c_int32), ("trimmed", c_int32), ("outlier", c_int32),
-                ("trim_value", c_float), ("out_value", c_float), ("trim_tie", c_int64), ("out_tie", c_int64)]
+                ("trim_value", c_float), ("out_value", c_float), ("trim_tie", c_int64), ("out_tie", c_int64),
+                ("della_last", c_void_p), ("della_p", c_void_p)]
 
 
 class _Merge(ctypes.Structure):  # ckernel.c's Merge
     _fields_ = [("base", _Source), ("out", _Source), ("models", POINTER(_Model)), ("n", c_int64), ("start", c_int64),
                 *((f, c_int32) for f in ("mode", "dare", "band", "weighted_sign", "sign_count", "zero_majority",
                                          "merge_func", "mean_count", "normalize", "positive")),
-                ("lam", c_float), ("norm", c_float), ("majority", c_float)]
+                ("lam", c_float), ("norm", c_float), ("majority", c_float), ("della_row", c_int64)]
 
 
 _lib = _library()
@@ -114,8 +117,28 @@ def supports(spec: TensorSpec, base, fts: list, out: np.ndarray | None = None) -
         return False
     if not spec.merged:
         return base is not None
+    if opts.sparsify == "magprune" and (out is None or not ranks_della(spec.della_row, spec.densities, spec.epsilons)):
+        return False  # DELLA ranks in merges only
     declared = "compiled" in registry.get(opts.method).paths  # opt-in: methods/task_vectors.py
     return declared and (base is not None or opts.combine == "average")
+
+
+@functools.lru_cache(maxsize=256)
+def _della_tables(cols: int, density: float, epsilon: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """kernels._della_tables as the kernel reads them: per rank, the largest hash kept (threshold − 1,
+    uint32) and p; None where a rank keeps nothing (p < 2⁻³², threshold 0: left to the numpy kernel)."""
+    thr, p = kernels._della_tables(cols, density, epsilon)
+    if thr.min() == 0:
+        return None
+    last = (thr - 1).astype(np.uint32)
+    last.flags.writeable = False
+    return last, p
+
+
+def ranks_della(cols: int, densities: tuple[float, ...], epsilons: tuple[float, ...]) -> bool:
+    """Whether the kernel ranks DELLA's rows of `cols` elements at these densities and epsilons: rows of
+    at most kernels.CHUNK (the numpy kernel's too), a threshold above 0 at every rank."""
+    return 0 < cols <= kernels.CHUNK and all(_della_tables(cols, d, e) is not None for d, e in zip(densities, epsilons) if d < 1)
 
 
 def _source(src: np.ndarray | tuple) -> _Source:
@@ -142,10 +165,14 @@ def _params(spec: TensorSpec, base, fts: list, out=None, start: int = 0) -> _Mer
         norm = np.float32(1.0)
     none = (None,) * n
     trims, outliers = spec.trims or none, spec.outliers or none
-    keys = spec.keys if spec.dare else (0,) * n
+    keys = spec.keys or (0,) * n  # DARE's and DELLA's mask keys
     scales = spec.dare_scales or (1.0,) * n
     densities = spec.densities or (1.0,) * n
     given = spec.given or (False,) * n
+    della = mode != COPY and opts.sparsify == "magprune"
+    # DELLA: per model, its last hash kept and p per rank (none at density 1, which keeps τ as it is)
+    tables = [_della_tables(spec.della_row, densities[i], spec.epsilons[i]) if della and densities[i] < 1 else None
+              for i in range(n)]
     models = (_Model * max(n, 1))(*(
         _Model(_source(f), weights[i], given[i], keep_threshold(densities[i]) if spec.dare else 0,
                keys[i] & 0xFFFFFFFF, keys[i] >> 32, scales[i], densities[i],
@@ -153,14 +180,19 @@ def _params(spec: TensorSpec, base, fts: list, out=None, start: int = 0) -> _Mer
                trims[i] is not None, outliers[i] is not None,
                trims[i].value if trims[i] is not None else 0.0, outliers[i].value if outliers[i] is not None else 0.0,
                trims[i].last_tie if trims[i] is not None else -1,
-               outliers[i].last_tie if outliers[i] is not None else -1)
+               outliers[i].last_tie if outliers[i] is not None else -1,
+               tables[i][0].ctypes.data if tables[i] is not None else None,
+               tables[i][1].ctypes.data if tables[i] is not None and opts.rescale == "inverse" else None)
         for i, f in enumerate(fts)))
-    return _Merge(
+    merge = _Merge(
         _source(base), _source(out) if out is not None else _Source(), models, n, start,
         mode, bool(spec.dare), opts.sparsify == "band", bool(opts.weighted_sign), opts.sign_method == "count",
         opts.zero_sign == "majority", {"sum": MERGE_SUM, "mean": MERGE_MEAN, "max": MERGE_MAX}.get(opts.merge_func, MERGE_SUM),
         opts.mean_divisor == "count", bool(opts.normalize and mode in (SUM, AVERAGE)), bool(opts.positive_zeros),
-        1.0 if mode == AVERAGE else spec.lam, norm, spec.majority)  # linear has no λ
+        1.0 if mode == AVERAGE else spec.lam, norm, spec.majority,  # linear has no λ
+        spec.della_row if della else 0)
+    merge.tables = tables  # kept alive while the kernel reads them (kernels' cache may drop them)
+    return merge
 
 
 def merge(spec: TensorSpec, base: np.ndarray | None, fts: list[np.ndarray], out: np.ndarray, start: int, pool=None) -> None:
@@ -170,7 +202,7 @@ def merge(spec: TensorSpec, base: np.ndarray | None, fts: list[np.ndarray], out:
     def work(c0: int, c1: int) -> None:
         _check(_lib.merge_range(p, c0, c1) == 0)
 
-    kernels.run_parallel(work, len(out), pool)
+    kernels.run_parallel(work, len(out), pool, kernels.chunk_step(spec))  # DELLA: ranges of whole rows
 
 
 def find_tie(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, i: int, value: float,

@@ -126,7 +126,7 @@ class TensorSpec:
     outliers: tuple[TrimThreshold | None, ...] = ()  # breadcrumbs: per model, the top-|τ| band dropped
     gammas: tuple[float, ...] = ()  # breadcrumbs: outlier share per model
     epsilons: tuple[float, ...] = ()  # della: keep-probability spread per model
-    della_row: int = 0  # della: elements per ranked row (the numpy kernel chunks by whole rows)
+    della_row: int = 0  # della: elements per ranked row (the CPU kernels step by whole rows)
     scale: float = 1.0  # an unmerged tensor's factor (passthrough's `scale`)
     ctx: Any = None  # a method of its own (methods/base.py): its TensorCtx
     state: Any = None  # ... and what its stats passes found

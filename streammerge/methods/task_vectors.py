@@ -16,7 +16,6 @@ from streammerge.methods.base import Method, Param
 from streammerge.methods.registry import register
 
 ALL_PATHS = frozenset({"torch", "numpy", "compiled", "gpu"})
-NO_COMPILED = frozenset({"torch", "numpy", "gpu"})
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ SPARSIFIERS = {s.name: s for s in (
     Part("trim", "top_k(τ): the k = int(d·density) largest |τ|, ties lowest index first", "exact radix trim"),
     Part("dare", "τ ⊙ m / density, m a counter-based keep mask (p = density)", "none (exact radix trim with trim_density)"),
     Part("band", "top_k(o'+t) minus top_k(o'): drops the gamma share of outliers and the small ones", "outlier band (two radix trims)"),
-    Part("magprune", "τ ⊙ m / p, p by |τ| rank within each row in density ± epsilon", "none (ranks within rows)", NO_COMPILED),
+    Part("magprune", "τ ⊙ m / p, p by |τ| rank within each row in density ± epsilon", "none (ranks within rows)"),
 )}
 COMBINERS = {c.name: c for c in (
     Part("sum", "θ₀ + λ Σ w_t τ̂_t (÷ Σ w_t with normalize)"),

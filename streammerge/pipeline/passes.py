@@ -366,11 +366,12 @@ class TensorJob:
         held = sum(self.gather.dtype.itemsize for c in self.sources if self._gathered(c)) + 4 * given + (lora.PRODUCT_SCRATCH if given else 0)
         # FP8 inputs: the compiled kernel dequantizes a mapped file's rows as it reads them where it
         # takes every pass of this tensor (ckernel.supports: a method that declares it, a base or an
-        # average, one kind of fine-tune; no majority-sign pass, which reads float32); any other FP8
-        # input's float32 rows are built per block
+        # average, one kind of fine-tune; no majority-sign pass, which reads float32; DELLA's ranks
+        # at these densities); any other FP8 input's float32 rows are built per block
         compiled_passes = compiled is not None and isinstance(self.backend, NumpyBackend) and (not tp.merged or (
             "compiled" in self.method.paths and (self.read_base or self.is_linear)
-            and not (self.opts.zero_sign == "majority" and self.opts.combine == "ties")))
+            and not (self.opts.zero_sign == "majority" and self.opts.combine == "ties")
+            and (self.opts.sparsify != "magprune" or compiled.ranks_della(tp.della_row, tp.densities, tp.epsilons))))
         self.raw_fp8 = compiled_passes and len(set(fp8_inputs[self.read_base :])) <= 1
         held += 4 * sum(q and not (self.raw_fp8 and _mapped(c)) for q, c in zip(fp8_inputs, self.sources))
         # every block read is views of mapped files: readers side by side cost no memory
