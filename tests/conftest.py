@@ -36,6 +36,19 @@ def spy_compiled(monkeypatch, name: str) -> list:
     return calls
 
 
+def awkward(t: torch.Tensor, dtype: torch.dtype, seed: int, huge: float = -3e38) -> torch.Tensor:
+    """t in dtype, its magnitudes spread over 2^±8 (float64 sums of float32 products then round), with signed zeros at
+    the same places in every input, subnormals and `huge` values sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    t = (t * torch.exp2(torch.randint(-8, 9, t.shape, generator=g).float())).to(dtype).reshape(-1)
+    shared = torch.arange(0, t.numel(), 7)
+    t[shared] = -0.0
+    t[shared[::2]] = 0.0
+    spots = torch.randint(0, t.numel(), (2, max(1, t.numel() // 9)), generator=g)
+    t[spots[0]], t[spots[1]] = 1e-39, huge
+    return t
+
+
 def compiled_kernel():
     """streammerge.methods.ckernel, or the test skipped when it was not built."""
     if _ckernel is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import needs_compiled, spy_compiled
+from conftest import awkward, needs_compiled, spy_compiled
 from safetensors.torch import load_file
 
 from streammerge.errors import ConfigError
@@ -302,19 +302,6 @@ def test_default_writes_zeros_as_positive(name):
 # ---- the compiled kernels (gram.c) give torch's bytes ---------------------------------------------
 
 
-def _awkward(t: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """t in dtype, its magnitudes spread over 2^±8 (float64 sums of float32 products then round), with signed zeros at
-    the same places in every input, subnormals and huge values sprinkled in."""
-    g = torch.Generator().manual_seed(seed)
-    t = (t * torch.exp2(torch.randint(-8, 9, t.shape, generator=g).float())).to(dtype).reshape(-1)
-    shared = torch.arange(0, t.numel(), 7)
-    t[shared] = -0.0
-    t[shared[::2]] = 0.0
-    spots = torch.randint(0, t.numel(), (2, max(1, t.numel() // 9)), generator=g)
-    t[spots[0]], t[spots[1]] = 1e-39, -3e38
-    return t
-
-
 COMPILED_CASES = [*CASES, ("slerp", {"t": 0.3}, 1, True)]
 
 
@@ -327,8 +314,8 @@ def test_compiled_kernels_give_the_torch_bytes(case, shape, dtypes, monkeypatch)
     name, params, n, with_base = case
     method = registry.get(name)
     base, models = _inputs(shape, n, torch.float32, seed=4)
-    base = _awkward(base, dtypes[0], 0).reshape(shape) if with_base else None
-    models = [_awkward(m, d, 1 + i).reshape(shape) for i, (m, d) in enumerate(zip(models, dtypes[1:]))]
+    base = awkward(base, dtypes[0], 0).reshape(shape) if with_base else None
+    models = [awkward(m, d, 1 + i).reshape(shape) for i, (m, d) in enumerate(zip(models, dtypes[1:]))]
     ctx = _ctx(shape, params, base=with_base)
     lines_cut = name == "nuslerp" and params.get("nuslerp_row_wise") and len(shape) > 1  # "columns": torch only
     calls = spy_compiled(monkeypatch, "combine")
@@ -347,8 +334,8 @@ def test_compiled_gram_and_combine_are_torchs_float64_bits(shape, lines, task_ve
     """The kernels alone, where a method's float32 output would hide a float64 difference: the
     sums' tree and the combination's op order, signed zeros included (negative coefficients)."""
     base, models = _inputs(shape, 3, torch.float32, seed=9)
-    base = _awkward(base, torch.bfloat16, 0).reshape(shape)
-    xs = [_awkward(m, d, 1 + i).reshape(shape) for i, (m, d) in enumerate(zip(models, (torch.float32, torch.bfloat16, torch.float32)))]
+    base = awkward(base, torch.bfloat16, 0).reshape(shape)
+    xs = [awkward(m, d, 1 + i).reshape(shape) for i, (m, d) in enumerate(zip(models, (torch.float32, torch.bfloat16, torch.float32)))]
     rows = Rows(0, shape[0], base.reshape(shape[0], -1), [x.reshape(shape[0], -1) for x in xs])
     ctx = _ctx(shape, {})
     minus = rows.base if task_vectors else None

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_compiled, spy_compiled
+from conftest import awkward, needs_compiled, spy_compiled
 from safetensors.torch import load_file
 
 from streammerge.errors import ConfigError
@@ -309,3 +308,88 @@ def test_bad_parameters(method, params, message):
     for sem in ("default", "mergekit"):
         with pytest.raises(ConfigError, match="^layer\\.w: .*" + re.escape(message)):
             run_tensor(get(method), ctx(method, (2, 2), params, sem, name="layer.w"), base, models)
+
+
+# ---- the compiled kernels (sce.c) give torch's bytes ----------------------------------------------
+
+
+def _sce_inputs(shape, n, dtypes, kind):
+    """θ₀ and n models, in dtypes (θ₀'s first): "awkward" (conftest.awkward: τ² overflows float32, NaN weights),
+    "finite" (its huge values 3e18), "grid" (ties in the variance, at the threshold too), "tiny" (Σ mean τ² < 1e-6:
+    equal weights), "lopsided" (the last model alone moves every 5th element, by its weight < 1e-6: the clamp)."""
+    g = torch.Generator().manual_seed(n)
+    if kind == "grid":
+        base, models = _inputs_for(shape, n, torch.float32, seed=n, grid=True)
+    else:
+        base = torch.randn(shape, generator=g)
+        models = [base + (1e-5 if kind == "tiny" else 0.1) * torch.randn(shape, generator=g) for _ in range(n)]
+    if kind == "lopsided":
+        for t in (base, *models[:-1]):
+            t.view(-1)[::5] = 0.0
+        models[-1] = base.clone()
+        models[-1].view(-1)[::5] = 1e-5 * torch.randn(base.view(-1)[::5].shape, generator=g)
+    if kind in ("awkward", "finite"):
+        huge = -3e38 if kind == "awkward" else -3e18
+        base = awkward(base, dtypes[0], 0, huge)
+        base = torch.where(base == 0, -base, base)  # its signed zeros opposite the models': some τ are −0
+        models = [awkward(m, d, 1 + i, huge) for i, (m, d) in enumerate(zip(models, dtypes[1:]))]
+    return base.to(dtypes[0]).reshape(shape), [m.to(d).reshape(shape) for m, d in zip(models, dtypes[1:])]
+
+
+def _same_partials(method, c: TensorCtx, base, models, step) -> set[int]:
+    """Each pass's partial results, block by block, on the kernels and in torch (the merge's float32 could hide a
+    difference in them), the state reduced from torch's; returns the passes that ran."""
+    rows = c.rows
+    b, ms = base.reshape(rows, -1), [m.reshape(rows, -1) for m in models]
+    blocks = [Rows(r, min(r + step, rows), b[r : r + step], [m[r : r + step] for m in ms]) for r in range(0, rows, step)]
+
+    def plain(x):
+        return bits(x).tolist() if isinstance(x, torch.Tensor) else tuple(map(plain, x)) if isinstance(x, tuple) else x
+
+    ran, state = set(), None
+    for p in range(method.passes(c)):
+        want = [method.stats(c, p, r, state) for r in blocks]
+        assert [plain(method.stats(replace(c, compiled=True), p, r, state)) for r in blocks] == [plain(x) for x in want], p
+        ran |= {p} if any(x is not None for x in want) else set()
+        state = method.reduce(c, p, want, state)
+    return ran
+
+
+@needs_compiled
+@pytest.mark.parametrize("n,topk", [(3, 0.3), (2, 1.0), (1, 0.5), (2, 0.999)])  # n = 1: k = 0, no variance
+@pytest.mark.parametrize("shape", [(37, 24), (5, 6, 8), (50,), (3, 2053)], ids=str)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 4, (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16)],
+                         ids=["bf16", "mixed"])
+@pytest.mark.parametrize("kind", ["awkward", "finite", "grid", "tiny", "lopsided"])
+def test_sce_compiled_gives_the_torch_bytes(kind, dtypes, shape, n, topk, monkeypatch):
+    """sce.c's merge and each pass's partials are torch's bits, in any block split."""
+    method = get("sce")
+    base, models = _sce_inputs(shape, n, dtypes, kind)
+    c = ctx("sce", shape, {"select_topk": topk})
+    calls = spy_compiled(monkeypatch, "sce_merge")
+    for step in (None, 3, 1):
+        want = run_tensor(method, c, base, models, step)
+        got = run_tensor(method, replace(c, compiled=True), base, models, step)
+        assert torch.equal(bits(got), bits(want)), step
+    assert calls
+    ran = _same_partials(method, c, base, models, 3)
+    if (kind, n, topk) == ("finite", 3, 0.3):  # every pass ran: the threshold's low 16 bits, some of its ties kept
+        assert ran == {0, 1, 2, 3} and not want.isnan().any()
+
+
+@needs_compiled
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_sce_kernels_variance_is_torchs(n):
+    """Every bit of the variance (which the merge reads only through the threshold), through the kernels'
+    histograms: the low 16 bits in each top-16-bit bin it fills; and ties per row at some of its values."""
+    from streammerge.methods import ckernel, ops
+    from streammerge.methods.sce import _variance
+
+    base, models = _sce_inputs((37, 61), n, [torch.float32, torch.bfloat16] * 3, "finite")
+    b, ms = base.reshape(37, -1), [m.reshape(37, -1) for m in models]
+    var = _variance([m.float() - b.float() for m in ms])
+    assert torch.equal(ckernel.sce_hist(b, ms, None), ops.radix_hist_high(var))
+    for high in (var.view(torch.int32) >> 16).unique().tolist():
+        assert torch.equal(ckernel.sce_hist(b, ms, high), ops.radix_hist_low(var, high)), high
+    for value in var.reshape(-1)[::97].tolist():
+        assert torch.equal(ckernel.sce_ties(b, ms, value), (var == value).sum(dim=1)), value

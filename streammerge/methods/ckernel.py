@@ -28,7 +28,7 @@ from streammerge.io import quant
 from streammerge.io.quant import QuantRows
 from streammerge.methods import kernels, registry
 from streammerge.methods.mask import keep_threshold
-from streammerge.methods.ops import TensorSpec
+from streammerge.methods.ops import TensorSpec, TrimThreshold
 
 
 def _library() -> ctypes.CDLL:
@@ -67,6 +67,11 @@ class _Merge(ctypes.Structure):  # ckernel.c's Merge
                 ("lam", c_float), ("norm", c_float), ("majority", c_float), ("della_row", c_int64)]
 
 
+class _Sce(ctypes.Structure):  # sce.c's Sce
+    _fields_ = [("xs", POINTER(_Source)), ("n", c_int64), ("base", _Source), ("select", c_int32), ("value", c_float),
+                ("last_tie", c_int64), ("start", c_int64)]
+
+
 _lib = _library()
 _lib.merge_range.argtypes = [POINTER(_Merge), c_int64, c_int64]
 _lib.hist_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_void_p, c_void_p, c_int64, c_void_p]
@@ -79,6 +84,10 @@ _lib.ram_counts.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_float
 _lib.nearswap_merge.argtypes = [POINTER(_Source), POINTER(_Source), c_float, c_float, c_int64, c_void_p]
 _lib.combine_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_void_p, c_int32, POINTER(_Source),
                                c_int64, c_int64, c_void_p]
+_lib.sce_hist.argtypes = [POINTER(_Sce), c_int64, c_int64, c_void_p]
+_lib.sce_ties.argtypes = [POINTER(_Sce), c_float, c_int64, c_int64, c_void_p]
+_lib.sce_sums.argtypes = [POINTER(_Sce), c_int64, c_int64, c_void_p]
+_lib.sce_merge.argtypes = [POINTER(_Sce), c_void_p, c_float, c_int64, c_void_p]
 
 
 def _check(ok: bool) -> None:
@@ -324,4 +333,47 @@ def nearswap_merge(base: torch.Tensor, model: torch.Tensor, t: float, floor: flo
     """nearswap's float32 result (default semantics), compiled, flat."""
     out = torch.empty(base.numel(), dtype=torch.float32)
     _check(_lib.nearswap_merge(_one(base), _one(model), t, floor, base.numel(), out.data_ptr()) == 0)
+    return out
+
+
+def _sce(base: torch.Tensor, models: list[torch.Tensor], keep: TrimThreshold | None, start: int) -> _Sce:
+    """sce.c's inputs: `readable` θ₀ and models of one size, and the selection (None: every τ)."""
+    xs = _sources(models)  # (the structure keeps it alive)
+    if keep is None:
+        return _Sce(xs, len(models), _Source(_TORCH_KINDS[base.dtype], base.data_ptr()))
+    return _Sce(xs, len(models), _Source(_TORCH_KINDS[base.dtype], base.data_ptr()), 1, keep.value, keep.last_tie, start)
+
+
+def sce_hist(base: torch.Tensor, models: list[torch.Tensor], high: int | None) -> torch.Tensor:
+    """ops.radix_hist_high (high None) or ops.radix_hist_low(·, high) of sce's variance, compiled."""
+    hist = torch.zeros(2 * 65536 if high is None else 65536, dtype=torch.int64)
+    _check(_lib.sce_hist(ctypes.byref(_sce(base, models, None, 0)), base.numel(), -1 if high is None else high,
+                         hist.data_ptr()) == 0)
+    return hist
+
+
+def sce_ties(base: torch.Tensor, models: list[torch.Tensor], value: float) -> torch.Tensor:
+    """How many of each row's variances equal `value` (int64 [rows]), compiled."""
+    rows, width = base.shape
+    ties = torch.empty(rows, dtype=torch.int64)
+    _check(_lib.sce_ties(ctypes.byref(_sce(base, models, None, 0)), value, width, rows, ties.data_ptr()) == 0)
+    return ties
+
+
+def sce_sums(base: torch.Tensor, models: list[torch.Tensor], keep: TrimThreshold | None, start: int) -> torch.Tensor:
+    """Σ τ̂_t² per model and row (float64 [models, rows], base.row_sums' tree), compiled."""
+    rows, width = base.shape
+    sums = torch.empty(len(models), rows, dtype=torch.float64)
+    _check(_lib.sce_sums(ctypes.byref(_sce(base, models, keep, start)), width, rows, sums.data_ptr()) == 0)
+    return sums
+
+
+def sce_merge(base: torch.Tensor, models: list[torch.Tensor], keep: TrimThreshold | None, start: int,
+              weights: tuple[float, ...], floor: float) -> torch.Tensor:
+    """sce's merged rows (float32, base's shape), compiled; the weights and floor rounded to float32 as
+    torch rounds a Python float scalar for a float32 tensor."""
+    out = torch.empty(base.shape, dtype=torch.float32)
+    w = np.array(weights, dtype=np.float32)
+    _check(_lib.sce_merge(ctypes.byref(_sce(base, models, keep, start)), w.ctypes.data, np.float32(floor), base.numel(),
+                          out.data_ptr()) == 0)
     return out

@@ -13,8 +13,10 @@ Default semantics, in streamed passes over row blocks (float32 work, float64 inp
   2. per-row counts of v equal to the threshold, when only some of those ties are kept: ties are kept
      lowest flat index first (ops.TrimThreshold), so any block split selects the same positions
   3. Σ τ̂_t² per model as float64 row sums, added exactly → w_t
-With select_topk ≥ 1 only pass 3 runs. mergekit semantics: its torch ops over the whole tensor in its
-dtype (torch.var, torch.topk's choice among equal variances, float sums of its dtype).
+With select_topk ≥ 1 only pass 3 runs. Where the compiled kernels take the rows (CPU, bf16/float32,
+`inputs.compiled`) the passes and the merge run in C (sce.c: the same operations, the same bits).
+mergekit semantics: its torch ops over the whole tensor in its dtype (torch.var, torch.topk's choice
+among equal variances, float sums of its dtype).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from streammerge.methods import ops
 
 from .base import Method, Param, Rows, TensorCtx, row_sums, total
-from .inputs import resolved, work_dtype
+from .inputs import compiled, resolved, work_dtype
 from .registry import register
 
 WEIGHT_FLOOR = 1e-6  # mergekit: Σ mean(τ̂²) below this gives equal weights; the divisor is clamped to it
@@ -58,6 +60,7 @@ class Sce(Method):
               doc="accepted for mergekit configs; no effect on the result (as in mergekit)"),
     )
     stats_kind = "variance top-k (radix histograms, per-row tie counts), Σ τ̂² per model (float64 row sums)"
+    paths = frozenset({"torch", "compiled", "gpu"})  # compiled: sce.c
 
     # ---- passes ------------------------------------------------------------------------------
 
@@ -74,19 +77,29 @@ class Sce(Method):
         return resolved(self, ctx)["select_topk"] < 1
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: _State | None):
-        tv = self._task_vectors(ctx, rows)
+        kernel = compiled(ctx, rows.base, *rows.models)  # sce.c: the same ops, the same bits
         if p == self.passes(ctx) - 1:  # the weights pass: Σ τ̂² per model, per row
-            tv = self._selected(ctx, rows, tv, state)
+            if kernel is not None:
+                return kernel.sce_sums(rows.base, rows.models, self._threshold(ctx, rows, state), rows.start)
+            tv = self._selected(ctx, rows, self._task_vectors(ctx, rows), state)
             return torch.stack([row_sums(t * t) for t in tv])
-        var = _variance(tv)
+        if p == 1 and (state.select is None or state.select.found):  # pass 1 settled the threshold
+            return None
+        if p == 2 and not state.partial_ties:  # nothing to locate
+            return None
+        if kernel is not None:
+            if p == 0:
+                hist = kernel.sce_hist(rows.base, rows.models, None)
+                return hist, int(hist[0])  # bin 0 holds the variances +0 (a variance is never −0)
+            if p == 1:
+                return kernel.sce_hist(rows.base, rows.models, state.select.high)
+            return kernel.sce_ties(rows.base, rows.models, state.value)
+        var = _variance(self._task_vectors(ctx, rows))
         if p == 0:
             return ops.radix_hist_high(var), int((var == 0).sum())
         if p == 1:
-            select = state.select  # (pass 1 may have settled the threshold: RadixSelect.found)
-            return None if select is None or select.found else ops.radix_hist_low(var, select.high)
-        if not state.partial_ties:  # p == 2, nothing to locate
-            return None
-        return (var == state.value).sum(dim=1).cpu()  # ties per row
+            return ops.radix_hist_low(var, state.select.high)
+        return (var == state.value).sum(dim=1).cpu()  # p == 2: ties per row
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: _State | None) -> _State:
         if p == self.passes(ctx) - 1:
@@ -102,13 +115,15 @@ class Sce(Method):
             state = _State(k=max(k, 0))
             if state.k > 0:
                 state.select = ops.RadixSelect(state.k)
-                state.select.add(torch.stack([hist for hist, _ in partials]).sum(dim=0))
+                for hist, _ in partials:  # (one at a time: a stack of a big tensor's slices is GBs, summed slowly)
+                    state.select.add(hist)
                 state.select.end_pass()
             return state
         if p == 1:
             if state.select is not None:
                 if state.select.found is None:
-                    state.select.add(torch.stack(partials).sum(dim=0))
+                    for hist in partials:
+                        state.select.add(hist)
                 state.value, greater, equal = state.select.result()
                 kept = state.k - greater  # ≥ 1: the k-th largest is a tie
                 state.partial_ties = kept if kept < equal else 0
@@ -124,6 +139,10 @@ class Sce(Method):
     def merge(self, ctx: TensorCtx, rows: Rows, state: _State | None) -> torch.Tensor:
         if ctx.semantics == "mergekit":
             return _mergekit(ctx, rows, resolved(self, ctx))
+        kernel = compiled(ctx, rows.base, *rows.models)
+        if kernel is not None:  # sce.c: the ops below, the same bits
+            return kernel.sce_merge(rows.base, rows.models, self._threshold(ctx, rows, state), rows.start, state.weights,
+                                    WEIGHT_FLOOR)
         tv = self._selected(ctx, rows, self._task_vectors(ctx, rows), state)
         work = tv[0].dtype
         # the vote Σ τ̂_t and the sums below run model by model: fixed order, any block split
@@ -148,23 +167,29 @@ class Sce(Method):
 
     def _selected(self, ctx: TensorCtx, rows: Rows, tv: list[torch.Tensor], state: _State | None) -> list[torch.Tensor]:
         """τ̂: τ where the variance is among the k largest (ties lowest flat index first), else 0."""
-        if not self._selects(ctx):
+        threshold = self._threshold(ctx, rows, state)
+        if threshold is None:
             return tv
-        var = _variance(tv)
-        if state.k == 0:
-            keep = torch.zeros_like(var, dtype=torch.bool)
-        else:
-            keep = ops.trim_keep(var, ops.TrimThreshold(state.value, self._last_tie(rows, var, state)), rows.start)
+        keep = ops.trim_keep(_variance(tv), threshold, rows.start)
         return [torch.where(keep, t, 0) for t in tv]
 
-    @staticmethod
-    def _last_tie(rows: Rows, var: torch.Tensor, state: _State) -> int:
+    def _threshold(self, ctx: TensorCtx, rows: Rows, state: _State | None) -> ops.TrimThreshold | None:
+        """The variances τ̂ keeps in this block: None, every one (select_topk ≥ 1); none when k = 0."""
+        if not self._selects(ctx):
+            return None
+        if state.k == 0:
+            return ops.TrimThreshold(math.inf, -1)
+        return ops.TrimThreshold(state.value, self._last_tie(ctx, rows, state))
+
+    def _last_tie(self, ctx: TensorCtx, rows: Rows, state: _State) -> int:
         """The flat index of the last kept tie, as ops.trim_keep reads it for this block."""
         if state.tie_row < 0:
             return ops.ALL_TIES
-        cols = var.shape[1]
-        if rows.r0 <= state.tie_row < rows.r1:
-            ties = torch.nonzero(var[state.tie_row - rows.r0] == state.value).reshape(-1)
+        cols = ctx.row_elems
+        if rows.r0 <= state.tie_row < rows.r1:  # the row's own variances (elementwise: the block's bits)
+            i = state.tie_row - rows.r0
+            row = Rows(state.tie_row, state.tie_row + 1, rows.base[i : i + 1], [m[i : i + 1] for m in rows.models])
+            ties = torch.nonzero(_variance(self._task_vectors(ctx, row))[0] == state.value).reshape(-1)
             return state.tie_row * cols + int(ties[state.tie_keep - 1])
         # a block before the row keeps all its ties, one after it none: any index between says so
         return state.tie_row * cols - 1
