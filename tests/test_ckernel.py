@@ -361,9 +361,9 @@ def test_compile_on_without_the_built_kernel_fails_in_one_line(tmp_path, models,
 
 @pytest.mark.parametrize(("method", "n", "params"), [
     ("slerp", 1, {"t": 0.3}), ("model_stock", 3, {}), ("nuslerp", 2, {"nuslerp_flatten": False}),
-    ("multislerp", 3, {}), ("karcher", 3, {})])
+    ("multislerp", 3, {}), ("karcher", 3, {}), ("arcee_fusion", 1, {})])
 def test_methods_of_their_own_give_torchs_bytes_on_the_compiled_kernels(tmp_path, models, monkeypatch, method, n, params):
-    calls = spy_compiled(monkeypatch, "combine")
+    calls = spy_compiled(monkeypatch, "arcee_merge" if method == "arcee_fusion" else "combine")
 
     def merged(mode: str) -> dict:
         specs = tuple(ModelSpec(str(models / f"ft{i}"), {"weight": [0.5, 0.3, 0.4][i]}) for i in range(n))

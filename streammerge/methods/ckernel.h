@@ -1,5 +1,6 @@
 /* What every compiled kernel shares (ckernel.c: the task-vector merge; gram.c: Gram matrices and
-   per-line combinations): how an input is stored and read as float32, and the multiversioning. */
+   per-line combinations; arcee.c: arcee_fusion): how an input is stored and read as float32, the
+   multiversioning, the float64 row sum. */
 
 #ifndef STREAMMERGE_CKERNEL_H
 #define STREAMMERGE_CKERNEL_H
@@ -73,6 +74,17 @@ INLINE void store(const float *restrict x, const Source *s, int64_t c, int m) {
     } else {
         memcpy((float *)s->data + c, x, m * sizeof(float));
     }
+}
+
+/* base.row_sums_: the first half plus the last half, again and again, until one element is left */
+INLINE double tree_sum(double *restrict w, int64_t cols) {
+    if (cols == 0) return 0.0;
+    while (cols > 1) {
+        int64_t half = cols / 2, from = cols - half;
+        for (int64_t j = 0; j < half; j++) w[j] += w[from + j];
+        cols -= half;
+    }
+    return w[0];
 }
 
 #endif

@@ -23,17 +23,6 @@ INLINE void load_wide(const Source *x, const Source *minus, int64_t c, int64_t m
     }
 }
 
-/* base.row_sums_: the first half plus the last half, again and again, until one element is left */
-INLINE double tree_sum(double *restrict w, int64_t cols) {
-    if (cols == 0) return 0.0;
-    while (cols > 1) {
-        int64_t half = cols / 2, from = cols - half;
-        for (int64_t j = 0; j < half; j++) w[j] += w[from + j];
-        cols -= half;
-    }
-    return w[0];
-}
-
 /* Lines [0, lines) of the k inputs (each starting at element 0 of its Source): out[p * lines + l]
    is Σ x_i x_j over line l for the p-th pair i <= j (pairs in the order (0,0), (0,1), ..., (1,1), ...).
    Returns -1 when its scratch cannot be allocated. */
