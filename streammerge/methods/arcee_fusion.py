@@ -98,7 +98,7 @@ class ArceeFusion(Method):
             return _histogram(a, b, kl, last, [], kernel)
         highs = _highs(state)  # the selection's pass 2 (a matrix's pass 1, a vector's 4)
         if not highs:  # pass 1 settled every quantile
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return _histogram(a, b, kl, last, highs, kernel)
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: _State | None) -> _State:
@@ -169,7 +169,7 @@ def _histogram(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int, hi
     imp = _importance(a, b, kl, last)
     hist = ops.radix_hist_high(imp) if not highs else torch.cat([ops.radix_hist_low(imp, h) for h in highs])
     bins = hist.nonzero().reshape(-1)
-    return bins, hist[bins]
+    return bins.numpy(), hist[bins].numpy()
 
 
 def _highs(state: _State) -> list[int]:
@@ -182,7 +182,7 @@ def _summed(partials: list, size: int) -> np.ndarray:
     spread these small ops over threads, between the compute threads' work)."""
     hist = np.zeros(size, dtype=np.int64)
     for bins, counts in partials:
-        np.add.at(hist, bins.numpy(), counts.numpy())
+        np.add.at(hist, bins, counts)
     return hist
 
 

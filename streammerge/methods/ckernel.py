@@ -310,21 +310,20 @@ def arcee_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def arcee_hist(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int,
-               highs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+               highs: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """The importance's histogram (ops.radix_hist_high without highs, else ops.radix_hist_low of each
     high, one after the other) as the bins it fills and their counts, int64."""
     size = 65536 * max(2, len(highs))
     if getattr(_scratch, "counts", None) is None or len(_scratch.counts) < size:
-        _scratch.counts, _scratch.out = torch.zeros(size, dtype=torch.int32), torch.empty(2, size, dtype=torch.int64)
-    tops = torch.tensor(highs, dtype=torch.int64)
-    out = _scratch.out
-    nb = _lib.arcee_hist(_one(a), _one(b), kl.data_ptr(), last, a.numel(), tops.data_ptr(), len(highs),
-                         _scratch.counts.data_ptr(), out[0].data_ptr(), out[1].data_ptr())
+        _scratch.counts, _scratch.out = np.zeros(size, np.uint32), np.empty((2, size), np.int64)
+    tops, out = np.array(highs, np.int64), _scratch.out
+    nb = _lib.arcee_hist(_one(a), _one(b), kl.data_ptr(), last, a.numel(), tops.ctypes.data, len(highs),
+                         _scratch.counts.ctypes.data, out[0].ctypes.data, out[1].ctypes.data)
     _check(nb != -1)
     if nb == -2:  # as torch.bincount refuses it
         raise RuntimeError("arcee_fusion: an importance is a NaN with its sign bit set "
                            "(bincount only supports non-negative inputs)")
-    return out[0, :nb].clone(), out[1, :nb].clone()
+    return out[0, :nb].copy(), out[1, :nb].copy()
 
 
 def arcee_merge(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int, threshold: float) -> torch.Tensor:
