@@ -439,9 +439,10 @@ def test_compile_on_without_the_built_kernel_fails_in_one_line(tmp_path, models,
 @pytest.mark.parametrize(("method", "n", "params"), [
     ("slerp", 1, {"t": 0.3}), ("model_stock", 3, {}), ("nuslerp", 2, {"nuslerp_flatten": False}),
     ("multislerp", 3, {}), ("karcher", 3, {}), ("ram", 3, {}), ("ramplus_tl", 3, {"r": 0.5}),
-    ("nearswap", 1, {"t": 0.001}), ("sce", 3, {"select_topk": 0.5}), ("sce", 2, {})])
+    ("nearswap", 1, {"t": 0.001}), ("sce", 3, {"select_topk": 0.5}), ("sce", 2, {}), ("arcee_fusion", 1, {})])
 def test_methods_of_their_own_give_torchs_bytes_on_the_compiled_kernels(tmp_path, models, monkeypatch, method, n, params):
-    kernel = {"ram": "ram_merge", "ramplus_tl": "ram_merge", "nearswap": "nearswap_merge", "sce": "sce_merge"}.get(method, "combine")
+    kernel = {"ram": "ram_merge", "ramplus_tl": "ram_merge", "nearswap": "nearswap_merge", "sce": "sce_merge",
+              "arcee_fusion": "arcee_merge"}.get(method, "combine")
     calls = spy_compiled(monkeypatch, kernel)
 
     def merged(mode: str) -> dict:

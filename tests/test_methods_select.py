@@ -21,7 +21,7 @@ from conftest import awkward, needs_compiled, spy_compiled
 from safetensors.torch import load_file
 
 from streammerge.errors import ConfigError
-from streammerge.methods import Rows, TensorCtx, get, run_tensor
+from streammerge.methods import Rows, TensorCtx, get, ops, run_tensor
 
 FIX = Path(__file__).parent / "fixtures" / "mergekit_methods_b"
 CASES = json.loads((FIX / "manifest.json").read_text())["cases"]
@@ -277,6 +277,129 @@ def test_ram_by_hand():
     zero = torch.zeros(6)
     assert merge("ramplus_tl", base, [t1, zero], "mergekit", epsilon=0.0).isnan().all()
     assert torch.equal(merge("ramplus_tl", base, [t1, zero], epsilon=0.0), merge("ram", base, [t1, zero], epsilon=0.0))
+
+
+
+# ---- arcee_fusion on the compiled kernels (arcee.c): torch's bytes --------------------------------
+
+
+def _awkward_pair(shape, dtypes, seed):
+    """θ₀, θ₁ in dtypes: magnitudes over 2^±8, unchanged elements, equal changes (ties), signed zeros,
+    subnormals, huge values (an importance that overflows to inf), and in a matrix an all-negative
+    softmax row."""
+    g = torch.Generator().manual_seed(seed)
+    a = 0.05 * torch.randn(shape, generator=g) * torch.exp2(torch.randint(-8, 9, shape, generator=g).float())
+    b = a + 0.02 * torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.6)
+    a, b = a.reshape(-1), b.reshape(-1)
+    a[::5], b[::5] = 0.5, 0.75
+    a[1::7], b[1::7] = -0.0, 0.0
+    a[2::11], b[3::11] = 1e-39, -1e-39
+    a[4::13] = b[4::13] = -3e38
+    b[6::17] = 3e38
+    if len(shape) > 1:  # a softmax row all negative (its max)
+        last = shape[-1]
+        a[:last], b[:last] = -a[:last].abs() - 1e-3, -b[:last].abs() - 1e-3
+    return a.reshape(shape).to(dtypes[0]), b.reshape(shape).to(dtypes[1])
+
+
+ARCEE_DTYPES = [(torch.bfloat16,) * 2, (torch.float32,) * 2, (torch.float32, torch.bfloat16)]
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtypes", ARCEE_DTYPES, ids=["bf16", "f32", "mixed"])
+@pytest.mark.parametrize("shape", [(37, 24), (5, 6, 8), (50,), (3, 1), ()], ids=str)
+def test_arcee_fusion_compiled_gives_the_torch_bytes(shape, dtypes, monkeypatch):
+    calls = {name: spy_compiled(monkeypatch, name) for name in ("arcee_kl", "arcee_hist", "arcee_merge")}
+    method = get("arcee_fusion")
+    base, ft = _awkward_pair(shape, dtypes, 1)
+    c = ctx("arcee_fusion", shape, {})
+    for step in (None, 3, 1):
+        want = run_tensor(method, c, base, [ft], rows_per_block=step)
+        got = run_tensor(method, replace(c, compiled=True), base, [ft], rows_per_block=step)
+        assert torch.equal(bits(got), bits(want)), step
+    assert calls["arcee_hist"] and calls["arcee_merge"] and bool(calls["arcee_kl"]) == (len(shape) > 1)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtypes", ARCEE_DTYPES, ids=["bf16", "f32", "mixed"])
+@pytest.mark.parametrize("shape", [(37, 24), (5, 6, 8), (9, 2048), (40,)], ids=str)
+def test_arcee_fusion_compiled_stats_are_torchs(shape, dtypes):
+    """The passes' results themselves, where the merge's float32 output would hide a difference: the
+    KL per row (float64 bits), both histograms (pass 2 for every quantile, settled or not), the threshold."""
+    from streammerge.methods import arcee_fusion
+
+    method = get("arcee_fusion")
+    base, ft = _awkward_pair(shape, dtypes, 5)
+    c = ctx("arcee_fusion", shape, {})
+    rows = Rows(0, c.rows, base.reshape(c.rows, c.row_elems), [ft.reshape(c.rows, c.row_elems)])
+    states = []
+    for compiled in (False, True):
+        c = replace(c, compiled=compiled)
+        state, out = None, []
+        for p in range(method.passes(c)):
+            if p == method.passes(c) - 1:
+                for s in state.selects:
+                    s.found = None  # pass 2 for each
+            part = method.stats(c, p, rows, state)
+            out.append(part)
+            state = method.reduce(c, p, [part], state)
+        states.append((state, out))
+    (t, t_parts), (k, k_parts) = states
+    if len(shape) > 1:
+        assert torch.equal(k.row_kl.view(torch.int64), t.row_kl.view(torch.int64))
+    else:
+        assert (k.maxima, k.sums, k.kl) == (t.maxima, t.sums, t.kl)
+    for parts in (t_parts, k_parts):  # a matrix's first pass: its KLs and the first histogram
+        parts[-2] = parts[-2][1] if len(shape) > 1 else parts[-2]
+    for size, tp, kp in zip((2 * 65536, 65536 * 3), t_parts[-2:], k_parts[-2:]):
+        assert (arcee_fusion._summed([kp], size) == arcee_fusion._summed([tp], size)).all()
+    assert [s.result() for s in k.selects] == [s.result() for s in t.selects]
+    assert k.threshold == t.threshold
+
+
+@needs_compiled
+def test_arcee_fusion_compiled_histograms_count_as_torchs():
+    # importances with chosen bits (KL 1: |θ₁ − θ₀| itself): low 16 bits 0, 1, 0x8000, 0xFFFF under a
+    # few top 16 bits, zeros and inf; the kernel's (bins, counts) add up to torch's bincounts
+    from streammerge.methods import arcee_fusion, ckernel
+
+    g = torch.Generator().manual_seed(0)
+    tops, lows = torch.tensor([0x0000, 0x0001, 0x3C00, 0x3C01, 0x7F7F]), torch.tensor([0, 1, 0x8000, 0xFFFF])
+    bits_ = torch.cat([(tops[:, None] << 16 | lows).reshape(-1), torch.tensor([0x7F800000])])
+    imp = bits_[torch.randint(0, len(bits_), (6, 40), generator=g)].to(torch.int32).view(torch.float32)
+    base = torch.where(torch.rand(6, 40, generator=g) < 0.5, -0.0, 0.0)
+    ft = imp * torch.where(torch.rand(6, 40, generator=g) < 0.5, -1.0, 1.0)  # |θ₁ − θ₀| = imp
+    kl = torch.ones(12, dtype=torch.float64)
+    for highs in ([], [0x3C00], [0x0000, 0x3C01, 0x7F7F]):
+        got = ckernel.arcee_hist(base, ft, kl, 20, highs)
+        want = ops.radix_hist_high(imp) if not highs else torch.cat([ops.radix_hist_low(imp, h) for h in highs])
+        assert (arcee_fusion._summed([got], len(want)) == want.numpy()).all()
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_arcee_fusion_compiled_meets_nan_and_inf_as_torch(dtype):
+    # A NaN or inf input makes NaN KLs and importances; where one has its sign bit set torch's
+    # bincount refuses it, and the kernel raises too; else the same bytes.
+    g = torch.Generator().manual_seed(2)
+    base, ft = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    cases = [(base, ft.index_put((torch.tensor([2]), torch.tensor([3])), torch.tensor(float("nan")))),
+             (base.index_put((torch.tensor([1]), torch.tensor([1])), torch.tensor(float("nan"))), ft),
+             (base.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf"))), ft),
+             (torch.full((6, 8), -3e38), torch.full((6, 8), 3e38))]  # |Δ| = inf, KL 0: inf · 0
+    raised = []
+    for a, b in cases:
+        out = []
+        for compiled in (False, True):
+            try:
+                out.append(bits(run_tensor(get("arcee_fusion"), replace(ctx("arcee_fusion", (6, 8), {}), compiled=compiled),
+                                           a.to(dtype), [b.to(dtype)], rows_per_block=4)))
+            except RuntimeError as e:
+                assert "non-negative" in str(e)
+                out.append(None)
+        assert (out[0] is None) == (out[1] is None) and (out[0] is None or torch.equal(out[0], out[1]))
+        raised.append(out[0] is None)
+    assert raised[-1]
 
 
 # ---- declarations and errors ---------------------------------------------------------------------

@@ -8,26 +8,29 @@ value only where it changed both much and where it matters.
 
 Q_j is mergekit's quantile rule, no interpolation: the sorted importances' element floor(q·(n − 1)),
 q = 1/4, 1/2, 3/4. Default semantics, streamed: the importance of a row needs only that row (float64
-softmax and KL, exp/log on the CPU: the same bits whatever the block), computed once per softmax
-row in a first pass; the three order statistics then come from an exact radix selection over row
-blocks (a high-16-bit histogram pass, a low-16-bit pass).
+softmax and KL, exp/log on the CPU: the same bits whatever the block), its KL computed once per
+softmax row in a first pass; the three order statistics come from an exact radix selection over row
+blocks (a high-16-bit histogram, counted in that first pass, then a low-16-bit pass).
 A vector's softmax spans all of it: three passes first find its maxima, Σexp and KL (float64 partial
-sums added exactly). mergekit semantics: its ops in its dtype over the whole tensor, its result in
-float32 (mergekit multiplies by a float32 mask); above 10⁶ elements mergekit takes its quantiles from
-a random sample (torch's global RNG), which is not reproducible: the exact quantiles are used there.
+sums added exactly), then the two histogram passes. The compiled kernels (arcee.c, `compiled`) give
+the same bits: all of it in C but the KL's exp and log, which stay torch's.
+mergekit semantics: its ops in its dtype over the whole tensor, its result in float32 (mergekit
+multiplies by a float32 mask); above 10⁶ elements mergekit takes its quantiles from a random sample
+(torch's global RNG), which is not reproducible: the exact quantiles are used there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from streammerge.methods import ops
 
 from .base import Method, Rows, TensorCtx, row_sums, row_sums_, total
-from .inputs import work_dtype
+from .inputs import compiled, work_dtype
 from .registry import register
 
 EPS = 1e-8  # added to both softmaxes, mergekit's guard against log(0)
@@ -62,7 +65,7 @@ class ArceeFusion(Method):
     min_models = 1
     max_models = 1
     params = ()
-    paths = frozenset({"torch"})  # exp/log run on the CPU for device-independent bytes
+    paths = frozenset({"torch", "compiled"})  # exp/log run on the CPU for device-independent bytes; compiled: arcee.c
     stats_kind = "importance quantiles (radix histograms); a vector's softmax (float64 sums)"
 
     def whole_tensor(self, ctx: TensorCtx) -> bool:
@@ -71,62 +74,58 @@ class ArceeFusion(Method):
     def passes(self, ctx: TensorCtx) -> int:
         if ctx.semantics == "mergekit" or ctx.numel == 0:
             return 0
-        return self._vector_passes(ctx) + 2
-
-    @staticmethod
-    def _vector_passes(ctx: TensorCtx) -> int:
-        # a vector's (or scalar's) softmax needs the whole of it: its maxima, Σexp, KL; a matrix's
-        # KL per row, once, so that the selection and merge passes need no exp/log
-        return 3 if len(ctx.shape) <= 1 else 1
+        # a vector's (or scalar's) softmax needs the whole of it: its maxima, Σexp, KL, then the
+        # selection's two histogram passes; a matrix's KL per row, and with it the first histogram
+        return 5 if len(ctx.shape) <= 1 else 2
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: _State | None):
-        a, b = _inputs(ctx, rows)
-        if self._vector_passes(ctx) == 1:
+        kernel = compiled(ctx, rows.base, rows.models[0])  # the same bits, the inputs read in place
+        # (as stored then: a vector's passes widen them to float64, exactly either way)
+        a, b = (rows.base, rows.models[0]) if kernel is not None else _inputs(ctx, rows)
+        if len(ctx.shape) > 1:
             if p == 0:  # as Python floats: small tensors kept across blocks would pin the allocator's heap
-                return _row_kl(ctx, a, b).tolist()
-            p -= 1
-        elif self._vector_passes(ctx):
+                kl = _row_kl(ctx, a, b, kernel)
+                return kl.tolist(), _histogram(a, b, kl, ctx.shape[-1], [], kernel)
+        else:
             if p == 0:
                 return b.max().item() if b.numel() else -torch.inf, a.max().item() if a.numel() else -torch.inf
             if p == 1:
                 return _exp_terms(b, state.maxima[0]), _exp_terms(a, state.maxima[1])
             if p == 2:
                 return _kl_terms(b, a, state)
-            p -= 3
-        imp = self._importance(ctx, a, b, state, rows.r0)
-        if p == 0:
-            return ops.radix_hist_high(imp)
-        highs = sorted({s.high for s in state.selects if s.found is None})  # (those pass 1 did not settle)
-        return {h: ops.radix_hist_low(imp, h) for h in highs}
+        kl, last = _row_kl_of(ctx, state, rows.r0, a.numel())
+        if p == 3:  # a vector's: the selection's pass 1
+            return _histogram(a, b, kl, last, [], kernel)
+        highs = _highs(state)  # the selection's pass 2 (a matrix's pass 1, a vector's 4)
+        if not highs:  # pass 1 settled every quantile
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return _histogram(a, b, kl, last, highs, kernel)
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: _State | None) -> _State:
         state = state or _State()
-        if self._vector_passes(ctx) == 1:
-            if p == 0:
-                state.row_kl = torch.tensor([v for part in partials for v in part], dtype=torch.float64)
-                return state
-            p -= 1
-        elif self._vector_passes(ctx):
+        if len(ctx.shape) > 1 and p == 0:
+            state.row_kl = torch.tensor([v for part, _ in partials for v in part], dtype=torch.float64)
+            partials = [hist for _, hist in partials]
+        elif len(ctx.shape) <= 1 and p < 3:
             if p == 0:
                 state.maxima = (max(x[0] for x in partials), max(x[1] for x in partials))
-                return state
-            if p == 1:
+            elif p == 1:
                 state.sums = (total([x[0] for x in partials]), total([x[1] for x in partials]))
-                return state
-            if p == 2:
+            else:
                 state.kl = max(total(partials), 0.0)
-                return state
-            p -= 3
-        if p == 0:
-            hist = torch.stack(partials).sum(dim=0)  # the three selections share the histogram
+            return state
+        if p < self.passes(ctx) - 1:  # the selection's pass 1
+            hist = _summed(partials, 2 * 65536)  # the three selections share the histogram
             state.selects = [ops.RadixSelect(k) for k in quantile_ranks(ctx.numel)]
             for s in state.selects:
                 s.add(hist)
                 s.end_pass()
             return state
+        highs = _highs(state)
+        hists = _summed(partials, 65536 * len(highs)).reshape(-1, 65536)
         for s in state.selects:
             if s.found is None:
-                s.add(torch.stack([hists[s.high] for hists in partials]).sum(dim=0))
+                s.add(hists[highs.index(s.high)])
         q1, q2, q3 = (s.result()[0] for s in state.selects)
         state.threshold = q2 + IQR_FACTOR * (q3 - q1)  # float64 from the float32 order statistics
         return state
@@ -134,26 +133,66 @@ class ArceeFusion(Method):
     def merge(self, ctx: TensorCtx, rows: Rows, state: _State | None) -> torch.Tensor:
         if ctx.semantics == "mergekit":
             return _mergekit(ctx, rows)
-        a, b = _inputs(ctx, rows)
         if ctx.numel == 0:
-            return a
-        keep = self._importance(ctx, a, b, state, rows.r0).double() >= state.threshold
+            return _inputs(ctx, rows)[0]
+        kl, last = _row_kl_of(ctx, state, rows.r0, rows.base.numel())
+        kernel = compiled(ctx, rows.base, rows.models[0])
+        if kernel is not None:
+            return kernel.arcee_merge(rows.base, rows.models[0], kl, last, state.threshold).reshape(rows.base.shape)
+        a, b = _inputs(ctx, rows)
+        keep = _importance(a, b, kl, last).double() >= state.threshold
         return torch.where(keep.to(a.device), b, a)
 
-    def _importance(self, ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor, state: _State, r0: int) -> torch.Tensor:
-        """|θ₁ − θ₀| · KL of the element's row, float64 rounded to float32 once (≥ 0: radix-selectable)."""
-        diff = (b - a).abs().double().cpu()
-        if len(ctx.shape) <= 1:
-            return (diff * state.kl).float()
-        last = ctx.shape[-1]  # softmax rows: the last dimension (a block row may hold several)
-        first = r0 * ctx.row_elems // last  # the block's first softmax row
-        kl = state.row_kl[first : first + diff.numel() // last]
-        return (diff.reshape(-1, last) * kl[:, None]).float().reshape(diff.shape)
+
+def _row_kl_of(ctx: TensorCtx, state: _State, r0: int, numel: int) -> tuple[torch.Tensor, int]:
+    """The KL of each softmax row of a block from row r0 (a vector's one KL), and the rows' length."""
+    if len(ctx.shape) <= 1:
+        return torch.tensor([state.kl], dtype=torch.float64), max(1, numel)
+    last = ctx.shape[-1]  # softmax rows: the last dimension (a block row may hold several)
+    first = r0 * ctx.row_elems // last  # the block's first softmax row
+    return state.row_kl[first : first + numel // last], last
 
 
-def _row_kl(ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _importance(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int) -> torch.Tensor:
+    """|θ₁ − θ₀| · KL of the element's softmax row (kl: the block's, rows of `last` elements), float64
+    rounded to float32 once (≥ 0: radix-selectable)."""
+    diff = (b - a).abs().double().cpu()
+    return (diff.reshape(-1, last) * kl[:, None]).float().reshape(diff.shape)
+
+
+def _histogram(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int, highs: list[int], kernel):
+    """The selection's pass 1 (no highs: ops.radix_hist_high) or pass 2 (ops.radix_hist_low of each
+    high, one after the other) over a block's importances, as the bins they fill and their counts:
+    dense histograms, one per slice, would cost the reduce more than the counting."""
+    if kernel is not None:
+        return kernel.arcee_hist(a, b, kl, last, highs)
+    imp = _importance(a, b, kl, last)
+    hist = ops.radix_hist_high(imp) if not highs else torch.cat([ops.radix_hist_low(imp, h) for h in highs])
+    bins = hist.nonzero().reshape(-1)
+    return bins.numpy(), hist[bins].numpy()
+
+
+def _highs(state: _State) -> list[int]:
+    """The top 16 bits whose low 16 bits pass 2 counts (the selections pass 1 did not settle)."""
+    return sorted({s.high for s in state.selects if s.found is None})
+
+
+def _summed(partials: list, size: int) -> np.ndarray:
+    """The slices' (bins, counts) added into one histogram of `size` bins (in numpy: torch would
+    spread these small ops over threads, between the compute threads' work)."""
+    hist = np.zeros(size, dtype=np.int64)
+    for bins, counts in partials:
+        np.add.at(hist, bins, counts)
+    return hist
+
+
+def _row_kl(ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor, kernel=None) -> torch.Tensor:
     """KL(softmax θ₁ ‖ softmax θ₀) of each softmax row (the last dimension) of a block, float64, ≥ 0."""
     last = ctx.shape[-1]
+    if kernel is not None:  # the same float64 ops in C, but for torch's exp and log (their bits)
+        x, y = kernel.arcee_shift(a, b, last)  # θ₁ − max, θ₀ − max per row
+        kernel.arcee_ratio(x.exp_(), y.exp_())  # p = e/Σe + ε into x, p/q into y
+        return kernel.arcee_kl(x, y.log_())  # Σ p·log(p/q), ≥ 0
     x, y = b.double().cpu().reshape(-1, last), a.double().cpu().reshape(-1, last)
     p = _softmax_rows(x) + EPS
     q = _softmax_rows(y) + EPS

@@ -1,6 +1,6 @@
 /* What every compiled kernel shares (ckernel.c: the task-vector merge; gram.c: Gram matrices and
-   per-line combinations; sce.c: sce's passes): how an input is stored and read as float32, the
-   multiversioning, and base.row_sums' tree. */
+   per-line combinations; sce.c: sce's passes; arcee.c: arcee_fusion): how an input is stored and read
+   as float32, the multiversioning, and base.row_sums' tree. */
 
 #ifndef STREAMMERGE_CKERNEL_H
 #define STREAMMERGE_CKERNEL_H

@@ -19,7 +19,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
-from ctypes import POINTER, c_float, c_int32, c_int64, c_uint32, c_uint64, c_void_p
+import threading
+from ctypes import POINTER, c_double, c_float, c_int32, c_int64, c_uint32, c_uint64, c_void_p
 
 import numpy as np
 import torch
@@ -88,6 +89,14 @@ _lib.sce_hist.argtypes = [POINTER(_Sce), c_int64, c_int64, c_void_p]
 _lib.sce_ties.argtypes = [POINTER(_Sce), c_float, c_int64, c_int64, c_void_p]
 _lib.sce_sums.argtypes = [POINTER(_Sce), c_int64, c_int64, c_void_p]
 _lib.sce_merge.argtypes = [POINTER(_Sce), c_void_p, c_float, c_int64, c_void_p]
+_lib.arcee_shift.argtypes = [POINTER(_Source), POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
+_lib.arcee_ratio.argtypes = [c_int64, c_int64, c_void_p, c_void_p]
+_lib.arcee_kl.argtypes = [c_int64, c_int64, c_void_p, c_void_p, c_void_p]
+_lib.arcee_kl.restype = None
+_lib.arcee_hist.argtypes = [POINTER(_Source), POINTER(_Source), c_void_p, c_int64, c_int64, c_void_p, c_int64,
+                            c_void_p, c_void_p, c_void_p]
+_lib.arcee_hist.restype = c_int64
+_lib.arcee_merge.argtypes = [POINTER(_Source), POINTER(_Source), c_void_p, c_int64, c_int64, c_double, c_void_p]
 
 
 def _check(ok: bool) -> None:
@@ -376,4 +385,58 @@ def sce_merge(base: torch.Tensor, models: list[torch.Tensor], keep: TrimThreshol
     w = np.array(weights, dtype=np.float32)
     _check(_lib.sce_merge(ctypes.byref(_sce(base, models, keep, start)), w.ctypes.data, np.float32(floor), base.numel(),
                           out.data_ptr()) == 0)
+    return out
+
+
+# arcee_fusion (arcee.c): θ₀ `a`, θ₁ `b`, `readable`, of one size, in softmax rows of `last` elements
+
+_scratch = threading.local()  # per compute thread: arcee_shift's buffers; arcee_hist's counters (left zeroed) and output
+
+
+def arcee_shift(a: torch.Tensor, b: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's θ₁ − max θ₁ and θ₀ − max θ₀, float64 [rows, last]; a slice's in this thread's
+    buffers, valid until its next call (fresh ones cost the engine's threads page faults and unmaps)."""
+    n = a.numel()
+    if n > 1 << 18:
+        return tuple(torch.empty(n // last, last, dtype=torch.float64) for _ in range(2))
+    if getattr(_scratch, "rows", None) is None:
+        _scratch.rows = [torch.empty(1 << 18, dtype=torch.float64) for _ in range(2)]
+    x, y = (t[:n].view(n // last, last) for t in _scratch.rows)
+    _check(_lib.arcee_shift(_one(a), _one(b), last, x.shape[0], x.data_ptr(), y.data_ptr()) == 0)
+    return x, y
+
+
+def arcee_ratio(x: torch.Tensor, y: torch.Tensor) -> None:
+    """After x, y = exp(x), exp(y): p = x/Σx + ε into x, p/q into y (q = y/Σy + ε)."""
+    _check(_lib.arcee_ratio(x.shape[1], x.shape[0], x.data_ptr(), y.data_ptr()) == 0)
+
+
+def arcee_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """After y = log(y): Σ p·log(p/q) per row, clamped at 0, float64 (y is overwritten)."""
+    kl = torch.empty(x.shape[0], dtype=torch.float64)
+    _lib.arcee_kl(x.shape[1], x.shape[0], x.data_ptr(), y.data_ptr(), kl.data_ptr())
+    return kl
+
+
+def arcee_hist(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int,
+               highs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The importance's histogram (ops.radix_hist_high without highs, else ops.radix_hist_low of each
+    high, one after the other) as the bins it fills and their counts, int64."""
+    size = 65536 * max(2, len(highs))
+    if getattr(_scratch, "counts", None) is None or len(_scratch.counts) < size:
+        _scratch.counts, _scratch.out = np.zeros(size, np.uint32), np.empty((2, size), np.int64)
+    tops, out = np.array(highs, np.int64), _scratch.out
+    nb = _lib.arcee_hist(_one(a), _one(b), kl.data_ptr(), last, a.numel(), tops.ctypes.data, len(highs),
+                         _scratch.counts.ctypes.data, out[0].ctypes.data, out[1].ctypes.data)
+    _check(nb != -1)
+    if nb == -2:  # as torch.bincount refuses it
+        raise RuntimeError("arcee_fusion: an importance is a NaN with its sign bit set "
+                           "(bincount only supports non-negative inputs)")
+    return out[0, :nb].copy(), out[1, :nb].copy()
+
+
+def arcee_merge(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int, threshold: float) -> torch.Tensor:
+    """θ₁ where the importance >= threshold, else θ₀: float32, flat."""
+    out = torch.empty(a.numel(), dtype=torch.float32)
+    _check(_lib.arcee_merge(_one(a), _one(b), kl.data_ptr(), last, a.numel(), threshold, out.data_ptr()) == 0)
     return out

@@ -224,7 +224,7 @@ class RadixSelect:
     def end_pass(self) -> None:
         """Call after pass 1."""
         split = self.hist.reshape(65536, 2)
-        self.high, self.above_high = radix_bin(split.sum(axis=1), self.k)
+        self.high, self.above_high = radix_bin(split[:, 0] + split[:, 1], self.k)  # (sum(axis=1): ~10x slower)
         zero_low, nonzero_low = (int(c) for c in split[self.high])
         if self.k - self.above_high > nonzero_low:  # the k-th largest is the bin's smallest value
             self.found = (_float(self.high << 16), self.above_high + nonzero_low, zero_low)
