@@ -247,9 +247,6 @@ def _file_kind(mode: int) -> str:
     return next((what for test, what in kinds if test(mode)), "a special file")
 
 
-_POPULATE = int(os.environ.get("SM_POPULATE", "0"))
-
-
 class Checkpoint:
     """A safetensors checkpoint on local disk: a HF model folder or a bare .safetensors file.
 
@@ -418,10 +415,7 @@ class Checkpoint:
         if info.nbytes == 0:
             return
         start = info.offset - info.offset % mmap.PAGESIZE
-        mm = self._map(info.file)
-        mm.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
-        if _POPULATE:
-            mm.madvise(_POPULATE, start, info.offset + info.nbytes - start)
+        self._map(info.file).madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
 
     def file_identity(self, file: Path) -> list:
         """What identifies a file's bytes for a resume: its path, size, modification time and header."""
