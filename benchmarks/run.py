@@ -128,7 +128,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tinyllama", choices=["tiny", "tinyllama", "llama2-7b"])
+    ap.add_argument("--shape", default="tinyllama", choices=["tiny", "tinyllama", "llama2-7b", "llama2-7b-12l"])
     ap.add_argument("--data", type=Path, required=True, help="folder with base/, ft1/, ft2/ (generated if missing)")
     ap.add_argument("--methods", nargs="+", default=["dare_ties", "ties", "task_arithmetic", "dare_linear"])
     ap.add_argument("--mergekit", type=Path, help="venv with mergekit 0.1.5 (benchmarks/mergekit/install.sh)")
