@@ -149,6 +149,9 @@ class ShardWriter:
         if self._io is not None:
             self._io.shutdown(wait=True)  # (after an error too: no write may land once the file is gone)
             self._io = None
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.exception() is not None:  # a write behind failed, uncollected:
+            _drop_views(pending.exception())  # its frames' views would keep the stage from closing
         for stage in (self._stage, self._spare):
             if stage is not None:
                 stage.close()
@@ -188,7 +191,6 @@ class ShardWriter:
         """Closes and deletes the partial file; the shard never appears under its final name. Never
         raises: it runs while an error (often a full disk) is already on its way."""
         self._close_stages()
-        self._pending = None
         try:
             if self._fd >= 0:
                 os.close(self._fd)
