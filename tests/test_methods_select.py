@@ -322,7 +322,7 @@ def test_arcee_fusion_compiled_gives_the_torch_bytes(shape, dtypes, monkeypatch)
 
 @needs_compiled
 @pytest.mark.parametrize("dtypes", ARCEE_DTYPES, ids=["bf16", "f32", "mixed"])
-@pytest.mark.parametrize("shape", [(37, 24), (5, 6, 8), (9, 2048), (40,)], ids=str)
+@pytest.mark.parametrize("shape", [(37, 24), (5, 6, 8), (9, 2048), (40,), (2, (1 << 18) + 5)], ids=str)  # (a row past the scratch)
 def test_arcee_fusion_compiled_stats_are_torchs(shape, dtypes):
     """The passes' results themselves, where the merge's float32 output would hide a difference: the
     KL per row (float64 bits), both histograms (pass 2 for every quantile, settled or not), the threshold."""

@@ -24,6 +24,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 BASE_MODES = ("required", "optional", "forbidden")
+# elements per slice the engine hands a method running on the compiled kernels (TensorCtx.compiled),
+# and what their per-thread scratch holds: pipeline/passes.py's HooksBackend
+COMPILED_SLICE = 1 << 18
 PATHS = ("torch", "numpy", "compiled", "gpu")  # where a method's merge can run (opt-in)
 
 

@@ -28,6 +28,7 @@ import torch
 from streammerge.io import quant
 from streammerge.io.quant import QuantRows
 from streammerge.methods import kernels, registry
+from streammerge.methods.base import COMPILED_SLICE
 from streammerge.methods.mask import keep_threshold
 from streammerge.methods.ops import TensorSpec, TrimThreshold
 
@@ -390,18 +391,21 @@ def sce_merge(base: torch.Tensor, models: list[torch.Tensor], keep: TrimThreshol
 
 # arcee_fusion (arcee.c): θ₀ `a`, θ₁ `b`, `readable`, of one size, in softmax rows of `last` elements
 
+SCRATCH = COMPILED_SLICE  # float64 elements in each thread's arcee_shift buffers: a slice's
 _scratch = threading.local()  # per compute thread: arcee_shift's buffers; arcee_hist's counters (left zeroed) and output
 
 
 def arcee_shift(a: torch.Tensor, b: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's θ₁ − max θ₁ and θ₀ − max θ₀, float64 [rows, last]; a slice's in this thread's
-    buffers, valid until its next call (fresh ones cost the engine's threads page faults and unmaps)."""
+    buffers, valid until its next call (fresh ones cost the engine's threads page faults and unmaps),
+    fresh ones for a slice bigger than them (one longer row)."""
     n = a.numel()
-    if n > 1 << 18:
-        return tuple(torch.empty(n // last, last, dtype=torch.float64) for _ in range(2))
-    if getattr(_scratch, "rows", None) is None:
-        _scratch.rows = [torch.empty(1 << 18, dtype=torch.float64) for _ in range(2)]
-    x, y = (t[:n].view(n // last, last) for t in _scratch.rows)
+    if n > SCRATCH:
+        x, y = (torch.empty(n // last, last, dtype=torch.float64) for _ in range(2))
+    else:
+        if getattr(_scratch, "rows", None) is None:
+            _scratch.rows = [torch.empty(SCRATCH, dtype=torch.float64) for _ in range(2)]
+        x, y = (t[:n].view(n // last, last) for t in _scratch.rows)
     _check(_lib.arcee_shift(_one(a), _one(b), last, x.shape[0], x.data_ptr(), y.data_ptr()) == 0)
     return x, y
 
@@ -422,6 +426,8 @@ def arcee_hist(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int,
                highs: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """The importance's histogram (ops.radix_hist_high without highs, else ops.radix_hist_low of each
     high, one after the other) as the bins it fills and their counts, int64."""
+    if len(highs) > 3:  # (arcee.c selects at most three order statistics at once)
+        raise ValueError(f"arcee_hist takes at most 3 highs, got {len(highs)}")
     size = 65536 * max(2, len(highs))
     if getattr(_scratch, "counts", None) is None or len(_scratch.counts) < size:
         _scratch.counts, _scratch.out = np.zeros(size, np.uint32), np.empty((2, size), np.int64)

@@ -24,6 +24,7 @@ from streammerge.io import lora, quant
 from streammerge.io.sources import DTYPES, Checkpoint, ComputedCheckpoint
 from streammerge.io.vocab import RowGather
 from streammerge.methods import Method, Rows, kernels, ops, registry
+from streammerge.methods.base import COMPILED_SLICE
 from streammerge.methods.mask import keep_mask, keep_mask_varying, mask_key
 from streammerge.methods.task_vectors import TaskVectorMethod
 from streammerge.pipeline.device import Staging, record_event
@@ -252,7 +253,7 @@ class HooksBackend(TorchBackend):
     # slice, and bigger slices spread the per-call costs (ctypes, Python per slice, a histogram's scan
     # of its bins): TinyLlama warm, 2^16 -> 2^18 elements, slerp 7.1 -> 5.7 s, model_stock 9.4 -> 6.4 s,
     # sce 6.9 -> 5.7 s, karcher 7.7 -> 6.6 s, arcee_fusion 15.5 -> 12.8 s (2^20: no better)
-    COMPILED_SLICE = 1 << 18
+    COMPILED_SLICE = COMPILED_SLICE
 
     def __init__(self, method: Method, compute: torch.dtype, device: torch.device = torch.device("cpu"),
                  pool: ThreadPoolExecutor | None = None):
