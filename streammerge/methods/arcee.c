@@ -9,7 +9,6 @@
 
 #include "ckernel.h"
 
-#define CHUNK 2048
 #define EPS 1e-8 /* arcee_fusion.EPS */
 
 /* x = the float64 of the row src[c : c+last] less its largest element (torch's max: a NaN wins) */

@@ -16,8 +16,6 @@
 
 #include "ckernel.h"
 
-#define CHUNK 2048 /* elements per inner step: the per-model scratch rows stay in L1 */
-
 enum { COPY, SUM, TIES, AVERAGE };        /* what the kernel does with a chunk */
 enum { MERGE_SUM, MERGE_MEAN, MERGE_MAX }; /* TIES' merge_func */
 

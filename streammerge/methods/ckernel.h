@@ -1,5 +1,5 @@
 /* What every compiled kernel shares (ckernel.c: the task-vector merge; gram.c: Gram matrices and
-   per-line combinations; sce.c: sce's passes; arcee.c: arcee_fusion): how an input is stored and read
+   per-line combinations; sce.c: sce's passes; arcee.c: arcee_fusion; ram.c; nearswap.c): how an input is stored and read
    as float32, the multiversioning, and base.row_sums' tree. */
 
 #ifndef STREAMMERGE_CKERNEL_H
@@ -24,6 +24,8 @@
 #define MULTIVERSION
 #define INLINE static inline
 #endif
+
+#define CHUNK 2048 /* elements per inner step: a few rows of float32 or float64 scratch stay in L1 */
 
 enum { BF16, F32, FP8 };                  /* storage kinds: bf16 as its bits, float32, FP8 rows */
 

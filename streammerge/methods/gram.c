@@ -8,20 +8,20 @@
 
 #include "ckernel.h"
 
-#define CHUNK 2048
-
-/* the float64 of x[c : c+m] (less minus[c : c+m]) into out; f32 is scratch of CHUNK floats */
-INLINE void load_wide(const Source *x, const Source *minus, int64_t c, int64_t m, double *restrict out, float *restrict f32) {
+/* the float64 of x[c : c+m] into out, less minus[0 : m] (the base, widened once) when given;
+   f32 is scratch of CHUNK floats */
+INLINE void load_wide(const Source *x, const double *minus, int64_t c, int64_t m, double *restrict out, float *restrict f32) {
     for (int64_t j = 0; j < m; j += CHUNK) {
         int step = (int)(m - j < CHUNK ? m - j : CHUNK);
         load(x, c + j, step, f32);
-        for (int t = 0; t < step; t++) out[j + t] = (double)f32[t];
-        if (minus) {
-            load(minus, c + j, step, f32);
-            for (int t = 0; t < step; t++) out[j + t] -= (double)f32[t];
-        }
+        if (minus)
+            for (int t = 0; t < step; t++) out[j + t] = (double)f32[t] - minus[j + t];
+        else
+            for (int t = 0; t < step; t++) out[j + t] = (double)f32[t];
     }
 }
+
+INLINE int same(const Source *a, const Source *b) { return a && b && a->kind == b->kind && a->data == b->data; }
 
 /* Lines [0, lines) of the k inputs (each starting at element 0 of its Source): out[p * lines + l]
    is Σ x_i x_j over line l for the p-th pair i <= j (pairs in the order (0,0), (0,1), ..., (1,1), ...).
@@ -34,9 +34,10 @@ MULTIVERSION int gram_lines(const Source *xs, int64_t k, const Source *minus, in
         free(f32);
         return -1;
     }
-    double *work = x + k * width;
+    double *work = x + k * width; /* first the base's line, widened once, then the products */
     for (int64_t l = 0; l < lines; l++) {
-        for (int64_t i = 0; i < k; i++) load_wide(&xs[i], minus, l * width, width, x + i * width, f32);
+        if (minus) load_wide(minus, NULL, l * width, width, work, f32);
+        for (int64_t i = 0; i < k; i++) load_wide(&xs[i], minus ? work : NULL, l * width, width, x + i * width, f32);
         int64_t p = 0;
         for (int64_t i = 0; i < k; i++)
             for (int64_t j = i; j < k; j++, p++) {
@@ -55,24 +56,27 @@ MULTIVERSION int gram_lines(const Source *xs, int64_t k, const Source *minus, in
    add (or NULL: 0) is read as float32, widened. */
 MULTIVERSION int combine_lines(const Source *xs, int64_t k, const Source *minus, const double *coefs, int32_t per_line,
                                const Source *add, int64_t width, int64_t lines, float *out) {
-    double *acc = malloc(sizeof(double) * 2 * CHUNK);
+    double *acc = malloc(sizeof(double) * 3 * CHUNK);
     float *f32 = malloc(sizeof(float) * CHUNK);
     if (!acc || !f32) {
         free(acc);
         free(f32);
         return -1;
     }
-    double *x = acc + CHUNK;
+    double *x = acc + CHUNK, *base = x + CHUNK; /* base: minus, widened once per step */
     for (int64_t l = 0; l < lines; l++)
         for (int64_t j = 0; j < width; j += CHUNK) {
             int64_t c = l * width + j, m = width - j < CHUNK ? width - j : CHUNK;
-            if (add)
+            if (minus) load_wide(minus, NULL, c, m, base, f32);
+            if (same(add, minus)) /* θ₀ + Σ c_i (θ_i − θ₀): θ₀ read once */
+                memcpy(acc, base, sizeof(double) * (size_t)m);
+            else if (add)
                 load_wide(add, NULL, c, m, acc, f32);
             else
                 for (int64_t t = 0; t < m; t++) acc[t] = 0.0;
             for (int64_t i = 0; i < k; i++) {
                 double w = per_line ? coefs[i * lines + l] : coefs[i];
-                load_wide(&xs[i], minus, c, m, x, f32);
+                load_wide(&xs[i], minus ? base : NULL, c, m, x, f32);
                 for (int64_t t = 0; t < m; t++) acc[t] += x[t] * w;
             }
             for (int64_t t = 0; t < m; t++) out[c + t] = (float)(acc[t] + 0.0);

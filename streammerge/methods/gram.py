@@ -75,7 +75,9 @@ def gram_stats(ctx: TensorCtx, lines: str, r0: int, xs: list[torch.Tensor], minu
     kernel = compiled(ctx, *xs, minus) if lines != "columns" else None
     if kernel is not None:
         return kernel.gram(xs, minus, width)
-    xs = [x.double() for x in xs] if minus is None else [x.double() - minus.double() for x in xs]
+    if minus is not None:
+        minus = minus.double()  # (once)
+    xs = [x.double() for x in xs] if minus is None else [x.double() - minus for x in xs]
     pairs = _pairs(len(xs))
     if lines == "columns":
         out = []
@@ -139,9 +141,10 @@ def combine(ctx: TensorCtx, lines: str, rows: Rows, xs: list[torch.Tensor], coef
     else:
         out = add.to(torch.float64, copy=True).reshape(shape)
     c, term = c.to(out.device), torch.empty_like(out)
+    minus = None if minus is None else minus.double()  # (once)
     for i, x in enumerate(xs):
         if minus is not None:
-            x = x.double() - minus.double()
+            x = x.double() - minus
         # c[i] is a float64 tensor with dimensions, so torch promotes x exactly to float64 first
         torch.mul(x.reshape(shape), c[i], out=term)
         out += term

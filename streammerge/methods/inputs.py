@@ -24,9 +24,10 @@ def work_dtype(ctx: TensorCtx, rows: Rows) -> torch.dtype:
 
 
 def compiled(ctx: TensorCtx, *tensors: torch.Tensor | None):
-    """The compiled kernels' module (methods/ckernel.py) where the merge may use them and they read
-    these tensors in place (the same bytes as torch, faster), else None."""
-    if not ctx.compiled:
+    """The compiled kernels' module (methods/ckernel.py) where the merge may use them (the default
+    semantics: mergekit's are its own torch ops) and they read these tensors in place (the same
+    bytes as torch, faster), else None."""
+    if not ctx.compiled or ctx.semantics == "mergekit":
         return None
     from streammerge.methods import ckernel
 

@@ -5,8 +5,6 @@
 
 #include "ckernel.h"
 
-#define CHUNK 2048
-
 INLINE float clamp_low(float x, float low) { return x < low ? low : x; } /* torch.clamp: NaN stays NaN */
 
 /* out[0:n] = w·θ₁ + (1 − w)·θ₀ + 0, w = clamp(t / clamp(|θ₁ − θ₀|, floor), 0, 1) */

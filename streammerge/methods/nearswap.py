@@ -41,7 +41,7 @@ class NearSwap(Method):
         return 0
 
     def merge(self, ctx: TensorCtx, rows: Rows, state) -> torch.Tensor:
-        kernel = None if ctx.semantics == "mergekit" else compiled(ctx, rows.base, rows.models[0])
+        kernel = compiled(ctx, rows.base, rows.models[0])
         if kernel is not None:  # the same float32 operations, in one pass
             return kernel.nearswap_merge(rows.base, rows.models[0], resolved(self, ctx)["t"], DIFF_FLOOR).reshape(rows.base.shape)
         work = work_dtype(ctx, rows)

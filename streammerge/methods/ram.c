@@ -6,8 +6,6 @@
 
 #include "ckernel.h"
 
-#define CHUNK 2048
-
 /* τ of every model over elements [c, c+m) into tv (k rows of CHUNK), and c per element into count */
 INLINE void task_vectors(const Source *models, int64_t k, const Source *base, float eps, int64_t c, int m,
                          float *restrict b, float *restrict tv, int32_t *restrict count) {

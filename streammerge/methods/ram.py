@@ -77,7 +77,7 @@ class RamPlusTL(Method):
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state) -> torch.Tensor:
         eps = resolved(self, ctx)["epsilon"]
-        kernel = _kernel(ctx, rows)
+        kernel = compiled(ctx, rows.base, *rows.models)
         if kernel is not None:
             return kernel.ram_counts(rows.models, rows.base, eps)
         _, nonzero, count = _contributions(ctx, rows, eps)
@@ -103,14 +103,9 @@ class RamPlusTL(Method):
         return _merge(ctx, rows, resolved(self, ctx)["epsilon"], state)
 
 
-def _kernel(ctx: TensorCtx, rows: Rows):
-    """The compiled kernels where they take this merge: default semantics (float32 work)."""
-    return None if ctx.semantics == "mergekit" else compiled(ctx, rows.base, *rows.models)
-
-
 def _merge(ctx: TensorCtx, rows: Rows, eps: float, lam) -> torch.Tensor:
     """θ₀ + Σ_t τ̂_t · (λ_t where c = 1, else 1/c); λ None is ram (λ = 1)."""
-    kernel = _kernel(ctx, rows)
+    kernel = compiled(ctx, rows.base, *rows.models)
     if kernel is not None:  # the same float32 operations, in one pass
         return kernel.ram_merge(rows.models, rows.base, eps, lam).reshape(rows.base.shape)
     tv, nonzero, count = _contributions(ctx, rows, eps)

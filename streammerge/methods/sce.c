@@ -7,8 +7,6 @@
 
 #include "ckernel.h"
 
-#define CHUNK 2048
-
 typedef struct { /* one call's inputs and selection (ckernel.py's _Sce) */
     const Source *xs;
     int64_t n;

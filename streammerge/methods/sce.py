@@ -96,7 +96,8 @@ class Sce(Method):
             return kernel.sce_ties(rows.base, rows.models, state.value)
         var = _variance(self._task_vectors(ctx, rows))
         if p == 0:
-            return ops.radix_hist_high(var), int((var == 0).sum())
+            hist = ops.radix_hist_high(var)
+            return hist, int(hist[0])
         if p == 1:
             return ops.radix_hist_low(var, state.select.high)
         return (var == state.value).sum(dim=1).cpu()  # p == 2: ties per row

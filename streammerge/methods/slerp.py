@@ -68,7 +68,7 @@ class Slerp(Method):
 
     def merge(self, ctx: TensorCtx, rows: Rows, state: tuple[float, float]) -> torch.Tensor:
         mergekit = ctx.semantics == "mergekit"
-        kernel = None if mergekit or ctx.dtype == torch.float64 else compiled(ctx, rows.base, rows.models[0])
+        kernel = None if ctx.dtype == torch.float64 else compiled(ctx, rows.base, rows.models[0])
         if kernel is not None:  # the same float64 arithmetic, rounded to float32
             coefs = torch.tensor([[state[0]], [state[1]]], dtype=torch.float64)
             return kernel.combine([rows.base, rows.models[0]], None, coefs, None, ctx.row_elems).reshape(rows.base.shape)

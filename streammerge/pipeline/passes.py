@@ -397,6 +397,10 @@ class TensorJob:
         self.given_cache: dict[int, torch.Tensor] = {}
         densities = tuple(1.0 if d is not None and d.drops_factors else x for d, x in zip(self.delta_rows, tp.densities))
         keys = tuple(mask_key(plan.config.seed, i, tp.name) for i in range(n))
+        # a method of its own on the compiled kernels: declared, under the default semantics, on inputs
+        # they read (bf16, float32, FP8 rows dequantized to float32); it then takes bigger slices
+        hooks_compiled = (compiled is not None and "compiled" in self.method.paths and plan.config.semantics != "mergekit"
+                          and all(q or d in (torch.bfloat16, torch.float32) for q, d in zip(fp8_inputs, in_dtypes)))
         self.spec = ops.TensorSpec(
             opts=self.opts,
             weights=tp.weights,
@@ -412,7 +416,7 @@ class TensorJob:
             epsilons=tp.epsilons,
             della_row=tp.della_row if tp.epsilons else 0,
             scale=tp.scale,
-            ctx=tensor_ctx(tp, plan, self.compute, keys, compiled is not None and "compiled" in self.method.paths) if self.hooks else None,
+            ctx=tensor_ctx(tp, plan, self.compute, keys, hooks_compiled) if self.hooks else None,
         )
 
     def _gathered(self, ckpt: Checkpoint) -> bool:
