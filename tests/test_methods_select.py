@@ -15,6 +15,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import awkward, needs_compiled, spy_compiled
@@ -326,8 +327,6 @@ def test_arcee_fusion_compiled_gives_the_torch_bytes(shape, dtypes, monkeypatch)
 def test_arcee_fusion_compiled_stats_are_torchs(shape, dtypes):
     """The passes' results themselves, where the merge's float32 output would hide a difference: the
     KL per row (float64 bits), both histograms (pass 2 for every quantile, settled or not), the threshold."""
-    from streammerge.methods import arcee_fusion
-
     method = get("arcee_fusion")
     base, ft = _awkward_pair(shape, dtypes, 5)
     c = ctx("arcee_fusion", shape, {})
@@ -352,7 +351,7 @@ def test_arcee_fusion_compiled_stats_are_torchs(shape, dtypes):
     for parts in (t_parts, k_parts):  # a matrix's first pass: its KLs and the first histogram
         parts[-2] = parts[-2][1] if len(shape) > 1 else parts[-2]
     for size, tp, kp in zip((2 * 65536, 65536 * 3), t_parts[-2:], k_parts[-2:]):
-        assert (arcee_fusion._summed([kp], size) == arcee_fusion._summed([tp], size)).all()
+        assert (ops.summed_hist([kp], size) == ops.summed_hist([tp], size)).all()
     assert [s.result() for s in k.selects] == [s.result() for s in t.selects]
     assert k.threshold == t.threshold
 
@@ -361,7 +360,7 @@ def test_arcee_fusion_compiled_stats_are_torchs(shape, dtypes):
 def test_arcee_fusion_compiled_histograms_count_as_torchs():
     # importances with chosen bits (KL 1: |θ₁ − θ₀| itself): low 16 bits 0, 1, 0x8000, 0xFFFF under a
     # few top 16 bits, zeros and inf; the kernel's (bins, counts) add up to torch's bincounts
-    from streammerge.methods import arcee_fusion, ckernel
+    from streammerge.methods import ckernel
 
     g = torch.Generator().manual_seed(0)
     tops, lows = torch.tensor([0x0000, 0x0001, 0x3C00, 0x3C01, 0x7F7F]), torch.tensor([0, 1, 0x8000, 0xFFFF])
@@ -373,7 +372,7 @@ def test_arcee_fusion_compiled_histograms_count_as_torchs():
     for highs in ([], [0x3C00], [0x0000, 0x3C01, 0x7F7F]):
         got = ckernel.arcee_hist(base, ft, kl, 20, highs)
         want = ops.radix_hist_high(imp) if not highs else torch.cat([ops.radix_hist_low(imp, h) for h in highs])
-        assert (arcee_fusion._summed([got], len(want)) == want.numpy()).all()
+        assert (ops.summed_hist([got], len(want)) == want.numpy()).all()
 
 
 @needs_compiled
@@ -467,6 +466,8 @@ def _same_partials(method, c: TensorCtx, base, models, step) -> set[int]:
     blocks = [Rows(r, min(r + step, rows), b[r : r + step], [m[r : r + step] for m in ms]) for r in range(0, rows, step)]
 
     def plain(x):
+        if isinstance(x, np.ndarray):
+            return x.tolist()
         return bits(x).tolist() if isinstance(x, torch.Tensor) else tuple(map(plain, x)) if isinstance(x, tuple) else x
 
     ran, state = set(), None

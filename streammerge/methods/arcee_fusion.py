@@ -79,6 +79,8 @@ class ArceeFusion(Method):
         return 5 if len(ctx.shape) <= 1 else 2
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: _State | None):
+        if p == self.passes(ctx) - 1 and not _highs(state):  # pass 1 settled every quantile
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         kernel = compiled(ctx, rows.base, rows.models[0])  # the same bits, the inputs read in place
         # (as stored then: a vector's passes widen them to float64, exactly either way)
         a, b = (rows.base, rows.models[0]) if kernel is not None else _inputs(ctx, rows)
@@ -96,10 +98,7 @@ class ArceeFusion(Method):
         kl, last = _row_kl_of(ctx, state, rows.r0, a.numel())
         if p == 3:  # a vector's: the selection's pass 1
             return _histogram(a, b, kl, last, [], kernel)
-        highs = _highs(state)  # the selection's pass 2 (a matrix's pass 1, a vector's 4)
-        if not highs:  # pass 1 settled every quantile
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return _histogram(a, b, kl, last, highs, kernel)
+        return _histogram(a, b, kl, last, _highs(state), kernel)  # the selection's pass 2 (a matrix's pass 1, a vector's 4)
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: _State | None) -> _State:
         state = state or _State()
@@ -115,14 +114,14 @@ class ArceeFusion(Method):
                 state.kl = max(total(partials), 0.0)
             return state
         if p < self.passes(ctx) - 1:  # the selection's pass 1
-            hist = _summed(partials, 2 * 65536)  # the three selections share the histogram
+            hist = ops.summed_hist(partials, 2 * 65536)  # the three selections share the histogram
             state.selects = [ops.RadixSelect(k) for k in quantile_ranks(ctx.numel)]
             for s in state.selects:
                 s.add(hist)
                 s.end_pass()
             return state
         highs = _highs(state)
-        hists = _summed(partials, 65536 * len(highs)).reshape(-1, 65536)
+        hists = ops.summed_hist(partials, 65536 * len(highs)).reshape(-1, 65536)
         for s in state.selects:
             if s.found is None:
                 s.add(hists[highs.index(s.high)])
@@ -167,23 +166,12 @@ def _histogram(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int, hi
     if kernel is not None:
         return kernel.arcee_hist(a, b, kl, last, highs)
     imp = _importance(a, b, kl, last)
-    hist = ops.radix_hist_high(imp) if not highs else torch.cat([ops.radix_hist_low(imp, h) for h in highs])
-    bins = hist.nonzero().reshape(-1)
-    return bins.numpy(), hist[bins].numpy()
+    return ops.sparse_hist(ops.radix_hist_high(imp) if not highs else torch.cat([ops.radix_hist_low(imp, h) for h in highs]))
 
 
 def _highs(state: _State) -> list[int]:
     """The top 16 bits whose low 16 bits pass 2 counts (the selections pass 1 did not settle)."""
     return sorted({s.high for s in state.selects if s.found is None})
-
-
-def _summed(partials: list, size: int) -> np.ndarray:
-    """The slices' (bins, counts) added into one histogram of `size` bins (in numpy: torch would
-    spread these small ops over threads, between the compute threads' work)."""
-    hist = np.zeros(size, dtype=np.int64)
-    for bins, counts in partials:
-        np.add.at(hist, bins, counts)
-    return hist
 
 
 def _row_kl(ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor, kernel=None) -> torch.Tensor:

@@ -189,6 +189,23 @@ def radix_hist_low(abs_block: torch.Tensor, high: int) -> torch.Tensor:
     return torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=65536)
 
 
+def sparse_hist(hist) -> tuple[np.ndarray, np.ndarray]:
+    """A histogram (torch or numpy) as the bins it fills and their counts, int64: what a slice hands
+    its method's reduce (a dense one per slice, kept until the reduce, would be 1 MiB each)."""
+    hist = hist.cpu().numpy() if isinstance(hist, torch.Tensor) else hist
+    bins = np.flatnonzero(hist)
+    return bins, hist[bins].astype(np.int64)
+
+
+def summed_hist(partials: list, size: int) -> np.ndarray:
+    """The slices' (bins, counts) added into one histogram of `size` bins (in numpy: torch would
+    spread these small ops over threads, between the compute threads' work)."""
+    hist = np.zeros(size, dtype=np.int64)
+    for bins, counts in partials:
+        np.add.at(hist, bins, counts)
+    return hist
+
+
 def radix_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest element (1-based), and how many elements lie above that bin."""
     above_or_at = np.cumsum(hist[::-1])  # above_or_at[j] = count in bins >= 65535 - j

@@ -90,16 +90,16 @@ class Sce(Method):
         if kernel is not None:
             if p == 0:
                 hist = kernel.sce_hist(rows.base, rows.models, None)
-                return hist, int(hist[0])  # bin 0 holds the variances +0 (a variance is never −0)
+                return ops.sparse_hist(hist), int(hist[0])  # bin 0 holds the variances +0 (a variance is never −0)
             if p == 1:
-                return kernel.sce_hist(rows.base, rows.models, state.select.high)
+                return ops.sparse_hist(kernel.sce_hist(rows.base, rows.models, state.select.high))
             return kernel.sce_ties(rows.base, rows.models, state.value)
         var = _variance(self._task_vectors(ctx, rows))
         if p == 0:
             hist = ops.radix_hist_high(var)
-            return hist, int(hist[0])
+            return ops.sparse_hist(hist), int(hist[0])
         if p == 1:
-            return ops.radix_hist_low(var, state.select.high)
+            return ops.sparse_hist(ops.radix_hist_low(var, state.select.high))
         return (var == state.value).sum(dim=1).cpu()  # p == 2: ties per row
 
     def reduce(self, ctx: TensorCtx, p: int, partials: list, state: _State | None) -> _State:
@@ -116,15 +116,13 @@ class Sce(Method):
             state = _State(k=max(k, 0))
             if state.k > 0:
                 state.select = ops.RadixSelect(state.k)
-                for hist, _ in partials:  # (one at a time: a stack of a big tensor's slices is GBs, summed slowly)
-                    state.select.add(hist)
+                state.select.add(ops.summed_hist([hist for hist, _ in partials], 2 * 65536))
                 state.select.end_pass()
             return state
         if p == 1:
             if state.select is not None:
                 if state.select.found is None:
-                    for hist in partials:
-                        state.select.add(hist)
+                    state.select.add(ops.summed_hist(partials, 65536))
                 state.value, greater, equal = state.select.result()
                 kept = state.k - greater  # ≥ 1: the k-th largest is a tie
                 state.partial_ties = kept if kept < equal else 0
