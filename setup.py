@@ -1,7 +1,7 @@
 """The compiled CPU kernels (streammerge/methods/*.c, one library), built at install; the metadata is in pyproject.toml.
 
-optional: without a C compiler the install still succeeds, and streammerge merges with its numpy
-kernel (the same bytes). -ffp-contract=off: no fused multiply-add, which would change the bits;
+optional: without a C compiler the install still succeeds, and streammerge merges with numpy or
+torch (the same bytes). -ffp-contract=off: no fused multiply-add, which would change the bits;
 -fno-trapping-math: the kernel never reads floating-point exception flags, so the vectorizer may
 evaluate both sides of a select (the values are IEEE's either way). Never -ffast-math."""
 

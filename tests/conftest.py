@@ -27,6 +27,12 @@ needs_compiled = pytest.mark.skipif(bool(NOT_BUILT), reason=NOT_BUILT)
 COMPILE_MODES = ["off", pytest.param("on", marks=needs_compiled)]  # a merge's compile= with and without the C kernel
 
 
+# the compiled function each method of its own merges with (methods/ckernel.py)
+MERGE_KERNEL = {"ram": "ram_merge", "ramplus_tl": "ram_merge", "nearswap": "nearswap_merge", "sce": "sce_merge",
+                "arcee_fusion": "arcee_merge", "slerp": "combine", "model_stock": "combine", "nuslerp": "combine",
+                "multislerp": "combine", "karcher": "combine"}
+
+
 def spy_compiled(monkeypatch, name: str) -> list:
     """A list that grows by one at each call of the compiled kernel's function `name` (none if not built)."""
     calls: list = []

@@ -1,6 +1,7 @@
 """The three CPU paths give the same bytes: the numpy chunk kernel, the compiled C kernel
-(ckernel.c through ckernel.py), and torch eager ops (the path of other devices). Skipped when the
-C kernel was not built at install."""
+(ckernel.c through ckernel.py), and torch eager ops (the path of other devices); and the methods of
+their own on their compiled kernels (methods/*.c) give their torch path's bytes through a merge.
+Skipped when the C kernels were not built at install."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compiled_kernel, shard_hashes, spy_compiled
+from conftest import MERGE_KERNEL, compiled_kernel, shard_hashes, spy_compiled
 
 import streammerge.methods.kernels
 from streammerge.methods import kernels, ops
@@ -441,9 +442,7 @@ def test_compile_on_without_the_built_kernel_fails_in_one_line(tmp_path, models,
     ("multislerp", 3, {}), ("karcher", 3, {}), ("ram", 3, {}), ("ramplus_tl", 3, {"r": 0.5}),
     ("nearswap", 1, {"t": 0.001}), ("sce", 3, {"select_topk": 0.5}), ("sce", 2, {}), ("arcee_fusion", 1, {})])
 def test_methods_of_their_own_give_torchs_bytes_on_the_compiled_kernels(tmp_path, models, monkeypatch, method, n, params):
-    kernel = {"ram": "ram_merge", "ramplus_tl": "ram_merge", "nearswap": "nearswap_merge", "sce": "sce_merge",
-              "arcee_fusion": "arcee_merge"}.get(method, "combine")
-    calls = spy_compiled(monkeypatch, kernel)
+    calls = spy_compiled(monkeypatch, MERGE_KERNEL[method])
 
     def merged(mode: str) -> dict:
         specs = tuple(ModelSpec(str(models / f"ft{i}"), {"weight": [0.5, 0.3, 0.4][i]}) for i in range(n))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import awkward, needs_compiled, spy_compiled
+from conftest import MERGE_KERNEL, awkward, needs_compiled, spy_compiled
 from safetensors.torch import load_file
 
 from streammerge.errors import ConfigError
@@ -153,7 +153,7 @@ def test_default_any_block_split(method, n, params, shape):
             assert torch.equal(bits(got), bits(whole)), f"{method} {shape} {dtype} rows per block {step}"
 
 
-COMPILED = {"ram", "ramplus_tl", "nearswap"}  # the methods with compiled kernels (methods/*.c)
+COMPILED = {"ram", "ramplus_tl", "nearswap"}  # compiled kernels tested here (sce and arcee_fusion: below)
 
 
 @needs_compiled
@@ -163,7 +163,7 @@ def test_compiled_kernels_give_the_torch_bytes(method, n, params, shape, monkeyp
     """Whatever the inputs: bf16 or float32, on a grid (ties, whole counts), |τ| at ε itself and the
     floats beside it (RAM's count compares in float32), signed zeros, huge values, NaN."""
     eps = params.get("epsilon", 0.0)
-    calls = spy_compiled(monkeypatch, f"{method.removesuffix('plus_tl')}_merge")
+    calls = spy_compiled(monkeypatch, MERGE_KERNEL[method])
     params = {**params, "t": 0.0137} if method == "nearswap" else params  # (w inside (0, 1) mostly; t rounds in float32)
     for dtype, grid in ((torch.bfloat16, False), (torch.float32, True), (torch.float32, False)):
         base, models = _inputs_for(shape, n, dtype, seed=len(shape) + n, grid=grid)

@@ -246,9 +246,9 @@ def merge(
         max_memory: bytes of working memory for tensor blocks.
         force: replace an existing merge in `output_dir`.
         progress: called with input bytes as they are processed.
-        compile: "auto" uses the compiled CPU kernel (C, built when streammerge is installed) when it
-            was built, else numpy; "on" requires it (ConfigError if it was not built); "off" uses numpy.
-            The bytes are the same either way.
+        compile: "auto" uses the compiled CPU kernels (C, built when streammerge is installed) when
+            they were built, else numpy or torch; "on" requires them (ConfigError if they were not
+            built); "off" uses numpy or torch. The bytes are the same either way.
         check_finite: scan every input and merged tensor for NaN/Inf and fail naming the first.
         verify_inputs: record, with each shard, sha256 digests of the input bytes it was built from,
             and on a resume check every finished shard's against the inputs now (one more read of

@@ -322,8 +322,8 @@ def _merge_options(f):
         click.option("--max-shard-size", type=Size(), default=str(constants.DEFAULT_MAX_SHARD_SIZE), show_default="5GB"),
         click.option("--max-memory", type=Size(), default=str(constants.DEFAULT_MAX_MEMORY), show_default="1GiB", help="Working memory for tensor blocks."),
         click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                     help="The compiled CPU kernel (C, built when streammerge is installed): auto uses it when it was built, "
-                          "else numpy; on requires it; off uses numpy. Same bytes either way."),
+                     help="The compiled CPU kernels (C, built when streammerge is installed): auto uses them when they were built, "
+                          "else numpy or torch; on requires them; off uses numpy or torch. Same bytes either way."),
         click.option("--check-finite", is_flag=True, help="Fail if any input or merged tensor holds NaN or Inf."),
         click.option("--verify-inputs", is_flag=True,
                      help="Record digests of the input bytes each shard is built from; a resume checks them "

@@ -1,4 +1,6 @@
-"""The fast CPU kernel: kernels.py's float32 arithmetic, op for op, in C (ckernel.c), through ctypes.
+"""The compiled CPU kernels (methods/*.c, one library), through ctypes: first kernels.py's float32
+arithmetic, op for op, in C (ckernel.c); then, below, the methods of their own (gram.c, ram.c,
+nearswap.c, sce.c, arcee.c: each its method's torch ops, op for op).
 
 The numpy kernel makes one pass over a chunk per operation (dozens for a TIES merge); ckernel.c
 takes every 2048-element step through the whole merge while it sits in L1 cache, the DARE hash
@@ -295,12 +297,17 @@ def readable(*tensors: torch.Tensor | None) -> bool:
                for t in tensors)
 
 
+def _tensor_source(t: torch.Tensor) -> _Source:
+    """A `readable` tensor as ckernel.h's Source; the caller keeps `t` alive while the kernel reads it."""
+    return _Source(_TORCH_KINDS[t.dtype], t.data_ptr())
+
+
 def _sources(tensors: list[torch.Tensor]):
-    return (_Source * len(tensors))(*(_Source(_TORCH_KINDS[t.dtype], t.data_ptr()) for t in tensors))
+    return (_Source * len(tensors))(*map(_tensor_source, tensors))
 
 
 def _one(t: torch.Tensor | None):
-    return None if t is None else ctypes.byref(_Source(_TORCH_KINDS[t.dtype], t.data_ptr()))
+    return None if t is None else ctypes.byref(_tensor_source(t))
 
 
 def gram(xs: list[torch.Tensor], minus: torch.Tensor | None, width: int) -> torch.Tensor:
@@ -350,8 +357,8 @@ def _sce(base: torch.Tensor, models: list[torch.Tensor], keep: TrimThreshold | N
     """sce.c's inputs: `readable` θ₀ and models of one size, and the selection (None: every τ)."""
     xs = _sources(models)  # (the structure keeps it alive)
     if keep is None:
-        return _Sce(xs, len(models), _Source(_TORCH_KINDS[base.dtype], base.data_ptr()))
-    return _Sce(xs, len(models), _Source(_TORCH_KINDS[base.dtype], base.data_ptr()), 1, keep.value, keep.last_tie, start)
+        return _Sce(xs, len(models), _tensor_source(base))
+    return _Sce(xs, len(models), _tensor_source(base), 1, keep.value, keep.last_tie, start)
 
 
 def sce_hist(base: torch.Tensor, models: list[torch.Tensor], high: int | None) -> torch.Tensor:

@@ -186,7 +186,7 @@ class AsyncWriter:
 
 def compiled_kernel(mode: str):
     """The compiled C kernel's module (methods/ckernel.py) unless `mode` is "off", or None: built at
-    install, it costs nothing to load; without it the numpy kernel gives the same bytes."""
+    install, it costs nothing to load; without it numpy or torch give the same bytes."""
     if mode == "off":
         return None
     try:
@@ -195,7 +195,7 @@ def compiled_kernel(mode: str):
         if mode == "on":
             raise ConfigError("--compile on: the compiled kernel was not built when streammerge was installed; "
                               "reinstall streammerge where a C compiler is available, or use --compile auto") from None
-        log.debug("the compiled kernel is not available (%s); using the numpy kernel", e)
+        log.debug("the compiled kernels are not available (%s); using numpy or torch", e)
         return None
     return ckernel
 
