@@ -91,19 +91,24 @@ def test_a_direct_write_refused_goes_on_buffered(tmp_path, monkeypatch):
         pytest.skip("this file system refuses O_DIRECT at open (the buffered path is what ran)")
 
 
-def test_a_direct_write_failing_behind_is_one_error_and_leaves_no_file(tmp_path, monkeypatch):
-    # Full stages are written on a thread of their own: its error comes back at the next write or
-    # at finish, as the one-line OutputError, and the partial file is gone.
-    real = os.write
-    calls = []
+def _disk_full_at(monkeypatch, nth: int) -> list[int]:
+    """The writer's nth os.write fails with ENOSPC; returns the sizes of the writes tried."""
+    real, calls = os.write, []
 
     def full(fd, data):
         calls.append(len(data))
-        if len(calls) == 2:
+        if len(calls) == nth:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
 
     monkeypatch.setattr(streammerge.io.writer.os, "write", full)
+    return calls
+
+
+def test_a_direct_write_failing_behind_is_one_error_and_leaves_no_file(tmp_path, monkeypatch):
+    # Full stages are written on a thread of their own: its error comes back at the next write or
+    # at finish, as the one-line OutputError, and the partial file is gone.
+    _disk_full_at(monkeypatch, 2)
     path = tmp_path / "s.safetensors"
     with pytest.raises(streammerge.errors.OutputError, match="disk full"):
         _write_shard(path)
@@ -113,16 +118,7 @@ def test_a_direct_write_failing_behind_is_one_error_and_leaves_no_file(tmp_path,
 def test_an_abort_after_a_write_failing_behind_closes_and_removes_the_file(tmp_path, monkeypatch):
     # Another error first (Ctrl-C, a failing input): the failed write behind was never collected,
     # and its views of a stage must not keep abort() from closing it and deleting the partial file.
-    real = os.write
-    calls = []
-
-    def full(fd, data):
-        calls.append(len(data))
-        if len(calls) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data)
-
-    monkeypatch.setattr(streammerge.io.writer.os, "write", full)
+    calls = _disk_full_at(monkeypatch, 1)
     path = tmp_path / "s.safetensors"
     w = ShardWriter(path, [("a", "F32", (STAGE // 2,), STAGE * 2)], {"format": "pt"})
     w.write(torch.zeros(STAGE // 4 + 1))  # one full stage goes behind, and fails there
