@@ -517,3 +517,21 @@ def test_sce_kernels_variance_is_torchs(n):
         assert torch.equal(ckernel.sce_hist(b, ms, high), ops.radix_hist_low(var, high)), high
     for value in var.reshape(-1)[::97].tolist():
         assert torch.equal(ckernel.sce_ties(b, ms, value), (var == value).sum(dim=1)), value
+
+
+@pytest.mark.parametrize("method,params", [("sce", {"select_topk": 0.3}), ("arcee_fusion", {})])
+def test_a_pass_with_nothing_to_find_reads_no_block(method, params, monkeypatch):
+    """sce: every tie at its threshold kept (pass 2 has none to place); arcee_fusion: θ₁ = θ₀ but for
+    one row, so pass 1 settles every quantile at 0. The loop over the blocks (run_tensor's, as the
+    engine's) then runs no stats for those passes, and the bytes are those of any block split."""
+    base, models = _inputs_for((64, 48), 3 if method == "sce" else 1, torch.bfloat16, seed=2)
+    if method == "arcee_fusion":
+        models = [torch.cat([models[0][:1], base[1:]])]
+    cls, ran, skipped = type(get(method)), [], []
+    stats, skips = cls.stats, cls.skips
+    monkeypatch.setattr(cls, "stats", lambda self, c, p, rows, state: ran.append(p) or stats(self, c, p, rows, state))
+    monkeypatch.setattr(cls, "skips", lambda self, c, p, state: skips(self, c, p, state) and not skipped.append(p))
+    whole = merge(method, base, models, **params)
+    assert skipped and not set(skipped) & set(ran)
+    monkeypatch.undo()
+    assert torch.equal(bits(merge(method, base, models, rows_per_block=5, **params)), bits(whole))

@@ -78,6 +78,9 @@ class ArceeFusion(Method):
         # selection's two histogram passes; a matrix's KL per row, and with it the first histogram
         return 5 if len(ctx.shape) <= 1 else 2
 
+    def skips(self, ctx: TensorCtx, p: int, state: _State | None) -> bool:
+        return p == self.passes(ctx) - 1 and not _highs(state)  # pass 1 settled every quantile
+
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: _State | None):
         if p == self.passes(ctx) - 1 and not _highs(state):  # pass 1 settled every quantile
             return np.zeros(0, np.int64), np.zeros(0, np.int64)

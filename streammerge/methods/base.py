@@ -134,6 +134,8 @@ class Method:
 
     Hooks (all pure: no I/O, no globals):
         passes(ctx)                       number of stats passes before the merge pass
+        skips(ctx, p, state)              True: pass p has nothing to compute (an exact selection
+                                          that pass 1 settled); its reduce gets no partials
         whole_tensor(ctx)                 True: the tensor comes as one block (mergekit's own reductions)
         stats(ctx, p, rows, state)        a small partial result of pass p over one block
         reduce(ctx, p, partials, state)   the state after pass p, from the blocks' partials in order
@@ -161,6 +163,9 @@ class Method:
         return 0
 
     def whole_tensor(self, ctx: TensorCtx) -> bool:
+        return False
+
+    def skips(self, ctx: TensorCtx, p: int, state: Any) -> bool:
         return False
 
     def stats(self, ctx: TensorCtx, p: int, rows: Rows, state: Any) -> Any:
@@ -234,6 +239,7 @@ def run_tensor(method: Method, ctx: TensorCtx, base: torch.Tensor | None, models
 
     state: Any = None
     for p in range(method.passes(ctx)):
-        state = method.reduce(ctx, p, [method.stats(ctx, p, block(r0, r1), state) for r0, r1 in spans], state)
+        partials = [] if method.skips(ctx, p, state) else [method.stats(ctx, p, block(r0, r1), state) for r0, r1 in spans]
+        state = method.reduce(ctx, p, partials, state)
     out = [method.merge(ctx, block(r0, r1), state) for r0, r1 in spans]
     return torch.cat(out).reshape(shape)

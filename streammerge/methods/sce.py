@@ -73,6 +73,12 @@ class Sce(Method):
             return 0
         return 4 if self._selects(ctx) else 1
 
+    def skips(self, ctx: TensorCtx, p: int, state: _State | None) -> bool:
+        # pass 1 when pass 1's histogram settled the threshold (RadixSelect.found); pass 2 when every
+        # tie at it is kept (or none is)
+        return self._selects(ctx) and (p == 1 and (state.select is None or state.select.found is not None)
+                                       or p == 2 and not state.partial_ties)
+
     def _selects(self, ctx: TensorCtx) -> bool:
         return resolved(self, ctx)["select_topk"] < 1
 

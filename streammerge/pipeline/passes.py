@@ -588,7 +588,10 @@ def run_passes(job: TensorJob) -> object:
     tensor in order; returns the state the last one leaves for the merge pass."""
     method, ctx, state = job.method, job.spec.ctx, None
     for p in range(method.passes(ctx)):
-        partials = [part for block in job.blocks_read() for part in job.backend.stats(block, job.spec, p, state)]
+        if method.skips(ctx, p, state):  # nothing to compute: no block read, staged or sliced
+            partials = []
+        else:
+            partials = [part for block in job.blocks_read() for part in job.backend.stats(block, job.spec, p, state)]
         state = method.reduce(ctx, p, partials, state)
     return state
 
