@@ -6,7 +6,8 @@ before any tensor byte is read, because input files may come from strangers.
 
 Tensors are read as read-only views of the files mapped in memory: no copy and no anonymous memory
 (mapped file pages are page cache, which the kernel reclaims), and `advise` asks the kernel to read a
-range ahead. `read(..., out=buf)` copies into a given buffer with `os.preadv` instead (the GIL is
+range ahead; a tensor staged by the prefetcher (io/prefetch.py: read from disk into memory of its
+own) is viewed from there instead. `read(..., out=buf)` copies into a given buffer with `os.preadv` instead (the GIL is
 released while the kernel copies), for callers that need their own memory.
 """
 
@@ -293,6 +294,7 @@ class Checkpoint:
         self.quantization = quant.describe(self.tensors)
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        self._staged: dict[tuple[Path, int], object] = {}  # (file, offset) -> prefetch.Staged: read from disk ahead
         self._lock = threading.RLock()
 
     @property
@@ -391,6 +393,11 @@ class Checkpoint:
         nbytes = (row_end - row_start) * info.row_bytes
         offset = info.offset + row_start * info.row_bytes
         dtype = DTYPES[info.dtype]
+        shape = ((row_end - row_start), *info.shape[1:]) if info.shape else ()
+        staged = self._staged.get((info.file, info.offset))
+        flat = staged.rows(offset, nbytes) if staged is not None and nbytes else None
+        if flat is not None and offset % max(1, itemsize(info.dtype)) == 0:
+            return flat.view(dtype).view(shape)
         if nbytes == 0 or offset % max(1, itemsize(info.dtype)):
             return self._read(info, row_start, row_end)
         # Touching a mapped page past the file's end kills the process (SIGBUS): a file truncated
@@ -402,16 +409,25 @@ class Checkpoint:
         with warnings.catch_warnings():  # torch warns that the buffer is read-only: we never write it
             warnings.simplefilter("ignore")
             flat = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=nbytes, offset=offset)
-        shape = ((row_end - row_start), *info.shape[1:]) if info.shape else ()
         return flat.view(dtype).view(shape)
 
     def advise(self, name: str) -> None:
         """Asks the kernel to start reading a tensor's bytes now (MADV_WILLNEED), without waiting."""
         info = self.tensors[name]
         for part in (info.weight, info.scale) if isinstance(info, quant.QuantTensor) else (info,):
-            self._advise(part)
+            self.advise_part(part)
 
-    def _advise(self, info: TensorInfo) -> None:
+    # A stored tensor read ahead into memory (io/prefetch.py) is viewed from there until unstaged.
+    def stage(self, staged) -> None:
+        self._staged[(staged.info.file, staged.info.offset)] = staged
+
+    def staged(self, info: TensorInfo):
+        return self._staged.get((info.file, info.offset))
+
+    def unstage(self, info: TensorInfo) -> None:
+        self._staged.pop((info.file, info.offset), None)
+
+    def advise_part(self, info: TensorInfo) -> None:
         if info.nbytes == 0:
             return
         start = info.offset - info.offset % mmap.PAGESIZE

@@ -1,19 +1,22 @@
 """Runs a plan: reads row blocks, merges them, streams the results into shards. Knows no method:
 what a tensor's blocks are and how they merge is passes.py's.
 
-Three threads share the work: a reader keeps the kernel reading the next tensors ahead (inputs are
-read-only views of the mapped files, page cache rather than anonymous memory), the main thread
-merges (numpy chunks on every core, or torch), a writer hashes and writes finished blocks. The
-memory budget bounds the output blocks in flight (a fixed pool of reusable buffers) and the
-working set of a block; a tensor too big for it is processed in row blocks.
+Three threads share the work: a prefetcher reads the next tensors ahead (io/prefetch.py: those in
+the page cache are read-only views of the mapped files, those on disk are staged into reused
+memory with O_DIRECT), the main thread merges (compiled or numpy chunks on every core, or torch), a
+writer hashes and writes finished blocks and then releases the staged inputs they were made of.
+The memory budget bounds the output blocks in flight (a fixed pool of reusable buffers), the
+working set of a block and the staged inputs; a tensor too big for it is processed in row blocks.
 
 A tensor whose method needs whole-tensor quantities first goes through its stats passes
-(passes.prepare_tensor), each reading the tensor's mapped pages again, from the page cache when they
-are still there; a model-wide pass (FusionBench's global trim) reads every tensor first.
+(passes.prepare_tensor), each reading the tensor again: from its staged memory, or the mapped
+pages from the page cache when they are still there; a model-wide pass (FusionBench's global trim)
+reads every tensor first.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from streammerge.errors import ConfigError, DeviceError, NonFiniteError
+from streammerge.io.prefetch import Prefetcher
 from streammerge.io.sources import Checkpoint
 from streammerge.io.writer import ShardWriter
 from streammerge.pipeline.device import device_budget, resolve_device
@@ -44,9 +48,6 @@ Progress = Callable[[int], None]  # called with the number of input bytes just p
 log = logging.getLogger(__name__)
 
 
-READAHEAD_BYTES = 1 << 30  # input bytes the reader keeps requested ahead (page cache, reclaimable)
-
-
 class BufferPool:
     """A fixed set of reusable output buffers: bounds the memory of blocks waiting to be written,
     and reusing them spares the kernel from mapping and zeroing fresh pages for every block.
@@ -54,7 +55,7 @@ class BufferPool:
 
     def __init__(self, capacity: int, count: int, pinned: bool = False):
         self.capacity = capacity
-        self.free: queue.Queue = queue.Queue()
+        self.free: queue.LifoQueue = queue.LifoQueue()  # the last returned first: buffers the writer keeps up with stay few
         for _ in range(count):
             self.free.put(torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned))
 
@@ -71,42 +72,6 @@ class BufferPool:
 
 class _Stop(Exception):
     pass
-
-
-class Readahead:
-    """Keeps the kernel reading the next tensors' input bytes ahead of the merge, within a window."""
-
-    def __init__(self, jobs: list[TensorJob], window: int = READAHEAD_BYTES):
-        self.jobs, self.window = jobs, window
-        self.consumed = 0
-        self.cond = threading.Condition()
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="streammerge-readahead", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        advised = 0
-        for job in self.jobs:
-            with self.cond:
-                while advised - self.consumed > self.window and not self.stopped:
-                    self.cond.wait()
-                if self.stopped:
-                    return
-            try:
-                job.advise()
-            except (OSError, ValueError):  # only a hint
-                pass
-            advised += job.block_bytes(0, job.tp.rows)
-
-    def done(self, job: TensorJob) -> None:
-        with self.cond:
-            self.consumed += job.block_bytes(0, job.tp.rows)
-            self.cond.notify_all()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify_all()
 
 
 class AsyncWriter:
@@ -143,6 +108,8 @@ class AsyncWriter:
                     if self.on_shard is not None:
                         self.on_shard(receipt)
                     payload.set_result(receipt)
+                elif kind == "then":
+                    payload()
             except BaseException as e:
                 if self.error is None and not isinstance(e, _Stop):
                     self.error = e
@@ -168,6 +135,11 @@ class AsyncWriter:
         `buffer` (from the pool) goes back to the pool once written."""
         self._check()
         self.queue.put(("data", (tensor, buffer, ready)))
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Calls `fn` on the writer's thread once the blocks queued before it are written (views of
+        staged inputs among them: their memory is reused after)."""
+        self.queue.put(("then", fn))
 
     def finish(self) -> Future:
         fut: Future = Future()
@@ -277,7 +249,7 @@ def run_plan(
     capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])
     buffers = BufferPool(capacity, count, pinned=target.type == "cuda")
     writer = AsyncWriter(buffers, on_shard)
-    readahead: Readahead | None = None
+    prefetch: Prefetcher | None = None
     finished = False
     current = "the model-wide pass"  # what the device works on, for an out-of-memory message
     restore = None
@@ -290,13 +262,15 @@ def run_plan(
             downloads.start([(jobs[n].tp.name, jobs[n].touched) for s in todo for n in s.tensors],
                             [(j.tp.name, j.touched) for j in prelude])
         prepare_global(list(jobs.values()))
-        readahead = Readahead([jobs[n] for s in todo for n in s.tensors])
-        futures = []
+        order = [jobs[n] for s in todo for n in s.tensors]
+        prefetch = Prefetcher([j.touched for j in order], plan.staging_memory)
+        futures, k = [], 0
         for shard in todo:
             entries = [e for n in shard.tensors for e in by_name[n].entries]
             writer.open(out_dir / shard.filename, entries, {"format": "pt"})
             for name in shard.tensors:
                 job, current = jobs.pop(name), f"tensor {name!r}"
+                prefetch.reached(k)
                 prepare_tensor(job)
                 for block in job.blocks_read():
                     if job.passthrough:  # same dtype, not merged: the mapped bytes go straight out
@@ -321,7 +295,8 @@ def run_plan(
                         progress(block.nbytes)
                 if job.tp.quantized:  # its scales follow the weight
                     writer.write(job.scales)
-                readahead.done(job)
+                writer.then(functools.partial(prefetch.done, k))
+                k += 1
                 if downloads is not None:
                     downloads.done(name)
             futures.append(writer.finish())
@@ -334,8 +309,8 @@ def run_plan(
     finally:
         if restore is not None:
             torch.cuda.set_device(restore)
-        if readahead is not None:
-            readahead.stop()
+        if prefetch is not None:
+            prefetch.stop()
         if downloads is not None:
             downloads.stop()
         writer.close(cancel=not finished)  # Ctrl-C or an error: no half-written shard stays behind

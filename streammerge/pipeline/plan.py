@@ -129,6 +129,7 @@ class Plan:
     reindex: Reindex | None = None  # vocabulary tensors read through a token map (vocab.py)
     layers: int | None = None  # the output's layer count when slices stack layers (else the reference's)
     quantized_inputs: tuple[tuple[str, str], ...] = ()  # (input, how it is quantized) for each FP8 input
+    staging_memory: int = 0  # of peak_memory: inputs read ahead from disk into memory (io/prefetch.py)
 
     def stored_names(self, shard: ShardPlan) -> list[str]:
         """The tensor names a shard's file holds: its tensors and, for FP8 output, their scales."""
@@ -212,7 +213,7 @@ def build_plan(
         quantized_inputs=quantized_inputs(distinct),
     )
     in_dtypes = {t.name: [DTYPES[c.tensors[t.name].dtype] for c in distinct] for t in tensors}
-    return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
+    return with_memory(plan, in_dtypes)
 
 
 def quantized_inputs(inputs) -> tuple[tuple[str, str], ...]:
@@ -468,7 +469,7 @@ def _stacked_plan(config: MergeConfig, opts: MergeOptions, inputs: list[Checkpoi
         quantized_inputs=quantized_inputs(inputs),
     )
     in_dtypes = {t.name: [DTYPES[inputs[i].tensors[n].dtype] for i, n in t.inputs] for t in tensors}
-    return replace(plan, peak_memory=estimate_peak_memory(plan, in_dtypes))
+    return with_memory(plan, in_dtypes)
 
 
 VOCAB_MODES = ("error", "truncate_to_base", "truncate_to_smallest")
@@ -603,7 +604,9 @@ def assign_workers(shards: tuple[ShardPlan, ...], world_size: int) -> tuple[int,
 
 # Shares of --max-memory: output blocks in flight (a pool of reusable buffers), and one block's
 # working set where torch computes (its float32 temporaries); the numpy kernel needs only scratch.
-POOL_SHARE, WORK_SHARE = 0.5, 0.3
+# What they leave, up to STAGE_SHARE, holds inputs read from disk ahead of the merge (io/prefetch.py):
+# at 1 GiB, two of a 7B model's biggest layers from each of three models, the one merging and the next.
+POOL_SHARE, WORK_SHARE, STAGE_SHARE = 0.3, 0.3, 0.5
 SCRATCH_BYTES = 24 << 20  # per-thread chunk buffers of the numpy kernel, histograms, masks
 
 
@@ -664,9 +667,10 @@ def bytes_per_element(n_models: int, in_itemsize: int, out_itemsize: int) -> int
     return (n_models + 1) * in_itemsize + 4 * (n_models + 4) + out_itemsize + 2 * n_models
 
 
-def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) -> int:
-    """The engine's working memory: the output buffer pool, chunk scratch, and where torch computes
-    (mergekit's whole tensors, other devices) one block's float32 working set."""
+def with_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) -> Plan:
+    """The plan with its memory estimate: the output buffer pool, chunk scratch, where torch computes
+    (mergekit's whole tensors, other devices) one block's float32 working set, and what that leaves
+    of the budget (up to STAGE_SHARE) for staging inputs read from disk."""
     compute = plan.options.compute_dtype or torch.float32
     chunked = [uses_chunk_kernel(plan.options, t, in_dtypes[t.name], compute) for t in plan.tensors]
     rows = [job_rows(t, plan, in_dtypes[t.name], c) for t, c in zip(plan.tensors, chunked)]
@@ -674,7 +678,9 @@ def estimate_peak_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) ->
     n = len(plan.sources)
     work = max((r * t.row_elems * bytes_per_element(n, max(d.itemsize for d in in_dtypes[t.name]), itemsize(t.block_dtype))
                 for t, r, c in zip(plan.tensors, rows, chunked) if not c), default=0)
-    return capacity * count + SCRATCH_BYTES + work
+    working = capacity * count + SCRATCH_BYTES + work
+    staging = max(0, min(int(plan.max_memory * STAGE_SHARE), plan.max_memory - working))
+    return replace(plan, peak_memory=working + staging, staging_memory=staging)
 
 
 def uses_chunk_kernel(opts: MergeOptions, tp: TensorPlan, in_dtypes: list[torch.dtype], compute: torch.dtype,

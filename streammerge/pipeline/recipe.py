@@ -73,9 +73,11 @@ class StageCheckpoint(ComputedCheckpoint):
     def extra_memory(self) -> int:
         """Bytes this stage adds to the merge reading it: its largest output tensor, held while read,
         and the working memory of computing one tensor (its plan's estimate without the output
-        buffer pool, which a stage does not use: it merges into the held tensor)."""
+        buffer pool, which a stage does not use: it merges into the held tensor, nor staged inputs:
+        it reads its inputs when asked, not ahead)."""
         capacity, count = pool_shape(self.plan, [j.rows for j in self._built_jobs().values()])
-        return max((t.nbytes for t in self.plan.tensors), default=0) + self.plan.peak_memory - capacity * count
+        unused = capacity * count + self.plan.staging_memory
+        return max((t.nbytes for t in self.plan.tensors), default=0) + self.plan.peak_memory - unused
 
     def identity(self) -> list:
         """What decides this stage's bytes, for the fingerprint of a merge that reads it."""
