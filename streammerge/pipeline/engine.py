@@ -295,7 +295,10 @@ def run_plan(
                         progress(block.nbytes)
                 if job.tp.quantized:  # its scales follow the weight
                     writer.write(job.scales)
-                writer.then(functools.partial(prefetch.done, k))
+                if job.passthrough:  # its blocks are views of the inputs: released once written
+                    writer.then(functools.partial(prefetch.done, k))
+                else:
+                    prefetch.done(k)
                 k += 1
                 if downloads is not None:
                     downloads.done(name)
