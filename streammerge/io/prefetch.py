@@ -77,15 +77,16 @@ class Arena:
 
 
 class Staged:
-    """One tensor's bytes read from disk into the arena: the aligned file range around them."""
+    """Bytes [lo, hi) of a file, within one stored tensor, read from disk into the arena (the
+    aligned range around them)."""
 
-    def __init__(self, info: TensorInfo, arena: Arena, at: int):
-        self.info, self.arena, self.at = info, arena, at
-        self.start, self.size = _span(info)
+    def __init__(self, info: TensorInfo, lo: int, hi: int, arena: Arena, at: int):
+        self.info, self.lo, self.hi, self.arena, self.at = info, lo, hi, arena, at
+        self.start, self.size = _span(lo, hi)
         self.pending = -(-self.size // CHUNK)
         self.failed = False
         self.ready = threading.Event()
-        self.users = 1  # jobs that read it (a tensor read by two outputs is staged once)
+        self.users = 1  # steps that read it (a tensor read by two outputs is staged once)
 
     def chunk_done(self, ok: bool) -> None:
         self.failed |= not ok
@@ -93,9 +94,13 @@ class Staged:
         if self.pending == 0:
             self.ready.set()
 
+    def covers(self, offset: int, nbytes: int) -> bool:
+        return self.lo <= offset and offset + nbytes <= self.hi
+
     def rows(self, offset: int, nbytes: int) -> torch.Tensor | None:
-        """Bytes [offset, offset + nbytes) of the file as a tensor of the staged memory, once read;
-        None if the read failed (the caller reads the mapped file instead, which reports why)."""
+        """Bytes [offset, offset + nbytes) of the file (within [lo, hi)) as a tensor of the staged
+        memory, once read; None if the read failed (the caller reads the mapped file instead,
+        which reports why)."""
         self.ready.wait()
         if self.failed:
             return None
@@ -123,23 +128,25 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
 
 
 class Prefetcher:
-    """Runs ahead of the merge, one job (output tensor) after another, over the (checkpoint,
-    tensor) pairs each job reads: stages those on disk, asks the kernel to read ahead the others.
+    """Runs ahead of the merge, one step after another, over what each step reads: (checkpoint,
+    tensor, rows r0..r1 or None for all); stages what is on disk, asks the kernel to read ahead the
+    rest. A step is a tensor's row block where the merge reads each block once, else a whole tensor.
 
-    `window` bytes of memory hold the staged tensors until their job is `done` (then reused: no
-    view of them may outlive it); a tensor bigger than half of it is read through the page cache.
-    The merge calls `reached(i)` before reading job i: its tensors are then staged (or being read)
-    or left to the mapped files, never both.
+    `window` bytes of memory hold the staged bytes until their step is `done` (then reused: no view
+    of them may outlive it); a range bigger than half of it is read through the page cache. The
+    merge calls `reached(i)` before reading step i: its bytes are then staged (or being read) or
+    left to the mapped files, never both.
     """
 
-    def __init__(self, jobs: list[list[tuple[Checkpoint, str]]], window: int, *, readahead: int = READAHEAD_BYTES):
-        self.jobs, self.window, self.readahead = jobs, window, readahead
+    def __init__(self, steps: list[list[tuple[Checkpoint, str, int | None, int | None]]], window: int, *,
+                 readahead: int = READAHEAD_BYTES):
+        self.steps, self.window, self.readahead = steps, window, readahead
         self.arena = Arena(window)
-        self.advised = self.consumed = 0  # page-cache bytes asked for, and those of finished jobs
-        self.scheduled = 0  # jobs whose tensors are all staged or advised
-        self.released = 0  # jobs done (in order)
-        self.held: list[list[tuple[Checkpoint, Staged]]] = [[] for _ in jobs]
-        self.advised_bytes = [0] * len(jobs)
+        self.advised = self.consumed = 0  # page-cache bytes asked for, and those of finished steps
+        self.scheduled = 0  # steps whose bytes are all staged or advised
+        self.released = 0  # steps done (in order)
+        self.held: list[list[tuple[Checkpoint, Staged]]] = [[] for _ in steps]
+        self.advised_bytes = [0] * len(steps)
         self.cond = threading.Condition()
         self.stopped = False
         self.direct_fds: dict[Path, int | None] = {}
@@ -150,18 +157,18 @@ class Prefetcher:
     # ---- the merge's side -----------------------------------------------------------------
 
     def reached(self, i: int) -> None:
-        """Waits until job i's tensors are scheduled (staged, being read, or advised)."""
+        """Waits until step i's bytes are scheduled (staged, being read, or advised)."""
         with self.cond:
             while self.scheduled <= i and not self.stopped:
                 self.cond.wait()
 
     def done(self, i: int) -> None:
-        """Job i is merged: its staged memory goes (once no other job reads it), the window moves on."""
+        """Step i is merged: its staged memory goes (once no other step reads it), the window moves on."""
         with self.cond:
             for ckpt, staged in self.held[i]:
                 staged.users -= 1
                 if staged.users == 0:
-                    ckpt.unstage(staged.info)
+                    ckpt.unstage(staged)
                     self.arena.give(staged.at, staged.size)
             self.held[i] = []
             self.released = max(self.released, i + 1)
@@ -185,43 +192,43 @@ class Prefetcher:
     # ---- the reading thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        for i, pairs in enumerate(self.jobs):
-            for ckpt, name in pairs:
+        for i, reads in enumerate(self.steps):
+            for ckpt, name, r0, r1 in reads:
                 if type(ckpt) is not Checkpoint:  # computed, downloaded or adapter inputs: their own readahead
                     self._advise(i, getattr(ckpt.tensors.get(name), "nbytes", 0), lambda: ckpt.advise(name))
                     continue
-                for info in _parts(ckpt, name):
-                    if not self._stage(i, ckpt, info):
-                        self._advise(i, info.nbytes, lambda: ckpt.advise_part(info))
+                for info, lo, hi in _ranges(ckpt, name, r0, r1):
+                    if not self._stage(i, ckpt, info, lo, hi):
+                        self._advise(i, hi - lo, lambda: ckpt.advise_range(info.file, lo, hi))
             with self.cond:
                 if self.stopped:
                     return
                 self.scheduled = i + 1
                 self.cond.notify_all()
 
-    def _stage(self, i: int, ckpt: Checkpoint, info: TensorInfo) -> bool:
-        """Stages a tensor that is on disk; False to leave it to the page cache."""
-        start, size = _span(info)
-        if info.nbytes == 0 or size > self.window // 2:
+    def _stage(self, i: int, ckpt: Checkpoint, info: TensorInfo, lo: int, hi: int) -> bool:
+        """Stages bytes that are on disk; False to leave them to the page cache."""
+        size = _span(lo, hi)[1]
+        if hi <= lo or size > self.window // 2:
             return False
         fd = self._direct_fd(info.file)
         if fd is None:
             return False
-        shared = ckpt.staged(info)
-        if shared is not None:  # already staged for an earlier job still merging
+        shared = ckpt.staged(info, lo, hi)
+        if shared is not None:  # already staged for an earlier step still merging
             with self.cond:
                 shared.users += 1
                 self.held[i].append((ckpt, shared))
             return True
-        cached = cached_fraction(fd, info.offset, info.nbytes)
+        cached = cached_fraction(fd, lo, hi - lo)
         if cached is None or cached >= CACHED:
             return False
-        with self.cond:  # room comes as earlier jobs finish; then what does not fit takes the page cache
+        with self.cond:  # room comes as earlier steps finish; then what does not fit takes the page cache
             while (at := self.arena.take(size)) is None and self.released < i and not self.stopped:
                 self.cond.wait()
             if at is None:
                 return self.stopped
-            staged = Staged(info, self.arena, at)
+            staged = Staged(info, lo, hi, self.arena, at)
             self.held[i].append((ckpt, staged))
         ckpt.stage(staged)
         for at in range(0, size, CHUNK):
@@ -238,8 +245,8 @@ class Prefetcher:
                 if got <= 0:
                     break
                 done += got
-            # a short read at the file's end is whole if it covers the tensor's last byte
-            ok = staged.start + at + done >= min(staged.start + at + n, staged.info.offset + staged.info.nbytes)
+            # a short read at the file's end is whole if it covers the range's last byte
+            ok = staged.start + at + done >= min(staged.start + at + n, staged.hi)
         except OSError:
             pass
         finally:
@@ -267,15 +274,21 @@ class Prefetcher:
         return self.direct_fds[file]
 
 
-def _span(info: TensorInfo) -> tuple[int, int]:
-    """The aligned file range around a tensor's bytes: (start, size)."""
-    start = info.offset - info.offset % ALIGN
-    return start, -(-(info.offset + info.nbytes) // ALIGN) * ALIGN - start
+def _span(lo: int, hi: int) -> tuple[int, int]:
+    """The aligned file range around bytes [lo, hi): (start, size)."""
+    start = lo - lo % ALIGN
+    return start, -(-hi // ALIGN) * ALIGN - start
 
 
-def _parts(ckpt: Checkpoint, name: str) -> list[TensorInfo]:
-    """The stored tensors behind a name: an FP8 weight and its scale, or the tensor itself."""
+def _ranges(ckpt: Checkpoint, name: str, r0: int | None, r1: int | None) -> list[tuple[TensorInfo, int, int]]:
+    """The stored bytes behind rows r0..r1 of a tensor (all of it for None): (stored tensor, lo, hi)
+    of an FP8 weight and of its scale's rows, or of the tensor itself."""
     info = ckpt.tensors[name]
-    if isinstance(info, quant.QuantTensor):
-        return [info.weight, info.scale]
-    return [info]
+    if r0 is None:
+        parts = [(info.weight, 0, info.weight.rows), (info.scale, 0, info.scale.rows)] if isinstance(info, quant.QuantTensor) \
+            else [(info, 0, info.rows)]
+    elif isinstance(info, quant.QuantTensor):
+        parts = [(info.weight, r0, r1), (info.scale, *quant.scale_rows(info, r0, r1))]
+    else:
+        parts = [(info, r0, r1)]
+    return [(t, t.offset + a * t.row_bytes, t.offset + b * t.row_bytes) for t, a, b in parts]

@@ -394,7 +394,7 @@ class Checkpoint:
         offset = info.offset + row_start * info.row_bytes
         dtype = DTYPES[info.dtype]
         shape = ((row_end - row_start), *info.shape[1:]) if info.shape else ()
-        staged = self._staged.get((info.file, info.offset))
+        staged = next((s for s in self._staged.get((info.file, info.offset), ()) if s.covers(offset, nbytes)), None)
         flat = staged.rows(offset, nbytes) if staged is not None and nbytes else None
         if flat is not None and offset % max(1, itemsize(info.dtype)) == 0:
             return flat.view(dtype).view(shape)
@@ -417,21 +417,33 @@ class Checkpoint:
         for part in (info.weight, info.scale) if isinstance(info, quant.QuantTensor) else (info,):
             self.advise_part(part)
 
-    # A stored tensor read ahead into memory (io/prefetch.py) is viewed from there until unstaged.
+    # Bytes of a stored tensor read ahead into memory (io/prefetch.py: a Staged, whole or a row
+    # block) are viewed from there until unstaged.
     def stage(self, staged) -> None:
-        self._staged[(staged.info.file, staged.info.offset)] = staged
+        with self._lock:
+            self._staged.setdefault((staged.info.file, staged.info.offset), []).append(staged)
 
-    def staged(self, info: TensorInfo):
-        return self._staged.get((info.file, info.offset))
+    def staged(self, info: TensorInfo, lo: int, hi: int):
+        return next((s for s in self._staged.get((info.file, info.offset), ()) if (s.lo, s.hi) == (lo, hi)), None)
 
-    def unstage(self, info: TensorInfo) -> None:
-        self._staged.pop((info.file, info.offset), None)
+    def unstage(self, staged) -> None:
+        key = (staged.info.file, staged.info.offset)
+        with self._lock:
+            rest = [s for s in self._staged.get(key, ()) if s is not staged]
+            if rest:
+                self._staged[key] = rest
+            else:
+                self._staged.pop(key, None)
 
     def advise_part(self, info: TensorInfo) -> None:
-        if info.nbytes == 0:
+        self.advise_range(info.file, info.offset, info.offset + info.nbytes)
+
+    def advise_range(self, file: Path, lo: int, hi: int) -> None:
+        """Asks the kernel to start reading bytes [lo, hi) of a file now (MADV_WILLNEED)."""
+        if hi <= lo:
             return
-        start = info.offset - info.offset % mmap.PAGESIZE
-        self._map(info.file).madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+        start = lo - lo % mmap.PAGESIZE
+        self._map(file).madvise(mmap.MADV_WILLNEED, start, hi - start)
 
     def file_identity(self, file: Path) -> list:
         """What identifies a file's bytes for a resume: its path, size, modification time and header."""

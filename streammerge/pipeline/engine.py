@@ -262,17 +262,29 @@ def run_plan(
             downloads.start([(jobs[n].tp.name, jobs[n].touched) for s in todo for n in s.tensors],
                             [(j.tp.name, j.touched) for j in prelude])
         prepare_global(list(jobs.values()))
-        order = [jobs[n] for s in todo for n in s.tensors]
-        prefetch = Prefetcher([j.touched for j in order], plan.staging_memory)
-        futures, k = [], 0
+        steps = {n: jobs[n].prefetch_steps() for s in todo for n in s.tensors}
+        prefetch = Prefetcher([step for n in steps for step in steps[n]], plan.staging_memory)
+        futures, k = [], 0  # k: the prefetch step the merge is at
+
+        def step_done(job: TensorJob) -> None:
+            nonlocal k
+            if job.passthrough:  # its blocks are views of the inputs: released once written
+                writer.then(functools.partial(prefetch.done, k))
+            else:
+                prefetch.done(k)
+            k += 1
+
         for shard in todo:
             entries = [e for n in shard.tensors for e in by_name[n].entries]
             writer.open(out_dir / shard.filename, entries, {"format": "pt"})
             for name in shard.tensors:
                 job, current = jobs.pop(name), f"tensor {name!r}"
+                by_block = len(steps[name]) > 1  # a step per block, else one for the whole tensor
                 prefetch.reached(k)
                 prepare_tensor(job)
-                for block in job.blocks_read():
+                for r0, r1 in job.blocks:
+                    prefetch.reached(k)
+                    block = job.read(r0, r1)
                     if job.passthrough:  # same dtype, not merged: the mapped bytes go straight out
                         if check_finite:
                             _check_finite(job, block, block.base)
@@ -293,13 +305,13 @@ def run_plan(
                         writer.write(out, buf, ready)
                     if progress is not None:
                         progress(block.nbytes)
+                    del block
+                    if by_block:
+                        step_done(job)
                 if job.tp.quantized:  # its scales follow the weight
                     writer.write(job.scales)
-                if job.passthrough:  # its blocks are views of the inputs: released once written
-                    writer.then(functools.partial(prefetch.done, k))
-                else:
-                    prefetch.done(k)
-                k += 1
+                if not by_block:
+                    step_done(job)
                 if downloads is not None:
                     downloads.done(name)
             futures.append(writer.finish())

@@ -447,9 +447,21 @@ class TensorJob:
             self.given_cache[i] = self.delta_rows[i].read(r0, r1)
         return self.given_cache[i]
 
-    def advise(self) -> None:
-        for c, name in self.touched:
-            c.advise(name)
+    def prefetch_steps(self) -> list[list[tuple[Checkpoint, str, int | None, int | None]]]:
+        """What io/prefetch.py reads ahead for this tensor, step by step: each row block's rows when
+        the blocks are read once (each block's bytes released as it is merged: a tensor bigger than
+        the staging memory is staged too), else whole tensors, read by every pass."""
+        if len(self.blocks) > 1 and self.gather is None and not self.stats_passes:
+            return [[(c, n, r0, r1) for c, n in self.touched] for r0, r1 in self.blocks]
+        return [[(c, n, None, None) for c, n in self.touched]]
+
+    @property
+    def stats_passes(self) -> bool:
+        """Whether prepare_tensor reads this tensor's blocks before the merge pass does."""
+        opts = self.opts
+        if self.hooks:
+            return self.method.passes(self.spec.ctx) > 0
+        return self.radix_trim and (opts.sparsify == "band" or opts.trim_scope == "tensor")
 
     def blocks_read(self) -> Iterator[Block]:
         for r0, r1 in self.blocks:
