@@ -108,15 +108,28 @@ class Staged:
 
 
 def cached_fraction(fd: int, offset: int, nbytes: int) -> float | None:
-    """The share of a file range in the page cache (Linux's cachestat, 6.5+); None where unknown."""
-    if _libc is None or nbytes <= 0:
+    """The share of a file range in the page cache: Linux's cachestat (6.5+), else the share of
+    three pages (first, middle, last) that a read that must not wait for the disk gets
+    (RWF_NOWAIT); None where neither tells."""
+    if nbytes <= 0:
         return None
-    rng = (ctypes.c_uint64 * 2)(offset, nbytes)
-    stat = (ctypes.c_uint64 * 5)()
-    if _libc.syscall(_CACHESTAT, fd, rng, stat, 0) != 0:
+    if _libc is not None:
+        rng = (ctypes.c_uint64 * 2)(offset, nbytes)
+        stat = (ctypes.c_uint64 * 5)()
+        if _libc.syscall(_CACHESTAT, fd, rng, stat, 0) == 0:
+            pages = -(-(offset % mmap.PAGESIZE + nbytes) // mmap.PAGESIZE)
+            return min(1.0, stat[0] / pages)
+    if not hasattr(os, "RWF_NOWAIT"):
         return None
-    pages = -(-(offset % mmap.PAGESIZE + nbytes) // mmap.PAGESIZE)
-    return min(1.0, stat[0] / pages)
+    probe, hits = bytearray(1), 0
+    for at in (offset, offset + nbytes // 2, offset + nbytes - 1):
+        try:
+            hits += os.preadv(fd, [probe], at, os.RWF_NOWAIT) == 1
+        except BlockingIOError:
+            pass
+        except OSError:  # a kernel or filesystem without it
+            return None
+    return hits / 3
 
 
 _CACHESTAT = 451  # the same number on every Linux architecture
@@ -220,7 +233,7 @@ class Prefetcher:
                 shared.users += 1
                 self.held[i].append((ckpt, shared))
             return True
-        cached = cached_fraction(fd, lo, hi - lo)
+        cached = cached_fraction(ckpt.fd(info.file), lo, hi - lo)
         if cached is None or cached >= CACHED:
             return False
         with self.cond:  # room comes as earlier steps finish; then what does not fit takes the page cache

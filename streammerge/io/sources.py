@@ -354,6 +354,10 @@ class Checkpoint:
         shape = ((row_end - row_start), *info.shape[1:]) if info.shape else ()
         return buf.view(DTYPES[info.dtype]).view(shape)
 
+    def fd(self, file: Path) -> int:
+        """The file's descriptor, opened once (buffered reads; never blocks on open)."""
+        return self._fd(file)
+
     def _fd(self, file: Path) -> int:
         with self._lock:
             fd = self._fds.get(file)
