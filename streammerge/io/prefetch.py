@@ -1,15 +1,15 @@
 """Reads the next tensors' input bytes ahead of the merge, so that reading overlaps computing.
 
-A tensor whose bytes are in the page cache is merged straight from the mapped file, and the kernel
-is only asked to keep reading ahead (MADV_WILLNEED, within READAHEAD_BYTES). A tensor whose bytes
-are on disk is read with O_DIRECT, in aligned chunks on a few threads, into memory of our own,
-staged within a window of the memory budget, and merged from there (`Checkpoint.view` finds it).
+Bytes in the page cache are merged straight from the mapped file, and the kernel is only asked to
+keep reading ahead (MADV_WILLNEED, within READAHEAD_BYTES). Bytes on disk are read with O_DIRECT,
+in CHUNK requests on READERS threads, into a staging arena of our own within the memory budget, and
+merged from there (`Checkpoint.view` finds them). What is read is given in steps: a row block of a
+tensor whose blocks the merge reads once (released as it is merged), else a whole tensor.
 
-Why not the page cache for everything: on a virtual disk, filling the page cache costs the guest's
-cores as much as the merge does. Measured on a 2-core VM reading 16.1 GB side by side: buffered
-reads took 7.2 s of kernel time, and two busy threads ran 58 % slower while they went on; O_DIRECT
-reads took 0.8 s, and the busy threads ran at full speed. A cold merge through the page cache took
-about its warm time plus the read time; staged, it takes about the longer of the two.
+Why not the page cache for everything: on a virtual disk, filling it costs the cores as much as
+the merge does (benchmarks/io_contention.py on a 2-vCPU VM: buffered reads 0.44 CPU-s per GB, two
+busy threads 51 % slower meanwhile; O_DIRECT into huge pages 0.03 CPU-s per GB, 17 % slower, and
+faster reads). A cold 7B-shaped merge went from 25-27 s to 15 s.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -134,9 +135,10 @@ def cached_fraction(fd: int, offset: int, nbytes: int) -> float | None:
 
 _CACHESTAT = 451  # the same number on every Linux architecture
 try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.syscall.restype = ctypes.c_long
-except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if _libc is not None:
+        _libc.syscall.restype = ctypes.c_long
+except (OSError, AttributeError):  # pragma: no cover - no C library to call
     _libc = None
 
 
