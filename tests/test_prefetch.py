@@ -77,8 +77,10 @@ def no_staging(monkeypatch) -> None:
 
 
 def config(root, method: str) -> MergeConfig:
-    if method == "passthrough":  # copied tensors go to the writer as views of their inputs
+    if method == "passthrough":  # copied tensors go to the writer as views of their inputs; ft0's
+        # layer 1 is read for two output layers, staged once for both while the first is written
         slices = [{"sources": [{"model": str(root / "ft0"), "layer_range": [0, 2]}]},
+                  {"sources": [{"model": str(root / "ft0"), "layer_range": [1, 2]}]},
                   {"sources": [{"model": str(root / "ft1"), "layer_range": [1, 2]}]}]
         return MergeConfig.from_dict({"merge_method": "passthrough", "slices": slices, "dtype": "bfloat16"})
     params = {"t": 0.3} if method == "slerp" else {}

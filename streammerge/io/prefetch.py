@@ -229,12 +229,12 @@ class Prefetcher:
         fd = self._direct_fd(info.file)
         if fd is None:
             return False
-        shared = ckpt.staged(info, lo, hi)
-        if shared is not None:  # already staged for an earlier step still merging
-            with self.cond:
+        with self.cond:  # (under the lock `done` releases with: found, it is not released meanwhile)
+            shared = ckpt.staged(info, lo, hi)
+            if shared is not None:  # already staged for an earlier step still merging
                 shared.users += 1
                 self.held[i].append((ckpt, shared))
-            return True
+                return True
         cached = cached_fraction(ckpt.fd(info.file), lo, hi - lo)
         if cached is None or cached >= CACHED:
             return False
