@@ -337,6 +337,20 @@ def test_compiled_kernel_reads_fp8_rows_as_their_dequantization(dtype, scheme, r
     assert [h.tolist() for h in hist] == [h.tolist() for h in ckernel.radix_hist(spec, b, srcs, 0, [None, None], [True, True])]
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_compiled_kernel_decodes_every_fp8_byte_as_torch(dtype):
+    # e4m3fn is decoded from its bits (a select, so it vectorizes), e5m2 by a table of torch's values:
+    # each of the 256 bytes, NaNs' bits and −0 included, times a scale, is torch's float32 product.
+    rows = _fp8_rows(128, 256, "block", dtype, 0, 128, 0)
+    rows.weight.view(torch.uint8)[:, :] = torch.arange(256, dtype=torch.uint8).repeat(128, 1)
+    spec = ops.TensorSpec(opts=ops.MergeOptions(method="ties"), weights=(), lam=1.0, dare=False, keys=(), densities=(),
+                          dare_scales=(), trims=(), merged=False)
+    got = np.empty(128 * 256, np.float32)
+    ckernel.merge(spec, ckernel.fp8_source(rows), [], got, 0)
+    assert got.tobytes() == rows.dequantize().numpy().tobytes()
+    assert np.isnan(got[0x7F]) and np.signbit(got[0x80])
+
+
 def test_fp8_rows_next_to_other_dtypes_go_to_the_numpy_kernel():
     # the compiled kernel loops over fine-tunes of one storage kind; a mix is dequantized instead
     f = _fp8_rows(128, 128, "block", torch.float8_e4m3fn, 0, 128, 0)

@@ -253,9 +253,9 @@ def test_plan_json(models, monkeypatch):
     assert (p["tensors"], p["merged_tensors"]) == (N_TENSORS, N_TENSORS)
     assert p["output_bytes"] == sum(s["bytes"] for s in p["shards"]) == 213_632
     assert p["input_bytes"] == 3 * 213_632  # base and two fine-tunes, bf16
-    # 0.3 of the 64 KiB budget in five output buffers, the numpy kernel's fixed chunk scratch, and
-    # nothing left for staging inputs read from disk
-    assert p["estimated_peak_memory"] == 5 * int(65536 * 0.3 / 5) + (24 << 20)
+    # 0.3 of the 64 KiB budget in five output buffers, 0.05 in the writer's stages, the numpy
+    # kernel's fixed chunk scratch, and nothing left for staging inputs read from disk
+    assert p["estimated_peak_memory"] == 5 * int(65536 * 0.3 / 5) + int(65536 * 0.05) + (24 << 20)
     assert p["options"]["dare_scope"] == "linear"
     by_name = {t["name"]: t for t in p["tensor_plan"]}
     assert set(by_name) == set(TinyLlama().shapes())

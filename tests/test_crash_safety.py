@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -217,19 +218,32 @@ def test_a_lock_left_by_a_killed_merge_does_not_block(models, fresh_b, tmp_path)
 
 class Disk:
     """A disk with `free` bytes left, for the files streammerge.io.writer writes. Shards go through
-    os.open/os.write (direct or plain): a write past the end fails with ENOSPC, after writing what fits,
+    os.open and os.write/os.pwrite (direct or plain): a write past the end fails with ENOSPC, after writing what fits,
     as the kernel does. Side files go through open(): buffered (8 KiB, as Python's BufferedWriter), a
     flush past the end fails, also in close(). fsync fails once the disk is full (NFS reports ENOSPC there)."""
 
     def __init__(self, free: int | None):
         self.free, self.used = free, 0
         self.fds: set[int] = set()
+        self.lock = threading.Lock()
 
     def full(self, more: int = 0) -> bool:
         return self.free is not None and self.used + more > self.free
 
+    def take(self, fd: int, data):
+        """What of `data` fits on the disk (ENOSPC when nothing does)."""
+        with self.lock:  # the writer's direct writes run on threads
+            if fd in self.fds and self.full(len(data)):
+                room = max(0, self.free - self.used)
+                if room == 0:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                data = memoryview(data)[:room]
+            if fd in self.fds:
+                self.used += len(data)
+            return data
+
     def patch(self, monkeypatch, module) -> None:
-        real_open, real_write, real_fsync, real_close = os.open, os.write, os.fsync, os.close
+        real_open, real_write, real_pwrite, real_fsync, real_close = os.open, os.write, os.pwrite, os.fsync, os.close
         disk = self
 
         class FakeOs:  # the writer's os, with the shard files on this disk
@@ -243,14 +257,10 @@ class Disk:
                 return fd
 
             def write(self, fd, data):
-                if fd in disk.fds and disk.full(len(data)):
-                    room = max(0, disk.free - disk.used)
-                    if room == 0:
-                        raise OSError(errno.ENOSPC, "No space left on device")
-                    data = memoryview(data)[:room]
-                if fd in disk.fds:
-                    disk.used += len(data)
-                return real_write(fd, data)
+                return real_write(fd, disk.take(fd, data))
+
+            def pwrite(self, fd, data, offset):
+                return real_pwrite(fd, disk.take(fd, data), offset)
 
             def fsync(self, fd):
                 if disk.full(1) and (fd in disk.fds or disk.used >= disk.free):

@@ -159,12 +159,12 @@ def test_real_enospc_from_the_os_is_reported(models, tmp_path, monkeypatch):
                 shards.add(fd)
             return fd
 
-        def write(self, fd, data):
+        def pwrite(self, fd, data, offset):
             if fd in shards:
                 writes.append(len(data))
                 if len(writes) > 4:
                     raise OSError(errno.ENOSPC, "No space left on device")
-            return real_os.write(fd, data)
+            return real_os.pwrite(fd, data, offset)
 
     monkeypatch.setattr(streammerge.io.writer, "os", FullOs())
     with pytest.raises(OutputError, match="No space left on device"):

@@ -60,14 +60,14 @@ def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, monkeypa
 
 
 def test_a_short_direct_write_goes_on_buffered(tmp_path, monkeypatch):
-    real = os.write
+    real = os.pwrite
     calls = []
 
-    def short(fd, data):
+    def short(fd, data, offset):
         calls.append(len(data))
-        return real(fd, memoryview(data)[: 3 * 4096] if len(calls) == 2 else data)  # the second write stops short
+        return real(fd, memoryview(data)[: 3 * 4096] if len(calls) == 2 else data, offset)  # the second write stops short
 
-    monkeypatch.setattr(streammerge.io.writer.os, "write", short)
+    monkeypatch.setattr(streammerge.io.writer.os, "pwrite", short)
     _check(tmp_path / "s.safetensors", _write_shard(tmp_path / "s.safetensors"))
     assert len(calls) > 3
 
@@ -76,32 +76,32 @@ def test_a_direct_write_refused_goes_on_buffered(tmp_path, monkeypatch):
     # Some file systems open with O_DIRECT and then refuse the writes (EINVAL): buffered from there.
     import fcntl
 
-    real = os.write
+    real = os.pwrite
     refused = []
 
-    def refuse_direct(fd, data):
+    def refuse_direct(fd, data, offset):
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(1)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(streammerge.io.writer.os, "write", refuse_direct)
+    monkeypatch.setattr(streammerge.io.writer.os, "pwrite", refuse_direct)
     _check(tmp_path / "s.safetensors", _write_shard(tmp_path / "s.safetensors"))
     if not refused:
         pytest.skip("this file system refuses O_DIRECT at open (the buffered path is what ran)")
 
 
 def _disk_full_at(monkeypatch, nth: int) -> list[int]:
-    """The writer's nth os.write fails with ENOSPC; returns the sizes of the writes tried."""
-    real, calls = os.write, []
+    """The writer's nth os.pwrite fails with ENOSPC; returns the sizes of the writes tried."""
+    real, calls = os.pwrite, []
 
-    def full(fd, data):
+    def full(fd, data, offset):
         calls.append(len(data))
         if len(calls) == nth:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(streammerge.io.writer.os, "write", full)
+    monkeypatch.setattr(streammerge.io.writer.os, "pwrite", full)
     return calls
 
 

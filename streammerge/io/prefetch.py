@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from streammerge.io import quant
+from streammerge.io.memory import direct_memory
 from streammerge.io.sources import Checkpoint, TensorInfo
 
 READAHEAD_BYTES = 1 << 30  # page-cache bytes the kernel is asked to keep reading ahead (reclaimable)
@@ -39,14 +40,7 @@ class Arena:
     fresh mapping per tensor cost more kernel time in page faults than the page cache it replaces)."""
 
     def __init__(self, size: int):
-        # page-aligned, as O_DIRECT needs; private, so it counts as the process's anonymous memory
-        # and may take huge pages: a request is then a few contiguous segments, not one per 4 KiB
-        # page, and a virtual disk serves a deep queue of them (2.3-2.6 GB/s against 1.3 here)
-        self.memory = mmap.mmap(-1, max(ALIGN, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            self.memory.madvise(mmap.MADV_HUGEPAGE)
-        except (AttributeError, OSError):  # only a hint
-            pass
+        self.memory = direct_memory(max(ALIGN, size))
         self.free = [(0, len(self.memory))]  # (start, size), in address order
         self.cursor = 0
 

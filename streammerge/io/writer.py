@@ -8,6 +8,7 @@ under a temporary name, hashed as it is written, flushed to disk and only then r
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import hashlib
@@ -23,8 +24,11 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import OutputError
+from streammerge.io.memory import direct_memory
 
-STAGE = 8 << 20  # bytes per direct write
+STAGE = 8 << 20  # bytes per direct write (at most)
+DEPTH = 4  # direct writes in flight: one at a time got 0.5 GB/s on a virtual disk busy with the merge's reads
+STAGE_MEMORY = (DEPTH + 1) * STAGE  # the stages: one being filled, DEPTH being written
 ALIGN = 4096  # direct I/O offsets and sizes: a multiple of the logical block size (4096 covers every disk)
 
 
@@ -50,8 +54,8 @@ class ShardWriter:
     Written with O_DIRECT where the file system takes it: the bytes go from an aligned staging
     buffer to the disk without a copy into the page cache, which on a fast disk costs more CPU than
     the merge's arithmetic (benchmarks/README.md), and the final fsync then has little left to do.
-    A direct write waits for the disk, so it runs on a thread of its own while the next stage is
-    hashed and filled (two stages). Elsewhere (tmpfs, some network file systems) plain buffered writes.
+    A direct write waits for the disk, so up to DEPTH of them run on threads of their own while the
+    next stage is hashed and filled. Elsewhere (tmpfs, some network file systems) plain buffered writes.
 
     Example:
         >>> w = ShardWriter(out / "model-00001-of-00001.safetensors", entries)   # doctest: +SKIP
@@ -59,7 +63,9 @@ class ShardWriter:
         >>> sha256 = w.finish()                                                  # doctest: +SKIP
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]):
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str],
+                 memory: int = STAGE_MEMORY):
+        """`memory`: bytes for the direct-write stages (a small budget gets smaller stages)."""
         self.path = path
         self.tmp = path.with_name(path.name + ".partial")
         self.expected = sum(e[3] for e in entries)
@@ -67,11 +73,13 @@ class ShardWriter:
         header = safetensors_header(entries, metadata)
         self.file_size = len(header) + self.expected
         self._sha = hashlib.sha256()
-        self._stage: mmap.mmap | None = None  # O_DIRECT: page-aligned bytes waiting for a full STAGE
-        self._spare: mmap.mmap | None = None  # the other stage, being written (or free)
+        self._stage: mmap.mmap | None = None  # O_DIRECT: page-aligned bytes waiting for a full stage
+        self._free: list[mmap.mmap] = []  # stages to fill next
+        self._pending: collections.deque[tuple[Future, mmap.mmap]] = collections.deque()  # direct writes, oldest first
         self._io: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None  # the spare's direct write
         self._fill = 0
+        self._offset = 0  # where the bytes written next (the stage's, when direct) go in the file
+        self._stage_bytes = max(ALIGN, min(STAGE, memory // (DEPTH + 1)) // ALIGN * ALIGN)
         self._fd = -1
         try:
             self._fd = self._open()
@@ -82,8 +90,8 @@ class ShardWriter:
     def _open(self) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         direct = getattr(os, "O_DIRECT", 0)
-        if direct and self.file_size >= STAGE and not os.environ.get("STREAMMERGE_BUFFERED_WRITES"):
-            stages = mmap.mmap(-1, STAGE), mmap.mmap(-1, STAGE)  # before the file: nothing to undo if these fail
+        if direct and self.file_size >= self._stage_bytes and not os.environ.get("STREAMMERGE_BUFFERED_WRITES"):
+            stages = [direct_memory(self._stage_bytes) for _ in range(DEPTH + 1)]  # before the file: nothing to undo if these fail
             try:
                 fd = os.open(self.tmp, flags | direct, 0o644)
             except OSError as e:
@@ -92,8 +100,8 @@ class ShardWriter:
                 if e.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
                     raise
             else:
-                self._stage, self._spare = stages
-                self._io = ThreadPoolExecutor(1, thread_name_prefix="streammerge-direct-io")
+                self._stage, self._free = stages[0], stages[1:]
+                self._io = ThreadPoolExecutor(DEPTH, thread_name_prefix="streammerge-direct-io")
                 return fd
         return os.open(self.tmp, flags, 0o644)
 
@@ -103,26 +111,29 @@ class ShardWriter:
             data = memoryview(data)
             while len(data):
                 if self._stage is None:  # buffered writes (no direct I/O here)
-                    self._write_all(data)
+                    self._write_at(data, self._offset)
+                    self._offset += len(data)
                     return
-                n = min(len(data), STAGE - self._fill)
+                n = min(len(data), self._stage_bytes - self._fill)
                 self._stage[self._fill : self._fill + n] = data[:n]
                 self._fill += n
                 data = data[n:]
-                if self._fill == STAGE:  # written behind; the spare's write must be done before it is filled
-                    self._wait()
-                    self._pending = self._io.submit(self._write_all, self._stage)
-                    self._stage, self._spare, self._fill = self._spare, self._stage, 0
+                if self._fill == self._stage_bytes:  # written behind, at its place in the file
+                    if not self._free:
+                        self._wait_oldest()
+                    self._pending.append((self._io.submit(self._write_at, self._stage, self._offset), self._stage))
+                    self._stage, self._fill = self._free.pop(), 0
+                    self._offset += self._stage_bytes
         except OSError as e:
             _drop_views(e)
             self.abort()
             raise OutputError(f"{self.path}: write failed: {e.strerror or e} (disk full?)") from None
 
-    def _write_all(self, data) -> None:
+    def _write_at(self, data, offset: int) -> None:
         data = memoryview(data)
         while len(data):
             try:
-                n = os.write(self._fd, data)
+                n = os.pwrite(self._fd, data, offset)
             except OSError as e:  # a file system that opens with O_DIRECT but refuses the write: buffered
                 if e.errno != errno.EINVAL or not self._direct():
                     raise
@@ -130,13 +141,15 @@ class ShardWriter:
                 continue
             if 0 < n < len(data):  # a short direct write leaves the rest unaligned: buffered from here on
                 self._buffered()
-            data = data[n:]
+            data, offset = data[n:], offset + n
 
-    def _wait(self) -> None:
-        """Waits for the write behind (raising its error)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+    def _wait_oldest(self) -> None:
+        """Waits for the oldest direct write (raising its error); its stage is free again."""
+        done, stage = self._pending.popleft()
+        try:
+            done.result()
+        finally:
+            self._free.append(stage)
 
     def _direct(self) -> bool:
         return bool(fcntl.fcntl(self._fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
@@ -149,13 +162,16 @@ class ShardWriter:
         if self._io is not None:
             self._io.shutdown(wait=True)  # (after an error too: no write may land once the file is gone)
             self._io = None
-        pending, self._pending = self._pending, None
-        if pending is not None and pending.exception() is not None:  # a write behind failed, uncollected:
-            _drop_views(pending.exception())  # its frames' views would keep the stage from closing
-        for stage in (self._stage, self._spare):
+        stages = [self._stage, *self._free]
+        while self._pending:
+            done, stage = self._pending.popleft()
+            stages.append(stage)
+            if done.exception() is not None:  # a write behind failed, uncollected:
+                _drop_views(done.exception())  # its frames' views would keep the stage from closing
+        for stage in stages:
             if stage is not None:
                 stage.close()
-        self._stage = self._spare = None
+        self._stage, self._free = None, []
 
     def write(self, tensor: torch.Tensor) -> None:
         """Appends the bytes of a contiguous CPU tensor (a whole tensor or its next row block)."""
@@ -170,12 +186,13 @@ class ShardWriter:
             raise OutputError(f"{self.path}: internal error, wrote {self.written} of {self.expected} data bytes")
         try:
             if self._stage is not None:
-                self._wait()
+                while self._pending:
+                    self._wait_oldest()
                 aligned = self._fill - self._fill % ALIGN
                 with memoryview(self._stage) as stage:
-                    self._write_all(stage[:aligned])
+                    self._write_at(stage[:aligned], self._offset)
                     self._buffered()
-                    self._write_all(stage[aligned : self._fill])
+                    self._write_at(stage[aligned : self._fill], self._offset + aligned)
                 self._close_stages()
             os.fsync(self._fd)
             os.close(self._fd)

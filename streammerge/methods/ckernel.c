@@ -354,45 +354,48 @@ MULTIVERSION int64_t tie_range(const Merge *p, int64_t i, int64_t lo, int64_t hi
 /* quant.quantize_rows: `rows` rows of x (bf16 or float32 storage, flat) as float8_e4m3fn bytes into
    dst and their per-128x128-block scales into scales (⌈rows/128⌉ × cols/128). dst may be x's own
    buffer: an element's byte is written after its own value and every earlier one are read, and a
-   slab's bytes land on slabs already done. 0, or -1 out of memory */
+   slab's bytes land on slabs already done. Every loop is branch-free, so it vectorizes. 0, or -1 out of memory */
 MULTIVERSION int quantize_range(const Source *x, int64_t rows, int64_t cols, uint8_t *dst, float *scales) {
     int64_t blocks = cols / 128;
-    float *y = malloc((cols + blocks) * sizeof(float)), *amax = y + cols;
+    float *y = malloc((cols + blocks) * sizeof(float));
     if (!y) return -1;
+    uint32_t *amax = (uint32_t *)(y + cols); /* |x|'s bits: non-negative floats order as their bits, NaN above all (torch's amax: NaN wins) */
     for (int64_t r = 0; r < rows; r += 128) {
         int64_t h = rows - r < 128 ? rows - r : 128;
-        for (int64_t k = 0; k < blocks; k++) amax[k] = 0.0f;
+        for (int64_t k = 0; k < blocks; k++) amax[k] = 0;
         for (int64_t i = 0; i < h; i++) {
             load(x, (r + i) * cols, cols, y);
             for (int64_t k = 0; k < blocks; k++) {
-                float a = amax[k];
-                for (int64_t j = k * 128; j < k * 128 + 128; j++) {
-                    float v = fabsf(y[j]);
-                    a = v > a || v != v ? v : a; /* torch's amax: NaN wins */
+                uint32_t a = amax[k];
+                for (int j = 0; j < 128; j++) {
+                    uint32_t v = to_bits(y[k * 128 + j]) & 0x7FFFFFFFu;
+                    a = v > a ? v : a;
                 }
                 amax[k] = a;
             }
         }
         float *s = scales + r / 128 * blocks;
-        for (int64_t k = 0; k < blocks; k++)
-            s[k] = amax[k] > 0.0f ? amax[k] / 448.0f : 1.0f; /* an all-zero (or NaN) block keeps 1 */
+        for (int64_t k = 0; k < blocks; k++) {
+            float a = from_bits(amax[k]);
+            s[k] = a > 0.0f ? a / 448.0f : 1.0f; /* an all-zero (or NaN) block keeps 1 */
+        }
         for (int64_t i = 0; i < h; i++) {
             int64_t c = (r + i) * cols;
             load(x, c, cols, y);
-            for (int64_t k = 0; k < blocks; k++)
-                for (int64_t j = k * 128; j < k * 128 + 128; j++) {
-                    float v = y[j] / s[k];
-                    y[j] = v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v);
+            for (int64_t k = 0; k < blocks; k++) {
+                float sk = s[k];
+                uint8_t *out = dst + c + k * 128;
+                const float *yk = y + k * 128;
+                for (int j = 0; j < 128; j++) { /* float32 -> e4m3fn, to nearest even (c10's fp8e4m3fn_from_fp32_value) */
+                    float v = yk[j] / sk;
+                    v = v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v); /* NaN stays NaN */
+                    uint32_t b = to_bits(v), a = b & 0x7FFFFFFFu;
+                    /* below 2^-6 a subnormal step is 2^-9; else the mantissa rounds to 3 bits, the exponent rebiased from 127 to 7 */
+                    float tiny = a < 0x3C800000u ? fabsf(v) * 512.0f : 0.0f;
+                    uint32_t sub = (uint32_t)(int32_t)rintf(tiny), normal = ((a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20) - 960u;
+                    uint32_t q = a > 0x7F800000u ? 0x7Fu : (a < 0x3C800000u ? sub : normal);
+                    out[j] = (uint8_t)(q | ((b >> 24) & 0x80u));
                 }
-            for (int64_t j = 0; j < cols; j++) { /* float32 -> e4m3fn, to nearest even (c10's fp8e4m3fn_from_fp32_value) */
-                uint32_t b = to_bits(y[j]), a = b & 0x7FFFFFFFu, q;
-                if (a > 0x7F800000u) /* NaN */
-                    q = 0x7F;
-                else if (a < 0x3C800000u) /* below 2^-6: a subnormal step is 2^-9 */
-                    q = (uint32_t)rintf(fabsf(y[j]) * 512.0f);
-                else /* round the mantissa to 3 bits, rebias the exponent from 127 to 7 */
-                    q = ((a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20) - 960u;
-                dst[c + j] = (uint8_t)(q | ((b >> 24) & 0x80u));
             }
         }
     }

@@ -114,7 +114,7 @@ def fp8_source(rows: QuantRows) -> tuple:
     """FP8 rows as the kernel reads them: (bytes, float32 scale grid, decode table, first, cols, br, bc)."""
     grid, first = rows.scale_grid()
     table = _TABLES.get(rows.weight.dtype)
-    if table is None:
+    if table is None and rows.weight.dtype != torch.float8_e4m3fn:  # e4m3fn: decoded from its bits
         table = _TABLES[rows.weight.dtype] = quant.decode_table(rows.weight.dtype).numpy()
     br, bc = rows.info.block
     return (rows.weight.reshape(-1).view(torch.uint8).numpy(), np.ascontiguousarray(grid.numpy()), table, int(first),
@@ -167,7 +167,8 @@ def _source(src: np.ndarray | tuple) -> _Source:
     caller keeps `src` alive while the kernel reads it."""
     if isinstance(src, tuple):
         w, grid, table, first, cols, br, bc = src
-        return _Source(_KINDS["fp8"], w.ctypes.data, grid.ctypes.data, table.ctypes.data, grid.shape[1], first, cols, br, bc)
+        return _Source(_KINDS["fp8"], w.ctypes.data, grid.ctypes.data, None if table is None else table.ctypes.data,
+                       grid.shape[1], first, cols, br, bc)
     if not src.flags.c_contiguous:
         raise ValueError("the compiled kernel reads contiguous arrays only")
     return _Source(_KINDS[src.dtype.name], src.ctypes.data)

@@ -29,7 +29,7 @@ import torch
 from streammerge.errors import ConfigError, DeviceError, NonFiniteError
 from streammerge.io.prefetch import Prefetcher
 from streammerge.io.sources import Checkpoint
-from streammerge.io.writer import ShardWriter
+from streammerge.io.writer import STAGE_MEMORY, ShardWriter
 from streammerge.pipeline.device import device_budget, resolve_device
 from streammerge.pipeline.passes import (
     Block,
@@ -39,7 +39,7 @@ from streammerge.pipeline.passes import (
     prepare_global,
     prepare_tensor,
 )
-from streammerge.pipeline.plan import Plan, ShardPlan, pool_shape
+from streammerge.pipeline.plan import Plan, ShardPlan, pool_shape, write_memory
 
 if TYPE_CHECKING:
     from streammerge.io.hub import Downloads
@@ -77,8 +77,9 @@ class _Stop(Exception):
 class AsyncWriter:
     """Hashes and writes finished blocks on its own thread; their buffers go back to the pool."""
 
-    def __init__(self, pool: BufferPool, on_shard: Callable[[dict], None] | None = None):
+    def __init__(self, pool: BufferPool, on_shard: Callable[[dict], None] | None = None, memory: int = STAGE_MEMORY):
         self.pool = pool
+        self.memory = memory  # each shard's direct-write stages
         self.on_shard = on_shard
         self.cancelled = False
         self.queue: queue.Queue = queue.Queue()
@@ -97,7 +98,7 @@ class AsyncWriter:
                 if self.error is not None or self.cancelled:
                     raise _Stop
                 if kind == "open":
-                    self.writer = ShardWriter(*payload)
+                    self.writer = ShardWriter(*payload, memory=self.memory)
                 elif kind == "data":
                     if payload[2] is not None:  # the GPU's copy into the buffer
                         payload[2].synchronize()
@@ -248,7 +249,7 @@ def run_plan(
     jobs = {t.name: TensorJob(t, plan, reference, finetuned, pool, compiled, target, budget) for t in plan.tensors}
     capacity, count = pool_shape(plan, [j.rows for j in jobs.values()])
     buffers = BufferPool(capacity, count, pinned=target.type == "cuda")
-    writer = AsyncWriter(buffers, on_shard)
+    writer = AsyncWriter(buffers, on_shard, write_memory(plan.max_memory))
     prefetch: Prefetcher | None = None
     finished = False
     current = "the model-wide pass"  # what the device works on, for an out-of-memory message

@@ -46,6 +46,7 @@ from streammerge.pipeline.plan import (
     _assign_shards,
     _file_order,
     pool_shape,
+    write_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,6 @@ def moe_plan(ckpt: MoECheckpoint, options, config, max_shard_size: int, max_memo
     shards: list[ShardPlan] = _assign_shards(tensors, sizes, max_shard_size)
     plan = Plan(config=config, options=options, reference=ckpt.label, sources=(), tensors=tuple(tensors),
                 shards=tuple(shards), input_bytes=sum(sizes.values()), peak_memory=0, max_memory=max_memory)
-    # the engine's pool, and computed blocks waiting for the writer (LiveBytes)
+    # the engine's pool and writer's stages, and computed blocks waiting for the writer (LiveBytes)
     capacity, count = pool_shape(plan, [t.rows for t in tensors])
-    return replace(plan, peak_memory=capacity * count + ckpt.live.limit)
+    return replace(plan, peak_memory=capacity * count + write_memory(max_memory) + ckpt.live.limit)

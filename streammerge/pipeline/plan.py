@@ -24,6 +24,7 @@ from streammerge.front.config import DTYPES as CONFIG_DTYPES
 from streammerge.front.config import LAYER_RE, MergeConfig, ModelSpec, layer_index
 from streammerge.io import quant
 from streammerge.io.lora import LoraAdapter
+from streammerge.io.writer import STAGE_MEMORY
 from streammerge.io.sources import (
     DTYPE_NAMES,
     DTYPES,
@@ -607,6 +608,7 @@ def assign_workers(shards: tuple[ShardPlan, ...], world_size: int) -> tuple[int,
 # What they leave, up to STAGE_SHARE, holds inputs read from disk ahead of the merge (io/prefetch.py):
 # at 1 GiB, two of a 7B model's biggest layers from each of three models, the one merging and the next.
 POOL_SHARE, WORK_SHARE, STAGE_SHARE = 0.3, 0.3, 0.5
+WRITE_SHARE = 0.05  # the writer's direct-write stages, up to writer.STAGE_MEMORY (40 MiB)
 SCRATCH_BYTES = 24 << 20  # per-thread chunk buffers of the numpy kernel, histograms, masks
 
 
@@ -667,9 +669,14 @@ def bytes_per_element(n_models: int, in_itemsize: int, out_itemsize: int) -> int
     return (n_models + 1) * in_itemsize + 4 * (n_models + 4) + out_itemsize + 2 * n_models
 
 
+def write_memory(budget: int) -> int:
+    """Bytes of the shard writer's direct-write stages (io/writer.py) within a budget."""
+    return min(STAGE_MEMORY, int(budget * WRITE_SHARE))
+
+
 def with_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) -> Plan:
-    """The plan with its memory estimate: the output buffer pool, chunk scratch, where torch computes
-    (mergekit's whole tensors, other devices) one block's float32 working set, and what that leaves
+    """The plan with its memory estimate: the output buffer pool, the writer's stages, chunk scratch,
+    where torch computes (mergekit's whole tensors, other devices) one block's float32 working set, and what that leaves
     of the budget (up to STAGE_SHARE) for staging inputs read from disk."""
     compute = plan.options.compute_dtype or torch.float32
     chunked = [uses_chunk_kernel(plan.options, t, in_dtypes[t.name], compute) for t in plan.tensors]
@@ -678,7 +685,7 @@ def with_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) -> Plan:
     n = len(plan.sources)
     work = max((r * t.row_elems * bytes_per_element(n, max(d.itemsize for d in in_dtypes[t.name]), itemsize(t.block_dtype))
                 for t, r, c in zip(plan.tensors, rows, chunked) if not c), default=0)
-    working = capacity * count + SCRATCH_BYTES + work
+    working = capacity * count + write_memory(plan.max_memory) + SCRATCH_BYTES + work
     staging = max(0, min(int(plan.max_memory * STAGE_SHARE), plan.max_memory - working))
     return replace(plan, peak_memory=working + staging, staging_memory=staging)
 

@@ -31,7 +31,7 @@ from streammerge.pipeline.passes import (
     prepare_tensor,
 )
 from streammerge.pipeline import engine
-from streammerge.pipeline.plan import Plan, pool_shape
+from streammerge.pipeline.plan import Plan, pool_shape, write_memory
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ class StageCheckpoint(ComputedCheckpoint):
     def extra_memory(self) -> int:
         """Bytes this stage adds to the merge reading it: its largest output tensor, held while read,
         and the working memory of computing one tensor (its plan's estimate without the output
-        buffer pool, which a stage does not use: it merges into the held tensor, nor staged inputs:
-        it reads its inputs when asked, not ahead)."""
+        buffer pool and the writer's stages, which a stage does not use: it merges into the held tensor,
+        nor staged inputs: it reads its inputs when asked, not ahead)."""
         capacity, count = pool_shape(self.plan, [j.rows for j in self._built_jobs().values()])
-        unused = capacity * count + self.plan.staging_memory
+        unused = capacity * count + write_memory(self.plan.max_memory) + self.plan.staging_memory
         return max((t.nbytes for t in self.plan.tensors), default=0) + self.plan.peak_memory - unused
 
     def identity(self) -> list:
