@@ -685,8 +685,11 @@ def with_memory(plan: Plan, in_dtypes: dict[str, list[torch.dtype]]) -> Plan:
     n = len(plan.sources)
     work = max((r * t.row_elems * bytes_per_element(n, max(d.itemsize for d in in_dtypes[t.name]), itemsize(t.block_dtype))
                 for t, r, c in zip(plan.tensors, rows, chunked) if not c), default=0)
-    working = capacity * count + write_memory(plan.max_memory) + SCRATCH_BYTES + work
-    staging = max(0, min(int(plan.max_memory * STAGE_SHARE), plan.max_memory - working))
+    writes = write_memory(plan.max_memory)
+    working = capacity * count + writes + SCRATCH_BYTES + work
+    # the writer's stages come out of the staging share: the process's own memory (torch, the
+    # interpreter: ~150 MiB) must fit in what the shares leave
+    staging = max(0, min(int(plan.max_memory * STAGE_SHARE) - writes, plan.max_memory - working))
     return replace(plan, peak_memory=working + staging, staging_memory=staging)
 
 
