@@ -62,7 +62,7 @@ INLINE void load(const Source *s, int64_t c, int m, float *restrict out) {
         for (int j = 0; j < m; j++) out[j] = from_bits((uint32_t)p[j] << 16);
     } else if (s->kind == F32) {
         memcpy(out, (const float *)s->data + c, m * sizeof(float));
-    } else { /* FP8: byte -> float32 by table, times its block's scale, a run sharing one scale at a time */
+    } else { /* FP8: byte -> float32 (e4m3fn by its bits, else by table), times its block's scale, a run sharing one scale at a time */
         const uint8_t *w = (const uint8_t *)s->data + c;
         int64_t row = c / s->cols, col = c % s->cols;
         for (int64_t j = 0; j < m;) {

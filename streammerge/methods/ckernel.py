@@ -111,7 +111,7 @@ _TABLES: dict = {}  # FP8 dtype -> its decode table
 
 
 def fp8_source(rows: QuantRows) -> tuple:
-    """FP8 rows as the kernel reads them: (bytes, float32 scale grid, decode table, first, cols, br, bc)."""
+    """FP8 rows as the kernel reads them: (bytes, float32 scale grid, decode table or None for e4m3fn, first, cols, br, bc)."""
     grid, first = rows.scale_grid()
     table = _TABLES.get(rows.weight.dtype)
     if table is None and rows.weight.dtype != torch.float8_e4m3fn:  # e4m3fn: decoded from its bits
