@@ -381,6 +381,33 @@ def test_compiled_fp8_quantizer_gives_torchs_bytes_in_place(dtype, rows, cols, t
     assert scales.tobytes() == want_s.numpy().tobytes()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "della"])
+def test_merging_and_quantizing_in_one_pass_gives_the_bytes_of_the_two_passes(method, dtype, threads):
+    # FP8 output: merge_quantize merges each 128-row slab into scratch and quantizes it from there;
+    # the bytes and scales of merge into the block's dtype, then quantize_rows. 260 rows: a partial
+    # last slab; FP8 and bf16 inputs; DELLA ranks whole rows; the slabs split over threads.
+    rows, cols = 260, 256
+    if method == "della":
+        base, fts = _della_inputs(rows, cols, dtype, hostile=False)
+        base, fts = kernels.as_numpy(base.reshape(-1)), [kernels.as_numpy(f.reshape(-1)) for f in fts]
+        spec = _della_spec(method, cols, DELLA_PARAMS[0], "inverse")
+    else:
+        spec = _spec(method, 3, method == "ties", False)
+        base, fts = kernels.as_numpy(_inputs(dtype)[0][: rows * cols]), [ckernel.fp8_source(_fp8_rows(rows, cols, "block",
+                                                                          torch.float8_e4m3fn, 0, rows, seed=i)) for i in range(3)]
+    kind = np.uint16 if dtype == torch.bfloat16 else np.float32
+    merged = np.empty(rows * cols, kind)
+    want_q, want_s = np.empty(rows * cols, np.uint8), np.zeros((3, cols // 128), np.float32)
+    got_q, got_s = np.empty(rows * cols, np.uint8), np.zeros((3, cols // 128), np.float32)
+    with ThreadPoolExecutor(threads) as pool, np.errstate(all="ignore"):
+        ckernel.merge(spec, base, fts, merged, 777, pool if threads > 1 else None)
+        ckernel.quantize_rows(merged, cols, want_q, want_s)
+        ckernel.merge_quantize(spec, base, fts, kind, cols, got_q, got_s, 777, pool if threads > 1 else None)
+    assert got_q.tobytes() == want_q.tobytes() and got_s.tobytes() == want_s.tobytes()
+
+
 # ---- the C kernel's own edges: subnormals, threads, a missing build -------------------------------
 
 

@@ -203,11 +203,15 @@ def merged_state(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("compile", COMPILE_MODES)  # quantized by torch, or by the compiled kernel
 def test_fp8_output_is_the_bf16_merge_quantized(even, tmp_path, compile, monkeypatch):
-    compiled = spy_compiled(monkeypatch, "quantize_rows")
+    fused, apart = spy_compiled(monkeypatch, "merge_quantize"), spy_compiled(monkeypatch, "quantize_rows")
     fts = [even["ft1"], even["ft2"]]
     merge(config_for("dare_ties", even["base"], fts, "dtype: bfloat16\nout_dtype: float8_e4m3fn\n"), tmp_path / "fp8",
           max_memory=1 << 20, max_shard_size=400_000, compile=compile)
-    assert bool(compiled) == (compile == "on")
+    assert bool(fused) == (compile == "on") and not apart  # the compiled kernel merges and quantizes in one pass
+    if compile == "on":  # --check-finite looks at the merged block before it is quantized: merged, then quantized
+        merge(config_for("dare_ties", even["base"], fts, "dtype: bfloat16\nout_dtype: float8_e4m3fn\n"), tmp_path / "apart",
+              max_memory=1 << 20, max_shard_size=400_000, compile=compile, check_finite=True)
+        assert apart and shard_hashes(tmp_path / "apart") == shard_hashes(tmp_path / "fp8")
     merge(config_for("dare_ties", even["base"], fts, "dtype: bfloat16\n"), tmp_path / "bf16")
     got, want = merged_state(tmp_path / "fp8"), merged_state(tmp_path / "bf16")
     quantized = [n for n, t in got.items() if t.dtype == torch.float8_e4m3fn]

@@ -178,8 +178,9 @@ INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float
         for (int j = 0; j < m; j++) d[j] = d[j] * md->scale;
 }
 
-/* merges elements [lo, hi) of the flat inputs into p->out (kernels.merge_chunk's steps, per element); 0, or -1 out of memory */
-MULTIVERSION int merge_range(const Merge *p, int64_t lo, int64_t hi) {
+/* merges elements [lo, hi) of the flat inputs into out, element c at out's c - out0 (kernels.merge_chunk's
+   steps, per element); 0, or -1 out of memory */
+INLINE int merge_into(const Merge *p, int64_t lo, int64_t hi, const Source *out, int64_t out0) {
     int64_t n = p->n, cols = p->della_row;
     /* DELLA: a step holds whole rows, as many as fit in CHUNK, or one longer row; lo and hi fall on rows */
     int step = cols == 0 ? CHUNK : cols <= CHUNK ? CHUNK / (int)cols * (int)cols : (int)cols;
@@ -200,7 +201,7 @@ MULTIVERSION int merge_range(const Merge *p, int64_t lo, int64_t hi) {
         int m = hi - c < step ? (int)(hi - c) : step;
         if (p->mode == COPY) {
             load(&p->base, c, m, b);
-            store(b, &p->out, c, m);
+            store(b, out, c - out0, m);
             continue;
         }
         if (p->mode == AVERAGE) { /* θ_i themselves, no base */
@@ -268,12 +269,15 @@ MULTIVERSION int merge_range(const Merge *p, int64_t lo, int64_t hi) {
             x = p->mode == AVERAGE ? x : b[j] + x;
             acc[j] = p->positive ? x + 0.0f : x; /* −0 + 0 = +0 */
         }
-        store(acc, &p->out, c, m);
+        store(acc, out, c - out0, m);
     }
     free(buf);
     free(rk.pairs);
     return 0;
 }
+
+/* merges elements [lo, hi) of the flat inputs into p->out; 0, or -1 out of memory */
+MULTIVERSION int merge_range(const Merge *p, int64_t lo, int64_t hi) { return merge_into(p, lo, hi, &p->out, 0); }
 
 /* Adds to hists[i] (`bins` counts each) the histogram of |τ_i|'s top 16 bits, split by whether the
    low 16 bits are zero (high[i] < 0, 2 * 65536 bins: 2·top + (low != 0)), or of the low 16 bits of
@@ -401,4 +405,22 @@ MULTIVERSION int quantize_range(const Source *x, int64_t rows, int64_t cols, uin
     }
     free(y);
     return 0;
+}
+
+/* FP8 output: rows [r0, r1) of a block (r0 a multiple of 128) merged and quantized 128-row slab by
+   slab: each slab merged into scratch of p->out's kind (the block's dtype: bf16 or float32), which
+   stays in cache for quantize_range, then written as FP8 into dst and its scales into scales (both
+   for the whole block, from its row 0). The same bytes as merge_range over the block then
+   quantize_range, without the block's round trip through memory. 0, or -1 out of memory */
+MULTIVERSION int merge_quantize_range(const Merge *p, int64_t r0, int64_t r1, int64_t cols, uint8_t *dst, float *scales) {
+    Source slab = {p->out.kind, malloc(128 * cols * (p->out.kind == BF16 ? 2 : 4))};
+    if (!slab.data) return -1;
+    int rc = 0;
+    for (int64_t r = r0; r < r1 && rc == 0; r += 128) {
+        int64_t h = r1 - r < 128 ? r1 - r : 128;
+        rc = merge_into(p, r * cols, (r + h) * cols, &slab, r * cols);
+        if (rc == 0) rc = quantize_range(&slab, h, cols, dst + r * cols, scales + r / 128 * (cols / 128));
+    }
+    free(slab.data);
+    return rc;
 }

@@ -82,6 +82,7 @@ _lib.hist_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_void_p, c_void_
 _lib.tie_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_float, c_int64, POINTER(c_int64)]
 _lib.tie_range.restype = c_int64
 _lib.quantize_range.argtypes = [POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
+_lib.merge_quantize_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_void_p, c_void_p]
 _lib.gram_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_int64, c_int64, c_void_p]
 _lib.ram_merge.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_float, c_void_p, c_int64, c_void_p]
 _lib.ram_counts.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_float, c_int64, c_void_p]
@@ -285,6 +286,22 @@ def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray,
     kernels.run_parallel(work, len(x), pool, slab)
     dst[: len(x)] = staged
 
+
+
+def merge_quantize(spec: TensorSpec, base, fts: list, dtype: np.dtype, cols: int, dst: np.ndarray, scales: np.ndarray,
+                   start: int, pool=None) -> None:
+    """merge into `dtype` (uint16: bf16 bits, or float32) then quantize_rows, in one pass: each 128-row
+    slab merged into scratch that stays in cache and quantized from there, slabs split over the
+    pool's threads. FP8 bytes into `dst` (uint8, rows x cols), scales into `scales`: the same bytes."""
+    if not scales.flags.c_contiguous or not dst.flags.c_contiguous:
+        raise ValueError("the compiled kernel writes contiguous arrays only")
+    p = ctypes.byref(_params(spec, base if base is not None else fts[0], fts, np.empty(0, dtype), start))
+    slab = 128 * cols
+
+    def work(c0: int, c1: int) -> None:
+        _check(_lib.merge_quantize_range(p, c0 // cols, c1 // cols, cols, dst.ctypes.data, scales.ctypes.data) == 0)
+
+    kernels.run_parallel(work, numel(base if base is not None else fts[0]), pool, slab)
 
 # ---- the methods of their own (methods/base.py): torch rows in, torch results out ----------------
 

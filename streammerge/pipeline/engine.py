@@ -208,6 +208,27 @@ def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
         raise NonFiniteError(f"merged tensor {job.tp.name!r} holds NaN or Inf (check the weights and lambda)")
 
 
+def merged(job: TensorJob, block, buf: torch.Tensor, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+    """A block merged into `buf` from the pool: (the bytes to write, `buf`, the event a GPU's copy
+    into it completes). FP8 output is quantized once the block is merged, in the same pass where the
+    compiled kernel runs."""
+    if job.tp.quantized and not check_finite:
+        fp8 = job.merge_quantized(block, buf)
+        if fp8 is not None:
+            return fp8, buf, None
+    out = buf[: job.out_bytes(block)].view(job.out_dtype)
+    ready = job.backend.merge(block, job.spec, out)
+    if check_finite:
+        if ready is not None:
+            ready.synchronize()
+        _check_finite(job, block, out)
+    if job.tp.quantized:
+        if ready is not None:
+            ready.synchronize()
+        out, ready = job.quantize(block, out, buf), None
+    return out, buf, ready
+
+
 def run_plan(
     plan: Plan,
     reference: Checkpoint,
@@ -291,19 +312,8 @@ def run_plan(
                             _check_finite(job, block, block.base)
                         writer.write(block.base)
                     else:
-                        nbytes = job.out_bytes(block)
-                        buf = buffers.get(nbytes)
-                        out = buf[:nbytes].view(job.out_dtype)
-                        ready = job.backend.merge(block, job.spec, out)
-                        if check_finite:
-                            if ready is not None:
-                                ready.synchronize()
-                            _check_finite(job, block, out)
-                        if job.tp.quantized:  # FP8 output: quantized here, once the block is merged
-                            if ready is not None:
-                                ready.synchronize()
-                            out, ready = job.quantize(block, out, buf), None
-                        writer.write(out, buf, ready)
+                        buf = buffers.get(job.out_bytes(block))
+                        writer.write(*merged(job, block, buf, check_finite))
                     if progress is not None:
                         progress(block.nbytes)
                     del block

@@ -96,6 +96,19 @@ class NumpyBackend:
         base = kernels.as_numpy(dequantized(block.base))
         return kernels.sign_total(spec, base, [kernels.as_numpy(dequantized(t)) for t in block.fts], block.start)
 
+    def merge_quantized(self, block: Block, spec: ops.TensorSpec, dtype: torch.dtype, cols: int, dst: np.ndarray,
+                        scales: np.ndarray) -> bool:
+        """FP8 output: the block merged into `dtype` and quantized in one pass by the compiled
+        kernel, FP8 bytes into `dst`, scales into `scales`; False (nothing done) where it does not apply."""
+        if self.compiled is None:
+            return False
+        kind = np.uint16 if dtype == torch.bfloat16 else np.float32
+        base, fts = self._compiled_source(block.base), [self._compiled_source(t) for t in block.fts]
+        if not self.compiled.supports(spec, base, fts, np.empty(0, kind)):
+            return False
+        self.compiled.merge_quantize(spec, base, fts, kind, cols, dst, scales, block.start, self.pool)
+        return True
+
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
         """Writes the merged block into `out`, done on return."""
         flat = kernels.as_numpy(out)
@@ -480,14 +493,32 @@ class TensorJob:
     def quantize(self, block: Block, out: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         """FP8 output: the merged block `out` (in `buf`) quantized in place, its scales kept for the
         end of the tensor (quant.quantize_rows); returns the FP8 rows to write."""
-        if self.scales is None:
-            self.scales = torch.empty(self.tp.entries[1][2], dtype=torch.float32)
-        first, rows = block.r0 // quant.BLOCK, block.r1 - block.r0
-        scales = self.scales[first : first + -(-rows // quant.BLOCK)]
+        rows, scales = block.r1 - block.r0, self._block_scales(block)
         if self.compiled is not None and out.dtype in (torch.bfloat16, torch.float32):  # the same bytes, compiled
             self.compiled.quantize_rows(kernels.as_numpy(out), self.row_elems, buf.numpy(), scales.numpy(), self.pool)
-            return buf[: rows * self.row_elems].view(torch.float8_e4m3fn).view(rows, self.row_elems)
+            return self._fp8_rows(buf, rows)
         return quant.quantize_rows(out.view(rows, self.row_elems), buf, scales)
+
+    def merge_quantized(self, block: Block, buf: torch.Tensor) -> torch.Tensor | None:
+        """FP8 output merged and quantized in one pass where the compiled kernel merges the block
+        (ckernel.merge_quantize: the bytes of `backend.merge` then `quantize`), into `buf`; None elsewhere."""
+        if not isinstance(self.backend, NumpyBackend) or self.out_dtype not in (torch.bfloat16, torch.float32):
+            return None
+        rows = block.r1 - block.r0
+        if not self.backend.merge_quantized(block, self.spec, self.out_dtype, self.row_elems, buf.numpy(),
+                                            self._block_scales(block).numpy()):
+            return None
+        return self._fp8_rows(buf, rows)
+
+    def _block_scales(self, block: Block) -> torch.Tensor:
+        """The rows of the tensor's scales (kept for its end) that a block's quantization fills."""
+        if self.scales is None:
+            self.scales = torch.empty(self.tp.entries[1][2], dtype=torch.float32)
+        first = block.r0 // quant.BLOCK
+        return self.scales[first : first + -(-(block.r1 - block.r0) // quant.BLOCK)]
+
+    def _fp8_rows(self, buf: torch.Tensor, rows: int) -> torch.Tensor:
+        return buf[: rows * self.row_elems].view(torch.float8_e4m3fn).view(rows, self.row_elems)
 
     def out_bytes(self, block: Block) -> int:
         return (block.r1 - block.r0) * self.row_elems * self.out_dtype.itemsize
