@@ -454,3 +454,19 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(click.BadParameter):
         parse_size(text)
+
+
+def test_the_cli_lets_idle_openmp_threads_sleep(monkeypatch, capsys):
+    # Set before torch loads OpenMP (its idle threads then sleep rather than spin beside the merge's
+    # threads); a user's own OMP_WAIT_POLICY is kept.
+    from streammerge.front.cli import run
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(sys, "argv", ["streammerge", "--help"])
+    with pytest.raises(SystemExit):
+        run()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with pytest.raises(SystemExit):
+        run()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
