@@ -287,7 +287,6 @@ def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray,
     dst[: len(x)] = staged
 
 
-
 def merge_quantize(spec: TensorSpec, base, fts: list, dtype: np.dtype, cols: int, dst: np.ndarray, scales: np.ndarray,
                    start: int, pool=None) -> None:
     """merge into `dtype` (uint16: bf16 bits, or float32) then quantize_rows, in one pass: each 128-row
@@ -295,13 +294,14 @@ def merge_quantize(spec: TensorSpec, base, fts: list, dtype: np.dtype, cols: int
     pool's threads. FP8 bytes into `dst` (uint8, rows x cols), scales into `scales`: the same bytes."""
     if not scales.flags.c_contiguous or not dst.flags.c_contiguous:
         raise ValueError("the compiled kernel writes contiguous arrays only")
-    p = ctypes.byref(_params(spec, base if base is not None else fts[0], fts, np.empty(0, dtype), start))
-    slab = 128 * cols
+    first = base if base is not None else fts[0]
+    p = ctypes.byref(_params(spec, first, fts, np.empty(0, dtype), start))
 
     def work(c0: int, c1: int) -> None:
         _check(_lib.merge_quantize_range(p, c0 // cols, c1 // cols, cols, dst.ctypes.data, scales.ctypes.data) == 0)
 
-    kernels.run_parallel(work, numel(base if base is not None else fts[0]), pool, slab)
+    kernels.run_parallel(work, numel(first), pool, 128 * cols)
+
 
 # ---- the methods of their own (methods/base.py): torch rows in, torch results out ----------------
 

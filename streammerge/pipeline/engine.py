@@ -29,7 +29,7 @@ import torch
 from streammerge.errors import ConfigError, DeviceError, NonFiniteError
 from streammerge.io.prefetch import Prefetcher
 from streammerge.io.sources import Checkpoint
-from streammerge.io.writer import STAGE_MEMORY, ShardWriter
+from streammerge.io.writer import ShardWriter
 from streammerge.pipeline.device import device_budget, resolve_device
 from streammerge.pipeline.passes import (
     Block,
@@ -77,7 +77,7 @@ class _Stop(Exception):
 class AsyncWriter:
     """Hashes and writes finished blocks on its own thread; their buffers go back to the pool."""
 
-    def __init__(self, pool: BufferPool, on_shard: Callable[[dict], None] | None = None, memory: int = STAGE_MEMORY):
+    def __init__(self, pool: BufferPool, on_shard: Callable[[dict], None] | None, memory: int):
         self.pool = pool
         self.memory = memory  # each shard's direct-write stages
         self.on_shard = on_shard
@@ -208,14 +208,14 @@ def _check_finite(job: TensorJob, block: Block, out: torch.Tensor) -> None:
         raise NonFiniteError(f"merged tensor {job.tp.name!r} holds NaN or Inf (check the weights and lambda)")
 
 
-def merged(job: TensorJob, block, buf: torch.Tensor, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
-    """A block merged into `buf` from the pool: (the bytes to write, `buf`, the event a GPU's copy
-    into it completes). FP8 output is quantized once the block is merged, in the same pass where the
+def merged(job: TensorJob, block: Block, buf: torch.Tensor, check_finite: bool) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A block merged into `buf` from the pool: (the bytes to write, the event a GPU's copy into it
+    completes). FP8 output is quantized once the block is merged, in the same pass where the
     compiled kernel runs."""
     if job.tp.quantized and not check_finite:
         fp8 = job.merge_quantized(block, buf)
         if fp8 is not None:
-            return fp8, buf, None
+            return fp8, None
     out = buf[: job.out_bytes(block)].view(job.out_dtype)
     ready = job.backend.merge(block, job.spec, out)
     if check_finite:
@@ -226,7 +226,7 @@ def merged(job: TensorJob, block, buf: torch.Tensor, check_finite: bool) -> tupl
         if ready is not None:
             ready.synchronize()
         out, ready = job.quantize(block, out, buf), None
-    return out, buf, ready
+    return out, ready
 
 
 def run_plan(
@@ -313,7 +313,8 @@ def run_plan(
                         writer.write(block.base)
                     else:
                         buf = buffers.get(job.out_bytes(block))
-                        writer.write(*merged(job, block, buf, check_finite))
+                        out, ready = merged(job, block, buf, check_finite)
+                        writer.write(out, buf, ready)
                     if progress is not None:
                         progress(block.nbytes)
                     del block

@@ -67,13 +67,18 @@ class NumpyBackend:
         """The block's inputs as the kernel reads them (to merge into `out`, or for a stats pass), and
         whether the compiled kernel takes them: FP8 rows stay as stored for it (dequantized as it
         reads), and are dequantized otherwise."""
-        if self.compiled is not None:
-            base = self._compiled_source(block.base)
-            fts = [self._compiled_source(t) for t in block.fts]
-            if self.compiled.supports(spec, base, fts, out):
-                return base, fts, True
+        compiled = self._compiled_inputs(block, spec, out)
+        if compiled is not None:
+            return *compiled, True
         base = kernels.as_numpy(dequantized(block.base)) if block.base is not None else None
         return base, [kernels.as_numpy(dequantized(t)) for t in block.fts], False
+
+    def _compiled_inputs(self, block: Block, spec: ops.TensorSpec, out: np.ndarray | None) -> tuple | None:
+        """(base, fts) as the compiled kernel reads them (FP8 rows as stored), or None where it does not apply."""
+        if self.compiled is None:
+            return None
+        base, fts = self._compiled_source(block.base), [self._compiled_source(t) for t in block.fts]
+        return (base, fts) if self.compiled.supports(spec, base, fts, out) else None
 
     def _compiled_source(self, t):
         if t is None:
@@ -100,13 +105,11 @@ class NumpyBackend:
                         scales: np.ndarray) -> bool:
         """FP8 output: the block merged into `dtype` and quantized in one pass by the compiled
         kernel, FP8 bytes into `dst`, scales into `scales`; False (nothing done) where it does not apply."""
-        if self.compiled is None:
-            return False
         kind = np.uint16 if dtype == torch.bfloat16 else np.float32
-        base, fts = self._compiled_source(block.base), [self._compiled_source(t) for t in block.fts]
-        if not self.compiled.supports(spec, base, fts, np.empty(0, kind)):
+        inputs = self._compiled_inputs(block, spec, np.empty(0, kind))
+        if inputs is None:
             return False
-        self.compiled.merge_quantize(spec, base, fts, kind, cols, dst, scales, block.start, self.pool)
+        self.compiled.merge_quantize(spec, *inputs, kind, cols, dst, scales, block.start, self.pool)
         return True
 
     def merge(self, block: Block, spec: ops.TensorSpec, out: torch.Tensor) -> None:
