@@ -99,10 +99,8 @@ def main() -> None:
             cfg.write_text(CONFIG.format(data=data, extra=extra))
             out = Path(tmp) / "out"
             evict(files)
-            # no supervisor process: RssAnon is then the merge's own
             m = run_measured([sys.executable, "-m", "streammerge", "merge", str(cfg), str(out), "--quiet",
-                              "--max-memory", args.max_memory, "--compile", args.compile],
-                             env={**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1"})
+                              "--max-memory", args.max_memory, "--compile", args.compile])
             read = sum(f.stat().st_size for f in files)
             wrote = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             shutil.rmtree(out)

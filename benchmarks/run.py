@@ -3,8 +3,10 @@
     python benchmarks/run.py --shape tinyllama --data /data/bench-tl                # generates models if missing
     python benchmarks/run.py --shape tinyllama --data /data/bench-tl --mergekit benchmarks/mergekit/.venv
 
-For each method (base + 2 fine-tunes, weights 0.5, density 0.5, bf16), each merge its own process,
-wall time and peak anonymous memory (RssAnon, sampled from /proc every 10 ms) recorded:
+For each method (base + 2 fine-tunes, weights 0.5, density 0.5, bf16), each merge its own command,
+run as users run it (the CLI merges in a forked child) into an empty folder (the previous output
+removed, untimed), wall time and peak anonymous memory (RssAnon of its largest process, sampled from
+/proc every 10 ms) recorded:
 - first run: inputs in the page cache, the method's first merge with streammerge's bytecode caches
   removed (the C kernel is built at install: nothing else compiles at run time), as on a fresh
   clone or CI container;
@@ -159,19 +161,33 @@ def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> dict:
             "read_and_write_s": together_s, "input_bytes": total}
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (the CLI runs its merge in a forked child)."""
+    pids = [pid]
+    for p in pids:
+        try:
+            pids += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        m = re.search(r"RssAnon:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return 0
+    return int(m.group(1)) * 1024 if m else 0
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Runs a command, sampling its peak RssAnon; raises if it fails."""
+    """Runs a command, sampling the peak RssAnon of its busiest process (the merge: streammerge's CLI
+    runs it in a forked child, as every user runs it); raises if it fails."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     peak = 0
-    status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:
-        try:
-            m = re.search(r"RssAnon:\s+(\d+) kB", status.read_text())
-            if m:
-                peak = max(peak, int(m.group(1)) * 1024)
-        except OSError:
-            pass
+        peak = max([peak, *(_rss_anon(p) for p in _tree(proc.pid))])
         time.sleep(0.01)
     wall = time.perf_counter() - t
     out, err = proc.communicate()
@@ -209,17 +225,17 @@ def main() -> None:
     for method in args.methods:
         cfg = work / f"{method}.yaml"
         cfg.write_text(CONFIG.format(method=method, data=args.data))
-        # the merge in this process, not in the CLI's SIGBUS supervisor's child: its memory is what is sampled
-        cmd = [sys.executable, "-m", "streammerge", "merge", str(cfg), str(work / "out"), "--force", "-q",
+        # as users run it (the merge in the CLI's forked child); the previous output removed untimed
+        cmd = [sys.executable, "-m", "streammerge", "merge", str(cfg), str(work / "out"), "-q",
                "--max-memory", args.max_memory, "--compile", args.compile, "--device", args.device]
-        env = {**os.environ, "STREAMMERGE_NO_SUPERVISOR": "1"}
         timings = {}
         for run in ("first run", "warm", "cold"):
             if run == "first run":  # as a fresh clone: streammerge's own bytecode not compiled yet
                 for cache in PACKAGE.rglob("__pycache__"):
                     shutil.rmtree(cache)
+            shutil.rmtree(work / "out", ignore_errors=True)
             evict(files) if run == "cold" else read_all(files)
-            timings[run] = r = run_measured(cmd, env=env)
+            timings[run] = r = run_measured(cmd)
             print(f"streammerge {method} {run}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
         rows.append({"tool": "streammerge", "method": method, **timings["cold"], "warm_s": timings["warm"]["wall_s"],
                      "first_run_s": timings["first run"]["wall_s"]})
@@ -232,6 +248,7 @@ def main() -> None:
                    "--no-copy-tokenizer", "--no-write-model-card", "--allow-crimes"]
             read_all(files)
             warm = run_measured(cmd)
+            shutil.rmtree(out)
             evict(files)
             r = run_measured(cmd)
             rows.append({"tool": "mergekit 0.1.5", "method": method, **r, "warm_s": warm["wall_s"], "first_run_s": None})
