@@ -25,9 +25,7 @@ from streammerge.pipeline import engine, passes
 SPENT: collections.defaultdict[str, float] = collections.defaultdict(float)
 
 
-def timed(owner: type, name: str, label: str) -> None:
-    fn = getattr(owner, name)
-
+def timed_function(fn, label: str):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         t = time.perf_counter()
@@ -36,10 +34,15 @@ def timed(owner: type, name: str, label: str) -> None:
         finally:
             SPENT[label] += time.perf_counter() - t
 
-    setattr(owner, name, wrapper)
+    return wrapper
+
+
+def timed(owner: type, name: str, label: str) -> None:
+    setattr(owner, name, timed_function(getattr(owner, name), label))
 
 
 def main() -> None:
+    engine.prepare_tensor = timed_function(engine.prepare_tensor, "main: whole-tensor passes before the merge (prepare_tensor: trims, L1 factors)")
     timed(engine.TensorJob, "read", "main: waiting for staged reads (TensorJob.read)")
     timed(engine.BufferPool, "get", "main: waiting for an output buffer (BufferPool.get)")
     timed(engine.Prefetcher, "reached", "main: waiting for the prefetch to schedule (Prefetcher.reached)")

@@ -128,3 +128,44 @@ def test_an_abort_after_a_write_failing_behind_closes_and_removes_the_file(tmp_p
         pytest.skip("no direct I/O on this file system")
     w.abort()
     assert not path.exists() and not path.with_name(path.name + ".partial").exists()
+
+
+def test_reads_wait_for_the_writes_in_flight():
+    # mq-deadline serves queued reads first: a shard write waited behind the prefetch's reads while
+    # the merge waited for the writer. Reads that start during a write wait for it instead.
+    import threading
+
+    from streammerge.io import disk
+
+    release, read = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with disk.writing():
+            release.wait(5)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    while not disk._writes:
+        pass
+    reader = threading.Thread(target=lambda: (disk.before_read(), read.set()))
+    reader.start()
+    assert not read.wait(0.2)  # held while the write is in flight
+    release.set()
+    assert read.wait(5)
+    writer.join()
+    reader.join()
+    disk.before_read()  # nothing in flight: no wait
+
+
+def test_direct_writes_behind_take_the_disk_from_reads(tmp_path, monkeypatch):
+    from streammerge.io import disk
+
+    during, real = [], os.pwrite
+    monkeypatch.setattr(streammerge.io.writer.os, "pwrite", lambda fd, data, at: during.append(disk._writes) or real(fd, data, at))
+    opened, real_open = [], os.open
+    monkeypatch.setattr(streammerge.io.writer.os, "open", lambda p, flags, mode=0o777: opened.append(flags) or real_open(p, flags, mode))
+    _check(tmp_path / "s.safetensors", _write_shard(tmp_path / "s.safetensors"))
+    if not any(f & os.O_DIRECT for f in opened):
+        pytest.skip("this file system refuses O_DIRECT (the buffered path is what ran)")
+    assert during == [1, 1, 1]  # the full stage, written behind; finish()'s aligned rest and unaligned tail
+    assert disk._writes == 0

@@ -3,7 +3,8 @@
 Bytes in the page cache are merged straight from the mapped file, and the kernel is only asked to
 keep reading ahead (MADV_WILLNEED, within READAHEAD_BYTES). Bytes on disk are read with O_DIRECT,
 in CHUNK requests on READERS threads, into a staging arena of our own within the memory budget, and
-merged from there (`Checkpoint.view` finds them). What is read is given in steps: a row block of a
+merged from there (`Checkpoint.view` finds them), each request once no shard write is in flight
+(io/disk.py). What is read is given in steps: a row block of a
 tensor whose blocks the merge reads once (released as it is merged), else a whole tensor.
 
 Why not the page cache for everything: on a virtual disk, filling it costs the cores as much as
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from streammerge.io import quant
+from streammerge.io import disk, quant
 from streammerge.io.memory import direct_memory
 from streammerge.io.sources import Checkpoint, TensorInfo
 
@@ -249,6 +250,7 @@ class Prefetcher:
         try:
             view = memoryview(staged.arena.memory)[staged.at + at : staged.at + at + n]
             done = 0
+            disk.before_read()
             while done < n:
                 got = os.preadv(fd, [view[done:]], staged.start + at + done)
                 if got <= 0:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import OutputError
+from streammerge.io import disk
 from streammerge.io.memory import direct_memory
 
 STAGE = 8 << 20  # bytes per direct write (at most)
@@ -121,13 +122,17 @@ class ShardWriter:
                 if self._fill == self._stage_bytes:  # written behind, at its place in the file
                     if not self._free:
                         self._wait_oldest()
-                    self._pending.append((self._io.submit(self._write_at, self._stage, self._offset), self._stage))
+                    self._pending.append((self._io.submit(self._write_behind, self._stage, self._offset), self._stage))
                     self._stage, self._fill = self._free.pop(), 0
                     self._offset += self._stage_bytes
         except OSError as e:
             _drop_views(e)
             self.abort()
             raise OutputError(f"{self.path}: write failed: {e.strerror or e} (disk full?)") from None
+
+    def _write_behind(self, data, offset: int) -> None:
+        with disk.writing():
+            self._write_at(data, offset)
 
     def _write_at(self, data, offset: int) -> None:
         data = memoryview(data)
@@ -189,7 +194,7 @@ class ShardWriter:
                 while self._pending:
                     self._wait_oldest()
                 aligned = self._fill - self._fill % ALIGN
-                with memoryview(self._stage) as stage:
+                with memoryview(self._stage) as stage, disk.writing():
                     self._write_at(stage[:aligned], self._offset)
                     self._buffered()
                     self._write_at(stage[aligned : self._fill], self._offset + aligned)
