@@ -12,6 +12,7 @@ the steady state of big merges (benchmarks/run.py measures those against the I/O
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,9 +71,10 @@ def main() -> None:
     print("| method | wall (s) | M params/s |\n|---|---|---|")
     for method in args.methods:
         (root / f"{method}.yaml").write_text(config(method))
+        shutil.rmtree(root / "out", ignore_errors=True)  # into an empty folder, as run.py: no deletion timed
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "streammerge", "merge", str(root / f"{method}.yaml"), str(root / "out"),
-                        "-q", "--force", "--compile", args.compile], check=True)
+                        "-q", "--compile", args.compile], check=True)
         wall = time.perf_counter() - start
         print(f"| {method} | {wall:.1f} | {params / wall / 1e6:.1f} |", flush=True)
 
