@@ -27,6 +27,7 @@ from streammerge.front.demo import (
     save_checkpoint,
 )
 from streammerge.io.sources import Checkpoint
+from streammerge.pipeline.plan import POOL_SHARE, SCRATCH_BYTES, WRITE_SHARE
 
 CONFIG = """\
 merge_method: dare_ties
@@ -253,11 +254,8 @@ def test_plan_json(models, monkeypatch):
     assert (p["tensors"], p["merged_tensors"]) == (N_TENSORS, N_TENSORS)
     assert p["output_bytes"] == sum(s["bytes"] for s in p["shards"]) == 213_632
     assert p["input_bytes"] == 3 * 213_632  # base and two fine-tunes, bf16
-    # 0.3 of the 64 KiB budget in five output buffers, 0.05 in the writer's stages, the numpy
+    # the pool share of the 64 KiB budget in five output buffers, the writer's stages, the numpy
     # kernel's fixed chunk scratch, and nothing left for staging inputs read from disk
-    from streammerge.pipeline.plan import POOL_SHARE, SCRATCH_BYTES, WRITE_SHARE
-
-    # five output buffers of a fifth of the pool share each, the writer's stages, the kernel's scratch
     assert p["estimated_peak_memory"] == 5 * int(65536 * POOL_SHARE / 5) + int(65536 * WRITE_SHARE) + SCRATCH_BYTES
     assert p["options"]["dare_scope"] == "linear"
     by_name = {t["name"]: t for t in p["tensor_plan"]}

@@ -3,9 +3,9 @@
 Bytes in the page cache are merged straight from the mapped file, and the kernel is only asked to
 keep reading ahead (MADV_WILLNEED, within READAHEAD_BYTES). Bytes on disk are read with O_DIRECT,
 in CHUNK requests on READERS threads, into a staging arena of our own within the memory budget, and
-merged from there (`Checkpoint.view` finds them), each request once no shard write is in flight
-(io/disk.py). What is read is given in steps: a row block of a
-tensor whose blocks the merge reads once (released as it is merged), else a whole tensor.
+merged from there (`Checkpoint.view` finds them); each request starts once no shard write is in
+flight (io/disk.py). What is read is given in steps: a row block of a tensor whose blocks the merge
+reads once (released as it is merged), else a whole tensor.
 
 Why not the page cache for everything: on a virtual disk, filling it costs the cores as much as
 the merge does (benchmarks/io_contention.py on a 2-vCPU VM: buffered reads 0.44 CPU-s per GB, two
