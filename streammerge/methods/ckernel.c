@@ -114,39 +114,95 @@ INLINE void radix_pass(const uint64_t *restrict src, uint64_t *restrict dst, int
     }
 }
 
+/* A row's ranks by an LSD radix sort of its (|τ| bits, index) pairs, 8 bits a pass, which is stable,
+   so ties keep index order; only the digits that differ within the row are sorted on, and the last
+   pass writes each element's threshold and p instead of the pair. */
+INLINE void radix_ranks(const float *restrict row, int cols, const Model *md, Ranks *rk) {
+    uint64_t *pairs = rk->pairs, *spare = rk->spare;
+    uint32_t v0 = to_bits(row[0]) & 0x7FFFFFFFu, differ = 0;
+    uint32_t count[2][4][256] = {{{0}}}; /* every digit's counts, even and odd elements apart: a digit most share would chain one counter's updates */
+    for (int j = 0; j < cols; j++) {
+        uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu; /* |τ|: non-negative floats order as their bits, NaN last */
+        pairs[j] = (uint64_t)v << 32 | (uint32_t)j;
+        differ |= v ^ v0;
+        uint32_t(*at)[256] = count[j & 1];
+        at[0][v & 255]++, at[1][v >> 8 & 255]++, at[2][v >> 16 & 255]++, at[3][v >> 24]++;
+    }
+    int digits[4], passes = 0;
+    for (int k = 0; k < 4; k++)
+        if (differ >> 8 * k & 255) digits[passes++] = k;
+    if (passes == 0) { /* every |τ| equal: ranks in index order */
+        memcpy(rk->last, md->della_last, cols * sizeof(uint32_t));
+        if (md->della_p) memcpy(rk->p, md->della_p, cols * sizeof(float));
+    }
+    for (int q = 0; q < passes; q++) {
+        int k = digits[q];
+        for (int v = 0; v < 256; v++) count[0][k][v] += count[1][k][v];
+        radix_pass(pairs, q < passes - 1 ? spare : NULL, cols, k, count[0][k], md, rk);
+        uint64_t *t = pairs;
+        pairs = spare, spare = t;
+    }
+}
+
+#define KEY_SPAN 4096 /* a row's nonzero |τ| whose top 16 bits span fewer values: ranked by counting */
+
+/* A row's ranks by one counting pass over the top 16 bits of |τ| (exact zeros first), where its
+   nonzero values' top bits span fewer than KEY_SPAN values (τ of bf16 weights: some hundreds to a
+   few thousand), then one insertion pass that orders the runs of equal top bits by their low bits.
+   The same ranks as radix_ranks, in one scatter instead of up to four. 0 where it does not apply, or
+   the low bits would take too many moves (pairs is then scratch: radix_ranks starts over). */
+INLINE int counted_ranks(const float *restrict row, int cols, const Model *md, Ranks *rk, uint32_t *restrict at) {
+    uint32_t first = 0xFFFFu, last = 0, lows = 0;
+    for (int j = 0; j < cols; j++) {
+        uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu, t = v >> 16;
+        first = v && t < first ? t : first;
+        last = t > last ? t : last;
+        lows |= v & 0xFFFFu;
+    }
+    if (first <= last && last - first >= KEY_SPAN - 1) return 0;
+    uint32_t slots = first <= last ? last - first + 2 : 1; /* slot 0: the zeros; key t: slot t - first + 1 */
+    memset(at, 0, (slots + 1) * sizeof(uint32_t));
+    for (int j = 0; j < cols; j++) {
+        uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu;
+        at[(v ? (v >> 16) - first + 1 : 0) + 1]++;
+    }
+    for (uint32_t s = 1; s <= slots; s++) at[s] += at[s - 1]; /* at[s]: where slot s starts */
+    uint64_t *pairs = rk->pairs;
+    for (int j = 0; j < cols; j++) { /* in index order: stable */
+        uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu;
+        pairs[at[v ? (v >> 16) - first + 1 : 0]++] = (uint64_t)v << 32 | (uint32_t)j;
+    }
+    if (lows) { /* pairs in increasing order are the final order */
+        int64_t moves = 0;
+        for (int i = 1; i < cols; i++) {
+            uint64_t x = pairs[i];
+            if (pairs[i - 1] <= x) continue;
+            int k = i;
+            for (; k > 0 && pairs[k - 1] > x; k--) pairs[k] = pairs[k - 1];
+            pairs[k] = x;
+            moves += i - k;
+            if (moves > 8 * (int64_t)cols) return 0; /* long runs of mixed low bits (float32 τ): radix */
+        }
+    }
+    const uint32_t *last_k = md->della_last;
+    const float *p_k = md->della_p;
+    for (int a = 0; a < cols; a++) { /* the pair at position a has rank a */
+        uint32_t j = (uint32_t)pairs[a];
+        rk->last[j] = last_k[a];
+        if (p_k) rk->p[j] = p_k[a];
+    }
+    return 1;
+}
+
 /* DELLA's MagPrune of the whole rows in d[0, m) (kernels._magprune_chunk): an element's rank k by |τ|
-   in its row gives its mask threshold and p; kept where its hash < the threshold, then ÷ p.
-   The ranks: an LSD radix sort of (|τ| bits, index) pairs, 8 bits a pass, which is stable, so ties
-   keep index order; only the digits that differ within the row are sorted on, and the last pass
-   writes each element's threshold and p instead of the pair. */
+   in its row gives its mask threshold and p; kept where its hash < the threshold, then ÷ p. */
 INLINE void magprune(const Merge *p, const Model *md, int64_t idx0, int m, float *restrict d, Ranks *rk) {
     int cols = (int)p->della_row;
+    uint32_t at[KEY_SPAN + 1];
     for (int r = 0; r < m; r += cols) {
         float *row = d + r;
-        uint64_t *pairs = rk->pairs, *spare = rk->spare;
-        uint32_t v0 = to_bits(row[0]) & 0x7FFFFFFFu, differ = 0;
-        uint32_t count[2][4][256] = {{{0}}}; /* every digit's counts, even and odd elements apart: a digit most share would chain one counter's updates */
-        for (int j = 0; j < cols; j++) {
-            uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu; /* |τ|: non-negative floats order as their bits, NaN last */
-            pairs[j] = (uint64_t)v << 32 | (uint32_t)j;
-            differ |= v ^ v0;
-            uint32_t(*at)[256] = count[j & 1];
-            at[0][v & 255]++, at[1][v >> 8 & 255]++, at[2][v >> 16 & 255]++, at[3][v >> 24]++;
-        }
-        int digits[4], passes = 0;
-        for (int k = 0; k < 4; k++)
-            if (differ >> 8 * k & 255) digits[passes++] = k;
-        if (passes == 0) { /* every |τ| equal: ranks in index order */
-            memcpy(rk->last, md->della_last, cols * sizeof(uint32_t));
-            if (md->della_p) memcpy(rk->p, md->della_p, cols * sizeof(float));
-        }
-        for (int q = 0; q < passes; q++) {
-            int k = digits[q];
-            for (int v = 0; v < 256; v++) count[0][k][v] += count[1][k][v];
-            radix_pass(pairs, q < passes - 1 ? spare : NULL, cols, k, count[0][k], md, rk);
-            uint64_t *t = pairs;
-            pairs = spare, spare = t;
-        }
+        if (!counted_ranks(row, cols, md, rk, at))
+            radix_ranks(row, cols, md, rk);
         keep_upto(row, rk->last, cols, md->key0, md->key1, idx0 + r);
         if (md->della_p)
             for (int j = 0; j < cols; j++) row[j] = row[j] / rk->p[j];
