@@ -153,9 +153,9 @@ INLINE void radix_ranks(const float *restrict row, int cols, const Model *md, Ra
    the low bits would take too many moves (pairs is then scratch: radix_ranks starts over). */
 INLINE int counted_ranks(const float *restrict row, int cols, const Model *md, Ranks *rk, uint32_t *restrict at) {
     uint32_t first = 0xFFFFu, last = 0, lows = 0;
-    for (int j = 0; j < cols; j++) {
-        uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu, t = v >> 16;
-        first = v && t < first ? t : first;
+    for (int j = 0; j < cols; j++) { /* selects, not branches: it vectorizes */
+        uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu, t = v >> 16, key = v ? t : 0xFFFFu;
+        first = key < first ? key : first;
         last = t > last ? t : last;
         lows |= v & 0xFFFFu;
     }
