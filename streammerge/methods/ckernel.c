@@ -146,6 +146,9 @@ INLINE void radix_ranks(const float *restrict row, int cols, const Model *md, Ra
 
 #define KEY_SPAN 4096 /* a row's nonzero |τ| whose top 16 bits span fewer values: ranked by counting */
 
+/* counted_ranks' slot of |τ| bits v: 0 for the zeros, key t (the top 16 bits) at t - first + 1 */
+INLINE uint32_t key_slot(uint32_t v, uint32_t first) { return v ? (v >> 16) - first + 1 : 0; }
+
 /* A row's ranks by one counting pass over the top 16 bits of |τ| (exact zeros first), where its
    nonzero values' top bits span fewer than KEY_SPAN values (τ of bf16 weights: some hundreds to a
    few thousand), then one insertion pass that orders the runs of equal top bits by their low bits.
@@ -160,17 +163,17 @@ INLINE int counted_ranks(const float *restrict row, int cols, const Model *md, R
         lows |= v & 0xFFFFu;
     }
     if (first <= last && last - first >= KEY_SPAN - 1) return 0;
-    uint32_t slots = first <= last ? last - first + 2 : 1; /* slot 0: the zeros; key t: slot t - first + 1 */
+    uint32_t slots = first <= last ? last - first + 2 : 1;
     memset(at, 0, (slots + 1) * sizeof(uint32_t));
     for (int j = 0; j < cols; j++) {
         uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu;
-        at[(v ? (v >> 16) - first + 1 : 0) + 1]++;
+        at[key_slot(v, first) + 1]++;
     }
     for (uint32_t s = 1; s <= slots; s++) at[s] += at[s - 1]; /* at[s]: where slot s starts */
     uint64_t *pairs = rk->pairs;
     for (int j = 0; j < cols; j++) { /* in index order: stable */
         uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu;
-        pairs[at[v ? (v >> 16) - first + 1 : 0]++] = (uint64_t)v << 32 | (uint32_t)j;
+        pairs[at[key_slot(v, first)]++] = (uint64_t)v << 32 | (uint32_t)j;
     }
     if (lows) { /* pairs in increasing order are the final order */
         int64_t moves = 0;

@@ -218,14 +218,13 @@ def merged(job: TensorJob, block: Block, buf: torch.Tensor, check_finite: bool) 
             return fp8, None
     out = buf[: job.out_bytes(block)].view(job.out_dtype)
     ready = job.backend.merge(block, job.spec, out)
+    if ready is not None and (check_finite or job.tp.quantized):  # both read the merged block here
+        ready.synchronize()
+        ready = None
     if check_finite:
-        if ready is not None:
-            ready.synchronize()
         _check_finite(job, block, out)
     if job.tp.quantized:
-        if ready is not None:
-            ready.synchronize()
-        out, ready = job.quantize(block, out, buf), None
+        out = job.quantize(block, out, buf)
     return out, ready
 
 
