@@ -32,7 +32,7 @@ from streammerge.io.quant import QuantRows
 from streammerge.methods import kernels, registry
 from streammerge.methods.base import COMPILED_SLICE
 from streammerge.methods.mask import keep_threshold
-from streammerge.methods.ops import TensorSpec, TrimThreshold
+from streammerge.methods.ops import BRACKET_KEYS, SUB, TensorSpec, TrimThreshold
 
 
 def _library() -> ctypes.CDLL:
@@ -71,6 +71,10 @@ class _Merge(ctypes.Structure):  # ckernel.c's Merge
                 ("lam", c_float), ("norm", c_float), ("majority", c_float), ("della_row", c_int64)]
 
 
+class _Bracket(ctypes.Structure):  # ckernel.c's Bracket
+    _fields_ = [("lo", c_uint32), ("hi", c_uint32), ("hot", c_uint32 * 2), ("shift", c_int32), ("wanted", c_int32)]
+
+
 class _Sce(ctypes.Structure):  # sce.c's Sce
     _fields_ = [("xs", POINTER(_Source)), ("n", c_int64), ("base", _Source), ("select", c_int32), ("value", c_float),
                 ("last_tie", c_int64), ("start", c_int64)]
@@ -81,6 +85,9 @@ _lib.merge_range.argtypes = [POINTER(_Merge), c_int64, c_int64]
 _lib.hist_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_void_p, c_void_p, c_int64, c_void_p]
 _lib.tie_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_float, c_int64, POINTER(c_int64)]
 _lib.tie_range.restype = c_int64
+_lib.tau_bits.argtypes = [POINTER(_Merge), c_void_p, c_int64, c_int32, c_int64, POINTER(_Bracket), c_void_p]
+_lib.bracket_range.argtypes = [POINTER(_Merge), c_int64, c_int64, POINTER(_Bracket), c_int64, c_int64, c_void_p, c_void_p,
+                               c_void_p]
 _lib.quantize_range.argtypes = [POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
 _lib.merge_quantize_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_void_p, c_void_p]
 _lib.gram_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_int64, c_int64, c_void_p]
@@ -229,12 +236,23 @@ def merge(spec: TensorSpec, base: np.ndarray | None, fts: list[np.ndarray], out:
 
 
 def find_tie(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, i: int, value: float,
-             needed: int) -> tuple[int | None, int]:
-    """kernels.find_tie, compiled: model i's τ alone."""
+             needed: int, lo: int = 0, hi: int | None = None) -> tuple[int | None, int]:
+    """kernels.find_tie, compiled: model i's τ alone, over elements [lo, hi) of the block."""
     p, seen = _params(spec, base, fts, start=start), c_int64()
-    pos = _lib.tie_range(ctypes.byref(p), i, 0, numel(base), np.float32(value), needed, ctypes.byref(seen))
+    hi = numel(base) if hi is None else hi
+    pos = _lib.tie_range(ctypes.byref(p), i, lo, hi, np.float32(value), needed, ctypes.byref(seen))
     _check(pos != -2)
     return (None if pos < 0 else int(pos)), int(seen.value)
+
+
+def _each(work, count: int, pool) -> None:
+    """work(r) for r in range(count), side by side on the pool's threads when there are several."""
+    if pool is None or count == 1:
+        for r in range(count):
+            work(r)
+    else:
+        for f in [pool.submit(work, r) for r in range(count)]:
+            f.result()
 
 
 def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, high: list[int | None],
@@ -256,13 +274,58 @@ def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start:
         for c in range(c0, c1, 1 << 31):  # hist_range counts in uint32
             _check(_lib.hist_range(p, c, min(c1, c + (1 << 31)), tops.ctypes.data, want.ctypes.data, bins, hists[r].ctypes.data) == 0)
 
-    if pool is None or len(ranges) == 1:
-        for r in range(len(ranges)):
-            work(r)
-    else:
-        for f in [pool.submit(work, r) for r in range(len(ranges))]:
-            f.result()
+    _each(work, len(ranges), pool)
     return list(hists.sum(axis=0))
+
+
+SAMPLE_RUNS, SAMPLE_RUN = 1024, 64  # the bracket's sample: 65536 |τ| from 1024 runs spread over the block
+LONGEST_RUN = 256  # ckernel.h's CHUNK: tau_bits' runs are at most this long
+
+
+def _brackets(selects: list) -> ctypes.Array:
+    """ckernel.c's Brackets for the models whose selection is pending (the others not wanted)."""
+    out = (_Bracket * len(selects))()
+    for b, s in zip(out, selects):
+        if s is not None:
+            hot = [*s.hot, 0xFFFFFFFF, 0xFFFFFFFF][:2]  # no |τ| has these bits
+            b.lo, b.hi, b.hot[0], b.hot[1], b.shift, b.wanted = s.lo, s.hi, hot[0], hot[1], s.shift, 1
+    return out
+
+
+def tau_bits(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, wanted: list[bool],
+             sample: bool = True) -> np.ndarray:
+    """|τ_i|'s bits (uint32, one row per model; zeros for those not wanted): at SAMPLE_RUNS runs
+    spread evenly over the block (`sample`: the bracket's sample), or of every element."""
+    size = numel(base)
+    m = SAMPLE_RUN if sample else LONGEST_RUN
+    at = np.arange(SAMPLE_RUNS, dtype=np.int64) * ((size - m) // (SAMPLE_RUNS - 1)) if sample else np.arange(0, size, m, dtype=np.int64)
+    out = np.zeros((len(fts), len(at) * m), np.uint32)
+    brackets = (_Bracket * len(fts))(*(_Bracket(wanted=int(w)) for w in wanted))
+    p = _params(spec, base, fts, start=start)
+    _check(_lib.tau_bits(ctypes.byref(p), at.ctypes.data, len(at), m, size, brackets, out.ctypes.data) == 0)
+    return out if sample else out[:, :size]
+
+
+def bracket_pass(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, selects: list,
+                 pool=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass of ops.BracketSelect for the models with a select (None: not counted): per model, how
+    many |τ| lie above its bracket, the histogram inside (BRACKET_KEYS keys, split in two), and per
+    hot value, how many equal it in each sub-block of SUB elements."""
+    n, size = len(fts), numel(base)
+    p, brackets = ctypes.byref(_params(spec, base, fts, start=start)), _brackets(selects)
+    bins, subs = 2 * BRACKET_KEYS, -(-size // SUB)
+    ranges = kernels._chunks(size, 1 if pool is None else pool._max_workers, SUB)  # sub-blocks whole in one range
+    above, hists = np.zeros((len(ranges), n), np.int64), np.zeros((len(ranges), n, bins), np.int64)
+    hot = np.zeros((n, 2, subs), np.int64)
+
+    def work(r: int) -> None:
+        c0, c1 = ranges[r]
+        for c in range(c0, c1, 1 << 30):  # bracket_range counts in uint32
+            _check(_lib.bracket_range(p, c, min(c1, c + (1 << 30)), brackets, bins, subs, above[r].ctypes.data,
+                                      hists[r].ctypes.data, hot.ctypes.data) == 0)
+
+    _each(work, len(ranges), pool)
+    return above.sum(axis=0), hists.sum(axis=0), hot
 
 
 def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray, pool=None) -> None:

@@ -255,6 +255,75 @@ class RadixSelect:
         return _float((self.high << 16) | low), self.above_high + above_low, int(self.hist[low])
 
 
+SUB = 65536  # elements per sub-block of the bracket pass's counts of hot values (ckernel.h's SUB)
+BRACKET_KEYS = 2049  # a bracket's keys: its width >> shift is below 2^11
+
+
+class BracketSelect:
+    """Exact k-th largest |τ| of one block, usually in one pass that only compares most elements.
+
+    A sample of the block's |τ| places a bracket of bit patterns [lo, hi] around the k-th largest,
+    four standard deviations of the sample rank wide. The pass (ckernel's bracket_range) counts the
+    elements above `hi` in a loop that vectorizes and histograms only those inside, by
+    key = (v >> shift) − (lo >> shift), each key split like RadixSelect's pass 1 by whether its low
+    `shift` bits are zero. Two values frequent in the sample (`hot`: τ of bf16 weights takes few
+    values, and exact zeros are common) are counted apart, per sub-block of SUB elements, so that a
+    partly kept tie at one of them is then found by scanning one sub-block. When the k-th largest
+    lies in a key of several patterns, the next pass narrows the bracket to that key (2^11 times
+    narrower each time). When it lies outside the bracket, `missed`: the caller falls back to
+    RadixSelect. The sample only decides how fast: the result is exact either way.
+    """
+
+    def __init__(self, k: int, numel: int, sample: np.ndarray):
+        self.k = k
+        size, q = len(sample), k / numel
+        margin = 4 * math.sqrt(size * q * (1 - q)) + 16
+        top, bottom = int(q * size - margin), int(q * size + margin)  # ranks from the largest, 0-based
+        ranks = [size - 1 - r for r in (top, bottom) if 0 <= r < size]  # the same, from the smallest
+        s = np.partition(sample, ranks) if ranks else sample
+        hi = int(s[size - 1 - top]) if top >= 0 else 0x7FFFFFFF  # every |τ| bit pattern is at most 0x7FFFFFFF
+        lo = int(s[size - 1 - bottom]) if bottom < size else 0
+        inside = sample[(sample >= lo) & (sample <= hi)]
+        step = max(1, len(inside) // 4096)  # a hot value is frequent in any share of them
+        values, counts = np.unique(inside[::step], return_counts=True)
+        frequent = np.argsort(counts, kind="stable")[::-1][:2]
+        self.hot = [int(values[j]) for j in frequent if counts[j] * step * 1024 >= size]  # 1/1024 of the sample or more
+        self.found: tuple[float, int, int] | None = None  # (value, count greater, count equal)
+        self.missed = False
+        self.passes = 0
+        self._bracket(lo, hi)
+
+    def _bracket(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.shift = max(0, (hi - lo).bit_length() - 11)
+
+    def _slot(self, v: int) -> int:
+        return 2 * ((v >> self.shift) - (self.lo >> self.shift)) + ((v & ((1 << self.shift) - 1)) != 0)
+
+    def add(self, above: int, hist: np.ndarray, hot_counts: Sequence[int]) -> None:
+        """After a pass: sets `found`, or narrows the bracket for another pass, or sets `missed`."""
+        self.passes += 1
+        hist = hist.copy()
+        for v, count in zip(self.hot, hot_counts):
+            if self.lo <= v <= self.hi:
+                hist[self._slot(v)] += count
+        keys = hist.reshape(-1, 2)
+        above_or_at = above + np.cumsum(keys.sum(axis=1)[::-1])  # above_or_at[j]: above key BRACKET_KEYS − 1 − j, or at it
+        j = int(np.searchsorted(above_or_at, self.k))
+        if above >= self.k or j == len(above_or_at):  # the k-th largest is above or below the bracket
+            self.missed = True
+            return
+        key, greater = BRACKET_KEYS - 1 - j, int(above_or_at[j - 1]) if j else above
+        zero_low, nonzero_low = (int(c) for c in keys[key])
+        pattern = ((self.lo >> self.shift) + key) << self.shift  # the key's smallest pattern
+        if self.k - greater > nonzero_low:  # the k-th largest is that smallest pattern
+            self.found = (_float(pattern), greater + nonzero_low, zero_low)
+        elif self.passes == 3:  # 2^33 patterns narrowed: cannot happen, but never loop
+            self.missed = True
+        else:
+            self._bracket(max(self.lo, pattern + 1), min(self.hi, pattern + (1 << self.shift) - 1))
+
+
 def _float(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 

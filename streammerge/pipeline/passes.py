@@ -41,6 +41,8 @@ from streammerge.pipeline.plan import (
 
 log = logging.getLogger(__name__)
 
+BRACKET_MIN = 1 << 18  # elements: in a smaller block, the radix passes cost less than the bracket's sample
+
 @dataclass
 class Block:
     """Rows [r0, r1) of one tensor from every input, as stored (no conversion yet)."""
@@ -90,6 +92,50 @@ class NumpyBackend:
         if compiled:
             return self.compiled.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
         return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
+
+    def select(self, block: Block, spec: ops.TensorSpec, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None] | None:
+        """select_rank_thresholds for one whole-tensor block with the compiled kernel: a small block's
+        every |τ| selected by numpy; a larger one by ops.BracketSelect, usually one pass that only
+        compares most elements, its partly kept ties found in one sub-block when they sit at a hot
+        value. None (nothing decided) where the compiled kernel does not apply or a bracket missed."""
+        base, fts, compiled = self._inputs(block, spec)
+        if not compiled:
+            return None
+        kernel, size, wanted = self.compiled, self.compiled.numel(base), [bool(k) for k in ranks]
+        if size < BRACKET_MIN:
+            bits = kernel.tau_bits(spec, base, fts, block.start, wanted, sample=False)
+            return [_trim_threshold(*_sorted_select(bits[i], k), k, rule, lambda keep, i=i: block.start + _nth_tie(bits[i], k, keep))
+                    for i, k in enumerate(ranks)]
+        sample = kernel.tau_bits(spec, base, fts, block.start, wanted)
+        selects = [ops.BracketSelect(k, size, sample[i]) if k else None for i, k in enumerate(ranks)]
+        hot: list[np.ndarray | None] = [None] * len(ranks)  # per model, its hot values' counts per sub-block
+        while any(pending := [s if s is not None and s.found is None and not s.missed else None for s in selects]):
+            above, hists, hot_now = kernel.bracket_pass(spec, base, fts, block.start, pending, self.pool)
+            for i, s in enumerate(pending):
+                if s is not None:
+                    s.add(int(above[i]), hists[i], hot_now[i].sum(axis=1))
+                    hot[i] = hot_now[i]
+        if any(s is not None and s.missed for s in selects):
+            return None
+
+        def locate(i: int, value: float, keep: int) -> int:
+            lo, hi, needed = 0, size, keep
+            bits = int(np.float32(value).view(np.uint32))
+            if bits in selects[i].hot:  # the tie's sub-block from the counts, then only it scanned
+                before = np.cumsum(hot[i][selects[i].hot.index(bits)])
+                g = int(np.searchsorted(before, keep))
+                lo, hi, needed = g * ops.SUB, min(size, (g + 1) * ops.SUB), keep - (int(before[g - 1]) if g else 0)
+            pos, _ = kernel.find_tie(spec, base, fts, block.start, i, value, needed, lo, hi)
+            assert pos is not None, (value, keep, lo, hi)  # the counts said it is there
+            return pos
+
+        def threshold(i: int) -> ops.TrimThreshold | None:
+            found = selects[i].found if ranks[i] else (None, 0, 0)
+            return _trim_threshold(*found, ranks[i], rule, lambda keep: locate(i, found[0], keep))
+
+        if self.pool is None:
+            return [threshold(i) for i in range(len(ranks))]
+        return [f.result() for f in [self.pool.submit(threshold, i) for i in range(len(ranks))]]
 
     def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
         base, fts, compiled = self._inputs(block, spec)
@@ -533,8 +579,10 @@ class TensorJob:
 def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float, ...], rule: str) -> list[list[ops.TrimThreshold | None]]:
     """Exact top-k thresholds of each model over the given tensors (one, or all for a global domain).
 
-    Returns, per job, the per-model thresholds: radix selection gives the value, then a scan in flat
-    (and plan) order finds the last kept tie when only some ties at the threshold are kept.
+    Returns, per job, the per-model thresholds: a whole tensor in one block is selected in place
+    (NumpyBackend.select's bracket, or a sort on torch); otherwise radix selection gives the value,
+    then a scan in flat (and plan) order finds the last kept tie when only some ties at the
+    threshold are kept.
     """
     return select_rank_thresholds(jobs, [ops.trim_rank(numel, d, rule) for d in densities], rule)
 
@@ -544,6 +592,12 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
     n = len(ranks)
     if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, TorchBackend):
         return [_sorted_thresholds(jobs[0], ranks, rule)]  # one block in memory anyway: no radix passes
+    if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, NumpyBackend):
+        (block,) = jobs[0].blocks_read()
+        spec = replace(jobs[0].spec, trims=(None,) * n, outliers=())
+        bracketed = jobs[0].backend.select(block, spec, ranks, rule)
+        if bracketed is not None:
+            return [bracketed]
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
     for pass_index in range(2):
         wanted = [s is not None and s.found is None for s in selectors]
@@ -584,6 +638,31 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
         for f in [pool.submit(threshold, i) for i in selected]:
             f.result()
     return per_job
+
+
+def _trim_threshold(value: float | None, greater: int, equal: int, k: int | None, rule: str, locate) -> ops.TrimThreshold | None:
+    """The trim for rank k (None keeps everything, 0 nothing) of the k-th largest |τ| `value`, with
+    `greater` elements above it and `equal` at it; locate(keep) gives the flat index of the keep-th tie."""
+    if k is None or k == 0:
+        return None if k is None else ops.TrimThreshold(math.inf, -1)
+    keep = equal if rule == "inclusive" else k - greater
+    if keep in (0, equal):
+        return ops.TrimThreshold(value, -1 if keep == 0 else ops.ALL_TIES)
+    return ops.TrimThreshold(value, locate(keep))
+
+
+def _sorted_select(bits: np.ndarray, k: int | None) -> tuple[float | None, int, int]:
+    """The k-th largest of |τ| bit patterns, how many lie above it and how many equal it."""
+    if not k:
+        return None, 0, 0
+    value = np.partition(bits, len(bits) - k)[len(bits) - k]
+    return float(value.view(np.float32)), int((bits > value).sum()), int((bits == value).sum())
+
+
+def _nth_tie(bits: np.ndarray, k: int, keep: int) -> int:
+    """The index of the keep-th element equal to the k-th largest."""
+    value = np.partition(bits, len(bits) - k)[len(bits) - k]
+    return int(np.flatnonzero(bits == value)[keep - 1])
 
 
 def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None]:

@@ -1,0 +1,143 @@
+"""TIES' exact trim thresholds by bracket selection (ops.BracketSelect, NumpyBackend.select), against a sort."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from streammerge.methods import kernels, ops
+from streammerge.methods.mask import mask_key
+from streammerge.pipeline import passes
+
+ckernel = pytest.importorskip("streammerge.methods.ckernel", exc_type=ImportError)
+
+N = 3 * 2**19 + 77  # over BRACKET_MIN, not a multiple of a chunk or a sub-block
+
+
+def _spec(n: int, dare: bool = False) -> ops.TensorSpec:
+    return ops.TensorSpec(opts=ops.MergeOptions(method="dare_ties" if dare else "ties"), weights=(0.5,) * n, lam=1.0,
+                          dare=dare, keys=tuple(mask_key(1, i, "t") for i in range(n)) if dare else (),
+                          densities=(0.5,) * n, dare_scales=(2.0,) * n if dare else (1.0,) * n, trims=(None,) * n)
+
+
+def _block(base: torch.Tensor, fts: list[torch.Tensor], start: int = 0) -> passes.Block:
+    return passes.Block(0, 1, start, base, fts, 0)
+
+
+def _expected(tau: torch.Tensor, k: int | None, rule: str, start: int) -> ops.TrimThreshold | None:
+    """What the trim keeps, from a sort of |τ|'s bit patterns (NaN above everything, as the radix passes)."""
+    if k is None:
+        return None
+    if k == 0:
+        return ops.TrimThreshold(float("inf"), -1)
+    bits = tau.abs().view(torch.int32).numpy()
+    value_bits = np.sort(bits)[::-1][k - 1]
+    greater, ties = int((bits > value_bits).sum()), np.flatnonzero(bits == value_bits)
+    keep = len(ties) if rule == "inclusive" else k - greater
+    last = ops.ALL_TIES if keep == len(ties) else -1 if keep == 0 else start + int(ties[keep - 1])
+    return ops.TrimThreshold(float(np.array([value_bits], np.int32).view(np.float32)[0]), last)
+
+
+def _check(base, fts, ranks, rule="exact", pool=None, start=0, spec=None):
+    backend = passes.NumpyBackend(pool, compiled=ckernel)
+    spec = spec or _spec(len(fts))
+    got = backend.select(_block(base, fts, start), spec, ranks, rule)
+    assert got is not None  # the bracket held
+    for i, k in enumerate(ranks):
+        tau = fts[i].float() - base.float()
+        want = _expected(tau, k, rule, start)
+        assert (got[i] is None) == (want is None), i
+        if want is not None:
+            assert np.float32(got[i].value).tobytes() == np.float32(want.value).tobytes() and got[i].last_tie == want.last_tie, (i, k, got[i], want)
+    return got
+
+
+def _bf16_inputs(scales: tuple[float, ...], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(N, generator=g) * 0.02).bfloat16()
+    return base, [(base.float() + torch.randn(N, generator=g) * s).bfloat16() for s in scales]
+
+
+@pytest.mark.parametrize("rule", ["exact", "inclusive"])
+def test_bf16_task_vectors_with_hot_values(rule):
+    # τ of bf16 weights: few distinct values; with a small spread most τ are 0 or one ulp (hot values,
+    # their partly kept ties found in one sub-block)
+    base, fts = _bf16_inputs((0.002, 0.0002, 0.00005))
+    n = N
+    with ThreadPoolExecutor(2) as pool:
+        for ranks in ([n // 2, n // 2, n // 2], [1, n // 3, n - 1], [None, 0, 12345], [n // 10, 2 * n // 3, n // 2 + 1]):
+            _check(base, fts, ranks, rule, pool, start=1000)
+    _check(base, fts, [n // 2, 7, n - 5], rule, None)
+
+
+def test_float32_task_vectors_narrow_the_bracket():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(N, generator=g)
+    fts = [base + torch.randn(N, generator=g) * s for s in (0.01, 1.0)]
+    fts[0][::7] = base[::7]  # exact zeros
+    fts[1][100::13] = base[100::13] + 0.25  # a tie at 0.25
+    fts[1][5] = float("nan")
+    fts[1][9] = float("inf")
+    with ThreadPoolExecutor(2) as pool:
+        for ranks in ([N // 2, N // 2], [N // 7, int((fts[1] - base).abs().gt(0.25).sum()) + 10], [3, 2], [N - 1, N]):
+            _check(base, fts, ranks, "exact", pool)
+
+
+def test_dare_masked_task_vectors():
+    base, fts = _bf16_inputs((0.002, 0.001), seed=2)
+    spec = _spec(2, dare=True)
+    backend = passes.NumpyBackend(None, compiled=ckernel)
+    got = backend.select(_block(base, fts), spec, [N // 4, N // 3], "exact")
+    b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+    deltas = np.empty((2, N), np.float32)  # the numpy kernel's DARE-masked τ, chunk by chunk
+    for c in range(0, N, kernels.CHUNK):
+        _, ds = kernels.deltas_chunk(spec, b[c : c + kernels.CHUNK], [f[c : c + kernels.CHUNK] for f in fs], c, kernels._scratch(2))
+        deltas[:, c : c + len(ds[0])] = ds
+    for i, k in enumerate([N // 4, N // 3]):
+        assert got[i] == _expected(torch.from_numpy(deltas[i]), k, "exact", 0)
+
+
+def test_a_missed_bracket_decides_nothing():
+    # the sampled runs hold small values, every other element a large one: the sample's bracket
+    # lies far below the k-th largest, and select says so (the radix passes then run)
+    base = torch.zeros(N)
+    ft = torch.full((N,), 5.0)
+    step = (N - ckernel.SAMPLE_RUN) // (ckernel.SAMPLE_RUNS - 1)
+    for t in range(ckernel.SAMPLE_RUNS):
+        ft[t * step : t * step + ckernel.SAMPLE_RUN] = 0.001 * (1 + t % 7)
+    backend = passes.NumpyBackend(None, compiled=ckernel)
+    assert backend.select(_block(base, [ft]), _spec(1), [N // 2], "exact") is None
+
+
+@pytest.mark.parametrize("size", [1, 300, 4096 + 17, passes.BRACKET_MIN - 1])
+@pytest.mark.parametrize("rule", ["exact", "inclusive"])
+def test_small_blocks_select_every_tau(size, rule):
+    g = torch.Generator().manual_seed(size)
+    base = torch.randn(size, generator=g)
+    fts = [base + torch.randn(size, generator=g).mul(0.1).round(decimals=1) for _ in range(3)]  # ties
+    fts[1][::3] = base[::3]
+    fts[2][size // 2] = float("nan")
+    ranks = [max(1, size // 2), None if size > 1 else 1, size]
+    _check(base, fts, ranks, rule, start=5)
+    _check(base, fts, [0, 1, max(1, size // 3)], rule)
+
+
+def test_bracket_select_walks_keys_and_narrows():
+    # a bracket over float32 patterns wider than 2^11: the first pass finds the key, the next the value
+    values = np.arange(0x3F800000, 0x3F800000 + 100_000, 37, dtype=np.uint32)
+    k = 1000
+    sel = ops.BracketSelect(k, len(values), values[::3])
+    assert sel.shift > 0
+    for _ in range(3):
+        if sel.found is not None:
+            break
+        inside = values[(values >= sel.lo) & (values <= sel.hi)]
+        hist = np.zeros(2 * ops.BRACKET_KEYS, np.int64)
+        np.add.at(hist, 2 * ((inside >> sel.shift) - (sel.lo >> sel.shift)).astype(np.int64)
+                  + ((inside & ((1 << sel.shift) - 1)) != 0), 1)
+        sel.add(int((values > sel.hi).sum()), hist, [0, 0][: len(sel.hot)])
+    want = np.sort(values)[::-1][k - 1]
+    assert sel.found == (float(np.array([want]).view(np.float32)[0]), k - 1, 1)
