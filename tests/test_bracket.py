@@ -141,3 +141,28 @@ def test_bracket_select_walks_keys_and_narrows():
         sel.add(int((values > sel.hi).sum()), hist, [0, 0][: len(sel.hot)])
     want = np.sort(values)[::-1][k - 1]
     assert sel.found == (float(np.array([want]).view(np.float32)[0]), k - 1, 1)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_merges_give_the_radix_passes_bytes_in_any_row_blocks(tmp_path, monkeypatch, method):
+    # MLP weights over BRACKET_MIN elements, merged whole and in row blocks (views of the staged
+    # tensor, selected as one block), against the radix passes over the blocks
+    from conftest import shard_hashes
+
+    from streammerge import MergeConfig, ModelSpec, merge
+    from streammerge.front.demo import TinyLlama, finetune_of, random_state, save_checkpoint
+
+    shape = TinyLlama(hidden=256, intermediate=1088, layers=1, heads=4, kv_heads=2, vocab=40)
+    base = random_state(shape, seed=1)
+    save_checkpoint(base, tmp_path / "base", shards=1, config=shape.config_json(torch.bfloat16))
+    for i in range(2):
+        save_checkpoint(finetune_of(base, seed=10 + i, scale=0.01), tmp_path / f"ft{i}", shards=1,
+                        config=shape.config_json(torch.bfloat16))
+    assert shape.intermediate * shape.hidden >= passes.BRACKET_MIN
+    cfg = MergeConfig(method=method, base=str(tmp_path / "base"), seed=7,
+                      models=tuple(ModelSpec(str(tmp_path / f"ft{i}"), {"weight": 0.5, "density": 0.4}) for i in range(2)))
+    merge(cfg, tmp_path / "whole")
+    merge(cfg, tmp_path / "blocks", max_memory=400_000)
+    monkeypatch.setattr(passes.NumpyBackend, "select", lambda *a: None)
+    merge(cfg, tmp_path / "radix", max_memory=400_000)
+    assert shard_hashes(tmp_path / "whole") == shard_hashes(tmp_path / "blocks") == shard_hashes(tmp_path / "radix")

@@ -592,10 +592,12 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
     n = len(ranks)
     if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, TorchBackend):
         return [_sorted_thresholds(jobs[0], ranks, rule)]  # one block in memory anyway: no radix passes
-    if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, NumpyBackend):
-        (block,) = jobs[0].blocks_read()
-        spec = replace(jobs[0].spec, trims=(None,) * n, outliers=())
-        bracketed = jobs[0].backend.select(block, spec, ranks, rule)
+    job = jobs[0]
+    if len(jobs) == 1 and isinstance(job.backend, NumpyBackend) and (len(job.blocks) == 1 or job.views_only):
+        # the whole tensor as one block: its rows are views (of the staged or mapped files), so the
+        # merge's row blocks need not split the selection
+        block = job.read(0, job.tp.rows) if len(job.blocks) > 1 else next(job.blocks_read())
+        bracketed = job.backend.select(block, replace(job.spec, trims=(None,) * n, outliers=()), ranks, rule)
         if bracketed is not None:
             return [bracketed]
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
