@@ -73,6 +73,24 @@ def test_bf16_task_vectors_with_hot_values(rule):
     _check(base, fts, [n // 2, 7, n - 5], rule, None)
 
 
+def _check_ranks(base, fts, ranks, rule="exact", pool=None):
+    """select with several ranks per model (rank q of model q mod n), against the sort."""
+    got = passes.NumpyBackend(pool, compiled=ckernel).select(_block(base, fts), _spec(len(fts)), ranks, rule)
+    assert got is not None
+    for q, k in enumerate(ranks):
+        assert got[q] == _expected(fts[q % len(fts)].float() - base.float(), k, rule, 0), (q, k)
+
+
+@pytest.mark.parametrize("size", [N, 5000])
+def test_two_ranks_per_model_in_one_pass(size):
+    # breadcrumbs' upper and outlier ranks of each model, selected together
+    base, fts = _bf16_inputs((0.002, 0.0002))
+    base, fts = base[:size], [f[:size] for f in fts]
+    with ThreadPoolExecutor(2) as pool:
+        _check_ranks(base, fts, [size // 2, size // 3, size // 100, None], pool=pool)
+        _check_ranks(base, fts, [size // 2 + size // 100, 0, size // 100, 7], "inclusive", pool)
+
+
 def test_float32_task_vectors_narrow_the_bracket():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(N, generator=g)

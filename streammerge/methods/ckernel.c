@@ -443,17 +443,17 @@ MULTIVERSION int tau_bits(const Merge *p, const int64_t *at, int64_t count, int 
     return 0;
 }
 
-/* Over elements [lo, hi) of the block (lo a multiple of SUB, hi - lo < 2^31), per model wanted:
-   above[i] += how many |τ| lie above its bracket; hists[i · bins + 2·key + (v's low `shift` bits != 0)]
-   += the others inside it but its hot values, key = (v >> shift) − (lo >> shift); and
-   hot[(2i + h)·subs + g] += how many equal hot value h in sub-block g (SUB elements from the block's
-   element 0). Every element is compared in a loop that vectorizes, which flags those inside; only
+/* Over elements [lo, hi) of the block (lo a multiple of SUB, hi - lo < 2^31), per bracket q wanted
+   (of model q mod n: a model may have several, e.g. breadcrumbs' two ranks): above[q] += how many
+   |τ| lie above it; hists[q · bins + 2·key + (v's low `shift` bits != 0)] += the others inside it
+   but its hot values, key = (v >> shift) − (lo >> shift); and hot[(2q + h)·subs + g] += how many
+   equal hot value h in sub-block g (SUB elements from the block's element 0). Every element is compared in a loop that vectorizes, which flags those inside; only
    those are counted one by one, few when the bracket is narrow. 0, or -1 out of memory */
-MULTIVERSION int bracket_range(const Merge *p, int64_t lo, int64_t hi, const Bracket *br, int64_t bins, int64_t subs,
-                               int64_t *above, int64_t *hists, int64_t *hot) {
+MULTIVERSION int bracket_range(const Merge *p, int64_t lo, int64_t hi, const Bracket *br, int64_t brackets, int64_t bins,
+                               int64_t subs, int64_t *above, int64_t *hists, int64_t *hot) {
     int64_t n = p->n;
     float *b = malloc(2 * CHUNK * sizeof(float));
-    uint32_t *counts = calloc(n * bins, sizeof(uint32_t));
+    uint32_t *counts = calloc(brackets * bins, sizeof(uint32_t));
     if (!b || !counts) {
         free(b);
         free(counts);
@@ -464,34 +464,39 @@ MULTIVERSION int bracket_range(const Merge *p, int64_t lo, int64_t hi, const Bra
         int m = hi - c < CHUNK ? (int)(hi - c) : CHUNK;
         load(&p->base, c, m, b);
         for (int64_t i = 0; i < n; i++) {
-            const Bracket *k = &br[i];
-            if (!k->wanted) continue;
+            int wanted = 0;
+            for (int64_t q = i; q < brackets; q += n) wanted |= br[q].wanted;
+            if (!wanted) continue;
             delta(p, &p->models[i], c, m, b, d, NULL);
-            uint32_t low = k->lo, high = k->hi, width = high - low, h0 = k->hot[0], h1 = k->hot[1];
-            uint32_t base_key = low >> k->shift, low_bits = (1u << k->shift) - 1u, over = 0, hot0 = 0, hot1 = 0;
-            uint8_t inside[CHUNK + 8];
-            for (int j = 0; j < m; j++) { /* vectorizes: sums in vector lanes, flags as bytes */
-                uint32_t v = to_bits(d[j]) & 0x7FFFFFFFu;
-                over += v > high;
-                hot0 += v == h0, hot1 += v == h1;
-                inside[j] = (v - low <= width) & (v != h0) & (v != h1);
-            }
-            memset(inside + m, 0, 8);
-            above[i] += over;
-            hot[(2 * i) * subs + c / SUB] += hot0;
-            hot[(2 * i + 1) * subs + c / SUB] += hot1;
-            uint32_t *h = counts + i * bins;
-            for (int g = 0; g < m; g += 8) { /* eight flags a word: only the elements inside are visited */
-                uint64_t w;
-                memcpy(&w, inside + g, 8);
-                for (; w; w &= w - 1) {
-                    uint32_t v = to_bits(d[g + (__builtin_ctzll(w) >> 3)]) & 0x7FFFFFFFu;
-                    h[2 * ((v >> k->shift) - base_key) + ((v & low_bits) != 0)]++;
+            for (int64_t q = i; q < brackets; q += n) { /* each of model i's brackets */
+                const Bracket *k = &br[q];
+                if (!k->wanted) continue;
+                uint32_t low = k->lo, high = k->hi, width = high - low, h0 = k->hot[0], h1 = k->hot[1];
+                uint32_t base_key = low >> k->shift, low_bits = (1u << k->shift) - 1u, over = 0, hot0 = 0, hot1 = 0;
+                uint8_t inside[CHUNK + 8];
+                for (int j = 0; j < m; j++) { /* vectorizes: sums in vector lanes, flags as bytes */
+                    uint32_t v = to_bits(d[j]) & 0x7FFFFFFFu;
+                    over += v > high;
+                    hot0 += v == h0, hot1 += v == h1;
+                    inside[j] = (v - low <= width) & (v != h0) & (v != h1);
+                }
+                memset(inside + m, 0, 8);
+                above[q] += over;
+                hot[(2 * q) * subs + c / SUB] += hot0;
+                hot[(2 * q + 1) * subs + c / SUB] += hot1;
+                uint32_t *h = counts + q * bins;
+                for (int g = 0; g < m; g += 8) { /* eight flags a word: only the elements inside are visited */
+                    uint64_t w;
+                    memcpy(&w, inside + g, 8);
+                    for (; w; w &= w - 1) {
+                        uint32_t v = to_bits(d[g + (__builtin_ctzll(w) >> 3)]) & 0x7FFFFFFFu;
+                        h[2 * ((v >> k->shift) - base_key) + ((v & low_bits) != 0)]++;
+                    }
                 }
             }
         }
     }
-    for (int64_t v = 0; v < n * bins; v++) hists[v] += counts[v];
+    for (int64_t v = 0; v < brackets * bins; v++) hists[v] += counts[v];
     free(b);
     free(counts);
     return 0;

@@ -94,48 +94,50 @@ class NumpyBackend:
         return kernels.radix_hist(spec, base, fts, block.start, high, wanted, self.pool)
 
     def select(self, block: Block, spec: ops.TensorSpec, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None] | None:
-        """select_rank_thresholds for one whole-tensor block with the compiled kernel: a small block's
-        every |τ| selected by numpy; a larger one by ops.BracketSelect, usually one pass that only
-        compares most elements, its partly kept ties found in one sub-block when they sit at a hot
-        value. None (nothing decided) where the compiled kernel does not apply or a bracket missed."""
+        """select_rank_thresholds for one whole-tensor block with the compiled kernel, rank q of model
+        q mod n (n fine-tunes; breadcrumbs asks two ranks of each): a small block's every |τ| selected
+        by numpy; a larger one by ops.BracketSelect, usually one pass that only compares most
+        elements, its partly kept ties found in one sub-block when they sit at a hot value. None
+        (nothing decided) where the compiled kernel does not apply or a bracket missed."""
         base, fts, compiled = self._inputs(block, spec)
         if not compiled:
             return None
-        kernel, size, wanted = self.compiled, self.compiled.numel(base), [bool(k) for k in ranks]
+        kernel, size, n = self.compiled, self.compiled.numel(base), len(fts)
+        wanted = [any(ranks[q] for q in range(i, len(ranks), n)) for i in range(n)]
         if size < BRACKET_MIN:
             bits = kernel.tau_bits(spec, base, fts, block.start, wanted, sample=False)
-            return [_trim_threshold(*_sorted_select(bits[i], k), k, rule, lambda keep, i=i: block.start + _nth_tie(bits[i], k, keep))
-                    for i, k in enumerate(ranks)]
+            return [_trim_threshold(*_sorted_select(bits[q % n], k), k, rule, lambda keep, q=q, k=k: block.start + _nth_tie(bits[q % n], k, keep))
+                    for q, k in enumerate(ranks)]
         sample = kernel.tau_bits(spec, base, fts, block.start, wanted)
-        selects = [ops.BracketSelect(k, size, sample[i]) if k else None for i, k in enumerate(ranks)]
-        hot: list[np.ndarray | None] = [None] * len(ranks)  # per model, its hot values' counts per sub-block
+        selects = [ops.BracketSelect(k, size, sample[q % n]) if k else None for q, k in enumerate(ranks)]
+        hot: list[np.ndarray | None] = [None] * len(ranks)  # per select, its hot values' counts per sub-block
         while any(pending := [s if s is not None and s.found is None and not s.missed else None for s in selects]):
             above, hists, hot_now = kernel.bracket_pass(spec, base, fts, block.start, pending, self.pool)
-            for i, s in enumerate(pending):
+            for q, s in enumerate(pending):
                 if s is not None:
-                    s.add(int(above[i]), hists[i], hot_now[i].sum(axis=1))
-                    hot[i] = hot_now[i]
+                    s.add(int(above[q]), hists[q], hot_now[q].sum(axis=1))
+                    hot[q] = hot_now[q]
         if any(s is not None and s.missed for s in selects):
             return None
 
-        def locate(i: int, value: float, keep: int) -> int:
+        def locate(q: int, value: float, keep: int) -> int:
             lo, hi, needed = 0, size, keep
             bits = int(np.float32(value).view(np.uint32))
-            if bits in selects[i].hot:  # the tie's sub-block from the counts, then only it scanned
-                before = np.cumsum(hot[i][selects[i].hot.index(bits)])
+            if bits in selects[q].hot:  # the tie's sub-block from the counts, then only it scanned
+                before = np.cumsum(hot[q][selects[q].hot.index(bits)])
                 g = int(np.searchsorted(before, keep))
                 lo, hi, needed = g * ops.SUB, min(size, (g + 1) * ops.SUB), keep - (int(before[g - 1]) if g else 0)
-            pos, _ = kernel.find_tie(spec, base, fts, block.start, i, value, needed, lo, hi)
+            pos, _ = kernel.find_tie(spec, base, fts, block.start, q % n, value, needed, lo, hi)
             assert pos is not None, (value, keep, lo, hi)  # the counts said it is there
             return pos
 
-        def threshold(i: int) -> ops.TrimThreshold | None:
-            found = selects[i].found if ranks[i] else (None, 0, 0)
-            return _trim_threshold(*found, ranks[i], rule, lambda keep: locate(i, found[0], keep))
+        def threshold(q: int) -> ops.TrimThreshold | None:
+            found = selects[q].found if ranks[q] else (None, 0, 0)
+            return _trim_threshold(*found, ranks[q], rule, lambda keep: locate(q, found[0], keep))
 
         if self.pool is None:
-            return [threshold(i) for i in range(len(ranks))]
-        return [f.result() for f in [self.pool.submit(threshold, i) for i in range(len(ranks))]]
+            return [threshold(q) for q in range(len(ranks))]
+        return [f.result() for f in [self.pool.submit(threshold, q) for q in range(len(ranks))]]
 
     def find_tie(self, block: Block, spec: ops.TensorSpec, i: int, value: float, needed: int) -> tuple[int | None, int]:
         base, fts, compiled = self._inputs(block, spec)
@@ -592,14 +594,8 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
     n = len(ranks)
     if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, TorchBackend):
         return [_sorted_thresholds(jobs[0], ranks, rule)]  # one block in memory anyway: no radix passes
-    job = jobs[0]
-    if len(jobs) == 1 and isinstance(job.backend, NumpyBackend) and (len(job.blocks) == 1 or job.views_only):
-        # the whole tensor as one block: its rows are views (of the staged or mapped files), so the
-        # merge's row blocks need not split the selection
-        block = job.read(0, job.tp.rows) if len(job.blocks) > 1 else next(job.blocks_read())
-        bracketed = job.backend.select(block, replace(job.spec, trims=(None,) * n, outliers=()), ranks, rule)
-        if bracketed is not None:
-            return [bracketed]
+    if len(jobs) == 1 and (bracketed := _bracketed(jobs[0], ranks, rule)) is not None:
+        return [bracketed]
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
     for pass_index in range(2):
         wanted = [s is not None and s.found is None for s in selectors]
@@ -640,6 +636,17 @@ def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule:
         for f in [pool.submit(threshold, i) for i in selected]:
             f.result()
     return per_job
+
+
+def _bracketed(job: TensorJob, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None] | None:
+    """NumpyBackend.select over the whole tensor as one block, for ranks q of model q mod n; None
+    where it does not apply (the radix passes then). The rows of a tensor read in row blocks are
+    views (of the staged or mapped files) where `views_only`: one block then costs nothing."""
+    if not isinstance(job.backend, NumpyBackend) or (len(job.blocks) > 1 and not job.views_only):
+        return None
+    block = job.read(0, job.tp.rows) if len(job.blocks) > 1 else next(job.blocks_read())
+    spec = replace(job.spec, trims=(None,) * len(job.finetuned), outliers=())
+    return job.backend.select(block, spec, ranks, rule)
 
 
 def _trim_threshold(value: float | None, greater: int, equal: int, k: int | None, rule: str, locate) -> ops.TrimThreshold | None:
@@ -734,9 +741,11 @@ def prepare_tensor(job: TensorJob) -> None:
         return
     if job.radix_trim and opts.sparsify == "band":
         ranks = [ops.breadcrumbs_ranks(job.tp.numel, d, g) for d, g in zip(job.tp.densities, job.tp.gammas)]
-        (upper,) = select_rank_thresholds([job], [r[0] for r in ranks], opts.trim_rule)
-        (outliers,) = select_rank_thresholds([job], [r[1] for r in ranks], opts.trim_rule)
-        job.spec = replace(job.spec, trims=tuple(upper), outliers=tuple(outliers))
+        uppers, outs = [r[0] for r in ranks], [r[1] for r in ranks]
+        both = _bracketed(job, uppers + outs, opts.trim_rule)  # both ranks of each model in one pass
+        if both is None:
+            both = [*select_rank_thresholds([job], uppers, opts.trim_rule)[0], *select_rank_thresholds([job], outs, opts.trim_rule)[0]]
+        job.spec = replace(job.spec, trims=tuple(both[: len(uppers)]), outliers=tuple(both[len(uppers) :]))
     elif job.radix_trim and opts.trim_scope == "tensor":
         (trims,) = select_thresholds([job], job.tp.numel, job.trim_densities(), opts.trim_rule)
         job.spec = replace(job.spec, trims=tuple(trims))
