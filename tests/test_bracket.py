@@ -123,10 +123,9 @@ def test_a_missed_bracket_decides_nothing():
     # lies far below the k-th largest, and select says so (the radix passes then run)
     base = torch.zeros(N)
     ft = torch.full((N,), 5.0)
-    step = (N - ckernel.SAMPLE_RUN) // (ckernel.SAMPLE_RUNS - 1)
-    for t in range(ckernel.SAMPLE_RUNS):
-        ft[t * step : t * step + ckernel.SAMPLE_RUN] = 0.001 * (1 + t % 7)
     backend = passes.NumpyBackend(None, compiled=ckernel)
+    for a in ckernel.sample_starts(N):
+        ft[a : a + ckernel.SAMPLE_RUN] = 0.001 * (1 + a % 7)
     assert backend.select(_block(base, [ft]), _spec(1), [N // 2], "exact") is None
 
 
@@ -184,3 +183,18 @@ def test_merges_give_the_radix_passes_bytes_in_any_row_blocks(tmp_path, monkeypa
     monkeypatch.setattr(passes.NumpyBackend, "select", lambda *a: None)
     merge(cfg, tmp_path / "radix", max_memory=400_000)
     assert shard_hashes(tmp_path / "whole") == shard_hashes(tmp_path / "blocks") == shard_hashes(tmp_path / "radix")
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_fp8_rows_select_as_their_dequantization(scheme):
+    # FP8 rows as stored (the kernel dequantizes as it reads) select the thresholds of their float32 dequantization
+    from test_ckernel import _fp8_rows
+
+    rows, cols = 1024, 384  # over BRACKET_MIN
+    base, *fts = (_fp8_rows(rows, cols, scheme, torch.float8_e4m3fn, 0, rows, seed) for seed in (1, 2, 3))
+    backend, spec, ranks = passes.NumpyBackend(None, compiled=ckernel), _spec(2), [rows * cols // 2, rows * cols // 5]
+    got = backend.select(_block(base, fts), spec, ranks, "exact")
+    want = backend.select(_block(base.dequantize(), [f.dequantize() for f in fts]), spec, ranks, "exact")
+    assert got is not None and got == want
+    for i, k in enumerate(ranks):
+        assert want[i] == _expected(fts[i].dequantize().reshape(-1) - base.dequantize().reshape(-1), k, "exact", 0)

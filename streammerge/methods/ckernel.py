@@ -278,7 +278,7 @@ def radix_hist(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start:
     return list(hists.sum(axis=0))
 
 
-SAMPLE_RUNS, SAMPLE_RUN = 1024, 64  # the bracket's sample: 65536 |τ| from 1024 runs spread over the block
+SAMPLE_RUNS, SAMPLE_RUN = 2048, 32  # the bracket's sample: 65536 |τ| from 2048 runs spread over the block
 LONGEST_RUN = 256  # ckernel.h's CHUNK: tau_bits' runs are at most this long
 
 
@@ -292,13 +292,20 @@ def _brackets(selects: list) -> ctypes.Array:
     return out
 
 
+def sample_starts(size: int) -> np.ndarray:
+    """Where the bracket's SAMPLE_RUNS runs start in a block of `size` elements: the golden ratio's
+    multiples (mod 1), in order. Evenly spread, and on no row length's grid: runs a row apart would
+    sample the same columns (one FP8 scale block's, say)."""
+    return (np.sort((np.arange(SAMPLE_RUNS) * 0.6180339887498949) % 1.0) * (size - SAMPLE_RUN)).astype(np.int64)
+
+
 def tau_bits(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, wanted: list[bool],
              sample: bool = True) -> np.ndarray:
-    """|τ_i|'s bits (uint32, one row per model; zeros for those not wanted): at SAMPLE_RUNS runs
-    spread evenly over the block (`sample`: the bracket's sample), or of every element."""
+    """|τ_i|'s bits (uint32, one row per model; zeros for those not wanted): at the sample's runs
+    (`sample_starts`), or of every element."""
     size = numel(base)
     m = SAMPLE_RUN if sample else LONGEST_RUN
-    at = np.arange(SAMPLE_RUNS, dtype=np.int64) * ((size - m) // (SAMPLE_RUNS - 1)) if sample else np.arange(0, size, m, dtype=np.int64)
+    at = sample_starts(size) if sample else np.arange(0, size, m, dtype=np.int64)
     out = np.zeros((len(fts), len(at) * m), np.uint32)
     brackets = (_Bracket * len(fts))(*(_Bracket(wanted=int(w)) for w in wanted))
     p = _params(spec, base, fts, start=start)
