@@ -4,12 +4,14 @@
 
 Prints M elements/s for: the DARE mask, the numpy chunk kernel (1 and all threads), the
 compiled C kernel (ckernel.py, 1 and all threads), DELLA in both kernels against the torch eager
-path (rows of 2048), and the radix passes that find the exact TIES threshold.
+path (rows of 2048), the radix passes that find the exact TIES threshold, and the bracket selection
+that finds it for a tensor in memory.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from streammerge.methods import kernels, ops
 from streammerge.methods import ckernel
 from streammerge.methods.mask import keep_mask_into, mask_key
-from streammerge.pipeline.passes import Block, TorchBackend
+from streammerge.pipeline.passes import Block, NumpyBackend, TorchBackend
 
 N = 5632 * 2048
 
@@ -71,6 +73,16 @@ def main() -> None:
     print(f"radix pass 2 (2 models): {rate(lambda: kernels.radix_hist(sp, b, f, 0, [15300, 15300], [True, True], pool)):.0f} M elem/s")
     print(f"radix pass 1, compiled:  {rate(lambda: ckernel.radix_hist(sp, b, f, 0, [None, None], [True, True], pool)):.0f} M elem/s")
     print(f"radix pass 2, compiled:  {rate(lambda: ckernel.radix_hist(sp, b, f, 0, [15300, 15300], [True, True], pool)):.0f} M elem/s")
+    # the bracket selection that replaced them for a tensor in memory: its pass alone, then the whole
+    # selection (sample, pass, the last kept tie) of both models' median |τ|
+    sp = replace(spec("ties"), trims=(None, None))
+    sample = ckernel.tau_bits(sp, b, f, 0, [True, True])
+    selects = [ops.BracketSelect(N // 2, N, sample[i]) for i in range(2)]
+    for threads, p in ((1, None), (pool._max_workers, pool)):
+        print(f"bracket pass, compiled, {threads} thread(s): {rate(lambda: ckernel.bracket_pass(sp, b, f, 0, selects, p)):.0f} M elem/s")
+    block = Block(0, N // 2048, 0, base.view(-1, 2048), [x.view(-1, 2048) for x in fts], 0)
+    select = NumpyBackend(pool, compiled=ckernel).select
+    print(f"bracket selection, compiled, {pool._max_workers} threads: {rate(lambda: select(block, sp, [N // 2, N // 2], 'exact')):.0f} M elem/s")
 
 
 if __name__ == "__main__":
