@@ -447,8 +447,9 @@ MULTIVERSION int tau_bits(const Merge *p, const int64_t *at, int64_t count, int 
    (of model q mod n: a model may have several, e.g. breadcrumbs' two ranks): above[q] += how many
    |τ| lie above it; hists[q · bins + 2·key + (v's low `shift` bits != 0)] += the others inside it
    but its hot values, key = (v >> shift) − (lo >> shift); and hot[(2q + h)·subs + g] += how many
-   equal hot value h in sub-block g (SUB elements from the block's element 0). Every element is compared in a loop that vectorizes, which flags those inside; only
-   those are counted one by one, few when the bracket is narrow. 0, or -1 out of memory */
+   equal hot value h in sub-block g (SUB elements from the block's element 0). Every element is
+   compared in a loop that vectorizes, which flags those inside; only those are counted one by one,
+   few when the bracket is narrow. 0, or -1 out of memory */
 MULTIVERSION int bracket_range(const Merge *p, int64_t lo, int64_t hi, const Bracket *br, int64_t brackets, int64_t bins,
                                int64_t subs, int64_t *above, int64_t *hists, int64_t *hot) {
     int64_t n = p->n;

@@ -41,7 +41,7 @@ from streammerge.pipeline.plan import (
 
 log = logging.getLogger(__name__)
 
-BRACKET_MIN = 1 << 18  # elements: in a smaller block, the radix passes cost less than the bracket's sample
+BRACKET_MIN = 1 << 18  # elements: a smaller block's every |τ| is selected with numpy, cheaper than the bracket's sample
 
 @dataclass
 class Block:
@@ -128,7 +128,8 @@ class NumpyBackend:
                 g = int(np.searchsorted(before, keep))
                 lo, hi, needed = g * ops.SUB, min(size, (g + 1) * ops.SUB), keep - (int(before[g - 1]) if g else 0)
             pos, _ = kernel.find_tie(spec, base, fts, block.start, q % n, value, needed, lo, hi)
-            assert pos is not None, (value, keep, lo, hi)  # the counts said it is there
+            if pos is None:  # the counts said it is there
+                raise RuntimeError(f"internal error: tie {keep} at |τ| = {value} not found in elements [{lo}, {hi}); please report it")
             return pos
 
         def threshold(q: int) -> ops.TrimThreshold | None:
