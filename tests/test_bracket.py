@@ -37,8 +37,11 @@ def _expected(tau: torch.Tensor, k: int | None, rule: str, start: int) -> ops.Tr
     value_bits = np.sort(bits)[::-1][k - 1]
     greater, ties = int((bits > value_bits).sum()), np.flatnonzero(bits == value_bits)
     keep = len(ties) if rule == "inclusive" else k - greater
+    value = float(np.array([value_bits], np.int32).view(np.float32)[0])
+    if np.isnan(value):  # no |τ| compares equal to NaN, so which ties are kept does not matter: the radix passes say all
+        return ops.TrimThreshold(value, -1 if keep == 0 else ops.ALL_TIES)
     last = ops.ALL_TIES if keep == len(ties) else -1 if keep == 0 else start + int(ties[keep - 1])
-    return ops.TrimThreshold(float(np.array([value_bits], np.int32).view(np.float32)[0]), last)
+    return ops.TrimThreshold(value, last)
 
 
 def _check(base, fts, ranks, rule="exact", pool=None, start=0, spec=None):
@@ -198,3 +201,45 @@ def test_fp8_rows_select_as_their_dequantization(scheme):
     assert got is not None and got == want
     for i, k in enumerate(ranks):
         assert want[i] == _expected(fts[i].dequantize().reshape(-1) - base.dequantize().reshape(-1), k, "exact", 0)
+
+
+@pytest.mark.parametrize("case", ["all_equal", "all_zero", "nan_heavy", "two_values", "outlier_rows"])
+def test_degenerate_task_vectors(case):
+    # τ with one value, none, a third NaN, two values, or rows of wildly different scales: the
+    # bracket settles them or misses (None), and what it settles is the sort's answer
+    g = torch.Generator().manual_seed(7)
+    n = passes.BRACKET_MIN + 1000
+    base = torch.randn(n, generator=g)
+    tau = {"all_equal": torch.full((n,), 0.5), "all_zero": torch.zeros(n),
+           "nan_heavy": torch.where(torch.rand(n, generator=g) < 0.3, torch.tensor(float("nan")), torch.randn(n, generator=g)),
+           "two_values": torch.where(torch.rand(n, generator=g) < 0.5, torch.tensor(0.25), torch.tensor(-1.0)),
+           "outlier_rows": torch.randn(n, generator=g) * torch.logspace(-6, 3, n).reshape(-1)}[case]
+    fts = [base + tau]
+    backend = passes.NumpyBackend(None, compiled=ckernel)
+    for rule in ("exact", "inclusive"):
+        for k in (1, n // 1000, n // 3, n // 2, n - 1, n):
+            got = backend.select(_block(base, fts), _spec(1), [k], rule)
+            if got is not None:
+                want = _expected(fts[0] - base, k, rule, 0)
+                assert np.float32(got[0].value).tobytes() == np.float32(want.value).tobytes(), (case, rule, k)
+                assert got[0].last_tie == want.last_tie, (case, rule, k, got[0], want)
+
+
+@pytest.mark.parametrize("rule", ["exact", "inclusive"])
+def test_torch_path_thresholds_with_nan_task_vectors(rule):
+    # the torch backend's top-k (one whole block) with NaN τ, at, around and below the NaNs: the
+    # sort's answer (it raised IndexError, and counted no NaN above a finite threshold)
+    import types
+
+    g = torch.Generator().manual_seed(3)
+    n = 5000
+    base = torch.zeros(n)
+    ft = torch.randn(n, generator=g).round(decimals=2)  # ties
+    ft[::50] = float("nan")
+    job = types.SimpleNamespace(blocks_read=lambda: iter([_block(base, [ft])]), spec=_spec(1),
+                                backend=passes.TorchBackend(torch.float32, torch.device("cpu")))
+    for k in (0, 1, 50, 100, 101, 150, 2500, n):
+        (got,) = passes._sorted_thresholds(job, [k], rule)
+        want = _expected(ft - base, k, rule, 0)
+        assert got.value == want.value or (np.isnan(got.value) and np.isnan(want.value)), (k, got, want)
+        assert got.last_tie == want.last_tie, (k, got, want)

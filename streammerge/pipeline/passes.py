@@ -656,7 +656,7 @@ def _trim_threshold(value: float | None, greater: int, equal: int, k: int | None
     if k is None or k == 0:
         return None if k is None else ops.TrimThreshold(math.inf, -1)
     keep = equal if rule == "inclusive" else k - greater
-    if keep in (0, equal):
+    if keep in (0, equal) or math.isnan(value):  # nothing compares equal to NaN: the radix passes' ALL_TIES
         return ops.TrimThreshold(value, -1 if keep == 0 else ops.ALL_TIES)
     return ops.TrimThreshold(value, locate(keep))
 
@@ -682,14 +682,16 @@ def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> li
     out: list[ops.TrimThreshold | None] = []
     for i, k in enumerate(ranks):
         if not k:
-            out.append(None if k is None else ops.TrimThreshold(math.inf, -1))
+            out.append(_trim_threshold(None, 0, 0, k, rule, None))
             continue
         flat = deltas[i].abs().reshape(-1).float().cpu()  # one copy from a GPU, then no round trips
-        value = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest
-        ties = torch.nonzero(flat == value).reshape(-1)
-        keep = len(ties) if rule == "inclusive" else k - int((flat > value).sum())
-        last = ops.ALL_TIES if keep == len(ties) else -1 if keep == 0 else int(ties[keep - 1])
-        out.append(ops.TrimThreshold(float(value), last))
+        value = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest (NaN above everything)
+        nans = flat.isnan()
+        if value.isnan():  # the NaNs are its ties (none compares equal to it, so which are kept does not matter)
+            greater, ties = 0, torch.nonzero(nans).reshape(-1)
+        else:  # the NaNs lie above it
+            greater, ties = int((flat > value).sum() + nans.sum()), torch.nonzero(flat == value).reshape(-1)
+        out.append(_trim_threshold(float(value), greater, len(ties), k, rule, lambda keep, t=ties: int(t[keep - 1])))
     return out
 
 
