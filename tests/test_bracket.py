@@ -88,7 +88,14 @@ def test_two_ranks_per_model_in_one_pass(size):
         _check(base, fts, [size // 2 + size // 100, 0, size // 100, 7], "inclusive", pool)
 
 
-def test_float32_task_vectors_narrow_the_bracket():
+@pytest.mark.parametrize(("kept", "most_passes"), [(ckernel.KEPT_VALUES, 1), (1000, 2)])
+def test_float32_task_vectors_settle_from_kept_values_or_narrow(kept, most_passes, monkeypatch):
+    # float32 τ: the k-th largest's key spans several patterns; the values kept inside the bracket
+    # settle it in the same pass, or (too many to keep) the next pass narrows the bracket
+    monkeypatch.setattr(ckernel, "KEPT_VALUES", kept)
+    passes_taken = []
+    add = ops.BracketSelect.add
+    monkeypatch.setattr(ops.BracketSelect, "add", lambda self, *a: add(self, *a) or passes_taken.append(self.passes))
     g = torch.Generator().manual_seed(1)
     base = torch.randn(N, generator=g)
     fts = [base + torch.randn(N, generator=g) * s for s in (0.01, 1.0)]
@@ -99,6 +106,7 @@ def test_float32_task_vectors_narrow_the_bracket():
     with ThreadPoolExecutor(2) as pool:
         for ranks in ([N // 2, N // 2], [N // 7, int((fts[1] - base).abs().gt(0.25).sum()) + 10], [3, 2], [N - 1, N]):
             _check(base, fts, ranks, "exact", pool)
+    assert max(passes_taken) == most_passes
 
 
 def test_dare_masked_task_vectors():

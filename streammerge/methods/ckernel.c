@@ -447,11 +447,14 @@ MULTIVERSION int tau_bits(const Merge *p, const int64_t *at, int64_t count, int 
    (of model q mod n: a model may have several, e.g. breadcrumbs' two ranks): above[q] += how many
    |τ| lie above it; hists[q · bins + 2·key + (v's low `shift` bits != 0)] += the others inside it
    but its hot values, key = (v >> shift) − (lo >> shift); and hot[(2q + h)·subs + g] += how many
-   equal hot value h in sub-block g (SUB elements from the block's element 0). Every element is
+   equal hot value h in sub-block g (SUB elements from the block's element 0). The values counted
+   inside are also kept, the first `cap` of them, in kept[q·cap ...] (kept_count[q]: how many there
+   were): a key of several patterns is then settled from them, not by another pass. Every element is
    compared in a loop that vectorizes, which flags those inside; only those are counted one by one,
    few when the bracket is narrow. 0, or -1 out of memory */
 MULTIVERSION int bracket_range(const Merge *p, int64_t lo, int64_t hi, const Bracket *br, int64_t brackets, int64_t bins,
-                               int64_t subs, int64_t *above, int64_t *hists, int64_t *hot) {
+                               int64_t subs, int64_t *above, int64_t *hists, int64_t *hot, uint32_t *kept, int64_t cap,
+                               int64_t *kept_count) {
     int64_t n = p->n;
     float *b = malloc(2 * CHUNK * sizeof(float));
     uint32_t *counts = calloc(brackets * bins, sizeof(uint32_t));
@@ -485,15 +488,19 @@ MULTIVERSION int bracket_range(const Merge *p, int64_t lo, int64_t hi, const Bra
                 above[q] += over;
                 hot[(2 * q) * subs + c / SUB] += hot0;
                 hot[(2 * q + 1) * subs + c / SUB] += hot1;
-                uint32_t *h = counts + q * bins;
+                uint32_t *h = counts + q * bins, *keep = kept + q * cap;
+                int64_t held = kept_count[q];
                 for (int g = 0; g < m; g += 8) { /* eight flags a word: only the elements inside are visited */
                     uint64_t w;
                     memcpy(&w, inside + g, 8);
                     for (; w; w &= w - 1) {
                         uint32_t v = to_bits(d[g + (__builtin_ctzll(w) >> 3)]) & 0x7FFFFFFFu;
                         h[2 * ((v >> k->shift) - base_key) + ((v & low_bits) != 0)]++;
+                        if (held < cap) keep[held] = v;
+                        held++;
                     }
                 }
+                kept_count[q] = held;
             }
         }
     }

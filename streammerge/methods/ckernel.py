@@ -87,7 +87,7 @@ _lib.tie_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_float, 
 _lib.tie_range.restype = c_int64
 _lib.tau_bits.argtypes = [POINTER(_Merge), c_void_p, c_int64, c_int32, c_int64, POINTER(_Bracket), c_void_p]
 _lib.bracket_range.argtypes = [POINTER(_Merge), c_int64, c_int64, POINTER(_Bracket), c_int64, c_int64, c_int64, c_void_p,
-                               c_void_p, c_void_p]
+                               c_void_p, c_void_p, c_void_p, c_int64, c_void_p]
 _lib.quantize_range.argtypes = [POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
 _lib.merge_quantize_range.argtypes = [POINTER(_Merge), c_int64, c_int64, c_int64, c_void_p, c_void_p]
 _lib.gram_lines.argtypes = [POINTER(_Source), c_int64, POINTER(_Source), c_int64, c_int64, c_void_p]
@@ -313,26 +313,35 @@ def tau_bits(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: i
     return out if sample else out[:, :size]
 
 
+KEPT_VALUES = 1 << 21  # per select and range: the values inside a bracket kept to settle its key (8 MiB)
+
+
 def bracket_pass(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, selects: list,
-                 pool=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 pool=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray | None]]:
     """One pass of ops.BracketSelect for each select (None: not counted), select q of model
     q mod len(fts): how many |τ| lie above its bracket, the histogram inside (BRACKET_KEYS keys,
-    split in two), and per hot value, how many equal it in each sub-block of SUB elements."""
+    split in two), per hot value how many equal it in each sub-block of SUB elements, and the values
+    counted inside (None where more than KEPT_VALUES per range were)."""
     size, count = numel(base), len(selects)
     p, brackets = ctypes.byref(_params(spec, base, fts, start=start)), _brackets(selects)
     bins, subs = 2 * BRACKET_KEYS, -(-size // SUB)
     ranges = kernels._chunks(size, 1 if pool is None else pool._max_workers, SUB)  # sub-blocks whole in one range
     above, hists = np.zeros((len(ranges), count), np.int64), np.zeros((len(ranges), count, bins), np.int64)
     hot = np.zeros((count, 2, subs), np.int64)
+    kept = np.empty((len(ranges), count, KEPT_VALUES), np.uint32)  # pages touched only as values are kept
+    kept_count = np.zeros((len(ranges), count), np.int64)
 
     def work(r: int) -> None:
         c0, c1 = ranges[r]
         for c in range(c0, c1, 1 << 30):  # bracket_range counts in uint32
             _check(_lib.bracket_range(p, c, min(c1, c + (1 << 30)), brackets, count, bins, subs, above[r].ctypes.data,
-                                      hists[r].ctypes.data, hot.ctypes.data) == 0)
+                                      hists[r].ctypes.data, hot.ctypes.data, kept[r].ctypes.data, KEPT_VALUES,
+                                      kept_count[r].ctypes.data) == 0)
 
     _each(work, len(ranges), pool)
-    return above.sum(axis=0), hists.sum(axis=0), hot
+    values = [None if (kept_count[:, q] > KEPT_VALUES).any() else np.concatenate([kept[r, q, : kept_count[r, q]] for r in range(len(ranges))])
+              for q in range(count)]
+    return above.sum(axis=0), hists.sum(axis=0), hot, values
 
 
 def quantize_rows(x: np.ndarray, cols: int, dst: np.ndarray, scales: np.ndarray, pool=None) -> None:

@@ -269,8 +269,9 @@ class BracketSelect:
     `shift` bits are zero. Two values frequent in the sample (`hot`: τ of bf16 weights takes few
     values, and exact zeros are common) are counted apart, per sub-block of SUB elements, so that a
     partly kept tie at one of them is then found by scanning one sub-block. When the k-th largest
-    lies in a key of several patterns, the next pass narrows the bracket to that key (2^11 times
-    narrower each time). When it lies outside the bracket, `missed`: the caller falls back to
+    lies in a key of several patterns (float32 τ, FP8's dequantized τ), the values the pass kept
+    inside the bracket settle it; where there were too many to keep, the next pass narrows the
+    bracket to that key (2^11 times narrower each time). When it lies outside the bracket, `missed`: the caller falls back to
     RadixSelect. The sample only decides how fast: the result is exact either way.
     """
 
@@ -300,8 +301,10 @@ class BracketSelect:
     def _slot(self, v: int) -> int:
         return 2 * ((v >> self.shift) - (self.lo >> self.shift)) + ((v & ((1 << self.shift) - 1)) != 0)
 
-    def add(self, above: int, hist: np.ndarray, hot_counts: Sequence[int]) -> None:
-        """After a pass: sets `found`, or narrows the bracket for another pass, or sets `missed`."""
+    def add(self, above: int, hist: np.ndarray, hot_counts: Sequence[int], values: np.ndarray | None = None) -> None:
+        """After a pass: sets `found`, or narrows the bracket for another pass, or sets `missed`.
+        `values`: the pass's values inside the bracket other than the hot ones (all of them, or None),
+        which settle a key of several patterns without another pass."""
         self.passes += 1
         hist = hist.copy()
         for v, count in zip(self.hot, hot_counts):
@@ -318,10 +321,31 @@ class BracketSelect:
         pattern = ((self.lo >> self.shift) + key) << self.shift  # the key's smallest pattern
         if self.k - greater > nonzero_low:  # the k-th largest is that smallest pattern
             self.found = (_float(pattern), greater + nonzero_low, zero_low)
+        elif values is not None and (found := self._among(values, hot_counts, pattern, nonzero_low, greater)) is not None:
+            self.found = found
         elif self.passes == 3:  # 2^33 patterns narrowed: cannot happen, but never loop
             self.missed = True
         else:
             self._bracket(max(self.lo, pattern + 1), min(self.hi, pattern + (1 << self.shift) - 1))
+
+
+    def _among(self, values: np.ndarray, hot_counts: Sequence[int], pattern: int, larger: int, greater: int) -> tuple[float, int, int] | None:
+        """The k-th largest among the key's values above its smallest `pattern` (`larger` of them,
+        `greater` elements above the key): the kept values there and the hot values there."""
+        top = pattern | ((1 << self.shift) - 1)
+        above_pattern = values[(values > pattern) & (values <= top)]
+        kinds, counts = np.unique(above_pattern, return_counts=True)
+        extra = [(v, c) for v, c in zip(self.hot, hot_counts) if pattern < v <= top and c]
+        if extra:
+            kinds = np.concatenate([kinds, np.array([v for v, _ in extra], kinds.dtype)])
+            counts = np.concatenate([counts, np.array([c for _, c in extra], counts.dtype)])
+            order = np.argsort(kinds, kind="stable")
+            kinds, counts = kinds[order], counts[order]
+        if int(counts.sum()) != larger:  # not every value was kept (cannot happen): narrow instead
+            return None
+        above_or_at = np.cumsum(counts[::-1])  # from the largest
+        j = int(np.searchsorted(above_or_at, self.k - greater))
+        return _float(int(kinds[::-1][j])), greater + (int(above_or_at[j - 1]) if j else 0), int(counts[::-1][j])
 
 
 def _float(bits: int) -> float:

@@ -112,10 +112,10 @@ class NumpyBackend:
         selects = [ops.BracketSelect(k, size, sample[q % n]) if k else None for q, k in enumerate(ranks)]
         hot: list[np.ndarray | None] = [None] * len(ranks)  # per select, its hot values' counts per sub-block
         while any(pending := [s if s is not None and s.found is None and not s.missed else None for s in selects]):
-            above, hists, hot_now = kernel.bracket_pass(spec, base, fts, block.start, pending, self.pool)
+            above, hists, hot_now, values = kernel.bracket_pass(spec, base, fts, block.start, pending, self.pool)
             for q, s in enumerate(pending):
                 if s is not None:
-                    s.add(int(above[q]), hists[q], hot_now[q].sum(axis=1))
+                    s.add(int(above[q]), hists[q], hot_now[q].sum(axis=1), values[q])
                     hot[q] = hot_now[q]
         if any(s is not None and s.missed for s in selects):
             return None
