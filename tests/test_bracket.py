@@ -88,11 +88,11 @@ def test_two_ranks_per_model_in_one_pass(size):
         _check(base, fts, [size // 2 + size // 100, 0, size // 100, 7], "inclusive", pool)
 
 
-@pytest.mark.parametrize(("kept", "most_passes"), [(ckernel.KEPT_VALUES, 1), (1000, 2)])
+@pytest.mark.parametrize(("kept", "most_passes"), [(ckernel.KEPT_BYTES, 1), (8000, 2)])
 def test_float32_task_vectors_settle_from_kept_values_or_narrow(kept, most_passes, monkeypatch):
     # float32 τ: the k-th largest's key spans several patterns; the values kept inside the bracket
     # settle it in the same pass, or (too many to keep) the next pass narrows the bracket
-    monkeypatch.setattr(ckernel, "KEPT_VALUES", kept)
+    monkeypatch.setattr(ckernel, "KEPT_BYTES", kept)
     passes_taken = []
     add = ops.BracketSelect.add
     monkeypatch.setattr(ops.BracketSelect, "add", lambda self, *a: add(self, *a) or passes_taken.append(self.passes))

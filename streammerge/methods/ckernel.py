@@ -313,7 +313,8 @@ def tau_bits(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: i
     return out if sample else out[:, :size]
 
 
-KEPT_VALUES = 1 << 21  # per select and range: the values inside a bracket kept to settle its key (8 MiB)
+KEPT_BYTES = 16 << 20  # per thread range, all selects together: the values inside the brackets kept to settle
+# a key (within the plan's per-thread scratch allowance, plan.SCRATCH_BYTES)
 
 
 def bracket_pass(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], start: int, selects: list,
@@ -321,25 +322,26 @@ def bracket_pass(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], star
     """One pass of ops.BracketSelect for each select (None: not counted), select q of model
     q mod len(fts): how many |τ| lie above its bracket, the histogram inside (BRACKET_KEYS keys,
     split in two), per hot value how many equal it in each sub-block of SUB elements, and the values
-    counted inside (None where more than KEPT_VALUES per range were)."""
+    counted inside (None where more than the range's share of KEPT_BYTES were)."""
     size, count = numel(base), len(selects)
     p, brackets = ctypes.byref(_params(spec, base, fts, start=start)), _brackets(selects)
     bins, subs = 2 * BRACKET_KEYS, -(-size // SUB)
     ranges = kernels._chunks(size, 1 if pool is None else pool._max_workers, SUB)  # sub-blocks whole in one range
     above, hists = np.zeros((len(ranges), count), np.int64), np.zeros((len(ranges), count, bins), np.int64)
     hot = np.zeros((count, 2, subs), np.int64)
-    kept = np.empty((len(ranges), count, KEPT_VALUES), np.uint32)  # pages touched only as values are kept
+    cap = KEPT_BYTES // 4 // count
+    kept = np.empty((len(ranges), count, cap), np.uint32)  # pages touched only as values are kept
     kept_count = np.zeros((len(ranges), count), np.int64)
 
     def work(r: int) -> None:
         c0, c1 = ranges[r]
         for c in range(c0, c1, 1 << 30):  # bracket_range counts in uint32
             _check(_lib.bracket_range(p, c, min(c1, c + (1 << 30)), brackets, count, bins, subs, above[r].ctypes.data,
-                                      hists[r].ctypes.data, hot.ctypes.data, kept[r].ctypes.data, KEPT_VALUES,
+                                      hists[r].ctypes.data, hot.ctypes.data, kept[r].ctypes.data, cap,
                                       kept_count[r].ctypes.data) == 0)
 
     _each(work, len(ranges), pool)
-    values = [None if (kept_count[:, q] > KEPT_VALUES).any() else np.concatenate([kept[r, q, : kept_count[r, q]] for r in range(len(ranges))])
+    values = [None if (kept_count[:, q] > cap).any() else np.concatenate([kept[r, q, : kept_count[r, q]] for r in range(len(ranges))])
               for q in range(count)]
     return above.sum(axis=0), hists.sum(axis=0), hot, values
 
