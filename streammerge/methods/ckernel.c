@@ -419,7 +419,7 @@ MULTIVERSION int64_t tie_range(const Merge *p, int64_t i, int64_t lo, int64_t hi
 typedef struct { /* one model's bracket of |τ| bit patterns (ckernel.py's _Bracket) */
     uint32_t lo, hi;     /* the patterns inside: lo <= v <= hi */
     uint32_t hot[2];     /* values counted apart, per sub-block (0xFFFFFFFF: none; |τ|'s bits never are) */
-    int32_t shift, wanted;
+    int32_t shift, wanted, keep; /* keep: the values inside are kept (bracket_range) */
 } Bracket;
 
 /* |τ_i|'s bits at `count` runs of `m` (<= CHUNK) elements, run t from element at[t] and cut at the
@@ -447,9 +447,10 @@ MULTIVERSION int tau_bits(const Merge *p, const int64_t *at, int64_t count, int 
    (of model q mod n: a model may have several, e.g. breadcrumbs' two ranks): above[q] += how many
    |τ| lie above it; hists[q · bins + 2·key + (v's low `shift` bits != 0)] += the others inside it
    but its hot values, key = (v >> shift) − (lo >> shift); and hot[(2q + h)·subs + g] += how many
-   equal hot value h in sub-block g (SUB elements from the block's element 0). The values counted
-   inside are also kept, the first `cap` of them, in kept[q·cap ...] (kept_count[q]: how many there
-   were): a key of several patterns is then settled from them, not by another pass. Every element is
+   equal hot value h in sub-block g (SUB elements from the block's element 0). A bracket that keeps
+   its values (`keep`) also puts the first `cap` of those counted inside in kept[q·cap ...]
+   (kept_count[q]: how many there were): a key of several patterns is then settled from them, not by
+   another pass. Every element is
    compared in a loop that vectorizes, which flags those inside; only those are counted one by one,
    few when the bracket is narrow. 0, or -1 out of memory */
 MULTIVERSION int bracket_range(const Merge *p, int64_t lo, int64_t hi, const Bracket *br, int64_t brackets, int64_t bins,
@@ -497,7 +498,7 @@ MULTIVERSION int bracket_range(const Merge *p, int64_t lo, int64_t hi, const Bra
                         uint32_t v = to_bits(d[g + (__builtin_ctzll(w) >> 3)]) & 0x7FFFFFFFu;
                         h[2 * ((v >> k->shift) - base_key) + ((v & low_bits) != 0)]++;
                         if (held < cap) keep[held] = v;
-                        held++;
+                        held += k->keep;
                     }
                 }
                 kept_count[q] = held;

@@ -72,7 +72,8 @@ class _Merge(ctypes.Structure):  # ckernel.c's Merge
 
 
 class _Bracket(ctypes.Structure):  # ckernel.c's Bracket
-    _fields_ = [("lo", c_uint32), ("hi", c_uint32), ("hot", c_uint32 * 2), ("shift", c_int32), ("wanted", c_int32)]
+    _fields_ = [("lo", c_uint32), ("hi", c_uint32), ("hot", c_uint32 * 2), ("shift", c_int32), ("wanted", c_int32),
+                ("keep", c_int32)]
 
 
 class _Sce(ctypes.Structure):  # sce.c's Sce
@@ -288,7 +289,7 @@ def _brackets(selects: list) -> ctypes.Array:
     for b, s in zip(out, selects):
         if s is not None:
             hot = [*s.hot, 0xFFFFFFFF, 0xFFFFFFFF][:2]  # no |τ| has these bits
-            b.lo, b.hi, b.hot[0], b.hot[1], b.shift, b.wanted = s.lo, s.hi, hot[0], hot[1], s.shift, 1
+            b.lo, b.hi, b.hot[0], b.hot[1], b.shift, b.wanted, b.keep = s.lo, s.hi, hot[0], hot[1], s.shift, 1, s.keeps
     return out
 
 
@@ -322,14 +323,16 @@ def bracket_pass(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], star
     """One pass of ops.BracketSelect for each select (None: not counted), select q of model
     q mod len(fts): how many |τ| lie above its bracket, the histogram inside (BRACKET_KEYS keys,
     split in two), per hot value how many equal it in each sub-block of SUB elements, and the values
-    counted inside (None where more than the range's share of KEPT_BYTES were)."""
+    counted inside where the select keeps them (else None, as where more than the range's share of
+    KEPT_BYTES were)."""
     size, count = numel(base), len(selects)
     p, brackets = ctypes.byref(_params(spec, base, fts, start=start)), _brackets(selects)
     bins, subs = 2 * BRACKET_KEYS, -(-size // SUB)
     ranges = kernels._chunks(size, 1 if pool is None else pool._max_workers, SUB)  # sub-blocks whole in one range
     above, hists = np.zeros((len(ranges), count), np.int64), np.zeros((len(ranges), count, bins), np.int64)
     hot = np.zeros((count, 2, subs), np.int64)
-    cap = KEPT_BYTES // 4 // count
+    keeping = sum(s is not None and s.keeps for s in selects)
+    cap = KEPT_BYTES // 4 // keeping if keeping else 0
     kept = np.empty((len(ranges), count, cap), np.uint32)  # pages touched only as values are kept
     kept_count = np.zeros((len(ranges), count), np.int64)
 
@@ -341,8 +344,8 @@ def bracket_pass(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], star
                                       kept_count[r].ctypes.data) == 0)
 
     _each(work, len(ranges), pool)
-    values = [None if (kept_count[:, q] > cap).any() else np.concatenate([kept[r, q, : kept_count[r, q]] for r in range(len(ranges))])
-              for q in range(count)]
+    values = [None if not (s is not None and s.keeps) or (kept_count[:, q] > cap).any() else np.concatenate([kept[r, q, : kept_count[r, q]] for r in range(len(ranges))])
+              for q, s in enumerate(selects)]
     return above.sum(axis=0), hists.sum(axis=0), hot, values
 
 

@@ -289,6 +289,10 @@ class BracketSelect:
         values, counts = np.unique(inside[::step], return_counts=True)
         frequent = np.argsort(counts, kind="stable")[::-1][:2]
         self.hot = [int(values[j]) for j in frequent if counts[j] * step * 1024 >= size]  # 1/1024 of the sample or more
+        # the pass keeps the values inside where most have low bits (float32 τ, FP8's dequantized τ): a
+        # key then holds several values, settled from them; τ of bf16 weights is settled by the key's
+        # smallest value, and keeping its values would only cost fresh memory
+        self.keeps = len(inside) > 0 and 2 * int(np.count_nonzero(inside & 0xFFFF)) > len(inside)
         self.found: tuple[float, int, int] | None = None  # (value, count greater, count equal)
         self.missed = False
         self.passes = 0
