@@ -160,7 +160,7 @@ def test_bracket_select_walks_keys_and_narrows():
         hist = np.zeros(2 * ops.BRACKET_KEYS, np.int64)
         np.add.at(hist, 2 * ((inside >> sel.shift) - (sel.lo >> sel.shift)).astype(np.int64)
                   + ((inside & ((1 << sel.shift) - 1)) != 0), 1)
-        sel.add(int((values > sel.hi).sum()), hist, [0, 0][: len(sel.hot)])
+        sel.add(int((values > sel.hi).sum()), hist, np.zeros((len(sel.hot), 1), np.int64))
     want = np.sort(values)[::-1][k - 1]
     assert sel.found == (float(np.array([want]).view(np.float32)[0]), k - 1, 1)
 

@@ -294,6 +294,7 @@ class BracketSelect:
         # smallest value, and keeping its values would only cost fresh memory
         self.keeps = len(inside) > 0 and 2 * int(np.count_nonzero(inside & 0xFFFF)) > len(inside)
         self.found: tuple[float, int, int] | None = None  # (value, count greater, count equal)
+        self.hot_subs: np.ndarray | None = None  # the last pass's hot-value counts per sub-block
         self.missed = False
         self.passes = 0
         self._bracket(lo, hi)
@@ -305,11 +306,14 @@ class BracketSelect:
     def _slot(self, v: int) -> int:
         return 2 * ((v >> self.shift) - (self.lo >> self.shift)) + ((v & ((1 << self.shift) - 1)) != 0)
 
-    def add(self, above: int, hist: np.ndarray, hot_counts: Sequence[int], values: np.ndarray | None = None) -> None:
+    def add(self, above: int, hist: np.ndarray, hot_subs: np.ndarray, values: np.ndarray | None = None) -> None:
         """After a pass: sets `found`, or narrows the bracket for another pass, or sets `missed`.
+        `hot_subs`: per hot value, how many equal it in each sub-block (kept: they locate a tie).
         `values`: the pass's values inside the bracket other than the hot ones (all of them, or None),
         which settle a key of several patterns without another pass."""
         self.passes += 1
+        self.hot_subs = hot_subs
+        hot_counts = [int(c) for c in hot_subs.sum(axis=1)]
         hist = hist.copy()
         for v, count in zip(self.hot, hot_counts):
             if self.lo <= v <= self.hi:

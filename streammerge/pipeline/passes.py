@@ -106,25 +106,23 @@ class NumpyBackend:
         wanted = [any(ranks[q] for q in range(i, len(ranks), n)) for i in range(n)]
         if size < BRACKET_MIN:
             bits = kernel.tau_bits(spec, base, fts, block.start, wanted, sample=False)
-            return [_trim_threshold(*_sorted_select(bits[q % n], k), k, rule, lambda keep, q=q, k=k: block.start + _nth_tie(bits[q % n], k, keep))
+            return [_trim_threshold(*(found := _sorted_select(bits[q % n], k)), k, rule,
+                                    lambda keep, b=bits[q % n], v=found[0]: block.start + int(np.flatnonzero(b == _bits(v))[keep - 1]))
                     for q, k in enumerate(ranks)]
         sample = kernel.tau_bits(spec, base, fts, block.start, wanted)
         selects = [ops.BracketSelect(k, size, sample[q % n]) if k else None for q, k in enumerate(ranks)]
-        hot: list[np.ndarray | None] = [None] * len(ranks)  # per select, its hot values' counts per sub-block
         while any(pending := [s if s is not None and s.found is None and not s.missed else None for s in selects]):
-            above, hists, hot_now, values = kernel.bracket_pass(spec, base, fts, block.start, pending, self.pool)
+            above, hists, hot, values = kernel.bracket_pass(spec, base, fts, block.start, pending, self.pool)
             for q, s in enumerate(pending):
                 if s is not None:
-                    s.add(int(above[q]), hists[q], hot_now[q].sum(axis=1), values[q])
-                    hot[q] = hot_now[q]
+                    s.add(int(above[q]), hists[q], hot[q], values[q])
         if any(s is not None and s.missed for s in selects):
             return None
 
         def locate(q: int, value: float, keep: int) -> int:
-            lo, hi, needed = 0, size, keep
-            bits = int(np.float32(value).view(np.uint32))
-            if bits in selects[q].hot:  # the tie's sub-block from the counts, then only it scanned
-                before = np.cumsum(hot[q][selects[q].hot.index(bits)])
+            lo, hi, needed, s = 0, size, keep, selects[q]
+            if _bits(value) in s.hot:  # the tie's sub-block from the counts, then only it scanned
+                before = np.cumsum(s.hot_subs[s.hot.index(_bits(value))])
                 g = int(np.searchsorted(before, keep))
                 lo, hi, needed = g * ops.SUB, min(size, (g + 1) * ops.SUB), keep - (int(before[g - 1]) if g else 0)
             pos, _ = kernel.find_tie(spec, base, fts, block.start, q % n, value, needed, lo, hi)
@@ -669,10 +667,9 @@ def _sorted_select(bits: np.ndarray, k: int | None) -> tuple[float | None, int, 
     return float(value.view(np.float32)), int((bits > value).sum()), int((bits == value).sum())
 
 
-def _nth_tie(bits: np.ndarray, k: int, keep: int) -> int:
-    """The index of the keep-th element equal to the k-th largest."""
-    value = np.partition(bits, len(bits) - k)[len(bits) - k]
-    return int(np.flatnonzero(bits == value)[keep - 1])
+def _bits(value: float) -> int:
+    """A float32's bit pattern (|τ|'s, as the selections count them)."""
+    return int(np.float32(value).view(np.uint32))
 
 
 def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None]:
