@@ -204,6 +204,30 @@ def test_compiled_kernel_ranks_della_rows_as_the_numpy_kernel_and_torch(method, 
                             assert eager.view(bits).numpy().tobytes() == got.tobytes(), (rows, cols, params, rescale)
 
 
+@pytest.mark.parametrize("lows", [0.002, 0.05, 0.12, 0.3])
+def test_compiled_della_ranks_of_keys_with_low_bits(lows):
+    # The counting ranks place τ whose low 16 bits are zero by their top 16, then insert the others
+    # among their key's: rows of few keys, a fraction of them with low bits (often equal ones, out of
+    # index order, next to each other's runs), zeros, and up to more than the counting takes (radix
+    # then). Against the numpy kernel's sort, in row lengths below and above 8 low elements per 64.
+    g = np.random.default_rng(int(lows * 1000))
+    for rows, cols in ((64, 2048), (30, 300), (4, 65536)):
+        keys = g.choice(np.arange(0x3A00, 0x3A00 + 40, dtype=np.uint32), size=(rows, cols))
+        low = np.where(g.random((rows, cols)) < lows, g.choice(np.array([1, 7, 0x8000, 0xFFFF], np.uint32), (rows, cols)), 0)
+        tau = (keys << 16 | low).astype(np.uint32).view(np.float32)
+        tau = np.where(g.random((rows, cols)) < 0.05, 0, tau) * np.where(g.random((rows, cols)) < 0.5, -1, 1)
+        base = torch.zeros(rows, cols)
+        fts = [torch.from_numpy(tau.astype(np.float32)).roll(i, dims=1) for i in range(3)]
+        b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts]
+        for method in ("della", "della_linear"):
+            spec = _della_spec(method, cols, DELLA_PARAMS[0], "inverse")
+            want, got = np.empty(rows * cols, np.float32), np.empty(rows * cols, np.float32)
+            kernels.merge_block(spec, b, fs, want, 0, None)
+            assert ckernel.supports(spec, b, fs, got)
+            ckernel.merge(spec, b, fs, got, 0, None)
+            assert want.tobytes() == got.tobytes(), (lows, rows, cols, method)
+
+
 def test_della_ranks_that_keep_nothing_stay_on_the_numpy_kernel():
     # p < 2^-32 at the lowest ranks (density − epsilon tiny): a threshold of 0, which the kernel's
     # uint32 "last hash kept" cannot say; that merge stays on the numpy kernel, as do stats passes

@@ -11,8 +11,9 @@
    (no exception flag is read). The tests check both kernels give identical bytes. Inputs are read
    in place from the mapped files.
 
-   DELLA ranks |τ| within rows: its steps hold whole rows, each row's ranks come from a stable radix
-   sort of |τ|'s bits (ties lower index first, as the numpy kernel's and torch's sorts). */
+   DELLA ranks |τ| within rows: its steps hold whole rows, each row's ranks come from counting its
+   keys (τ of bf16 weights) or a stable radix sort of |τ|'s bits (ties lower index first, as the
+   numpy kernel's and torch's sorts). */
 
 #include "ckernel.h"
 
@@ -46,6 +47,7 @@ typedef struct { /* DELLA's per-row scratch: (|τ| bits, index) pairs and a seco
     uint64_t *pairs, *spare;
     uint32_t *last;
     float *p;
+    uint32_t *who; /* counted_ranks: the element at a rank of its low-bit runs, | LOW; 0 elsewhere between rows */
 } Ranks;
 
 INLINE uint32_t fmix32(uint32_t x) { /* MurmurHash3's finalizer (mask.py) */
@@ -144,57 +146,89 @@ INLINE void radix_ranks(const float *restrict row, int cols, const Model *md, Ra
     }
 }
 
+#define LOW 0x80000000u /* counted_ranks: who[a] holds an element with low bits */
 #define KEY_SPAN 4096 /* a row's nonzero |τ| whose top 16 bits span fewer values: ranked by counting */
 
 /* counted_ranks' slot of |τ| bits v: 0 for the zeros, key t (the top 16 bits) at t - first + 1 */
-INLINE uint32_t key_slot(uint32_t v, uint32_t first) { return v ? (v >> 16) - first + 1 : 0; }
+INLINE uint32_t key_slot(uint32_t v, uint32_t first) { return ((v >> 16) - first + 1) & -(uint32_t)(v != 0); }
 
-/* A row's ranks by one counting pass over the top 16 bits of |τ| (exact zeros first), where its
-   nonzero values' top bits span fewer than KEY_SPAN values (τ of bf16 weights: some hundreds to a
-   few thousand), then one insertion pass that orders the runs of equal top bits by their low bits.
-   The same ranks as radix_ranks, in one scatter instead of up to four. 0 where it does not apply, or
-   the low bits would take too many moves (pairs is then scratch: radix_ranks starts over). */
+/* x[i] = the sum of x[0, i), four at a time: a chain of one add per four, where a running sum would
+   wait on each (a row's keys may span more slots than it has elements) */
+INLINE void exclusive_sums(uint32_t *restrict x, uint32_t n) {
+    uint32_t sum = 0, i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint32_t c0 = x[i], c1 = x[i + 1], c2 = x[i + 2], c3 = x[i + 3], s01 = c0 + c1;
+        x[i] = sum, x[i + 1] = sum + c0, x[i + 2] = sum + s01, x[i + 3] = sum + s01 + c2;
+        sum += s01 + c2 + c3;
+    }
+    for (; i < n; i++) {
+        uint32_t c = x[i];
+        x[i] = sum;
+        sum += c;
+    }
+}
+
+/* A row's ranks by counting the top 16 bits of |τ| (exact zeros first), where its nonzero values'
+   top bits span fewer than KEY_SPAN values (τ of bf16 weights: some hundreds to a few thousand).
+   One pass counts the keys; one gives each element whose low 16 bits are zero, in index order
+   (stable), its key's next rank and that rank's last hash kept and p. The others (a few per row: τ
+   across exponents) follow, in index order, each after its key's zero-low elements, inserted among
+   the key's others by their whole |τ|. The same ranks as radix_ranks; 0 where it does not apply or
+   the low bits are too many (float32 τ). */
 INLINE int counted_ranks(const float *restrict row, int cols, const Model *md, Ranks *rk, uint32_t *restrict at) {
-    uint32_t first = 0xFFFFu, last = 0, lows = 0;
+    uint32_t first = 0xFFFFu, last = 0;
     for (int j = 0; j < cols; j++) { /* selects, not branches: it vectorizes */
         uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu, t = v >> 16, key = v ? t : 0xFFFFu;
         first = key < first ? key : first;
         last = t > last ? t : last;
-        lows |= v & 0xFFFFu;
     }
     if (first <= last && last - first >= KEY_SPAN - 1) return 0;
     uint32_t slots = first <= last ? last - first + 2 : 1;
-    memset(at, 0, (slots + 1) * sizeof(uint32_t));
+    memset(at, 0, slots * sizeof(uint32_t));
+    uint32_t *restrict lows = (uint32_t *)rk->spare, *restrict who = rk->who;
+    int nlow = 0;
     for (int j = 0; j < cols; j++) {
         uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu;
-        at[key_slot(v, first) + 1]++;
+        at[key_slot(v, first)]++;
+        lows[nlow] = (uint32_t)j; /* kept where v has low bits */
+        nlow += (v & 0xFFFFu) != 0;
     }
-    for (uint32_t s = 1; s <= slots; s++) at[s] += at[s - 1]; /* at[s]: where slot s starts */
-    uint64_t *pairs = rk->pairs;
-    for (int j = 0; j < cols; j++) { /* in index order: stable */
-        uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu;
-        pairs[at[key_slot(v, first)]++] = (uint64_t)v << 32 | (uint32_t)j;
+    if (nlow > cols / 8) return 0;
+    exclusive_sums(at, slots); /* at[s]: slot s's first rank */
+    const uint32_t *restrict last_k = md->della_last;
+    const float *restrict p_k = md->della_p;
+    uint32_t *restrict kept = rk->last;
+    float *restrict prob = rk->p;
+    for (int j = 0; j < cols; j++) { /* an element with low bits writes where the next zero-low one will */
+        uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu, *slot = at + key_slot(v, first), a = *slot;
+        *slot = a + ((v & 0xFFFFu) == 0);
+        kept[j] = last_k[a];
+        if (p_k) prob[j] = p_k[a];
     }
-    if (lows) { /* pairs in increasing order are the final order */
-        int64_t moves = 0;
-        for (int i = 1; i < cols; i++) {
-            uint64_t x = pairs[i];
-            if (pairs[i - 1] <= x) continue;
-            int k = i;
-            for (; k > 0 && pairs[k - 1] > x; k--) pairs[k] = pairs[k - 1];
-            pairs[k] = x;
-            moves += i - k;
-            if (moves > 8 * (int64_t)cols) return 0; /* long runs of mixed low bits (float32 τ): radix */
+    /* at[s]: past slot s's zero-low elements. The others there, in index order, then each inserted
+       among its key's others (in who[], marked LOW) by |τ| */
+    uint32_t *restrict pos = lows + cols;
+    for (int i = 0; i < nlow; i++) {
+        uint32_t j = lows[i];
+        pos[i] = at[key_slot(to_bits(row[j]) & 0x7FFFFFFFu, first)]++;
+        who[pos[i]] = j | LOW;
+    }
+    int64_t moves = 0;
+    for (int i = 0; i < nlow && moves <= cols; i++) {
+        uint32_t j = lows[i], v = to_bits(row[j]) & 0x7FFFFFFFu, a = pos[i];
+        for (; a > 0 && who[a - 1] & LOW && (to_bits(row[who[a - 1] & ~LOW]) & 0x7FFFFFFFu) > v; a--) {
+            uint32_t y = who[a - 1];
+            who[a] = y, y &= ~LOW;
+            kept[y] = last_k[a];
+            if (p_k) prob[y] = p_k[a];
         }
+        moves += pos[i] - a;
+        who[a] = j | LOW;
+        kept[j] = last_k[a];
+        if (p_k) prob[j] = p_k[a];
     }
-    const uint32_t *last_k = md->della_last;
-    const float *p_k = md->della_p;
-    for (int a = 0; a < cols; a++) { /* the pair at position a has rank a */
-        uint32_t j = (uint32_t)pairs[a];
-        rk->last[j] = last_k[a];
-        if (p_k) rk->p[j] = p_k[a];
-    }
-    return 1;
+    for (int i = 0; i < nlow; i++) who[pos[i]] = 0; /* the next row's runs start unmarked */
+    return moves <= cols; /* else long runs of low bits: radix_ranks */
 }
 
 /* DELLA's MagPrune of the whole rows in d[0, m) (kernels._magprune_chunk): an element's rank k by |τ|
@@ -246,8 +280,10 @@ INLINE int merge_into(const Merge *p, int64_t lo, int64_t hi, const Source *out,
     float *buf = malloc((6 + n) * step * sizeof(float));
     Ranks rk = {0};
     if (cols) {
-        rk.pairs = malloc(2 * cols * sizeof(uint64_t) + cols * (sizeof(uint32_t) + sizeof(float)));
-        if (rk.pairs) rk.spare = rk.pairs + cols, rk.last = (uint32_t *)(rk.spare + cols), rk.p = (float *)(rk.last + cols);
+        rk.pairs = calloc(cols, 2 * sizeof(uint64_t) + 2 * sizeof(uint32_t) + sizeof(float));
+        if (rk.pairs)
+            rk.spare = rk.pairs + cols, rk.last = (uint32_t *)(rk.spare + cols), rk.p = (float *)(rk.last + cols),
+            rk.who = (uint32_t *)(rk.p + cols);
     }
     if (!buf || (cols && !rk.pairs)) {
         free(buf);
