@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import shard_hashes
+from conftest import shard_hashes, skip_other_capability
 from safetensors.torch import load_file
 
 from streammerge import MergeConfig, merge
@@ -33,6 +33,7 @@ def _merged(out: Path) -> dict:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_mergekit_configs_give_mergekits_bytes(path, tmp_path):
+    skip_other_capability(path.parent.parent, path.stem)
     merge(_config(path, semantics="mergekit"), tmp_path / "out")
     expected = load_file(path.parent.parent / "outputs" / path.stem / "model.safetensors")
     got = _merged(tmp_path / "out")
