@@ -121,14 +121,19 @@ MULTIVERSION int64_t arcee_hist(const Source *a, const Source *b, const double *
             for (int j = 0; j < m; j++)
                 if (counts[slot[j]]++ == 0) bins[nb++] = slot[j];
         } else {
-            for (int j = 0; j < m; j++) {
-                uint32_t v = to_bits(imp[j]), low = v & 0xFFFFu;
-                slot[j] = v >> 16 == top[0] ? low
-                        : v >> 16 == top[1] ? 65536 + low
-                        : v >> 16 == top[2] ? 131072 + low : none;
+            for (int j = 0; j < m; j++) { /* selects: it vectorizes */
+                uint32_t v = to_bits(imp[j]), t = v >> 16, low = v & 0xFFFFu;
+                uint32_t s = t == top[2] ? 131072 + low : none;
+                s = t == top[1] ? 65536 + low : s;
+                slot[j] = t == top[0] ? low : s;
             }
-            for (int j = 0; j < m; j++) /* few elements are in those bins */
-                if (slot[j] != none && counts[slot[j]]++ == 0) bins[nb++] = slot[j];
+            int hits = 0;
+            for (int j = 0; j < m; j++) { /* few elements are in those bins: gathered without branches */
+                slot[hits] = slot[j];
+                hits += slot[j] != none;
+            }
+            for (int j = 0; j < hits; j++)
+                if (counts[slot[j]]++ == 0) bins[nb++] = slot[j];
         }
         c += m;
     }
