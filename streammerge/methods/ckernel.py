@@ -12,7 +12,8 @@ Bits: every step is the same IEEE float32 operation, in the same order, as `kern
 and the tests check the two give identical bytes. Inputs are read in place from the mapped files:
 no staging copy. ctypes releases the GIL during a call: the pool's threads run in parallel.
 Covers the task-vector family in float32 with bf16/float32/FP8 storage (`supports`), DELLA's
-merge included: its steps hold whole rows, ranked within each (a stable radix sort of |τ|'s bits);
+merge included: its steps hold whole rows, ranked within each (by counting the top 16 bits of |τ|,
+or a stable radix sort of its bits);
 DELLA's tables of p per rank are the numpy kernel's (kernels._della_tables).
 """
 
