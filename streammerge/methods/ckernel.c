@@ -152,6 +152,13 @@ INLINE void radix_ranks(const float *restrict row, int cols, const Model *md, Ra
 /* counted_ranks' slot of |τ| bits v: 0 for the zeros, key t (the top 16 bits) at t - first + 1 */
 INLINE uint32_t key_slot(uint32_t v, uint32_t first) { return ((v >> 16) - first + 1) & -(uint32_t)(v != 0); }
 
+/* element j has rank a: its last hash kept and p (from the model's tables per rank) */
+INLINE void give_rank(uint32_t *restrict kept, float *restrict prob, const uint32_t *restrict last_k,
+                      const float *restrict p_k, uint32_t j, uint32_t a) {
+    kept[j] = last_k[a];
+    if (p_k) prob[j] = p_k[a];
+}
+
 /* x[i] = the sum of x[0, i), four at a time: a chain of one add per four, where a running sum would
    wait on each (a row's keys may span more slots than it has elements) */
 INLINE void exclusive_sums(uint32_t *restrict x, uint32_t n) {
@@ -185,7 +192,7 @@ INLINE int counted_ranks(const float *restrict row, int cols, const Model *md, R
     if (first <= last && last - first >= KEY_SPAN - 1) return 0;
     uint32_t slots = first <= last ? last - first + 2 : 1;
     memset(at, 0, slots * sizeof(uint32_t));
-    uint32_t *restrict lows = (uint32_t *)rk->spare, *restrict who = rk->who;
+    uint32_t *restrict lows = (uint32_t *)rk->spare, *restrict who = rk->who; /* spare: room for lows and pos */
     int nlow = 0;
     for (int j = 0; j < cols; j++) {
         uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu;
@@ -199,11 +206,10 @@ INLINE int counted_ranks(const float *restrict row, int cols, const Model *md, R
     const float *restrict p_k = md->della_p;
     uint32_t *restrict kept = rk->last;
     float *restrict prob = rk->p;
-    for (int j = 0; j < cols; j++) { /* an element with low bits writes where the next zero-low one will */
+    for (int j = 0; j < cols; j++) { /* an element with low bits takes a rank for now, not its key's slot */
         uint32_t v = to_bits(row[j]) & 0x7FFFFFFFu, *slot = at + key_slot(v, first), a = *slot;
         *slot = a + ((v & 0xFFFFu) == 0);
-        kept[j] = last_k[a];
-        if (p_k) prob[j] = p_k[a];
+        give_rank(kept, prob, last_k, p_k, (uint32_t)j, a);
     }
     /* at[s]: past slot s's zero-low elements. The others there, in index order, then each inserted
        among its key's others (in who[], marked LOW) by |τ| */
@@ -217,15 +223,12 @@ INLINE int counted_ranks(const float *restrict row, int cols, const Model *md, R
     for (int i = 0; i < nlow && moves <= cols; i++) {
         uint32_t j = lows[i], v = to_bits(row[j]) & 0x7FFFFFFFu, a = pos[i];
         for (; a > 0 && who[a - 1] & LOW && (to_bits(row[who[a - 1] & ~LOW]) & 0x7FFFFFFFu) > v; a--) {
-            uint32_t y = who[a - 1];
-            who[a] = y, y &= ~LOW;
-            kept[y] = last_k[a];
-            if (p_k) prob[y] = p_k[a];
+            who[a] = who[a - 1];
+            give_rank(kept, prob, last_k, p_k, who[a] & ~LOW, a);
         }
         moves += pos[i] - a;
         who[a] = j | LOW;
-        kept[j] = last_k[a];
-        if (p_k) prob[j] = p_k[a];
+        give_rank(kept, prob, last_k, p_k, j, a);
     }
     for (int i = 0; i < nlow; i++) who[pos[i]] = 0; /* the next row's runs start unmarked */
     return moves <= cols; /* else long runs of low bits: radix_ranks */

@@ -336,7 +336,6 @@ class BracketSelect:
         else:
             self._bracket(max(self.lo, pattern + 1), min(self.hi, pattern + (1 << self.shift) - 1))
 
-
     def _among(self, values: np.ndarray, hot_counts: Sequence[int], pattern: int, larger: int, greater: int) -> tuple[float, int, int] | None:
         """The k-th largest among the key's values above its smallest `pattern` (`larger` of them,
         `greater` elements above the key): the kept values there and the hot values there."""

@@ -589,12 +589,23 @@ def select_thresholds(jobs: list[TensorJob], numel: int, densities: tuple[float,
 
 
 def select_rank_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule: str) -> list[list[ops.TrimThreshold | None]]:
-    """select_thresholds for given ranks k per model (None keeps everything, 0 nothing)."""
-    n = len(ranks)
+    """select_thresholds for given ranks k (None keeps everything, 0 nothing), rank q of model q mod n
+    (n fine-tunes; breadcrumbs asks two ranks of each)."""
     if len(jobs) == 1 and len(jobs[0].blocks) == 1 and isinstance(jobs[0].backend, TorchBackend):
         return [_sorted_thresholds(jobs[0], ranks, rule)]  # one block in memory anyway: no radix passes
     if len(jobs) == 1 and (bracketed := _bracketed(jobs[0], ranks, rule)) is not None:
-        return [bracketed]
+        return [bracketed]  # every rank in one pass
+    n = len(jobs[0].finetuned)  # the radix passes: one rank of each model at a time
+    per_job: list[list[ops.TrimThreshold | None]] = [[] for _ in jobs]
+    for g in range(0, len(ranks), n):
+        for row, part in zip(per_job, _radix_thresholds(jobs, ranks[g : g + n], rule)):
+            row.extend(part)
+    return per_job
+
+
+def _radix_thresholds(jobs: list[TensorJob], ranks: list[int | None], rule: str) -> list[list[ops.TrimThreshold | None]]:
+    """select_rank_thresholds by the radix passes and tie scans, one rank per model."""
+    n = len(ranks)
     selectors = [ops.RadixSelect(k) if k else None for k in ranks]
     for pass_index in range(2):
         wanted = [s is not None and s.found is None for s in selectors]
@@ -675,13 +686,14 @@ def _bits(value: float) -> int:
 def _sorted_thresholds(job: TensorJob, ranks: list[int | None], rule: str) -> list[ops.TrimThreshold | None]:
     """The thresholds select_rank_thresholds finds, from one whole-tensor block by a top-k."""
     (block,) = job.blocks_read()
-    _, deltas = job.backend.deltas(block, replace(job.spec, trims=(None,) * len(ranks), outliers=()))
+    n = len(job.spec.weights)  # fine-tunes
+    _, deltas = job.backend.deltas(block, replace(job.spec, trims=(None,) * n, outliers=()))
     out: list[ops.TrimThreshold | None] = []
-    for i, k in enumerate(ranks):
+    for q, k in enumerate(ranks):
         if not k:
             out.append(_trim_threshold(None, 0, 0, k, rule, None))
             continue
-        flat = deltas[i].abs().reshape(-1).float().cpu()  # one copy from a GPU, then no round trips
+        flat = deltas[q % n].abs().reshape(-1).float().cpu()  # one copy from a GPU, then no round trips
         value = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest (NaN above everything)
         nans = flat.isnan()
         if value.isnan():  # the NaNs are its ties (none compares equal to it, so which are kept does not matter)
@@ -741,11 +753,8 @@ def prepare_tensor(job: TensorJob) -> None:
         return
     if job.radix_trim and opts.sparsify == "band":
         ranks = [ops.breadcrumbs_ranks(job.tp.numel, d, g) for d, g in zip(job.tp.densities, job.tp.gammas)]
-        uppers, outs = [r[0] for r in ranks], [r[1] for r in ranks]
-        both = _bracketed(job, uppers + outs, opts.trim_rule)  # both ranks of each model in one pass
-        if both is None:
-            both = [*select_rank_thresholds([job], uppers, opts.trim_rule)[0], *select_rank_thresholds([job], outs, opts.trim_rule)[0]]
-        job.spec = replace(job.spec, trims=tuple(both[: len(uppers)]), outliers=tuple(both[len(uppers) :]))
+        (both,) = select_rank_thresholds([job], [r[0] for r in ranks] + [r[1] for r in ranks], opts.trim_rule)
+        job.spec = replace(job.spec, trims=tuple(both[: len(ranks)]), outliers=tuple(both[len(ranks) :]))
     elif job.radix_trim and opts.trim_scope == "tensor":
         (trims,) = select_thresholds([job], job.tp.numel, job.trim_densities(), opts.trim_rule)
         job.spec = replace(job.spec, trims=tuple(trims))
