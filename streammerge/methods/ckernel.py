@@ -345,8 +345,10 @@ def bracket_pass(spec: TensorSpec, base: np.ndarray, fts: list[np.ndarray], star
                                       kept_count[r].ctypes.data) == 0)
 
     _each(work, len(ranges), pool)
-    values = [None if not (s is not None and s.keeps) or (kept_count[:, q] > cap).any() else np.concatenate([kept[r, q, : kept_count[r, q]] for r in range(len(ranges))])
-              for q, s in enumerate(selects)]
+    values: list[np.ndarray | None] = []
+    for q, s in enumerate(selects):
+        whole = s is not None and s.keeps and not (kept_count[:, q] > cap).any()  # every value inside was kept
+        values.append(np.concatenate([kept[r, q, : kept_count[r, q]] for r in range(len(ranges))]) if whole else None)
     return above.sum(axis=0), hists.sum(axis=0), hot, values
 
 
