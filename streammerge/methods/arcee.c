@@ -1,15 +1,77 @@
 /* arcee_fusion's default semantics (arcee_fusion.py's torch ops, op for op; loaded by ckernel.py).
 
-   The KL of each softmax row (`last` elements) in float64, but for its exp and log: those stay
-   torch's (C's libm and torch's vectorized exp/log may differ in the last bit), so the row takes
-   three calls, torch exponentiating between the first two and taking the log between the last two.
-   Then the importance |θ₁ − θ₀|·KL, float64 rounded to float32, for the radix histograms and the
-   merge, computed where it is used instead of stored. Every op is the same IEEE operation, in the
-   same order, as the torch path: the tests check the bytes. θ₀ is `a`, θ₁ is `b`. */
+   The KL of each softmax row (`last` elements) in float64, its exp and log detmath.py's (fixed
+   sequences of IEEE operations, spelled out here in the same order: the same bits as the torch
+   path, on any machine). Then the importance |θ₁ − θ₀|·KL, float64 rounded to float32, for the
+   radix histograms and the merge, computed where it is used instead of stored. Every op is the same
+   IEEE operation, in the same order, as the torch path: the tests check the bytes. θ₀ is `a`, θ₁ is `b`. */
 
 #include "ckernel.h"
 
 #define EPS 1e-8 /* arcee_fusion.EPS */
+
+/* detmath.py's constants */
+#define SHIFTER 0x1.8p52
+#define INV_LN2 0x1.71547652b82fep+0
+#define LN2_HI 0x1.62e42ffp-1
+#define LN2_LO -0x1.718432a1b0e26p-35
+#define EXP_LIMIT 1100.0
+#define SQRT2 0x1.6a09e667f3bcdp+0
+
+INLINE uint64_t bits64(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
+INLINE double from_bits64(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
+
+/* 2^k of integer-valued k, |k| <= 1022: k's bits read off k + SHIFTER's mantissa */
+INLINE double pow2(double k) { return from_bits64((bits64(k + SHIFTER) - bits64(SHIFTER) + 1023) << 52); }
+
+/* detmath.exp: e^x = 2^k · (1 + (r + r²·P(r))), P's terms 1/2! … 1/13! by Estrin's tree */
+INLINE double det_exp(double x) {
+    double c = x < -EXP_LIMIT ? -EXP_LIMIT : x;
+    c = c > EXP_LIMIT ? EXP_LIMIT : c;
+    double k = (c * INV_LN2 + SHIFTER) - SHIFTER;
+    double r = (c - k * LN2_HI) - k * LN2_LO;
+    double r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+    double a0 = 1.0 / 2 + 1.0 / 6 * r, a1 = 1.0 / 24 + 1.0 / 120 * r, a2 = 1.0 / 720 + 1.0 / 5040 * r;
+    double a3 = 1.0 / 40320 + 1.0 / 362880 * r, a4 = 1.0 / 3628800 + 1.0 / 39916800 * r;
+    double a5 = 1.0 / 479001600 + 1.0 / 6227020800.0 * r;
+    double p = ((a0 + a1 * r2) + (a2 + a3 * r2) * r4) + (a4 + a5 * r2) * r8;
+    double e = 1.0 + (r + (r * r) * p);
+    double k1 = (k * 0.5 + SHIFTER) - SHIFTER;
+    double out = (e * pow2(k1)) * pow2(k - k1);
+    return x != x ? x : out;
+}
+
+/* detmath.log: k·ln 2 + f − (f²/2 − s·(f²/2 + R)), x = 2^k·(1 + f), s = f/(2 + f), R = z·Q(z), z = s²,
+   Q's terms 2/3 … 2/21 by Estrin's tree */
+INLINE double det_log(double x) {
+    uint64_t tiny = x < 0x1p-1022; /* (64-bit flags and integers: one lane width, so the loops vectorize) */
+    uint64_t u = bits64(tiny ? x * 0x1p54 : x);
+    double m = from_bits64((u & 0xFFFFFFFFFFFFFull) | 0x3FF0000000000000ull); /* in [1, 2) */
+    uint64_t big = m > SQRT2;
+    m = big ? m * 0.5 : m;
+    /* k exactly: the biased exponent (+ 54 unless scaled) in 2^52's mantissa, less 2^52 and the bias */
+    uint64_t biased = ((u >> 52) & 0x7FF) + big + (tiny ? 0 : 54);
+    double k = from_bits64(bits64(0x1p52) + biased) - (0x1p52 + 1077.0);
+    double f = m - 1.0, s = f / (2.0 + f), z = s * s, hfsq = 0.5 * f * f;
+    double z2 = z * z, z4 = z2 * z2, z8 = z4 * z4;
+    double a0 = 2.0 / 3 + 2.0 / 5 * z, a1 = 2.0 / 7 + 2.0 / 9 * z, a2 = 2.0 / 11 + 2.0 / 13 * z;
+    double a3 = 2.0 / 15 + 2.0 / 17 * z, a4 = 2.0 / 19 + 2.0 / 21 * z;
+    double r = z * (((a0 + a1 * z2) + (a2 + a3 * z2) * z4) + a4 * z8);
+    double out = k * LN2_HI + (f - (hfsq - (s * (hfsq + r) + k * LN2_LO)));
+    out = x == INFINITY ? x : out;
+    out = x == 0.0 ? -INFINITY : out;
+    out = x < 0.0 ? NAN : out;
+    return x != x ? x : out;
+}
+
+/* detmath.exp and detmath.log over n float64s (the tests compare their bits) */
+MULTIVERSION void det_exp_array(const double *x, int64_t n, double *out) {
+    for (int64_t j = 0; j < n; j++) out[j] = det_exp(x[j]);
+}
+
+MULTIVERSION void det_log_array(const double *x, int64_t n, double *out) {
+    for (int64_t j = 0; j < n; j++) out[j] = det_log(x[j]);
+}
 
 /* x = the float64 of the row src[c : c+last] less its largest element (torch's max: a NaN wins) */
 INLINE void shifted_row(const Source *s, int64_t c, int64_t last, double *restrict x, float *restrict f32) {
@@ -37,43 +99,26 @@ INLINE void shifted_row(const Source *s, int64_t c, int64_t last, double *restri
     for (int64_t j = 0; j < last; j++) x[j] = x[j] - m;
 }
 
-/* Step 1 of `rows` rows: x = θ₁ − max θ₁ and y = θ₀ − max θ₀ per row. 0, or -1 out of memory */
-MULTIVERSION int arcee_shift(const Source *a, const Source *b, int64_t last, int64_t rows, double *x, double *y) {
-    float *f32 = malloc(CHUNK * sizeof(float));
-    if (!f32) return -1;
+/* kl[r] = KL(softmax θ₁ + ε ‖ softmax θ₀ + ε) of each of `rows` softmax rows: Σ p·log(p/q) by the
+   tree, clamped at 0 (a NaN stays); p = e·(1/Σe) + ε, e = exp(θ₁ − max θ₁), q likewise of θ₀, the
+   sums by base.row_sums' tree. work: 3·last float64s and CHUNK float32s (the caller's, reused: fresh
+   ones cost page faults) */
+MULTIVERSION void arcee_kl(const Source *a, const Source *b, int64_t last, int64_t rows, double *work, double *kl) {
+    double *x = work, *y = x + last, *w = y + last;
+    float *f32 = (float *)(w + last);
     for (int64_t r = 0; r < rows; r++) {
-        shifted_row(b, r * last, last, x + r * last, f32);
-        shifted_row(a, r * last, last, y + r * last, f32);
-    }
-    free(f32);
-    return 0;
-}
-
-/* Step 2, after x = exp(x), y = exp(y): p = x / Σx + ε into x, p / q into y (q = y / Σy + ε), the
-   sums by base.row_sums' tree. 0, or -1 out of memory */
-MULTIVERSION int arcee_ratio(int64_t last, int64_t rows, double *x, double *y) {
-    double *work = malloc(sizeof(double) * (size_t)(last ? last : 1));
-    if (!work) return -1;
-    for (int64_t r = 0; r < rows; r++) {
-        double *p = x + r * last, *q = y + r * last;
-        memcpy(work, p, sizeof(double) * (size_t)last);
-        double s = tree_sum(work, last);
-        for (int64_t j = 0; j < last; j++) p[j] = p[j] / s + EPS;
-        memcpy(work, q, sizeof(double) * (size_t)last);
-        s = tree_sum(work, last);
-        for (int64_t j = 0; j < last; j++) q[j] = p[j] / (q[j] / s + EPS);
-    }
-    free(work);
-    return 0;
-}
-
-/* Step 3, after y = log(y): kl[r] = Σ p·log(p/q) over row r by the tree (in y's buffer), clamped at 0
-   (a NaN stays) */
-MULTIVERSION void arcee_kl(int64_t last, int64_t rows, const double *x, double *y, double *kl) {
-    for (int64_t r = 0; r < rows; r++) {
-        const double *p = x + r * last;
-        double *w = y + r * last;
-        for (int64_t j = 0; j < last; j++) w[j] = p[j] * w[j];
+        shifted_row(b, r * last, last, x, f32);
+        shifted_row(a, r * last, last, y, f32);
+        for (int64_t j = 0; j < last; j++) x[j] = det_exp(x[j]);
+        for (int64_t j = 0; j < last; j++) y[j] = det_exp(y[j]);
+        memcpy(w, x, sizeof(double) * (size_t)last);
+        double rx = 1.0 / tree_sum(w, last);
+        memcpy(w, y, sizeof(double) * (size_t)last);
+        double ry = 1.0 / tree_sum(w, last);
+        for (int64_t j = 0; j < last; j++) {
+            double p = x[j] * rx + EPS;
+            w[j] = p * det_log(p / (y[j] * ry + EPS));
+        }
         double s = tree_sum(w, last);
         kl[r] = s < 0.0 ? 0.0 : s;
     }

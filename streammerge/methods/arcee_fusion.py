@@ -8,12 +8,13 @@ value only where it changed both much and where it matters.
 
 Q_j is mergekit's quantile rule, no interpolation: the sorted importances' element floor(q·(n − 1)),
 q = 1/4, 1/2, 3/4. Default semantics, streamed: the importance of a row needs only that row (float64
-softmax and KL, exp/log on the CPU: the same bits whatever the block), its KL computed once per
+softmax and KL, with detmath's exp and log: the same bits whatever the block and the machine; the
+softmax normalized by one reciprocal per row), its KL computed once per
 softmax row in a first pass; the three order statistics come from an exact radix selection over row
 blocks (a high-16-bit histogram, counted in that first pass, then a low-16-bit pass).
 A vector's softmax spans all of it: three passes first find its maxima, Σexp and KL (float64 partial
 sums added exactly), then the two histogram passes. The compiled kernels (arcee.c, `compiled`) give
-the same bits: all of it in C but the KL's exp and log, which stay torch's.
+the same bits, exp and log included (detmath's operations, spelled out in C).
 mergekit semantics: its ops in its dtype over the whole tensor, its result in float32 (mergekit
 multiplies by a float32 mask); above 10⁶ elements mergekit takes its quantiles from a random sample
 (torch's global RNG), which is not reproducible: the exact quantiles are used there.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streammerge.methods import ops
+from streammerge.methods import detmath, ops
 
 from .base import Method, Rows, TensorCtx, row_sums, row_sums_, total
 from .inputs import compiled, work_dtype
@@ -65,7 +66,7 @@ class ArceeFusion(Method):
     min_models = 1
     max_models = 1
     params = ()
-    paths = frozenset({"torch", "compiled"})  # exp/log run on the CPU for device-independent bytes; compiled: arcee.c
+    paths = frozenset({"torch", "compiled"})  # torch: on the CPU; compiled: arcee.c
     stats_kind = "importance quantiles (radix histograms); a vector's softmax (float64 sums)"
 
     def whole_tensor(self, ctx: TensorCtx) -> bool:
@@ -180,14 +181,12 @@ def _highs(state: _State) -> list[int]:
 def _row_kl(ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor, kernel=None) -> torch.Tensor:
     """KL(softmax θ₁ ‖ softmax θ₀) of each softmax row (the last dimension) of a block, float64, ≥ 0."""
     last = ctx.shape[-1]
-    if kernel is not None:  # the same float64 ops in C, but for torch's exp and log (their bits)
-        x, y = kernel.arcee_shift(a, b, last)  # θ₁ − max, θ₀ − max per row
-        kernel.arcee_ratio(x.exp_(), y.exp_())  # p = e/Σe + ε into x, p/q into y
-        return kernel.arcee_kl(x, y.log_())  # Σ p·log(p/q), ≥ 0
+    if kernel is not None:  # the same float64 ops in C
+        return kernel.arcee_kl(a, b, last)
     x, y = b.double().cpu().reshape(-1, last), a.double().cpu().reshape(-1, last)
     p = _softmax_rows(x) + EPS
     q = _softmax_rows(y) + EPS
-    return row_sums_(p * torch.log(p / q)).clamp(min=0)  # ≥ 0 but for rounding; summed in the product's own buffer
+    return row_sums_(p * detmath.log(p / q)).clamp(min=0)  # ≥ 0 but for rounding; summed in the product's own buffer
 
 
 def _inputs(ctx: TensorCtx, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,21 +195,22 @@ def _inputs(ctx: TensorCtx, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _softmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """softmax along each row of a float64 CPU matrix: exp(x − max) / Σ, the sum by a fixed tree."""
-    e = torch.exp(x - x.max(dim=1, keepdim=True).values)
-    return e / row_sums(e)[:, None]
+    """softmax along each row of a float64 CPU matrix: exp(x − max) · (1 / Σ), the sum by a fixed tree
+    (one division per row)."""
+    e = detmath.exp(x - x.max(dim=1, keepdim=True).values)
+    return e * (1.0 / row_sums(e))[:, None]
 
 
 def _exp_terms(x: torch.Tensor, m: float) -> torch.Tensor:
     """A vector's exp(x − max), one float64 partial per element (added exactly by the reduce)."""
-    return torch.exp(x.double().cpu().reshape(-1) - m)
+    return detmath.exp(x.double().cpu().reshape(-1) - m)
 
 
 def _kl_terms(b: torch.Tensor, a: torch.Tensor, state: _State) -> torch.Tensor:
     """A vector's p·log(p/q) per element, float64."""
-    p = torch.exp(b.double().cpu().reshape(-1) - state.maxima[0]) / state.sums[0] + EPS
-    q = torch.exp(a.double().cpu().reshape(-1) - state.maxima[1]) / state.sums[1] + EPS
-    return p * torch.log(p / q)
+    p = detmath.exp(b.double().cpu().reshape(-1) - state.maxima[0]) * (1.0 / state.sums[0]) + EPS
+    q = detmath.exp(a.double().cpu().reshape(-1) - state.maxima[1]) * (1.0 / state.sums[1]) + EPS
+    return p * detmath.log(p / q)
 
 
 def _mergekit(ctx: TensorCtx, rows: Rows) -> torch.Tensor:

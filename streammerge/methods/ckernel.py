@@ -102,10 +102,10 @@ _lib.sce_hist.argtypes = [POINTER(_Sce), c_int64, c_int64, c_void_p]
 _lib.sce_ties.argtypes = [POINTER(_Sce), c_float, c_int64, c_int64, c_void_p]
 _lib.sce_sums.argtypes = [POINTER(_Sce), c_int64, c_int64, c_void_p]
 _lib.sce_merge.argtypes = [POINTER(_Sce), c_void_p, c_float, c_int64, c_void_p]
-_lib.arcee_shift.argtypes = [POINTER(_Source), POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
-_lib.arcee_ratio.argtypes = [c_int64, c_int64, c_void_p, c_void_p]
-_lib.arcee_kl.argtypes = [c_int64, c_int64, c_void_p, c_void_p, c_void_p]
+_lib.arcee_kl.argtypes = [POINTER(_Source), POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
 _lib.arcee_kl.restype = None
+for _f in (_lib.det_exp_array, _lib.det_log_array):
+    _f.argtypes, _f.restype = [c_void_p, c_int64, c_void_p], None
 _lib.arcee_hist.argtypes = [POINTER(_Source), POINTER(_Source), c_void_p, c_int64, c_int64, c_void_p, c_int64,
                             c_void_p, c_void_p, c_void_p]
 _lib.arcee_hist.restype = c_int64
@@ -503,34 +503,33 @@ def sce_merge(base: torch.Tensor, models: list[torch.Tensor], keep: TrimThreshol
 
 # arcee_fusion (arcee.c): θ₀ `a`, θ₁ `b`, `readable`, of one size, in softmax rows of `last` elements
 
-SCRATCH = COMPILED_SLICE  # float64 elements in each thread's arcee_shift buffers: a slice's
-_scratch = threading.local()  # per compute thread: arcee_shift's buffers; arcee_hist's counters (left zeroed) and output
+_scratch = threading.local()  # per compute thread: arcee_kl's rows, arcee_hist's counters (left zeroed) and output
 
 
-def arcee_shift(a: torch.Tensor, b: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's θ₁ − max θ₁ and θ₀ − max θ₀, float64 [rows, last]; a slice's in this thread's
-    buffers, valid until its next call (fresh ones cost the engine's threads page faults and unmaps),
-    fresh ones for a slice bigger than them (one longer row)."""
-    n = a.numel()
-    if n > SCRATCH:
-        x, y = (torch.empty(n // last, last, dtype=torch.float64) for _ in range(2))
-    else:
-        if getattr(_scratch, "rows", None) is None:
-            _scratch.rows = [torch.empty(SCRATCH, dtype=torch.float64) for _ in range(2)]
-        x, y = (t[:n].view(n // last, last) for t in _scratch.rows)
-    _check(_lib.arcee_shift(_one(a), _one(b), last, x.shape[0], x.data_ptr(), y.data_ptr()) == 0)
-    return x, y
+def det_exp(x: torch.Tensor) -> torch.Tensor:
+    """detmath.exp of a float64 CPU tensor, in C."""
+    return _det(_lib.det_exp_array, x)
 
 
-def arcee_ratio(x: torch.Tensor, y: torch.Tensor) -> None:
-    """After x, y = exp(x), exp(y): p = x/Σx + ε into x, p/q into y (q = y/Σy + ε)."""
-    _check(_lib.arcee_ratio(x.shape[1], x.shape[0], x.data_ptr(), y.data_ptr()) == 0)
+def det_log(x: torch.Tensor) -> torch.Tensor:
+    """detmath.log of a float64 CPU tensor, in C."""
+    return _det(_lib.det_log_array, x)
 
 
-def arcee_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """After y = log(y): Σ p·log(p/q) per row, clamped at 0, float64 (y is overwritten)."""
-    kl = torch.empty(x.shape[0], dtype=torch.float64)
-    _lib.arcee_kl(x.shape[1], x.shape[0], x.data_ptr(), y.data_ptr(), kl.data_ptr())
+def _det(fn, x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    fn(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
+
+
+def arcee_kl(a: torch.Tensor, b: torch.Tensor, last: int) -> torch.Tensor:
+    """KL(softmax θ₁ + ε ‖ softmax θ₀ + ε) of each softmax row, clamped at 0: float64 [rows]."""
+    kl = torch.empty(a.numel() // last, dtype=torch.float64)
+    size = 3 * last + 128  # x, y and a sum's copy, float64; ckernel.h's CHUNK of float32s
+    if getattr(_scratch, "work", None) is None or len(_scratch.work) < size:
+        _scratch.work = torch.empty(size, dtype=torch.float64)  # reused: fresh ones cost page faults
+    _lib.arcee_kl(_one(a), _one(b), last, kl.numel(), _scratch.work.data_ptr(), kl.data_ptr())
     return kl
 
 
