@@ -41,26 +41,38 @@ INLINE double det_exp(double x) {
     return x != x ? x : out;
 }
 
-/* detmath.log: k·ln 2 + f − (f²/2 − s·(f²/2 + R)), x = 2^k·(1 + f), s = f/(2 + f), R = z·Q(z), z = s²,
-   Q's terms 2/3 … 2/21 by Estrin's tree */
-INLINE double det_log(double x) {
-    uint64_t tiny = x < 0x1p-1022; /* (64-bit flags and integers: one lane width, so the loops vectorize) */
-    uint64_t u = bits64(tiny ? x * 0x1p54 : x);
+/* detmath.log's value for a positive normal x, from its bits u (of x·2^54 where `scaled`):
+   k·ln 2 + f − (f²/2 − s·(f²/2 + R)), x = 2^k·(1 + f), s = f/(2 + f), R = z·Q(z), z = s², Q's terms
+   2/3 … 2/21 by Estrin's tree (64-bit flags and integers: one lane width, so the loops vectorize) */
+INLINE double log_normal(uint64_t u, uint64_t scaled) {
     double m = from_bits64((u & 0xFFFFFFFFFFFFFull) | 0x3FF0000000000000ull); /* in [1, 2) */
     uint64_t big = m > SQRT2;
     m = big ? m * 0.5 : m;
     /* k exactly: the biased exponent (+ 54 unless scaled) in 2^52's mantissa, less 2^52 and the bias */
-    uint64_t biased = ((u >> 52) & 0x7FF) + big + (tiny ? 0 : 54);
+    uint64_t biased = ((u >> 52) & 0x7FF) + big + (scaled ? 0 : 54);
     double k = from_bits64(bits64(0x1p52) + biased) - (0x1p52 + 1077.0);
     double f = m - 1.0, s = f / (2.0 + f), z = s * s, hfsq = 0.5 * f * f;
     double z2 = z * z, z4 = z2 * z2, z8 = z4 * z4;
     double a0 = 2.0 / 3 + 2.0 / 5 * z, a1 = 2.0 / 7 + 2.0 / 9 * z, a2 = 2.0 / 11 + 2.0 / 13 * z;
     double a3 = 2.0 / 15 + 2.0 / 17 * z, a4 = 2.0 / 19 + 2.0 / 21 * z;
     double r = z * (((a0 + a1 * z2) + (a2 + a3 * z2) * z4) + a4 * z8);
-    double out = k * LN2_HI + (f - (hfsq - (s * (hfsq + r) + k * LN2_LO)));
+    return k * LN2_HI + (f - (hfsq - (s * (hfsq + r) + k * LN2_LO)));
+}
+
+/* detmath.log: a subnormal scaled by 2^54 first; log 0 = −inf, log of a negative NaN, NaN kept */
+INLINE double det_log(double x) {
+    uint64_t tiny = x < 0x1p-1022;
+    double out = log_normal(bits64(tiny ? x * 0x1p54 : x), tiny);
     out = x == INFINITY ? x : out;
     out = x == 0.0 ? -INFINITY : out;
     out = x < 0.0 ? NAN : out;
+    return x != x ? x : out;
+}
+
+/* det_log of a ratio p/q of arcee_kl's, in [1e-8/(1 + 1e-8), (1 + 1e-8)/1e-8] or a NaN: the same
+   bits, without the selects for values it never takes */
+INLINE double ratio_log(double x) {
+    double out = log_normal(bits64(x), 0);
     return x != x ? x : out;
 }
 
@@ -117,7 +129,7 @@ MULTIVERSION void arcee_kl(const Source *a, const Source *b, int64_t last, int64
         double ry = 1.0 / tree_sum(w, last);
         for (int64_t j = 0; j < last; j++) {
             double p = x[j] * rx + EPS;
-            w[j] = p * det_log(p / (y[j] * ry + EPS));
+            w[j] = p * ratio_log(p / (y[j] * ry + EPS));
         }
         double s = tree_sum(w, last);
         kl[r] = s < 0.0 ? 0.0 : s;
