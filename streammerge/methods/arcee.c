@@ -159,38 +159,41 @@ INLINE int step(int64_t c, int64_t n, int64_t last) {
    importance has its sign bit set (a NaN: torch's bincount refuses the negative int32). */
 MULTIVERSION int64_t arcee_hist(const Source *a, const Source *b, const double *kl, int64_t last, int64_t n,
                                 const int64_t *highs, int64_t nhigh, uint32_t *counts, int64_t *bins, int64_t *filled) {
-    float *buf = malloc(3 * CHUNK * sizeof(float) + CHUNK * sizeof(uint32_t));
+    float *buf = malloc(3 * CHUNK * sizeof(float) + (CHUNK + 8) * sizeof(uint32_t));
     if (!buf) return -1;
     float *fa = buf, *fb = fa + CHUNK, *imp = fb + CHUNK;
     uint32_t *slot = (uint32_t *)(imp + CHUNK), neg = 0, none = (uint32_t)(nhigh * 65536);
     uint32_t top[3] = {0x10000u, 0x10000u, 0x10000u}; /* (no top is 0x10000) */
     for (int64_t i = 0; i < nhigh; i++) top[i] = (uint32_t)highs[i];
     int64_t nb = 0;
-    for (int64_t c = 0; c < n;) {
+    for (int64_t c = 0; c < n && nhigh == 0;) {
         int m = step(c, n, last);
         importance(a, b, kl[c / last], c, m, fa, fb, imp);
-        if (nhigh == 0) {
-            for (int j = 0; j < m; j++) { /* the bins, in a loop that vectorizes */
-                uint32_t v = to_bits(imp[j]);
-                neg |= v;
-                slot[j] = ((v >> 15) & ~1u) | ((v & 0xFFFFu) != 0);
-            }
-            for (int j = 0; j < m; j++)
-                if (counts[slot[j]]++ == 0) bins[nb++] = slot[j];
-        } else {
-            for (int j = 0; j < m; j++) { /* selects: it vectorizes */
-                uint32_t v = to_bits(imp[j]), t = v >> 16, low = v & 0xFFFFu;
-                uint32_t s = t == top[2] ? 131072 + low : none;
-                s = t == top[1] ? 65536 + low : s;
-                slot[j] = t == top[0] ? low : s;
-            }
-            int hits = 0;
-            for (int j = 0; j < m; j++) { /* few elements are in those bins: gathered without branches */
-                slot[hits] = slot[j];
-                hits += slot[j] != none;
-            }
-            for (int j = 0; j < hits; j++)
-                if (counts[slot[j]]++ == 0) bins[nb++] = slot[j];
+        for (int j = 0; j < m; j++) { /* the bins, in a loop that vectorizes */
+            uint32_t v = to_bits(imp[j]);
+            neg |= v;
+            slot[j] = ((v >> 15) & ~1u) | ((v & 0xFFFFu) != 0);
+        }
+        for (int j = 0; j < m; j++)
+            if (counts[slot[j]]++ == 0) bins[nb++] = slot[j];
+        c += m;
+    }
+    for (int64_t c = 0; c < n && nhigh > 0;) {
+        int m = step(c, n, last);
+        importance(a, b, kl[c / last], c, m, fa, fb, imp);
+        for (int j = 0; j < m; j++) { /* selects: it vectorizes */
+            uint32_t v = to_bits(imp[j]), t = v >> 16, low = v & 0xFFFFu;
+            uint32_t s = t == top[2] ? 131072 + low : none;
+            s = t == top[1] ? 65536 + low : s;
+            slot[j] = t == top[0] ? low : s;
+        }
+        for (int j = m; j < m + 8; j++) slot[j] = none;
+        for (int j = 0; j < m; j += 8) { /* few elements are in those bins: most groups of 8 have none */
+            uint32_t any = 0;
+            for (int t = 0; t < 8; t++) any |= slot[j + t] ^ none;
+            if (any)
+                for (int t = j; t < j + 8; t++)
+                    if (slot[t] != none && counts[slot[t]]++ == 0) bins[nb++] = slot[t];
         }
         c += m;
     }
