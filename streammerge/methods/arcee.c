@@ -111,29 +111,26 @@ INLINE void shifted_row(const Source *s, int64_t c, int64_t last, double *restri
     for (int64_t j = 0; j < last; j++) x[j] = x[j] - m;
 }
 
-/* kl[r] = KL(softmax θ₁ + ε ‖ softmax θ₀ + ε) of each of `rows` softmax rows: Σ p·log(p/q) by the
-   tree, clamped at 0 (a NaN stays); p = e·(1/Σe) + ε, e = exp(θ₁ − max θ₁), q likewise of θ₀, the
-   sums by base.row_sums' tree. work: 3·last float64s and CHUNK float32s (the caller's, reused: fresh
-   ones cost page faults) */
-MULTIVERSION void arcee_kl(const Source *a, const Source *b, int64_t last, int64_t rows, double *work, double *kl) {
+/* KL(softmax θ₁ + ε ‖ softmax θ₀ + ε) of the softmax row at element c: Σ p·log(p/q) by the tree,
+   clamped at 0 (a NaN stays); p = e·(1/Σe) + ε, e = exp(θ₁ − max θ₁), q likewise of θ₀, the sums by
+   base.row_sums' tree. work: 3·last float64s and CHUNK float32s */
+INLINE double row_kl(const Source *a, const Source *b, int64_t c, int64_t last, double *work) {
     double *x = work, *y = x + last, *w = y + last;
     float *f32 = (float *)(w + last);
-    for (int64_t r = 0; r < rows; r++) {
-        shifted_row(b, r * last, last, x, f32);
-        shifted_row(a, r * last, last, y, f32);
-        for (int64_t j = 0; j < last; j++) x[j] = det_exp(x[j]);
-        for (int64_t j = 0; j < last; j++) y[j] = det_exp(y[j]);
-        memcpy(w, x, sizeof(double) * (size_t)last);
-        double rx = 1.0 / tree_sum(w, last);
-        memcpy(w, y, sizeof(double) * (size_t)last);
-        double ry = 1.0 / tree_sum(w, last);
-        for (int64_t j = 0; j < last; j++) {
-            double p = x[j] * rx + EPS;
-            w[j] = p * ratio_log(p / (y[j] * ry + EPS));
-        }
-        double s = tree_sum(w, last);
-        kl[r] = s < 0.0 ? 0.0 : s;
+    shifted_row(b, c, last, x, f32);
+    shifted_row(a, c, last, y, f32);
+    for (int64_t j = 0; j < last; j++) x[j] = det_exp(x[j]);
+    for (int64_t j = 0; j < last; j++) y[j] = det_exp(y[j]);
+    memcpy(w, x, sizeof(double) * (size_t)last);
+    double rx = 1.0 / tree_sum(w, last);
+    memcpy(w, y, sizeof(double) * (size_t)last);
+    double ry = 1.0 / tree_sum(w, last);
+    for (int64_t j = 0; j < last; j++) {
+        double p = x[j] * rx + EPS;
+        w[j] = p * ratio_log(p / (y[j] * ry + EPS));
     }
+    double s = tree_sum(w, last);
+    return s < 0.0 ? 0.0 : s;
 }
 
 /* The importance of elements [c, c+m), one softmax row's (KL k): θ₀ into fa, θ₁ into fb */
@@ -155,10 +152,13 @@ INLINE int step(int64_t c, int64_t n, int64_t last) {
    fills and their counts, into bins[] and filled[] (room for every bin). nhigh == 0: bin 2·top + (low
    != 0) of the bits' top and low 16 (ops.radix_hist_high); else bin i·65536 + low of the elements
    whose top is highs[i] (ops.radix_hist_low, for each i < nhigh <= 3). counts: a zeroed counter per
-   bin (n < 2^32), left zeroed. Returns how many bins it filled; -1 out of memory; -2 when an
-   importance has its sign bit set (a NaN: torch's bincount refuses the negative int32). */
-MULTIVERSION int64_t arcee_hist(const Source *a, const Source *b, const double *kl, int64_t last, int64_t n,
-                                const int64_t *highs, int64_t nhigh, uint32_t *counts, int64_t *bins, int64_t *filled) {
+   bin (n < 2^32), left zeroed. work (the first histogram only; else NULL): kl[r] = row r's KL is
+   computed there first (row_kl), so that a block's first pass reads it once, each row still in cache
+   when it is counted. Returns how many bins it filled; -1 out of memory; -2 when an importance has
+   its sign bit set (a NaN: torch's bincount refuses the negative int32). */
+MULTIVERSION int64_t arcee_hist(const Source *a, const Source *b, double *kl, int64_t last, int64_t n,
+                                const int64_t *highs, int64_t nhigh, uint32_t *counts, int64_t *bins, int64_t *filled,
+                                double *work) {
     float *buf = malloc(3 * CHUNK * sizeof(float) + (CHUNK + 8) * sizeof(uint32_t));
     if (!buf) return -1;
     float *fa = buf, *fb = fa + CHUNK, *imp = fb + CHUNK;
@@ -168,6 +168,7 @@ MULTIVERSION int64_t arcee_hist(const Source *a, const Source *b, const double *
     int64_t nb = 0;
     for (int64_t c = 0; c < n && nhigh == 0;) {
         int m = step(c, n, last);
+        if (work && c % last == 0) kl[c / last] = row_kl(a, b, c, last, work);
         importance(a, b, kl[c / last], c, m, fa, fb, imp);
         for (int j = 0; j < m; j++) { /* the bins, in a loop that vectorizes */
             uint32_t v = to_bits(imp[j]);

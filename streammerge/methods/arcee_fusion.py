@@ -90,8 +90,12 @@ class ArceeFusion(Method):
         a, b = (rows.base, rows.models[0]) if kernel is not None else _inputs(ctx, rows)
         if len(ctx.shape) > 1:
             if p == 0:  # as Python floats: small tensors kept across blocks would pin the allocator's heap
-                kl = _row_kl(ctx, a, b, kernel)
-                return kl.tolist(), _histogram(a, b, kl, ctx.shape[-1], [], kernel)
+                if kernel is not None:  # the KLs and the histogram in one pass over the block
+                    kl, hist = kernel.arcee_kl_hist(a, b, ctx.shape[-1])
+                else:
+                    kl = _row_kl(ctx, a, b)
+                    hist = _histogram(a, b, kl, ctx.shape[-1], [], None)
+                return kl.tolist(), hist
         else:
             if p == 0:
                 return b.max().item() if b.numel() else -torch.inf, a.max().item() if a.numel() else -torch.inf
@@ -178,11 +182,10 @@ def _highs(state: _State) -> list[int]:
     return sorted({s.high for s in state.selects if s.found is None})
 
 
-def _row_kl(ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor, kernel=None) -> torch.Tensor:
-    """KL(softmax θ₁ ‖ softmax θ₀) of each softmax row (the last dimension) of a block, float64, ≥ 0."""
+def _row_kl(ctx: TensorCtx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(softmax θ₁ ‖ softmax θ₀) of each softmax row (the last dimension) of a block, float64, ≥ 0
+    (arcee.c's row_kl: the same operations)."""
     last = ctx.shape[-1]
-    if kernel is not None:  # the same float64 ops in C
-        return kernel.arcee_kl(a, b, last)
     x, y = b.double().cpu().reshape(-1, last), a.double().cpu().reshape(-1, last)
     p = _softmax_rows(x) + EPS
     q = _softmax_rows(y) + EPS

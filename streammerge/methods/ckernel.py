@@ -102,12 +102,10 @@ _lib.sce_hist.argtypes = [POINTER(_Sce), c_int64, c_int64, c_void_p]
 _lib.sce_ties.argtypes = [POINTER(_Sce), c_float, c_int64, c_int64, c_void_p]
 _lib.sce_sums.argtypes = [POINTER(_Sce), c_int64, c_int64, c_void_p]
 _lib.sce_merge.argtypes = [POINTER(_Sce), c_void_p, c_float, c_int64, c_void_p]
-_lib.arcee_kl.argtypes = [POINTER(_Source), POINTER(_Source), c_int64, c_int64, c_void_p, c_void_p]
-_lib.arcee_kl.restype = None
 for _f in (_lib.det_exp_array, _lib.det_log_array):
     _f.argtypes, _f.restype = [c_void_p, c_int64, c_void_p], None
 _lib.arcee_hist.argtypes = [POINTER(_Source), POINTER(_Source), c_void_p, c_int64, c_int64, c_void_p, c_int64,
-                            c_void_p, c_void_p, c_void_p]
+                            c_void_p, c_void_p, c_void_p, c_void_p]
 _lib.arcee_hist.restype = c_int64
 _lib.arcee_merge.argtypes = [POINTER(_Source), POINTER(_Source), c_void_p, c_int64, c_int64, c_double, c_void_p]
 
@@ -503,7 +501,7 @@ def sce_merge(base: torch.Tensor, models: list[torch.Tensor], keep: TrimThreshol
 
 # arcee_fusion (arcee.c): θ₀ `a`, θ₁ `b`, `readable`, of one size, in softmax rows of `last` elements
 
-_scratch = threading.local()  # per compute thread: arcee_kl's rows, arcee_hist's counters (left zeroed) and output
+_scratch = threading.local()  # per compute thread: arcee_kl_hist's rows, arcee_hist's counters (left zeroed) and output
 
 
 def det_exp(x: torch.Tensor) -> torch.Tensor:
@@ -523,14 +521,14 @@ def _det(fn, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def arcee_kl(a: torch.Tensor, b: torch.Tensor, last: int) -> torch.Tensor:
-    """KL(softmax θ₁ + ε ‖ softmax θ₀ + ε) of each softmax row, clamped at 0: float64 [rows]."""
+def arcee_kl_hist(a: torch.Tensor, b: torch.Tensor, last: int) -> tuple[torch.Tensor, tuple[np.ndarray, np.ndarray]]:
+    """A block's first pass, reading it once: KL(softmax θ₁ + ε ‖ softmax θ₀ + ε) of each softmax row,
+    clamped at 0 (float64 [rows]), and the importance's first histogram (as arcee_hist's)."""
     kl = torch.empty(a.numel() // last, dtype=torch.float64)
     size = 3 * last + 128  # x, y and a sum's copy, float64; ckernel.h's CHUNK of float32s
     if getattr(_scratch, "work", None) is None or len(_scratch.work) < size:
         _scratch.work = torch.empty(size, dtype=torch.float64)  # reused: fresh ones cost page faults
-    _lib.arcee_kl(_one(a), _one(b), last, kl.numel(), _scratch.work.data_ptr(), kl.data_ptr())
-    return kl
+    return kl, _arcee_hist(a, b, kl, last, [], _scratch.work.data_ptr())
 
 
 def arcee_hist(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int,
@@ -539,12 +537,16 @@ def arcee_hist(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int,
     high, one after the other) as the bins it fills and their counts, int64."""
     if len(highs) > 3:  # (arcee.c selects at most three order statistics at once)
         raise ValueError(f"arcee_hist takes at most 3 highs, got {len(highs)}")
+    return _arcee_hist(a, b, kl, last, highs, None)
+
+
+def _arcee_hist(a, b, kl: torch.Tensor, last: int, highs: list[int], work) -> tuple[np.ndarray, np.ndarray]:
     size = 65536 * max(2, len(highs))
     if getattr(_scratch, "counts", None) is None or len(_scratch.counts) < size:
         _scratch.counts, _scratch.out = np.zeros(size, np.uint32), np.empty((2, size), np.int64)
     tops, out = np.array(highs, np.int64), _scratch.out
     nb = _lib.arcee_hist(_one(a), _one(b), kl.data_ptr(), last, a.numel(), tops.ctypes.data, len(highs),
-                         _scratch.counts.ctypes.data, out[0].ctypes.data, out[1].ctypes.data)
+                         _scratch.counts.ctypes.data, out[0].ctypes.data, out[1].ctypes.data, work)
     _check(nb != -1)
     if nb == -2:  # as torch.bincount refuses it
         raise RuntimeError("arcee_fusion: an importance is a NaN with its sign bit set "
