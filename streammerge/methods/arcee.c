@@ -85,8 +85,8 @@ MULTIVERSION void det_log_array(const double *x, int64_t n, double *out) {
     for (int64_t j = 0; j < n; j++) out[j] = det_log(x[j]);
 }
 
-/* x = the float64 of the row src[c : c+last] less its largest element (torch's max: a NaN wins) */
-INLINE void shifted_row(const Source *s, int64_t c, int64_t last, double *restrict x, float *restrict f32) {
+/* x = the float64 of the row src[c : c+last]; returns its largest element (torch's max: a NaN wins) */
+INLINE double row_max(const Source *s, int64_t c, int64_t last, double *restrict x, float *restrict f32) {
     /* the largest as the largest of the bits read as int32, a negative's flipped (the float order,
        −0 below +0: a zero's sign is lost in x − max's exp); in integers the loop vectorizes */
     int32_t top = INT32_MIN;
@@ -108,7 +108,7 @@ INLINE void shifted_row(const Source *s, int64_t c, int64_t last, double *restri
             m = x[j];        /* whose sign bit torch's bincount refuses */
             break;
         }
-    for (int64_t j = 0; j < last; j++) x[j] = x[j] - m;
+    return m;
 }
 
 /* KL(softmax θ₁ + ε ‖ softmax θ₀ + ε) of the softmax row at element c: Σ p·log(p/q) by the tree,
@@ -117,14 +117,10 @@ INLINE void shifted_row(const Source *s, int64_t c, int64_t last, double *restri
 INLINE double row_kl(const Source *a, const Source *b, int64_t c, int64_t last, double *work) {
     double *x = work, *y = x + last, *w = y + last;
     float *f32 = (float *)(w + last);
-    shifted_row(b, c, last, x, f32);
-    shifted_row(a, c, last, y, f32);
-    for (int64_t j = 0; j < last; j++) x[j] = det_exp(x[j]);
-    for (int64_t j = 0; j < last; j++) y[j] = det_exp(y[j]);
-    memcpy(w, x, sizeof(double) * (size_t)last);
-    double rx = 1.0 / tree_sum(w, last);
-    memcpy(w, y, sizeof(double) * (size_t)last);
-    double ry = 1.0 / tree_sum(w, last);
+    double mx = row_max(b, c, last, x, f32), my = row_max(a, c, last, y, f32);
+    for (int64_t j = 0; j < last; j++) x[j] = det_exp(x[j] - mx);
+    for (int64_t j = 0; j < last; j++) y[j] = det_exp(y[j] - my);
+    double rx = 1.0 / tree_sum_of(x, w, last), ry = 1.0 / tree_sum_of(y, w, last);
     for (int64_t j = 0; j < last; j++) {
         double p = x[j] * rx + EPS;
         w[j] = p * ratio_log(p / (y[j] * ry + EPS));

@@ -107,4 +107,13 @@ INLINE double tree_sum(double *restrict w, int64_t cols) {
     return w[0];
 }
 
+/* tree_sum of x, its first halving from x into w (x is kept) */
+INLINE double tree_sum_of(const double *restrict x, double *restrict w, int64_t cols) {
+    if (cols < 2) return cols ? x[0] : 0.0;
+    int64_t half = cols / 2, from = cols - half;
+    for (int64_t j = 0; j < half; j++) w[j] = x[j] + x[from + j];
+    if (from > half) w[half] = x[half]; /* an odd length's middle element */
+    return tree_sum(w, from);
+}
+
 #endif
