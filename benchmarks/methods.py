@@ -28,13 +28,19 @@ from streammerge.methods import registry
 METHODS = [m for m in registry.names() if m != "passthrough"]  # every method that merges
 
 
-def config(method: str) -> str:
-    """Two fine-tunes (one where the method takes one), weight 0.5, density 0.5, its required t = 0.5."""
+def finetunes(method: str) -> int:
+    """How many fine-tunes the benchmarks merge with `method`: 2, or 1 where it takes only one."""
+    return min(2, registry.get(method).max_models or 2)
+
+
+def config(method: str, root: str = "") -> str:
+    """Two fine-tunes (one where the method takes one), weight 0.5, density 0.5, its required t = 0.5;
+    the models are root + base, ft1, ft2."""
     declared = registry.get(method)
-    models = ["ft1", "ft2"][: min(2, declared.max_models or 2)]
+    models = ["ft1", "ft2"][: finetunes(method)]
     required = [p.name for p in declared.params if p.default is None and not p.per_model and p.per_tensor]
-    lines = [f"merge_method: {method}", "base_model: base", "models:"]
-    lines += [f"  - {{model: {m}, parameters: {{weight: 0.5, density: 0.5}}}}" for m in models]
+    lines = [f"merge_method: {method}", f"base_model: {root}base", "models:"]
+    lines += [f"  - {{model: {root}{m}, parameters: {{weight: 0.5, density: 0.5}}}}" for m in models]
     if required:
         lines.append("parameters: {" + ", ".join(f"{k}: 0.5" for k in required) + "}")
     return "\n".join(lines) + "\n"

@@ -3,21 +3,22 @@
     python benchmarks/run.py --shape tinyllama --data /data/bench-tl                # generates models if missing
     python benchmarks/run.py --shape tinyllama --data /data/bench-tl --mergekit benchmarks/mergekit/.venv
 
-For each method (base + 2 fine-tunes, weights 0.5, density 0.5, bf16), each merge its own command,
-run as users run it (the CLI merges in a forked child) into an empty folder (the previous output
-removed, untimed), wall time and peak anonymous memory (RssAnon of its largest process, sampled from
-/proc every 10 ms) recorded:
+For each method (base + 2 fine-tunes, 1 where the method takes one: methods.py's config; weights
+0.5, density 0.5, bf16), each merge its own command, run as users run it (the CLI merges in a forked
+child) into an empty folder (the previous output removed, untimed), wall time and peak anonymous
+memory (RssAnon of its largest process, sampled from /proc every 10 ms) recorded:
 - first run: inputs in the page cache, the method's first merge with streammerge's bytecode caches
   removed (the C kernel is built at install: nothing else compiles at run time), as on a fresh
   clone or CI container;
 - warm: the same again: the repeat run;
 - cold: the page cache emptied of the inputs first (posix_fadvise DONTNEED: no root needed).
-The floor is the time to read every input once from a cold cache (the fastest of one file after
-another and the three models' files side by side, both buffered, and O_DIRECT into huge pages with
-8 requests in flight, as the merge reads) plus to write the output's size (O_DIRECT from huge pages
-where the disk takes it, as the shards are written) with fsync. Also recorded: the same reads and
-write at once, as a streaming merge does them with no compute (`read_and_write_s`). mergekit runs warm and cold in the same run when given. Prints a table, saves it as
-JSON and, with matplotlib installed, as a PNG.
+The floor (one per number of fine-tunes merged) is the time to read every input once from a cold
+cache (the fastest of one file after another and the models' files side by side, both buffered, and
+O_DIRECT into huge pages with 8 requests in flight, as the merge reads) plus to write the output's
+size (O_DIRECT from huge pages where the disk takes it, as the shards are written) with fsync. Also
+recorded: the same reads and write at once, as a streaming merge does them with no compute
+(`read_and_write_s`). mergekit runs warm and cold in the same run when given. Prints a table, saves
+it as JSON and, with matplotlib installed, as a PNG.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from methods import config as method_config, finetunes  # noqa: E402  (benchmarks/methods.py: one config per method)
 from streammerge.io.memory import direct_memory
 
 HERE = Path(__file__).resolve().parent
@@ -54,8 +56,8 @@ dtype: bfloat16
 """
 
 
-def input_files(data: Path) -> list[Path]:
-    return sorted(p for m in ("base", "ft1", "ft2") for p in (data / m).glob("*.safetensors"))
+def input_files(data: Path, finetunes: int = 2) -> list[Path]:
+    return sorted(p for m in ("base", "ft1", "ft2")[: finetunes + 1] for p in (data / m).glob("*.safetensors"))
 
 
 def evict(files: list[Path]) -> None:
@@ -216,19 +218,25 @@ def main() -> None:
 
     if not (args.data / "ft2").exists():
         subprocess.run([sys.executable, str(HERE / "make_models.py"), args.shape, str(args.data), "--finetunes", "2"], check=True)
-    files = input_files(args.data)
     out_bytes = sum(f.stat().st_size for f in (args.data / "base").glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="streammerge-bench-", dir=args.data))
-    rows = []
-    floor = io_floor(files, out_bytes, work / "floor.bin")
-    print(f"I/O floor: read {floor['input_bytes'] / 1e9:.2f} GB in {floor['read_s']:.1f} s (one file after another "
-          f"{floor['read_sequential_s']:.1f} s, the models side by side {floor['read_concurrent_s']:.1f} s), "
-          f"write {out_bytes / 1e9:.2f} GB in {floor['write_s']:.1f} s -> {floor['floor_s']:.1f} s; "
-          f"reading and writing at once {floor['read_and_write_s']:.1f} s", flush=True)
+    rows, floors = [], {}
 
+    def floor_of(finetunes: int) -> dict:
+        """The I/O floor of a merge of the base and that many fine-tunes (measured once each)."""
+        if finetunes not in floors:
+            floors[finetunes] = f = io_floor(input_files(args.data, finetunes), out_bytes, work / "floor.bin")
+            print(f"I/O floor, base + {finetunes} fine-tune(s): read {f['input_bytes'] / 1e9:.2f} GB in {f['read_s']:.1f} s "
+                  f"(one file after another {f['read_sequential_s']:.1f} s, the models side by side {f['read_concurrent_s']:.1f} s), "
+                  f"write {out_bytes / 1e9:.2f} GB in {f['write_s']:.1f} s -> {f['floor_s']:.1f} s; "
+                  f"reading and writing at once {f['read_and_write_s']:.1f} s", flush=True)
+        return floors[finetunes]
+
+    floor, files = floor_of(2), input_files(args.data)
     for method in args.methods:
         cfg = work / f"{method}.yaml"
-        cfg.write_text(CONFIG.format(method=method, data=args.data))
+        cfg.write_text(method_config(method, f"{args.data}/") + "dtype: bfloat16\n")  # one fine-tune where it takes one
+        method_files, method_floor = input_files(args.data, finetunes(method)), floor_of(finetunes(method))
         # as users run it (the merge in the CLI's forked child); the previous output removed untimed
         cmd = [sys.executable, "-m", "streammerge", "merge", str(cfg), str(work / "out"), "-q",
                "--max-memory", args.max_memory, "--compile", args.compile, "--device", args.device]
@@ -238,11 +246,12 @@ def main() -> None:
                 for cache in PACKAGE.rglob("__pycache__"):
                     shutil.rmtree(cache)
             shutil.rmtree(work / "out", ignore_errors=True)
-            evict(files) if run == "cold" else read_all(files)
+            evict(method_files) if run == "cold" else read_all(method_files)
             timings[run] = r = run_measured(cmd)
             print(f"streammerge {method} {run}: {r['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
         rows.append({"tool": "streammerge", "method": method, **timings["cold"], "warm_s": timings["warm"]["wall_s"],
-                     "first_run_s": timings["first run"]["wall_s"]})
+                     "first_run_s": timings["first run"]["wall_s"], "floor_s": method_floor["floor_s"],
+                     "input_bytes": method_floor["input_bytes"]})
     if args.mergekit:
         for method in args.mergekit_methods:
             cfg = work / f"{method}.yaml"
@@ -255,7 +264,8 @@ def main() -> None:
             shutil.rmtree(out)
             evict(files)
             r = run_measured(cmd)
-            rows.append({"tool": "mergekit 0.1.5", "method": method, **r, "warm_s": warm["wall_s"], "first_run_s": None})
+            rows.append({"tool": "mergekit 0.1.5", "method": method, **r, "warm_s": warm["wall_s"], "first_run_s": None,
+                         "floor_s": floor["floor_s"], "input_bytes": floor["input_bytes"]})
             print(f"mergekit {method}: cold {r['wall_s']:.1f} s, warm {warm['wall_s']:.1f} s, peak anon {r['peak_anon_bytes'] / 2**20:.0f} MiB", flush=True)
 
     mk = {r["method"]: r["wall_s"] for r in rows if r["tool"].startswith("mergekit")}
@@ -263,8 +273,8 @@ def main() -> None:
     print("\n| tool | method | cold (s) | peak anon (MiB) | GB/s in | x floor | x mergekit | warm (s) | x mergekit warm | first run (s) |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        r["gb_per_s"] = floor["input_bytes"] / r["wall_s"] / 1e9
-        r["x_floor"] = r["wall_s"] / floor["floor_s"]
+        r["gb_per_s"] = r["input_bytes"] / r["wall_s"] / 1e9
+        r["x_floor"] = r["wall_s"] / r["floor_s"]
         r["x_mergekit"] = r["wall_s"] / mk[r["method"]] if r["method"] in mk else None
         r["x_mergekit_warm"] = r["warm_s"] / mk_warm[r["method"]] if r["method"] in mk_warm else None
         xm = f"{r['x_mergekit']:.2f}" if r["x_mergekit"] is not None else "-"
@@ -275,7 +285,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"shape": args.shape, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "max_memory": args.max_memory, "compile": args.compile, "device": args.device, "floor": floor, "rows": rows}
+              "max_memory": args.max_memory, "compile": args.compile, "device": args.device, "floor": floor,
+              "floors": {f"base + {n}": f for n, f in floors.items()}, "rows": rows}
     name = args.name or args.shape
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     try:
