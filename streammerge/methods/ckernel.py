@@ -31,7 +31,6 @@ import torch
 from streammerge.io import quant
 from streammerge.io.quant import QuantRows
 from streammerge.methods import kernels, registry
-from streammerge.methods.base import COMPILED_SLICE
 from streammerge.methods.mask import keep_threshold
 from streammerge.methods.ops import BRACKET_KEYS, SUB, TensorSpec, TrimThreshold
 
