@@ -35,7 +35,7 @@ INLINE double det_exp(double x) {
     double a3 = 1.0 / 40320 + 1.0 / 362880 * r, a4 = 1.0 / 3628800 + 1.0 / 39916800 * r;
     double a5 = 1.0 / 479001600 + 1.0 / 6227020800.0 * r;
     double p = ((a0 + a1 * r2) + (a2 + a3 * r2) * r4) + (a4 + a5 * r2) * r8;
-    double e = 1.0 + (r + (r * r) * p);
+    double e = 1.0 + (r + r2 * p);
     double k1 = (k * 0.5 + SHIFTER) - SHIFTER;
     double out = (e * pow2(k1)) * pow2(k - k1);
     return x != x ? x : out;

@@ -524,7 +524,7 @@ def arcee_kl_hist(a: torch.Tensor, b: torch.Tensor, last: int) -> tuple[torch.Te
     """A block's first pass, reading it once: KL(softmax θ₁ + ε ‖ softmax θ₀ + ε) of each softmax row,
     clamped at 0 (float64 [rows]), and the importance's first histogram (as arcee_hist's)."""
     kl = torch.empty(a.numel() // last, dtype=torch.float64)
-    size = 3 * last + 128  # x, y and a sum's copy, float64; ckernel.h's CHUNK of float32s
+    size = 3 * last + 128  # arcee.c's row_kl: x, y and the sums' work, float64; ckernel.h's CHUNK of float32s
     if getattr(_scratch, "work", None) is None or len(_scratch.work) < size:
         _scratch.work = torch.empty(size, dtype=torch.float64)  # reused: fresh ones cost page faults
     return kl, _arcee_hist(a, b, kl, last, [], _scratch.work.data_ptr())
@@ -539,7 +539,9 @@ def arcee_hist(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int,
     return _arcee_hist(a, b, kl, last, highs, None)
 
 
-def _arcee_hist(a, b, kl: torch.Tensor, last: int, highs: list[int], work) -> tuple[np.ndarray, np.ndarray]:
+def _arcee_hist(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, last: int, highs: list[int],
+                work: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """arcee_hist's call; work: row_kl's buffer (the first histogram computes kl first), else None."""
     size = 65536 * max(2, len(highs))
     if getattr(_scratch, "counts", None) is None or len(_scratch.counts) < size:
         _scratch.counts, _scratch.out = np.zeros(size, np.uint32), np.empty((2, size), np.int64)

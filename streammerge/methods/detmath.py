@@ -38,9 +38,10 @@ LOG_TERMS = [2 / (2 * j + 3) for j in range(10)]  # 2/3 … 2/21
 
 
 def _estrin(x: torch.Tensor, coef: list[float]) -> torch.Tensor:
-    """coef[0] + coef[1]·x + … by Estrin's scheme: pairs (c + c'·x), then pairs of those with x², x⁴, …
-    (an odd one out carried up as is). arcee.c spells out the same tree for its two polynomials."""
-    terms = [coef[j] + coef[j + 1] * x if j + 1 < len(coef) else torch.full_like(x, coef[j]) for j in range(0, len(coef), 2)]
+    """coef[0] + coef[1]·x + … (an even number of terms) by Estrin's scheme: pairs (c + c'·x), then
+    pairs of those with x², x⁴, … (an odd one out carried up as is). arcee.c spells out the same tree
+    for its two polynomials."""
+    terms = [coef[j] + coef[j + 1] * x for j in range(0, len(coef), 2)]
     power = x * x
     while len(terms) > 1:
         terms = [terms[j] + terms[j + 1] * power if j + 1 < len(terms) else terms[j] for j in range(0, len(terms), 2)]
@@ -58,7 +59,7 @@ def exp(x: torch.Tensor) -> torch.Tensor:
     c = x.clamp(-EXP_LIMIT, EXP_LIMIT)
     k = (c * INV_LN2 + SHIFTER) - SHIFTER
     r = (c - k * LN2_HI) - k * LN2_LO
-    e = 1.0 + (r + (r * r) * _estrin(r, EXP_TERMS))
+    e = 1.0 + (r + (r * r) * _estrin(r, EXP_TERMS))  # (r·r: arcee.c's r2, _estrin's first power)
     k1 = (k * 0.5 + SHIFTER) - SHIFTER
     out = (e * _pow2(k1)) * _pow2(k - k1)
     return torch.where(x.isnan(), x, out)
