@@ -104,35 +104,41 @@ class Staged:
 
 
 def cached_fraction(fd: int, offset: int, nbytes: int) -> float | None:
-    """The share of a file range in the page cache: Linux's cachestat (6.5+), else the share of
-    three pages (first, middle, last) that a read that must not wait for the disk gets
-    (RWF_NOWAIT); None where neither tells."""
-    if nbytes <= 0:
+    """The share of a file range's pages in the page cache: Linux's cachestat (6.5+), else
+    mincore of the range mapped (no page is touched); None where neither tells.
+
+    Not reads that must not wait (RWF_NOWAIT): a miss starts the kernel's readahead, so the
+    probe itself fills the pages it asks about next."""
+    if nbytes <= 0 or _libc is None:
         return None
-    if _libc is not None:
+    start = offset - offset % mmap.PAGESIZE
+    pages = -(-(offset + nbytes - start) // mmap.PAGESIZE)
+    if _cachestat:
         rng = (ctypes.c_uint64 * 2)(offset, nbytes)
         stat = (ctypes.c_uint64 * 5)()
         if _libc.syscall(_CACHESTAT, fd, rng, stat, 0) == 0:
-            pages = -(-(offset % mmap.PAGESIZE + nbytes) // mmap.PAGESIZE)
             return min(1.0, stat[0] / pages)
-    if not hasattr(os, "RWF_NOWAIT"):
+    addr = _libc.mmap(None, pages * mmap.PAGESIZE, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, ctypes.c_void_p(-1).value):
         return None
-    probe, hits = bytearray(1), 0
-    for at in (offset, offset + nbytes // 2, offset + nbytes - 1):
-        try:
-            hits += os.preadv(fd, [probe], at, os.RWF_NOWAIT) == 1
-        except BlockingIOError:
-            pass
-        except OSError:  # a kernel or filesystem without it
+    try:
+        resident = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(pages * mmap.PAGESIZE), resident) != 0:
             return None
-    return hits / 3
+        return int(torch.frombuffer(resident, dtype=torch.uint8).bitwise_and(1).sum()) / pages  # bit 0: resident
+    finally:
+        _libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(pages * mmap.PAGESIZE))
 
 
 _CACHESTAT = 451  # the same number on every Linux architecture
+_cachestat = True  # tried first; the tests turn it off to check mincore
 try:
     _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     if _libc is not None:
         _libc.syscall.restype = ctypes.c_long
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int64]
 except (OSError, AttributeError):  # pragma: no cover - no C library to call
     _libc = None
 
