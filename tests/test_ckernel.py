@@ -94,14 +94,19 @@ def test_della_compiled_numpy_and_torch_give_identical_bytes(tmp_path, models, m
 N = 70_001  # over one 64K chunk, and not a multiple of the kernel's inner step
 
 
-def _inputs(dtype: torch.dtype):
+TRIM_TIE, OUTLIER_TIE = 2.0**-6, 2.0**-5  # thresholds many |τ| equal (every 13th, 17th element; the last ties below are some)
+
+
+def _inputs(dtype: torch.dtype, n: int = 3):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(N, generator=g)
     base[::97] = -0.0
     base[5], base[6], base[7] = float("nan"), float("inf"), -float("inf")
+    base[13::13], base[17::17] = 0.5, 0.25
     fts = []
-    for i in range(3):
+    for i in range(n):
         f = base + 0.01 * torch.randn(N, generator=g)
+        f[13::13], f[17::17] = 0.5 - (-1) ** i * TRIM_TIE, 0.25 + OUTLIER_TIE  # |τ| ties at the thresholds, exact in bf16
         f[::11] = base[::11]  # zero deltas
         f[100 + i] = float("nan")
         f[200 + i] = 1e38  # overflow to inf in the weighted sums
@@ -111,13 +116,13 @@ def _inputs(dtype: torch.dtype):
 
 def _spec(method: str, n: int, trims: bool, outliers: bool, **options) -> ops.TensorSpec:
     dare = method.startswith("dare")
-    densities = (0.5, 0.3, 0.8)[:n]
-    return ops.TensorSpec(
-        opts=ops.MergeOptions(method=method, **options), weights=(0.5, -0.3, 0.4)[:n], lam=0.7, dare=dare,
+    densities = (0.5, 0.3, 0.8, 0.6)[:n]
+    return ops.TensorSpec(  # λ 1 for two models: the kernel's shortcut without it
+        opts=ops.MergeOptions(method=method, **options), weights=(0.5, -0.3, 0.4, 0.25)[:n], lam=1.0 if n == 2 else 0.7, dare=dare,
         keys=tuple(mask_key(3, i, "t") for i in range(n)) if dare else (), densities=densities,
         dare_scales=tuple(1 / d for d in densities) if dare else (1.0,) * n,
-        trims=tuple(ops.TrimThreshold(0.005, 1000 * (i + 1)) for i in range(n)) if trims else (None,) * n,
-        outliers=tuple(ops.TrimThreshold(0.02, 5000) for _ in range(n)) if outliers else (), majority=-1.0)
+        trims=tuple(ops.TrimThreshold(TRIM_TIE, 12345 + 13 * 1150 * (i + 1)) for i in range(n)) if trims else (None,) * n,
+        outliers=tuple(ops.TrimThreshold(OUTLIER_TIE, 12345 + 17 * 1765) for _ in range(n)) if outliers else (), majority=-1.0)
 
 
 OPTIONS = [{}, {"merge_func": "sum"}, {"merge_func": "max"}, {"sign_method": "count", "weighted_sign": False, "mean_divisor": "count"},
@@ -127,12 +132,12 @@ OPTIONS = [{}, {"merge_func": "sum"}, {"merge_func": "max"}, {"sign_method": "co
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "dare_ties", "ties", "linear"])
 def test_compiled_kernel_gives_the_numpy_kernels_bits(method, dtype):
-    # Every option the kernel takes, 1-3 models, trims with a last tie, breadcrumbs' outlier band,
+    # Every option the kernel takes, 1-4 models (2 and 3 have steps of their own), trims with a last tie, breadcrumbs' outlier band,
     # over NaN, ±Inf, −0, zero deltas and overflowing sums: bit for bit the numpy kernel's result.
-    base, fts = _inputs(dtype)
+    base, fts = _inputs(dtype, 4)
     storage = np.uint16 if dtype == torch.bfloat16 else np.float32
     for options in OPTIONS:
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, 4):
             for trims, outliers in ((False, False), (True, False), (True, True)):
                 spec = _spec(method, n, trims, outliers, **options)
                 b, fs = kernels.as_numpy(base), [kernels.as_numpy(f) for f in fts[:n]]

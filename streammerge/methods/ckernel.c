@@ -249,10 +249,51 @@ INLINE void magprune(const Merge *p, const Model *md, int64_t idx0, int m, float
     }
 }
 
+enum { UNSCALED, DIVIDED, SCALED }; /* DARE's rescale of the kept τ */
+
+/* delta's steps for a bf16 θ in one pass over the chunk (each a pass of its own below): the same
+   operations on each element in the same order. dare, how and trimmed are constants at each call. */
+INLINE void bf16_delta(const Model *md, const uint16_t *restrict s, int m, int64_t idx0, const float *restrict b,
+                       float *restrict d, int dare, int how, int trimmed) {
+    uint32_t last = (uint32_t)(md->keep_below - 1), lo0 = (uint32_t)idx0, hi0 = (uint32_t)((uint64_t)idx0 >> 32);
+    uint32_t key0 = md->key0, key1 = md->key1;
+    float on = md->keep_below == 0 ? 0.0f : 1.0f, density = md->density, scale = md->scale, value = md->trim_value;
+    int64_t tie = md->trim_tie - idx0;
+    int ties = tie < 0 ? -1 : (tie >= m ? m : (int)tie);
+    for (int j = 0; j < m; j++) {
+        float x = from_bits((uint32_t)s[j] << 16) - b[j];
+        if (dare) {
+            x = x * (hash_at(key0, key1, lo0, hi0, j) <= last ? on : 0.0f);
+            x = how == DIVIDED ? x / density : how == SCALED ? x * scale : x;
+        }
+        if (trimmed) {
+            float a = fabsf(x);
+            x = x * (a > value || (a == value && j <= ties) ? 1.0f : 0.0f);
+        }
+        d[j] = x;
+    }
+}
+
 /* model md's τ (DARE or DELLA's MagPrune, then the trims) into d for elements [c, c+m), θ₀ already in
    b (kernels.deltas_chunk); MagPrune needs rk and whole rows, only merge_range passes them */
 INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float *restrict b, float *restrict d, Ranks *rk) {
     int64_t idx0 = p->start + c;
+    if (md->src.kind == BF16 && !md->given && !md->della_last && !md->outlier && !p->band) { /* the usual case, fused */
+        const uint16_t *s = (const uint16_t *)md->src.data + c;
+        int how = !p->dare ? UNSCALED : md->divide ? DIVIDED : md->scale != 1.0f ? SCALED : UNSCALED;
+        if (md->trimmed) {
+            if (!p->dare) bf16_delta(md, s, m, idx0, b, d, 0, UNSCALED, 1);
+            else if (how == DIVIDED) bf16_delta(md, s, m, idx0, b, d, 1, DIVIDED, 1);
+            else if (how == SCALED) bf16_delta(md, s, m, idx0, b, d, 1, SCALED, 1);
+            else bf16_delta(md, s, m, idx0, b, d, 1, UNSCALED, 1);
+        } else {
+            if (!p->dare) bf16_delta(md, s, m, idx0, b, d, 0, UNSCALED, 0);
+            else if (how == DIVIDED) bf16_delta(md, s, m, idx0, b, d, 1, DIVIDED, 0);
+            else if (how == SCALED) bf16_delta(md, s, m, idx0, b, d, 1, SCALED, 0);
+            else bf16_delta(md, s, m, idx0, b, d, 1, UNSCALED, 0);
+        }
+        return;
+    }
     load(&md->src, c, m, d);
     if (!md->given)
         for (int j = 0; j < m; j++) d[j] = d[j] - b[j];
@@ -272,6 +313,26 @@ INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float
     if (md->outlier) trim(d, m, idx0, md->out_value, md->out_tie, 1);
     if (p->band && (md->trimmed || md->outlier) && md->scale != 1.0f)
         for (int j = 0; j < m; j++) d[j] = d[j] * md->scale;
+}
+
+/* merge_into's TIES steps as mergekit takes them (the sign elected on the weighted τ's sum, a zero
+   score positive; the agreeing weighted τ's summed, divided by their weights' sum when mean) for n
+   models (n and mean constants at each call): one element at a time through all of them */
+INLINE void ties_weighted(const Merge *p, const float *restrict d, int step, int m, float *restrict acc, const int n,
+                          const int mean) {
+    float w[3] = {0};
+    for (int i = 0; i < n; i++) w[i] = p->models[i].weight;
+    for (int j = 0; j < m; j++) {
+        float score = 0.0f, sum = 0.0f, div = 0.0f;
+        for (int i = 0; i < n; i++) score = score + d[i * step + j] * w[i];
+        float side = score >= 0.0f ? 1.0f : -1.0f;
+        for (int i = 0; i < n; i++) {
+            float wd = d[i * step + j] * w[i], agree = wd * side > 0.0f ? 1.0f : 0.0f;
+            sum = sum + wd * agree;
+            if (mean) div = div + agree * w[i];
+        }
+        acc[j] = mean ? sum / (div == 0.0f ? 1.0f : div) : sum;
+    }
 }
 
 /* merges elements [lo, hi) of the flat inputs into out, element c at out's c - out0 (kernels.merge_chunk's
@@ -308,7 +369,12 @@ INLINE int merge_into(const Merge *p, int64_t lo, int64_t hi, const Source *out,
             load(&p->base, c, m, b);
             for (int64_t i = 0; i < n; i++) delta(p, &p->models[i], c, m, b, d + i * step, &rk);
         }
-        if (p->mode == TIES) {
+        if (p->mode == TIES && p->weighted_sign && !p->sign_count && !p->zero_majority && p->merge_func != MERGE_MAX &&
+            (p->merge_func == MERGE_SUM || !p->mean_count) && n >= 2 && n <= 3) { /* mergekit's: in registers */
+            int mean = p->merge_func == MERGE_MEAN;
+            if (n == 2) mean ? ties_weighted(p, d, step, m, acc, 2, 1) : ties_weighted(p, d, step, m, acc, 2, 0);
+            else mean ? ties_weighted(p, d, step, m, acc, 3, 1) : ties_weighted(p, d, step, m, acc, 3, 0);
+        } else if (p->mode == TIES) {
             for (int j = 0; j < m; j++) score[j] = 0.0f;
             for (int64_t i = 0; i < n; i++) { /* the sign election */
                 const float *di = d + i * step;
@@ -361,6 +427,17 @@ INLINE int merge_into(const Merge *p, int64_t lo, int64_t hi, const Source *out,
             }
             if (p->normalize)
                 for (int j = 0; j < m; j++) acc[j] = acc[j] / p->norm;
+        }
+        if (out->kind == BF16 && p->mode != AVERAGE) { /* the usual case: rounded as it is summed */
+            uint16_t *o = (uint16_t *)out->data + (c - out0);
+            if (p->lam == 1.0f && !p->positive)
+                for (int j = 0; j < m; j++) o[j] = to_bf16(b[j] + acc[j]);
+            else
+                for (int j = 0; j < m; j++) {
+                    float x = b[j] + (p->lam != 1.0f ? acc[j] * p->lam : acc[j]);
+                    o[j] = to_bf16(p->positive ? x + 0.0f : x); /* −0 + 0 = +0 */
+                }
+            continue;
         }
         for (int j = 0; j < m; j++) {
             float x = p->lam != 1.0f ? acc[j] * p->lam : acc[j];

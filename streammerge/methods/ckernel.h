@@ -82,15 +82,17 @@ INLINE void load(const Source *s, int64_t c, int m, float *restrict out) {
     }
 }
 
-/* float32 -> the output's storage; bf16 rounds to nearest even as torch does (NaN -> 0x7FC0) */
+/* float32 -> bf16, to nearest even as torch does (NaN -> 0x7FC0) */
+INLINE uint16_t to_bf16(float x) {
+    uint32_t v = to_bits(x);
+    return x != x ? 0x7FC0 : (uint16_t)((v + 0x7FFFu + ((v >> 16) & 1u)) >> 16);
+}
+
+/* float32 -> the output's storage */
 INLINE void store(const float *restrict x, const Source *s, int64_t c, int m) {
     if (s->kind == BF16) {
         uint16_t *p = (uint16_t *)s->data + c;
-        for (int j = 0; j < m; j++) {
-            uint32_t v = to_bits(x[j]);
-            uint32_t r = (v + 0x7FFFu + ((v >> 16) & 1u)) >> 16;
-            p[j] = x[j] != x[j] ? 0x7FC0 : (uint16_t)r;
-        }
+        for (int j = 0; j < m; j++) p[j] = to_bf16(x[j]);
     } else {
         memcpy((float *)s->data + c, x, m * sizeof(float));
     }
