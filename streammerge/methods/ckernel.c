@@ -249,22 +249,21 @@ INLINE void magprune(const Merge *p, const Model *md, int64_t idx0, int m, float
     }
 }
 
-enum { UNSCALED, DIVIDED, SCALED }; /* DARE's rescale of the kept τ */
-
-/* delta's steps for a bf16 θ in one pass over the chunk (each a pass of its own below): the same
-   operations on each element in the same order. dare, how and trimmed are constants at each call. */
-INLINE void bf16_delta(const Model *md, const uint16_t *restrict s, int m, int64_t idx0, const float *restrict b,
-                       float *restrict d, int dare, int how, int trimmed) {
+/* delta's steps in one pass over the chunk (each a pass of its own below), the same operations on
+   each element in the same order: θ read as bf16 from s, else from d (loaded there); DARE's kept τ
+   divided by the density or times its scale (x·1 is x); constants at each call */
+INLINE void delta_steps(const Model *md, const uint16_t *restrict s, int m, int64_t idx0, const float *restrict b,
+                        float *d, const int bf16, const int dare, const int divided, const int trimmed) {
     uint32_t last = (uint32_t)(md->keep_below - 1), lo0 = (uint32_t)idx0, hi0 = (uint32_t)((uint64_t)idx0 >> 32);
     uint32_t key0 = md->key0, key1 = md->key1;
     float on = md->keep_below == 0 ? 0.0f : 1.0f, density = md->density, scale = md->scale, value = md->trim_value;
     int64_t tie = md->trim_tie - idx0;
     int ties = tie < 0 ? -1 : (tie >= m ? m : (int)tie);
     for (int j = 0; j < m; j++) {
-        float x = from_bits((uint32_t)s[j] << 16) - b[j];
+        float x = (bf16 ? from_bits((uint32_t)s[j] << 16) : d[j]) - b[j];
         if (dare) {
             x = x * (hash_at(key0, key1, lo0, hi0, j) <= last ? on : 0.0f);
-            x = how == DIVIDED ? x / density : how == SCALED ? x * scale : x;
+            x = divided ? x / density : x * scale;
         }
         if (trimmed) {
             float a = fabsf(x);
@@ -274,23 +273,26 @@ INLINE void bf16_delta(const Model *md, const uint16_t *restrict s, int m, int64
     }
 }
 
+INLINE void delta_in_one_pass(const Merge *p, const Model *md, const uint16_t *s, int m, int64_t idx0,
+                              const float *restrict b, float *d, const int bf16) {
+    if (!p->dare)
+        md->trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 0, 0, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 0, 0, 0);
+    else if (md->divide)
+        md->trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 1, 1, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 1, 1, 0);
+    else
+        md->trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 1, 0, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 1, 0, 0);
+}
+
 /* model md's τ (DARE or DELLA's MagPrune, then the trims) into d for elements [c, c+m), θ₀ already in
    b (kernels.deltas_chunk); MagPrune needs rk and whole rows, only merge_range passes them */
 INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float *restrict b, float *restrict d, Ranks *rk) {
     int64_t idx0 = p->start + c;
-    if (md->src.kind == BF16 && !md->given && !md->della_last && !md->outlier && !p->band) { /* the usual case, fused */
-        const uint16_t *s = (const uint16_t *)md->src.data + c;
-        int how = !p->dare ? UNSCALED : md->divide ? DIVIDED : md->scale != 1.0f ? SCALED : UNSCALED;
-        if (md->trimmed) {
-            if (!p->dare) bf16_delta(md, s, m, idx0, b, d, 0, UNSCALED, 1);
-            else if (how == DIVIDED) bf16_delta(md, s, m, idx0, b, d, 1, DIVIDED, 1);
-            else if (how == SCALED) bf16_delta(md, s, m, idx0, b, d, 1, SCALED, 1);
-            else bf16_delta(md, s, m, idx0, b, d, 1, UNSCALED, 1);
+    if (!md->given && !md->della_last && !md->outlier && !p->band) { /* the usual cases */
+        if (md->src.kind == BF16) {
+            delta_in_one_pass(p, md, (const uint16_t *)md->src.data + c, m, idx0, b, d, 1);
         } else {
-            if (!p->dare) bf16_delta(md, s, m, idx0, b, d, 0, UNSCALED, 0);
-            else if (how == DIVIDED) bf16_delta(md, s, m, idx0, b, d, 1, DIVIDED, 0);
-            else if (how == SCALED) bf16_delta(md, s, m, idx0, b, d, 1, SCALED, 0);
-            else bf16_delta(md, s, m, idx0, b, d, 1, UNSCALED, 0);
+            load(&md->src, c, m, d);
+            delta_in_one_pass(p, md, NULL, m, idx0, b, d, 0);
         }
         return;
     }
