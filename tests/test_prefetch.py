@@ -162,12 +162,28 @@ def test_stopping_with_reads_queued_neither_hangs_nor_leaves_a_view_waiting(mode
     ckpt = open_checkpoint(str(models / "base"))
     names = list(ckpt.tensors)
     with no_hang(10):
-        p = Prefetcher([[(ckpt, n, None, None)] for n in names], 1 << 20)
-        p.reached(len(names) - 1)  # every tensor staged, no read done yet
+        p = Prefetcher([[(ckpt, n, None, None) for n in names]], 1 << 20)  # one step: all staged at once
+        p.reached(0)  # every tensor staged, no read done yet
         threading.Timer(0.2, gate.set).start()
         p.stop()  # the running reads finish, the queued ones are cancelled
         for n in names:  # each reads its bytes, staged or (cancelled) from the mapped file
             assert ckpt.view(n).shape == ckpt.tensors[n].shape
+
+
+def test_the_arena_takes_twice_the_largest_step_at_most(models, staged):
+    # the step merging and the next fit; more would be fresh memory for nothing (slow on a VM)
+    ckpt = open_checkpoint(str(models / "base"))
+    infos = list(ckpt.tensors.values())
+    aligned = [-(-(t.offset + t.nbytes) // ALIGN) * ALIGN - (t.offset - t.offset % ALIGN) for t in infos]
+    steps = [[(ckpt, infos[0].name, None, None), (ckpt, infos[1].name, None, None)]] + [[(ckpt, t.name, None, None)] for t in infos[2:]]
+    for window, want in ((1 << 30, 2 * max(aligned[0] + aligned[1], *aligned[2:])), (3 * ALIGN, 3 * ALIGN)):
+        p = Prefetcher(steps, window)
+        try:
+            assert p.window == want and len(p.arena.memory) == want
+        finally:
+            p.stop()
+    merge(config(models, "dare_ties"), models / "out-arena", max_memory=1 << 30)  # every tensor staged, in that arena
+    assert set(staged) == set(ckpt.tensors)  # (each name from each model, some in row blocks)
 
 
 def test_the_arena_is_a_ring_and_never_hands_out_overlapping_memory():

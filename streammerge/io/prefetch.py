@@ -148,16 +148,21 @@ class Prefetcher:
     tensor, rows r0..r1 or None for all); stages what is on disk, asks the kernel to read ahead the
     rest. A step is a tensor's row block where the merge reads each block once, else a whole tensor.
 
-    `window` bytes of memory hold the staged bytes until their step is `done` (then reused: no view
-    of them may outlive it); a range bigger than half of it is read through the page cache. The
+    `window` bytes of memory at most hold the staged bytes until their step is `done` (then reused:
+    no view of them may outlive it); a range bigger than half of it is read through the page cache.
+    The arena takes no more than twice the largest step: the step merging and the next, which keeps
+    the reads ahead (plan.py's STAGE_SHARE), and fresh memory is not free: on a VM the first touch of
+    600 MB of huge pages took 0.35-5.3 s (a cold TinyLlama dare_ties merge spent 37 % of its CPU
+    samples zeroing the arena's pages). The
     merge calls `reached(i)` before reading step i: its bytes are then staged (or being read) or
     left to the mapped files, never both.
     """
 
     def __init__(self, steps: list[list[tuple[Checkpoint, str, int | None, int | None]]], window: int, *,
                  readahead: int = READAHEAD_BYTES):
-        self.steps, self.window, self.readahead = steps, window, readahead
-        self.arena = Arena(window)
+        largest = max((_step_bytes(reads) for reads in steps), default=0)
+        self.steps, self.window, self.readahead = steps, min(window, 2 * largest), readahead
+        self.arena = Arena(self.window)
         self.advised = self.consumed = 0  # page-cache bytes asked for, and those of finished steps
         self.scheduled = 0  # steps whose bytes are all staged or advised
         self.released = 0  # steps done (in order)
@@ -289,6 +294,12 @@ class Prefetcher:
             except (OSError, AttributeError):  # a filesystem without O_DIRECT (tmpfs), or not Linux
                 self.direct_fds[file] = None
         return self.direct_fds[file]
+
+
+def _step_bytes(reads: list[tuple[Checkpoint, str, int | None, int | None]]) -> int:
+    """The aligned bytes a step would stage (its inputs from local files)."""
+    return sum(_span(lo, hi)[1] for ckpt, name, r0, r1 in reads if type(ckpt) is Checkpoint
+               for _, lo, hi in _ranges(ckpt, name, r0, r1))
 
 
 def _span(lo: int, hi: int) -> tuple[int, int]:
