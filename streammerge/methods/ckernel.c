@@ -3,8 +3,8 @@
    The numpy kernel makes one pass over a chunk per operation (dozens for a TIES merge); here every
    CHUNK-element step goes through the whole merge while it sits in L1 cache, the DARE hash computed
    per element instead of stored; in the usual cases (a fine-tune's τ, mergekit's TIES over 2-3
-   models) each element goes through all the steps in one loop, its value in a register (1.45x a loop
-   per step for dare_ties and ties). Built once at install (setup.py), called through ctypes, which
+   models) each element goes through all the steps in one loop, its value in a register (dare_ties
+   1.12-1.46x a loop per step on a 2-vCPU VM, benchmarks/kernel_ab.py). Built once at install (setup.py), called through ctypes, which
    releases the GIL: the compute threads run it in parallel.
 
    Bits: every step is the same IEEE float32 operation, in the same order, as kernels.merge_chunk.
