@@ -3,7 +3,7 @@
    The numpy kernel makes one pass over a chunk per operation (dozens for a TIES merge); here every
    CHUNK-element step goes through the whole merge while it sits in L1 cache, the DARE hash computed
    per element instead of stored; in the usual cases (a fine-tune's τ, mergekit's TIES over 2-3
-   models) each element goes through all the steps in one loop, its value in a register (dare_ties
+   models) each element goes through the steps in one loop, its value in a register (dare_ties
    1.12-1.46x a loop per step on a 2-vCPU VM, benchmarks/kernel_ab.py). Built once at install (setup.py), called through ctypes, which
    releases the GIL: the compute threads run it in parallel.
 
@@ -251,19 +251,22 @@ INLINE void magprune(const Merge *p, const Model *md, int64_t idx0, int m, float
     }
 }
 
-/* delta's steps in one pass over the chunk (each a pass of its own below), the same operations on
-   each element in the same order: θ read as bf16 from s, else from d (loaded there); DARE's kept τ
-   divided by the density or times its scale (x·1 is x); constants at each call */
+/* delta's steps up to the trim in one pass over the chunk, each element through them in a register:
+   θ read as bf16 from s, else from d (loaded there); less θ₀ unless given (τ itself); DARE's mask and
+   its kept τ divided by the density or times its scale (x·1 is x); the trim. bf16, dare, divided and
+   trimmed are constants at each call, so each combination is a loop of its own. */
 INLINE void delta_steps(const Model *md, const uint16_t *restrict s, int m, int64_t idx0, const float *restrict b,
                         float *d, const int bf16, const int dare, const int divided, const int trimmed) {
     uint32_t last = (uint32_t)(md->keep_below - 1), lo0 = (uint32_t)idx0, hi0 = (uint32_t)((uint64_t)idx0 >> 32);
     uint32_t key0 = md->key0, key1 = md->key1;
     float on = md->keep_below == 0 ? 0.0f : 1.0f, density = md->density, scale = md->scale, value = md->trim_value;
+    int given = md->given;
     int64_t tie = md->trim_tie - idx0;
     int ties = tie < 0 ? -1 : (tie >= m ? m : (int)tie);
     for (int j = 0; j < m; j++) {
-        float x = (bf16 ? from_bits((uint32_t)s[j] << 16) : d[j]) - b[j];
-        if (dare) {
+        float x = bf16 ? from_bits((uint32_t)s[j] << 16) : d[j];
+        x = given ? x : x - b[j];
+        if (dare) { /* keep where hash < keep_below, i.e. hash <= last (uint32 lanes), none when keep_below is 0 */
             x = x * (hash_at(key0, key1, lo0, hi0, j) <= last ? on : 0.0f);
             x = divided ? x / density : x * scale;
         }
@@ -275,46 +278,31 @@ INLINE void delta_steps(const Model *md, const uint16_t *restrict s, int m, int6
     }
 }
 
-/* delta_steps compiled for this model's steps (a loop each, no test per element) */
 INLINE void delta_in_one_pass(const Merge *p, const Model *md, const uint16_t *s, int m, int64_t idx0,
-                              const float *restrict b, float *d, const int bf16) {
+                              const float *restrict b, float *d, const int bf16, int trimmed) {
     if (!p->dare)
-        md->trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 0, 0, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 0, 0, 0);
+        trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 0, 0, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 0, 0, 0);
     else if (md->divide)
-        md->trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 1, 1, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 1, 1, 0);
+        trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 1, 1, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 1, 1, 0);
     else
-        md->trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 1, 0, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 1, 0, 0);
+        trimmed ? delta_steps(md, s, m, idx0, b, d, bf16, 1, 0, 1) : delta_steps(md, s, m, idx0, b, d, bf16, 1, 0, 0);
 }
 
 /* model md's τ (DARE or DELLA's MagPrune, then the trims) into d for elements [c, c+m), θ₀ already in
    b (kernels.deltas_chunk); MagPrune needs rk and whole rows, only merge_range passes them */
 INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float *restrict b, float *restrict d, Ranks *rk) {
     int64_t idx0 = p->start + c;
-    if (!md->given && !md->della_last && !md->outlier && !p->band) { /* the usual cases */
-        if (md->src.kind == BF16) {
-            delta_in_one_pass(p, md, (const uint16_t *)md->src.data + c, m, idx0, b, d, 1);
-        } else {
-            load(&md->src, c, m, d);
-            delta_in_one_pass(p, md, NULL, m, idx0, b, d, 0);
-        }
-        return;
+    int ranked = md->della_last && rk; /* MagPrune ranks whole rows, between the mask and the trims */
+    if (md->src.kind == BF16) {
+        delta_in_one_pass(p, md, (const uint16_t *)md->src.data + c, m, idx0, b, d, 1, md->trimmed && !ranked);
+    } else {
+        load(&md->src, c, m, d);
+        delta_in_one_pass(p, md, NULL, m, idx0, b, d, 0, md->trimmed && !ranked);
     }
-    load(&md->src, c, m, d);
-    if (!md->given)
-        for (int j = 0; j < m; j++) d[j] = d[j] - b[j];
-    if (p->dare) {
-        /* keep where hash < keep_below, i.e. hash <= last (uint32 lanes), none when keep_below is 0 */
-        uint32_t last = (uint32_t)(md->keep_below - 1), lo0 = (uint32_t)idx0, hi0 = (uint32_t)((uint64_t)idx0 >> 32);
-        uint32_t key0 = md->key0, key1 = md->key1;
-        float on = md->keep_below == 0 ? 0.0f : 1.0f;
-        for (int j = 0; j < m; j++) d[j] = d[j] * (hash_at(key0, key1, lo0, hi0, j) <= last ? on : 0.0f);
-        if (md->divide)
-            for (int j = 0; j < m; j++) d[j] = d[j] / md->density;
-        else if (md->scale != 1.0f)
-            for (int j = 0; j < m; j++) d[j] = d[j] * md->scale;
+    if (ranked) {
+        magprune(p, md, idx0, m, d, rk);
+        if (md->trimmed) trim(d, m, idx0, md->trim_value, md->trim_tie, 0);
     }
-    if (md->della_last && rk) magprune(p, md, idx0, m, d, rk);
-    if (md->trimmed) trim(d, m, idx0, md->trim_value, md->trim_tie, 0);
     if (md->outlier) trim(d, m, idx0, md->out_value, md->out_tie, 1);
     if (p->band && (md->trimmed || md->outlier) && md->scale != 1.0f)
         for (int j = 0; j < m; j++) d[j] = d[j] * md->scale;
@@ -322,7 +310,8 @@ INLINE void delta(const Merge *p, const Model *md, int64_t c, int m, const float
 
 /* merge_into's TIES steps as mergekit takes them (the sign elected on the weighted τ's sum, a zero
    score positive; the agreeing weighted τ's summed, divided by their weights' sum when mean) for n
-   models (n and mean constants at each call): one element at a time through all of them */
+   models (n and mean constants at each call): one element at a time through all of them. The
+   general loops' options as selects in one such loop kept GCC from vectorizing it (8x slower). */
 INLINE void ties_weighted(const Merge *p, const float *restrict d, int step, int m, float *restrict acc, const int n,
                           const int mean) {
     float w[3] = {0};
@@ -432,17 +421,6 @@ INLINE int merge_into(const Merge *p, int64_t lo, int64_t hi, const Source *out,
             }
             if (p->normalize)
                 for (int j = 0; j < m; j++) acc[j] = acc[j] / p->norm;
-        }
-        if (out->kind == BF16 && p->mode != AVERAGE) { /* the usual case: rounded as it is summed */
-            uint16_t *o = (uint16_t *)out->data + (c - out0);
-            if (p->lam == 1.0f && !p->positive)
-                for (int j = 0; j < m; j++) o[j] = to_bf16(b[j] + acc[j]);
-            else
-                for (int j = 0; j < m; j++) {
-                    float x = b[j] + (p->lam != 1.0f ? acc[j] * p->lam : acc[j]);
-                    o[j] = to_bf16(p->positive ? x + 0.0f : x); /* −0 + 0 = +0 */
-                }
-            continue;
         }
         for (int j = 0; j < m; j++) {
             float x = p->lam != 1.0f ? acc[j] * p->lam : acc[j];
